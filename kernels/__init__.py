@@ -1,0 +1,1 @@
+"""Fused Triton kernels of the two ops (installed as ``rlr_fast.kernels``)."""

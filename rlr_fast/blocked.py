@@ -1,0 +1,1 @@
+from .reference import local_cross_attention, neighbor_masked_attention  # placeholder

@@ -1,0 +1,133 @@
+"""Functional API of the two attention ops and the backend dispatch.
+
+Layout follows ``torch.nn.functional.scaled_dot_product_attention``: ``q`` is
+(B, heads, L, D); ``k`` and ``v`` are each either *shared* (heads, L, D), the same for
+every batch element and never copied B times, or *batched* (B, heads, L, D).
+
+Backends:
+    ``"reference"``  dense L x L masked attention (the oracle: slow, exact);
+    ``"torch"``      memory-efficient blocked attention, any device, the fast CPU path;
+    ``"triton"``     fused GPU kernels (``rlr_fast.kernels``), CUDA tensors, or CPU tensors
+                     under ``TRITON_INTERPRET=1``;
+    ``"auto"``       triton on CUDA, torch elsewhere.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import blocked, reference
+from .windows import Grid, Window, complement_is_empty, normalize_grid, normalize_window
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """The checked geometry of one call."""
+
+    grid: Grid
+    window: Window
+    scale: float
+    k_shared: bool
+    v_shared: bool
+
+
+def _check_tensor(name: str, t, allowed_dims: Sequence[int]):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in allowed_dims:
+        shapes = " or ".join({3: "(heads, L, D)", 4: "(B, heads, L, D)"}[d] for d in allowed_dims)
+        raise ValueError(f"{name} must have shape {shapes}, got {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16, float64")
+
+
+def check_inputs(q, k, v, grid, window, scale, *, complement: bool) -> AttentionProblem:
+    """Validate one call and return its geometry; raises ValueError/TypeError naming the problem."""
+    _check_tensor("q", q, (4,))
+    _check_tensor("k", k, (3, 4))
+    _check_tensor("v", v, (3, 4))
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"dtype mismatch: q is {q.dtype} but {name} is {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"device mismatch: q is on {q.device} but {name} is on {t.device}")
+    b, heads, length, dim = q.shape
+    for name, t in (("k", k), ("v", v)):
+        t_heads, t_len, t_dim = t.shape[-3:]
+        if t.dim() == 4 and t.shape[0] != b:
+            raise ValueError(f"batch mismatch: q has batch {b} but {name} has batch {t.shape[0]} "
+                             f"(pass a shared {name} as (heads, L, D) without a batch dimension)")
+        if t_heads != heads:
+            raise ValueError(f"heads mismatch: q has {heads} heads but {name} has {t_heads}")
+        if t_len != length:
+            raise ValueError(f"length mismatch: q has L={length} tokens but {name} has {t_len}")
+        if t_dim != dim:
+            raise ValueError(f"head dim mismatch: q has D={dim} but {name} has {t_dim}")
+    h, w = normalize_grid(grid)
+    if h * w != length:
+        raise ValueError(f"grid {h}x{w} has {h * w} tokens but the inputs have L={length}")
+    kh, kw = normalize_window(window)
+    if complement and complement_is_empty((h, w), (kh, kw)):
+        raise ValueError(
+            f"window {kh}x{kw} covers the whole {h}x{w} grid for some query, which would be left "
+            f"with no key outside its window; use a smaller window or a larger grid")
+    if scale is None:
+        scale = dim ** -0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    return AttentionProblem((h, w), (kh, kw), float(scale), k.dim() == 3, v.dim() == 3)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``"auto"`` to a concrete backend and check the choice fits the device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend 'triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
+                         f"to run the kernels on the CPU for testing, or use backend='torch'")
+    return backend
+
+
+def _dispatch(op: str, q, k, v, grid, window, scale, backend):
+    complement = op == "neighbor_masked_attention"
+    p = check_inputs(q, k, v, grid, window, scale, complement=complement)
+    backend = resolve_backend(backend, q.device)
+    if backend == "reference":
+        fn = getattr(reference, op)
+    elif backend == "torch":
+        fn = getattr(blocked, op)
+    else:
+        from . import kernels  # imported lazily: triton is only needed here
+        fn = getattr(kernels, op)
+    return fn(q, k, v, p.grid, p.window, p.scale)
+
+
+def local_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          grid: Union[int, Sequence[int]], window: Union[int, Sequence[int]], *,
+                          scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
+    """Local cross attention (LCA): each query attends only to the keys in its window.
+
+    ``out_i = sum_{j in window(i)} softmax_j(scale * q_i . k_j) v_j`` with the window clipped
+    at the grid borders. Returns (B, heads, L, D) in the dtype of ``q``.
+    """
+    return _dispatch("local_cross_attention", q, k, v, grid, window, scale, backend)
+
+
+def neighbor_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              grid: Union[int, Sequence[int]], window: Union[int, Sequence[int]], *,
+                              scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
+    """Neighbour-masked attention (MLKA in RLR, UniAD's neighbour mask): each query attends to
+    every key *outside* its window.
+
+    Raises ValueError before any compute if the window leaves some query without a key.
+    Returns (B, heads, L, D) in the dtype of ``q``.
+    """
+    return _dispatch("neighbor_masked_attention", q, k, v, grid, window, scale, backend)

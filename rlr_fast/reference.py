@@ -1,0 +1,33 @@
+"""Dense reference implementations of the two ops: the oracle every backend is tested against.
+
+Plain PyTorch on an L x L mask, gradients by autograd. Slow and memory hungry
+(O(B * heads * L^2)), exact by construction. Softmax and accumulation run in float32
+(float64 inputs stay float64 so ``gradcheck`` is meaningful).
+"""
+from __future__ import annotations
+
+import torch
+
+from .windows import window_mask
+
+
+def _dense_masked_attention(q, k, v, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = q.to(compute), k.to(compute), v.to(compute)
+    # A shared k or v is (heads, L, D); broadcasting over the batch is what makes it shared.
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, heads, L, L)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, vf).to(q.dtype)
+
+
+def local_cross_attention(q, k, v, grid, window, scale: float) -> torch.Tensor:
+    """out_i = sum_{j in window(i)} softmax_j(scale * q_i . k_j) v_j, dense."""
+    allowed = window_mask(grid, window, q.device)
+    return _dense_masked_attention(q, k, v, allowed, scale)
+
+
+def neighbor_masked_attention(q, k, v, grid, window, scale: float) -> torch.Tensor:
+    """out_i = sum_{j not in window(i)} softmax_j(scale * q_i . k_j) v_j, dense."""
+    allowed = ~window_mask(grid, window, q.device)
+    return _dense_masked_attention(q, k, v, allowed, scale)

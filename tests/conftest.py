@@ -1,0 +1,21 @@
+import os
+
+# With no GPU, the Triton kernels run in Triton's interpreter. The variable is read when the
+# kernels are defined, so it is set before anything imports rlr_fast.kernels.
+try:
+    import torch
+
+    _cuda = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _cuda = False
+if not _cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
