@@ -1,1 +1,458 @@
-from .reference import local_cross_attention, neighbor_masked_attention  # placeholder
+"""The ``torch`` backend: memory-efficient blocked attention for any device, the fast CPU path.
+
+Both ops are computed as a loop over *chunks* of query blocks. A chunk holds ``g`` groups of
+``M`` queries that see the same ``N`` candidate keys; its scores live only for that chunk, so
+peak memory is bounded by the chunk size, never by B * heads * L * L. Backward recomputes the
+scores chunk by chunk (as FlashAttention does) instead of saving probabilities.
+
+Block layout (shapes with ``h`` heads, ``g`` groups in the chunk, batch ``B``):
+
+    queries  qb  (h, g, B, M, D)
+    shared   kb  (h, g, N, D)        batched  kb  (h, g, B, N, D)
+    scores   S   (h, g, B, M, N)
+
+The batch sits *inside* the matrix dimension: for a shared key, ``S = qb.view(h, g, B*M, D) @
+kb^T`` is one product per group whose key block is read once for every batch element, and the
+gradient of a shared key or value, ``dS^T @ Q``, is summed over the batch by the same product.
+A shared k or v is therefore never expanded B times.
+
+- LCA groups are 2D query tiles of the grid (``Ty x Tx`` tokens); their candidate keys are the
+  key patch that covers every window of the tile (``(Ty + kh - 1) x (Tx + kw - 1)`` clipped to the
+  grid). A tile's mask is an additive bias built once per geometry and cached.
+- MLKA groups are bands of query rows that see every key; the window mask is written into the
+  scores only over the band of key rows it can touch.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+# Scores held at once per chunk, in elements: large enough that the products are efficient,
+# small enough that a chunk's scores stay near the cache (about 2 MiB of fp32).
+CHUNK_ELEMENTS = 1 << 19
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and accumulation run in float32 (float64 stays float64, for gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Products in block layout. `shared` means the right operand has no batch dimension.
+# ----------------------------------------------------------------------------------------------
+
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    """(h, g, B, M, X) -> (h, g, B*M, X): the batch joins the matrix rows (a view)."""
+    h, g, b, m, n = x.shape
+    return x.view(h, g, b * m, n)
+
+
+def _rows_times(a: torch.Tensor, rhs: torch.Tensor, shared: bool) -> torch.Tensor:
+    """a (h, g, B, M, X) @ rhs -> (h, g, B, M, Y); rhs is (h, g, X, Y) shared or (h, g, B, X, Y)."""
+    if shared:
+        return torch.matmul(_fold(a), rhs).view(*a.shape[:-1], rhs.shape[-1])
+    return torch.matmul(a, rhs)
+
+
+def _rows_transposed_times(a: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
+    """a^T @ b over the rows M of (h, g, B, M, X) and (h, g, B, M, Y).
+
+    Shared: (h, g, X, Y), summed over the batch by the product itself. Batched: (h, g, B, X, Y).
+    """
+    if shared:
+        return torch.matmul(_fold(a).transpose(-1, -2), _fold(b))
+    return torch.matmul(a.transpose(-1, -2), b)
+
+
+def _probabilities(qb, kb, k_shared: bool, plan, chunk) -> torch.Tensor:
+    """Masked softmax over the chunk's candidate keys: P (h, g, B, M, N), float."""
+    scores = _rows_times(qb, kb.transpose(-1, -2), k_shared)
+    plan.mask_(scores, chunk)
+    return torch.softmax(scores, dim=-1)
+
+
+def _blocks_copy(x: torch.Tensor, shape, permuted: torch.Tensor, dtype, scale: float) -> torch.Tensor:
+    """A fresh tensor of `shape` holding `permuted` in `dtype`, times `scale` (never aliases x)."""
+    out = torch.empty(shape, dtype=dtype, device=x.device)
+    out.copy_(permuted)
+    return out.mul_(scale) if scale != 1.0 else out
+
+
+class _Plan:
+    """What a plan provides to the shared forward/backward loop.
+
+    Queries, outputs and their gradients go through ``prepare`` (whole tensor, once),
+    ``query_block`` (one chunk, (h, g, B, M, D)), ``write_block`` and ``finish``. Keys and values
+    are held as shared (h, L, D) or batched (h, B, L, D); ``key_block`` gives a chunk's candidate
+    keys and ``add_key_grad_`` adds a chunk's key gradients back.
+    """
+
+    @staticmethod
+    def keys_layout(t: torch.Tensor, dtype) -> torch.Tensor:
+        if t.dim() == 3:
+            return t.to(dtype).contiguous()
+        return _blocks_copy(t, (t.shape[1], t.shape[0], *t.shape[2:]), t.transpose(0, 1), dtype, 1.0)
+
+    @staticmethod
+    def finish_keys(t: torch.Tensor, dtype) -> torch.Tensor:
+        return (t if t.dim() == 3 else t.transpose(0, 1)).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# LCA: 2D query tiles and the key patch that covers their windows.
+# ----------------------------------------------------------------------------------------------
+
+def lca_tile(grid: Tuple[int, int], window: Tuple[int, int]) -> Tuple[int, int]:
+    """Query tile (Ty, Tx) for a grid and window.
+
+    Candidate keys per query are (Ty + kh - 1)(Tx + kw - 1) / (Ty Tx): small tiles waste fewer
+    scores, large tiles make fewer and larger products. With the batch folded into the rows, the
+    products stay large even for small tiles: on CPU 2 x 2 tiles measured best up to windows of 7
+    and 4 x 4 above. Tiles never exceed the grid.
+    """
+    (h, w), (kh, kw) = grid, window
+    side = 2 if max(kh, kw) <= 7 else 4
+    return min(side, h), min(side, w)
+
+
+class LCAPlan(_Plan):
+    """Geometry of LCA on one grid: tiles, each tile's key patch, and each tile's mask."""
+
+    def __init__(self, grid, window, device, dtype, tile=None):
+        (self.H, self.W), (kh, kw) = grid, window
+        self.Ty, self.Tx = tile or lca_tile(grid, window)
+        ry, rx = kh // 2, kw // 2
+        self.nTy, self.nTx = math.ceil(self.H / self.Ty), math.ceil(self.W / self.Tx)
+        self.G, self.M = self.nTy * self.nTx, self.Ty * self.Tx
+        # Key patch of a tile: rows [y0 - ry, y0 + Ty + ry) clipped to the grid, kept at a fixed
+        # size by sliding it inside the grid (it still covers every window of the tile).
+        npy, npx = min(self.Ty + kh - 1, self.H), min(self.Tx + kw - 1, self.W)
+        self.N = npy * npx
+        ty = torch.arange(self.nTy, device=device)
+        tx = torch.arange(self.nTx, device=device)
+        start_y = (ty * self.Ty - ry).clamp(0, self.H - npy)  # (nTy,)
+        start_x = (tx * self.Tx - rx).clamp(0, self.W - npx)  # (nTx,)
+        key_y = start_y[:, None] + torch.arange(npy, device=device)  # (nTy, npy)
+        key_x = start_x[:, None] + torch.arange(npx, device=device)  # (nTx, npx)
+        # Token index of every candidate key: (G, N), tiles in row-major order.
+        self.key_index = (key_y[:, None, :, None] * self.W + key_x[None, :, None, :]).reshape(self.G, self.N)
+        # Coordinates of every query of every tile: (nTy, Ty) and (nTx, Tx).
+        q_y = ty[:, None] * self.Ty + torch.arange(self.Ty, device=device)
+        q_x = tx[:, None] * self.Tx + torch.arange(self.Tx, device=device)
+        near_y = (q_y[:, :, None] - key_y[:, None, :]).abs() <= ry  # (nTy, Ty, npy)
+        near_x = (q_x[:, :, None] - key_x[:, None, :]).abs() <= rx  # (nTx, Tx, npx)
+        # (nTy, nTx, Ty, Tx, npy, npx) -> (G, M, N)
+        allowed = near_y[:, None, :, None, :, None] & near_x[None, :, None, :, None, :]
+        # Padding queries (beyond the grid) see every candidate: their rows are discarded, and a
+        # row with no key would make NaNs that the backward multiplies by zero.
+        padded = (q_y >= self.H)[:, None, :, None, None, None] | (q_x >= self.W)[None, :, None, :, None, None]
+        allowed = (allowed | padded).reshape(self.G, 1, self.M, self.N)
+        self.bias = torch.zeros(self.G, 1, self.M, self.N, device=device, dtype=dtype)
+        self.bias.masked_fill_(~allowed, float("-inf"))  # (G, 1, M, N): broadcast over the batch
+
+    def chunks(self, heads: int, batch: int):
+        g = max(1, CHUNK_ELEMENTS // (heads * batch * self.M * self.N))
+        return [slice(g0, min(g0 + g, self.G)) for g0 in range(0, self.G, g)]
+
+    def prepare(self, x: torch.Tensor, dtype, scale: float = 1.0) -> torch.Tensor:
+        """(B, h, L, D) -> tiles (h, G, B, M, D) in `dtype`, times `scale`; padding is zero."""
+        b, h, _, d = x.shape
+        hp, wp = self.nTy * self.Ty, self.nTx * self.Tx
+        grid = x.reshape(b, h, self.H, self.W, d)
+        if (hp, wp) != (self.H, self.W):
+            grid = torch.nn.functional.pad(grid, (0, 0, 0, wp - self.W, 0, hp - self.H))
+        tiles = grid.view(b, h, self.nTy, self.Ty, self.nTx, self.Tx, d).permute(1, 2, 4, 0, 3, 5, 6)
+        return _blocks_copy(x, tiles.shape, tiles, dtype, scale).view(h, self.G, b, self.M, d)
+
+    def query_block(self, prepared: torch.Tensor, chunk: slice) -> torch.Tensor:
+        return prepared[:, chunk]
+
+    def write_block(self, dst: torch.Tensor, block: torch.Tensor, chunk: slice) -> None:
+        dst[:, chunk] = block
+
+    def finish(self, blocks: torch.Tensor, dtype) -> torch.Tensor:
+        """tiles (h, G, B, M, D) -> (B, h, L, D) in `dtype`, padding dropped."""
+        h, _, b, _, d = blocks.shape
+        grid = blocks.view(h, self.nTy, self.nTx, b, self.Ty, self.Tx, d).permute(3, 0, 1, 4, 2, 5, 6)
+        grid = grid.reshape(b, h, self.nTy * self.Ty, self.nTx * self.Tx, d)[:, :, : self.H, : self.W]
+        return grid.reshape(b, h, self.H * self.W, d).to(dtype)
+
+    def key_block(self, t: torch.Tensor, chunk: slice) -> torch.Tensor:
+        """Key patches of the chunk's tiles: shared (h, g, N, D), batched (h, g, B, N, D)."""
+        index = self.key_index[chunk].reshape(-1)
+        g = chunk.stop - chunk.start
+        if t.dim() == 3:
+            h, _, d = t.shape
+            return t.index_select(1, index).view(h, g, self.N, d)
+        h, b, _, d = t.shape
+        return t.index_select(2, index).view(h, b, g, self.N, d).transpose(1, 2).contiguous()
+
+    def add_key_grad_(self, dst: torch.Tensor, src: torch.Tensor, chunk: slice) -> None:
+        """Add key-patch gradients back to their tokens: the adjoint of `key_block`."""
+        index = self.key_index[chunk].reshape(-1)
+        if dst.dim() == 3:  # shared: src (h, g, N, D)
+            dst.index_add_(1, index, src.reshape(src.shape[0], -1, src.shape[-1]))
+        else:  # batched: dst (h, B, L, D), src (h, g, B, N, D)
+            h, g, b, n, d = src.shape
+            dst.index_add_(2, index, src.transpose(1, 2).reshape(h, b, g * n, d))
+
+    def mask_(self, scores: torch.Tensor, chunk: slice) -> None:
+        scores.add_(self.bias[chunk])
+
+
+@lru_cache(maxsize=16)
+def _lca_plan(grid, window, device, dtype) -> LCAPlan:
+    return LCAPlan(grid, window, device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# MLKA: bands of query rows against every key, the window written into the scores.
+# ----------------------------------------------------------------------------------------------
+
+class MLKAPlan(_Plan):
+    """Geometry of neighbour-masked attention on one grid: bands of query rows, one per chunk."""
+
+    def __init__(self, grid, window, device):
+        (self.H, self.W), (kh, kw) = grid, window
+        self.ry, self.rx = kh // 2, kw // 2
+        x = torch.arange(self.W, device=device)
+        self.near_x = (x[:, None] - x[None, :]).abs() <= self.rx  # (query x, key x)
+        self.y = torch.arange(self.H, device=device)
+        self.flash_cache = {}  # (dtype, rows per band) -> bands of the CPU flash path
+
+    def chunks(self, heads: int, batch: int):
+        rows = max(1, CHUNK_ELEMENTS // (heads * batch * self.W * self.H * self.W))
+        return [slice(r0, min(r0 + rows, self.H)) for r0 in range(0, self.H, rows)]
+
+    def band_chunks(self, rows: int):
+        return [slice(r0, min(r0 + rows, self.H)) for r0 in range(0, self.H, rows)]
+
+    def _tokens(self, chunk: slice) -> slice:
+        return slice(chunk.start * self.W, chunk.stop * self.W)
+
+    def prepare(self, x: torch.Tensor, dtype, scale: float = 1.0) -> torch.Tensor:
+        """(B, h, L, D) -> (h, B, L, D) in `dtype`, times `scale`."""
+        return _blocks_copy(x, (x.shape[1], x.shape[0], *x.shape[2:]), x.transpose(0, 1), dtype, scale)
+
+    def query_block(self, prepared: torch.Tensor, chunk: slice) -> torch.Tensor:
+        """(h, 1, B, M, D) for the query rows of the chunk, M = rows * W."""
+        return prepared[:, :, self._tokens(chunk)].unsqueeze(1).contiguous()
+
+    def write_block(self, dst: torch.Tensor, block: torch.Tensor, chunk: slice) -> None:
+        dst[:, :, self._tokens(chunk)] = block[:, 0]
+
+    def finish(self, prepared: torch.Tensor, dtype) -> torch.Tensor:
+        return prepared.transpose(0, 1).to(dtype, memory_format=torch.contiguous_format)
+
+    def key_block(self, t: torch.Tensor, chunk: slice) -> torch.Tensor:
+        """Every band sees every key: shared (h, 1, L, D), batched (h, 1, B, L, D)."""
+        return t.unsqueeze(1)
+
+    def add_key_grad_(self, dst: torch.Tensor, src: torch.Tensor, chunk: slice) -> None:
+        dst += src[:, 0]
+
+    def mask_(self, scores: torch.Tensor, chunk: slice) -> None:
+        """-inf where the key lies in the query's window, written over the band of key rows only."""
+        h, g, b, m, _ = scores.shape
+        rows = chunk.stop - chunk.start
+        k0, k1 = max(0, chunk.start - self.ry), min(self.H, chunk.stop + self.ry)
+        # scores as (..., query row, query x, key row, key x), key rows cut to the band.
+        band = scores.view(h, g, b, rows, self.W, self.H, self.W)[..., k0:k1, :]
+        near_y = (self.y[chunk, None] - self.y[None, k0:k1]).abs() <= self.ry  # (rows, band rows)
+        band.masked_fill_(near_y[:, None, :, None] & self.near_x[None, :, None, :], float("-inf"))
+
+
+@lru_cache(maxsize=16)
+def _mlka_plan(grid, window, device) -> MLKAPlan:
+    return MLKAPlan(grid, window, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# MLKA on the CPU: PyTorch's fused flash-attention kernel on key ranges, merged by log-sum-exp.
+# ----------------------------------------------------------------------------------------------
+#
+# MLKA costs as much as dense attention (no key is skipped), so on the CPU it is built from the
+# fastest dense kernel there is, PyTorch's fused flash attention, which also returns the row
+# log-sum-exp. For a band of query rows the keys split into three ranges of whole rows: rows
+# above and below that lie outside every window of the band (no mask at all), and the band of
+# key rows the windows touch (an additive mask, built per band). The three partial softmaxes
+# merge exactly through their log-sum-exps. The backward of each range is the flash backward
+# given the merged output and log-sum-exp, whose sum over the ranges is the exact gradient.
+
+_flash_forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+# Queries per band: the kernel tiles queries by 256 from 768 queries up, and is markedly slower on
+# fewer; more rows per band, on the other hand, widen the share of keys that needs a mask.
+FLASH_BAND_QUERIES = 768
+
+
+class _KeyRange(NamedTuple):
+    keys: slice  # token range of the keys
+    mask: Optional[torch.Tensor]  # additive (M, keys) mask, None where no key is masked
+    empty: Optional[torch.Tensor]  # (M,) rows whose every key here is masked, None if none
+
+
+class _Band(NamedTuple):
+    queries: slice  # token range of the band's queries
+    ranges: Tuple[_KeyRange, ...]
+
+
+def _flash_bands(plan: "MLKAPlan", dtype) -> Tuple[_Band, ...]:
+    """Bands of query rows and their key ranges, built once per plan and dtype.
+
+    Interior bands share one mask (the window is translation invariant), so masks are cached by
+    the band's shape relative to its first row.
+    """
+    rows = min(plan.H, max(1, math.ceil(FLASH_BAND_QUERIES / plan.W)))
+    cached = plan.flash_cache.get((dtype, rows))
+    if cached is not None:
+        return cached
+    w, masks, bands = plan.W, {}, []
+    for chunk in plan.band_chunks(rows):
+        k0, k1 = max(0, chunk.start - plan.ry), min(plan.H, chunk.stop + plan.ry)
+        key = (chunk.stop - chunk.start, k0 - chunk.start, k1 - chunk.start)
+        if key not in masks:
+            near_y = (plan.y[chunk, None] - plan.y[None, k0:k1]).abs() <= plan.ry  # (rows, band rows)
+            inside = (near_y[:, None, :, None] & plan.near_x[None, :, None, :]).reshape(key[0] * w, -1)
+            mask = torch.zeros(inside.shape, dtype=dtype, device=inside.device).masked_fill_(inside, float("-inf"))
+            empty = inside.all(-1)
+            masks[key] = (mask, empty if bool(empty.any()) else None)
+        ranges = [_KeyRange(slice(k0 * w, k1 * w), *masks[key])]  # the band of key rows: masked
+        if k0 > 0:
+            ranges.append(_KeyRange(slice(0, k0 * w), None, None))  # rows above: no mask
+        if k1 < plan.H:
+            ranges.append(_KeyRange(slice(k1 * w, plan.H * w), None, None))  # rows below: no mask
+        bands.append(_Band(plan._tokens(chunk), tuple(ranges)))
+    plan.flash_cache[(dtype, rows)] = tuple(bands)
+    return plan.flash_cache[(dtype, rows)]
+
+
+def _batched(t: torch.Tensor, b: int) -> torch.Tensor:
+    """(B, h, L, D) with unit stride along D, as the kernel reads it; a shared (h, L, D) tensor
+    becomes a view with batch stride 0, not a copy."""
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    return t.expand(b, *t.shape) if t.dim() == 3 else t
+
+
+class _FlashComplementAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):
+        b, h, length, d = q.shape
+        q, kb, vb = _batched(q, b), _batched(k, b), _batched(v, b)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = q.new_empty(b, h, length, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        for rows, ranges in _flash_bands(plan, q.dtype):
+            qc = q[:, :, rows]
+            acc, lse_c = None, None
+            for keys, mask, empty in ranges:
+                o_p, lse_p = _flash_forward(qc, kb[:, :, keys], vb[:, :, keys], attn_mask=mask, scale=scale)
+                lse_p = lse_p.to(lse.dtype)
+                if empty is not None:
+                    # The kernel reports a row with no key as lse 0; it contributes nothing.
+                    lse_p = lse_p.masked_fill(empty, float("-inf"))
+                if acc is None:
+                    acc, lse_c = o_p.to(lse.dtype), lse_p
+                    continue
+                new_lse = torch.logaddexp(lse_c, lse_p)
+                acc = acc * torch.exp(lse_c - new_lse).unsqueeze(-1) + \
+                    o_p.to(lse.dtype) * torch.exp(lse_p - new_lse).unsqueeze(-1)
+                lse_c = new_lse
+            out[:, :, rows] = acc
+            lse[:, :, rows] = lse_c
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        b = q.shape[0]
+        q, kb, vb = _batched(q, b), _batched(k, b), _batched(v, b)
+        grad_out = grad_out.contiguous()
+        dq = torch.zeros_like(q, dtype=lse.dtype, memory_format=torch.contiguous_format)
+        dk = torch.zeros(kb.shape, dtype=lse.dtype, device=k.device)
+        dv = torch.zeros(vb.shape, dtype=lse.dtype, device=v.device)
+        for rows, ranges in _flash_bands(plan, q.dtype):
+            qc, oc, gc, lc = q[:, :, rows], out[:, :, rows], grad_out[:, :, rows], lse[:, :, rows]
+            for keys, mask, _ in ranges:
+                dq_p, dk_p, dv_p = _flash_backward(gc, qc, kb[:, :, keys], vb[:, :, keys], oc, lc, 0.0, False,
+                                                   attn_mask=mask, scale=scale)
+                dq[:, :, rows] += dq_p
+                dk[:, :, keys] += dk_p
+                dv[:, :, keys] += dv_p
+        # A shared k or v received one gradient per batch element: their sum is its gradient.
+        dk = dk.sum(0) if k.dim() == 3 else dk
+        dv = dv.sum(0) if v.dim() == 3 else dv
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward and backward, shared by both ops.
+# ----------------------------------------------------------------------------------------------
+
+def _forward(plan: _Plan, q, k, v, scale: float, compute) -> torch.Tensor:
+    """The output (B, h, L, D) in q's dtype."""
+    b, h = q.shape[:2]
+    kt, vt = plan.keys_layout(k, compute), plan.keys_layout(v, compute)
+    qs = plan.prepare(q, compute, scale)
+    out = torch.empty_like(qs)
+    for c in plan.chunks(h, b):
+        p = _probabilities(plan.query_block(qs, c), plan.key_block(kt, c), k.dim() == 3, plan, c)
+        plan.write_block(out, _rows_times(p, plan.key_block(vt, c), v.dim() == 3), c)
+    return plan.finish(out, q.dtype)
+
+
+def _backward(plan: _Plan, q, k, v, out, grad_out, scale: float, compute):
+    """(dq, dk, dv), recomputing each chunk's probabilities from q and k."""
+    b, h = q.shape[:2]
+    k_shared, v_shared = k.dim() == 3, v.dim() == 3
+    kt, vt = plan.keys_layout(k, compute), plan.keys_layout(v, compute)
+    dkt, dvt = torch.zeros_like(kt), torch.zeros_like(vt)
+    qs = plan.prepare(q, compute, scale)
+    os_, gs = plan.prepare(out, compute), plan.prepare(grad_out, compute)
+    dqs = torch.empty_like(qs)
+    for c in plan.chunks(h, b):
+        qb, ob, gb = plan.query_block(qs, c), plan.query_block(os_, c), plan.query_block(gs, c)
+        kb, vb = plan.key_block(kt, c), plan.key_block(vt, c)
+        p = _probabilities(qb, kb, k_shared, plan, c)  # (h, g, B, M, N)
+        plan.add_key_grad_(dvt, _rows_transposed_times(p, gb, v_shared), c)  # dV = P^T dO
+        delta = (ob * gb).sum(-1, keepdim=True)  # rowsum(O * dO): (h, g, B, M, 1)
+        ds = _rows_times(gb, vb.transpose(-1, -2), v_shared)  # dP = dO V^T
+        ds.sub_(delta).mul_(p)  # dS = P * (dP - delta)
+        plan.add_key_grad_(dkt, _rows_transposed_times(ds, qb, k_shared), c)  # dK = dS^T (scale Q)
+        plan.write_block(dqs, _rows_times(ds, kb, k_shared).mul_(scale), c)  # dQ = scale dS K
+    return plan.finish(dqs, q.dtype), plan.finish_keys(dkt, k.dtype), plan.finish_keys(dvt, v.dtype)
+
+
+class _BlockedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):
+        compute = _compute_dtype(q.dtype)
+        out = _forward(plan, q, k, v, scale, compute)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.plan, ctx.scale, ctx.compute = plan, scale, compute
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out = ctx.saved_tensors
+        dq, dk, dv = _backward(ctx.plan, q, k, v, out, grad_out, ctx.scale, ctx.compute)
+        return dq, dk, dv, None, None
+
+
+def local_cross_attention(q, k, v, grid, window, scale):
+    """LCA on checked inputs (see ``rlr_fast.ops``)."""
+    plan = _lca_plan(tuple(grid), tuple(window), q.device, _compute_dtype(q.dtype))
+    return _BlockedAttention.apply(q, k, v, plan, scale)
+
+
+def neighbor_masked_attention(q, k, v, grid, window, scale):
+    """MLKA on checked inputs (see ``rlr_fast.ops``)."""
+    plan = _mlka_plan(tuple(grid), tuple(window), q.device)
+    if q.device.type == "cpu" and _flash_forward is not None and _flash_backward is not None:
+        return _FlashComplementAttention.apply(q, k, v, plan, scale)
+    return _BlockedAttention.apply(q, k, v, plan, scale)

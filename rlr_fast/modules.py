@@ -46,19 +46,23 @@ class _WindowedMultiheadAttention(nn.Module):
         if self.out_proj.bias is not None:
             nn.init.zeros_(self.out_proj.bias)
 
-    def _heads(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, E) -> (B, heads, L, D) and shared (L, E) -> (heads, L, D), as views."""
-        if x.dim() not in (2, 3) or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"{name} must be (B, L, {self.embed_dim}) or shared (L, {self.embed_dim}), "
-                             f"got {tuple(x.shape)}")
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
+
+    def _check(self, x: torch.Tensor, name: str, allow_shared: bool) -> None:
+        shared_ok = allow_shared and x.dim() == 2
+        if not (x.dim() == 3 or shared_ok) or x.shape[-1] != self.embed_dim:
+            expected = f"(B, L, {self.embed_dim})" + (f" or shared (L, {self.embed_dim})" if allow_shared else "")
+            kind = "" if allow_shared else "batched "
+            raise ValueError(f"{name} must be {kind}{expected}, got {tuple(x.shape)}")
 
     def project(self, query, key, value):
         """The projected heads (q, k, v) the op sees; shared inputs stay shared."""
-        q = self._heads(self.q_proj(query), "query") if query.dim() == 3 else None
-        if q is None:
-            raise ValueError(f"query must be batched (B, L, {self.embed_dim}), got {tuple(query.shape)}")
-        return q, self._heads(self.k_proj(key), "key"), self._heads(self.v_proj(value), "value")
+        self._check(query, "query", allow_shared=False)
+        self._check(key, "key", allow_shared=True)
+        self._check(value, "value", allow_shared=True)
+        return self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
 
     def attend(self, q, k, v) -> torch.Tensor:
         """Run the op on projected heads and apply the output projection: (B, L, E)."""

@@ -1,0 +1,293 @@
+"""The two ops: semantics, the torch backend against the dense reference, errors, module API."""
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import rlr_fast.blocked as blocked
+from rlr_fast import (LocalCrossAttention, NeighborMaskedAttention, local_cross_attention,
+                      neighbor_masked_attention)
+from rlr_fast.ops import resolve_backend
+from rlr_fast.windows import complement_is_empty
+
+OPS = {"lca": local_cross_attention, "mlka": neighbor_masked_attention}
+
+
+def make_inputs(b, heads, grid, dim, k_shared, v_shared, dtype=torch.float64, requires_grad=True):
+    length = grid[0] * grid[1]
+
+    def t(shared):
+        shape = (heads, length, dim) if shared else (b, heads, length, dim)
+        return torch.randn(shape, dtype=dtype).requires_grad_(requires_grad)
+
+    return t(False), t(k_shared), t(v_shared)
+
+
+def loop_oracle(q, k, v, grid, window, complement, scale=None):
+    """Attention written from the definition, one query at a time, in float64."""
+    h, w = grid
+    kh, kw = (window, window) if isinstance(window, int) else window
+    b, heads, length, dim = q.shape
+    scale = dim ** -0.5 if scale is None else scale
+    k = k.expand(b, *k.shape[-3:]) if k.dim() == 3 else k
+    v = v.expand(b, *v.shape[-3:]) if v.dim() == 3 else v
+    out = torch.zeros(b, heads, length, dim, dtype=torch.float64)
+    for i in range(length):
+        yi, xi = divmod(i, w)
+        keys = [j for j in range(length)
+                if (abs(yi - j // w) <= kh // 2 and abs(xi - j % w) <= kw // 2) != complement]
+        s = torch.einsum("bhd,bhjd->bhj", q[:, :, i].double(), k[:, :, keys].double()) * scale
+        out[:, :, i] = torch.einsum("bhj,bhjd->bhd", torch.softmax(s, -1), v[:, :, keys].double())
+    return out
+
+
+def forward_backward(op, q, k, v, grid, window, backend, grad_out):
+    out = op(q, k, v, grid, window, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return (out, *grads)
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference against the definition
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["lca", "mlka"])
+@pytest.mark.parametrize("grid,window", [((5, 7), 3), ((6, 4), (1, 3)), ((4, 9), (3, 5))])
+def test_reference_matches_definition(op, grid, window):
+    q, k, v = make_inputs(2, 2, grid, 4, k_shared=True, v_shared=False, requires_grad=False)
+    out = OPS[op](q, k, v, grid, window, backend="reference")
+    torch.testing.assert_close(out, loop_oracle(q, k, v, grid, window, op == "mlka"), rtol=1e-12, atol=1e-12)
+
+
+def test_window_is_clipped_not_shifted():
+    # With v = one-hot token ids, the output is the attention distribution over keys: a corner
+    # query of a 5x5 grid with a 3x3 window must spread over exactly its 4 in-grid neighbours.
+    grid, length = (5, 5), 25
+    probs = local_cross_attention(torch.zeros(1, 1, length, length), torch.zeros(1, length, length),
+                                  torch.eye(length).unsqueeze(0), grid, 3, backend="torch")[0, 0]
+    corner = probs[0].reshape(5, 5)
+    expected = torch.zeros(5, 5)
+    expected[:2, :2] = 0.25
+    torch.testing.assert_close(corner, expected)
+    centre = probs[12].reshape(5, 5)
+    expected = torch.zeros(5, 5)
+    expected[1:4, 1:4] = 1 / 9
+    torch.testing.assert_close(centre, expected)
+
+
+def test_complement_is_empty_matches_brute_force():
+    for h, w, kh, kw in itertools.product(range(1, 7), range(1, 7), (1, 3, 5, 7, 9), (1, 3, 5, 7, 9)):
+        brute = any(all(abs(y - yy) <= kh // 2 and abs(x - xx) <= kw // 2 for yy in range(h) for xx in range(w))
+                    for y in range(h) for x in range(w))
+        assert complement_is_empty((h, w), (kh, kw)) == brute, (h, w, kh, kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch backend against the reference
+# ------------------------------------------------------------------------------------------------
+
+LCA_CASES = [((5, 7), 1), ((5, 7), 3), ((6, 4), (1, 3)), ((4, 4), 9), ((9, 9), 5), ((3, 8), (5, 1)),
+             ((7, 5), (3, 7)), ((2, 3), 15), ((11, 6), (7, 3))]
+MLKA_CASES = [((5, 7), 1), ((5, 7), 3), ((6, 4), (1, 3)), ((9, 9), 5), ((3, 8), 1), ((7, 5), (3, 1)),
+              ((11, 6), (5, 3)), ((2, 5), 3)]
+
+
+@pytest.fixture(params=["default", "tiny_chunks"])
+def chunking(request, monkeypatch):
+    """Run each case as shipped and with one group / one query row per chunk."""
+    if request.param == "tiny_chunks":
+        monkeypatch.setattr(blocked, "CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(blocked, "FLASH_BAND_QUERIES", 1)
+    return request.param
+
+
+@pytest.mark.parametrize("k_shared,v_shared", list(itertools.product([True, False], repeat=2)))
+@pytest.mark.parametrize("op,grid,window",
+                         [("lca", g, w) for g, w in LCA_CASES] + [("mlka", g, w) for g, w in MLKA_CASES])
+def test_torch_matches_reference_float64(op, grid, window, k_shared, v_shared, chunking):
+    q, k, v = make_inputs(3, 2, grid, 8, k_shared, v_shared)
+    grad_out = torch.randn(q.shape, dtype=q.dtype)
+    ref = forward_backward(OPS[op], q, k, v, grid, window, "reference", grad_out)
+    got = forward_backward(OPS[op], q, k, v, grid, window, "torch", grad_out)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{op} {name}")
+
+
+@pytest.mark.parametrize("op", ["lca", "mlka"])
+@pytest.mark.parametrize("dim", [16, 32, 64])
+def test_torch_matches_reference_float32(op, dim):
+    grid = (12, 10)
+    q, k, v = make_inputs(2, 4, grid, dim, True, op == "lca", dtype=torch.float32)
+    grad_out = torch.randn(q.shape)
+    ref = forward_backward(OPS[op], q, k, v, grid, 5, "reference", grad_out)
+    got = forward_backward(OPS[op], q, k, v, grid, 5, "torch", grad_out)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("op", ["lca", "mlka"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_low_precision_error_is_bounded(op, dtype):
+    """FlashAttention's rule: error against an fp64 oracle at most twice that of the reference
+    computed in the same low precision, plus a small slack."""
+    grid = (8, 8)
+    q64, k64, v64 = make_inputs(2, 2, grid, 32, True, False)
+    grad_out = torch.randn(q64.shape, dtype=torch.float64)
+    oracle = forward_backward(OPS[op], q64, k64, v64, grid, 3, "reference", grad_out)
+    low = [t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64)]
+    ref_low = forward_backward(OPS[op], *low, grid, 3, "reference", grad_out.to(dtype))
+    got_low = forward_backward(OPS[op], *low, grid, 3, "torch", grad_out.to(dtype))
+    for name, o, r, g in zip(("out", "dq", "dk", "dv"), oracle, ref_low, got_low):
+        assert g.dtype == dtype, name
+        ref_err = (r.double() - o).abs().max().item()
+        got_err = (g.double() - o).abs().max().item()
+        assert got_err <= 2 * ref_err + 1e-2, f"{op} {name}: {got_err} vs reference {ref_err}"
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("op,k_shared,v_shared", [("lca", True, True), ("lca", False, True),
+                                                  ("mlka", True, False), ("mlka", False, False)])
+def test_gradcheck_float64(op, backend, k_shared, v_shared, monkeypatch):
+    monkeypatch.setattr(blocked, "CHUNK_ELEMENTS", 64)  # several chunks
+    monkeypatch.setattr(blocked, "FLASH_BAND_QUERIES", 4)  # several bands
+    grid = (4, 5)
+    q, k, v = make_inputs(2, 2, grid, 4, k_shared, v_shared)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: OPS[op](q, k, v, grid, 3, backend=backend), (q, k, v), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["lca", "mlka"])
+def test_non_contiguous_inputs(op):
+    grid = (6, 5)
+    base_q = torch.randn(6, 30, 2, 3, dtype=torch.float64)  # (D', L, heads, B) then permuted
+    q = base_q.permute(3, 2, 1, 0)[..., :4]
+    k = torch.randn(30, 2, 4, dtype=torch.float64).transpose(0, 1)
+    v = torch.randn(3, 2, 30, 8, dtype=torch.float64)[..., ::2]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    ref = OPS[op](q.contiguous(), k.contiguous(), v.contiguous(), grid, 3, backend="reference")
+    torch.testing.assert_close(OPS[op](q, k, v, grid, 3, backend="torch"), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_scale_is_applied():
+    grid = (4, 4)
+    q, k, v = make_inputs(1, 1, grid, 8, True, True, requires_grad=False)
+    for backend in ("reference", "torch"):
+        torch.testing.assert_close(local_cross_attention(q, k, v, grid, 3, scale=0.5, backend=backend),
+                                   local_cross_attention(q * 0.5 * math.sqrt(8), k, v, grid, 3, backend=backend))
+
+
+def test_auto_backend_is_torch_on_cpu():
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+def _good():
+    return torch.randn(2, 2, 12, 4), torch.randn(2, 12, 4), torch.randn(2, 2, 12, 4)
+
+
+@pytest.mark.parametrize("mutate,error,pattern", [
+    (lambda q, k, v: (q, k, v, (3, 5), 3), ValueError, "grid 3x5 has 15 tokens"),
+    (lambda q, k, v: (q, k, v, (3, 4), 2), ValueError, "odd"),
+    (lambda q, k, v: (q, k, v, (3, 4), (3, 0)), ValueError, "odd and positive"),
+    (lambda q, k, v: (q, k, v, (3, 4), -1), ValueError, "odd and positive"),
+    (lambda q, k, v: (q, k, v, (3, 4), 3.0), TypeError, "window"),
+    (lambda q, k, v: (q, k, v, (3, 4, 1), 3), TypeError, "grid"),
+    (lambda q, k, v: (q, k[:1], v, (3, 4), 3), ValueError, "heads mismatch"),
+    (lambda q, k, v: (q, k[:, :6], v, (3, 4), 3), ValueError, "length mismatch"),
+    (lambda q, k, v: (q, k, v[..., :3], (3, 4), 3), ValueError, "head dim mismatch"),
+    (lambda q, k, v: (q, k, torch.randn(3, 2, 12, 4), (3, 4), 3), ValueError, "batch mismatch"),
+    (lambda q, k, v: (q, k.double(), v, (3, 4), 3), TypeError, "dtype mismatch"),
+    (lambda q, k, v: (q, k, v.to("meta"), (3, 4), 3), ValueError, "device mismatch"),
+    (lambda q, k, v: (q[0], k, v, (3, 4), 3), ValueError, r"q must have shape \(B, heads, L, D\)"),
+    (lambda q, k, v: (q.int(), k.int(), v.int(), (3, 4), 3), TypeError, "dtype"),
+    (lambda q, k, v: (q, k.numpy(), v, (3, 4), 3), TypeError, "k must be a torch.Tensor"),
+])
+@pytest.mark.parametrize("op", ["lca", "mlka"])
+def test_bad_input_is_named(op, mutate, error, pattern):
+    args = mutate(*_good())
+    for backend in ("reference", "torch"):
+        with pytest.raises(error, match=pattern):
+            OPS[op](*args, backend=backend)
+
+
+def test_bad_backend_and_scale():
+    q, k, v = _good()
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        local_cross_attention(q, k, v, (3, 4), 3, backend="fast")
+    with pytest.raises(ValueError, match="scale must be a positive number"):
+        local_cross_attention(q, k, v, (3, 4), 3, scale=-1.0)
+
+
+def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = _good()
+    with pytest.raises(ValueError, match="backend 'triton' needs CUDA tensors"):
+        local_cross_attention(q, k, v, (3, 4), 3, backend="triton")
+
+
+def test_mlka_window_covering_the_grid_fails_before_compute(monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("computed before validating")
+
+    monkeypatch.setattr(blocked, "neighbor_masked_attention", must_not_run)
+    q, k, v = _good()
+    with pytest.raises(ValueError, match="window 7x5 covers the whole 3x4 grid"):
+        neighbor_masked_attention(q, k, v, (3, 4), (7, 5), backend="torch")
+    # A window that leaves at least one key for every query is accepted (3x4 grid, 3x3 window).
+    neighbor_masked_attention(q, k, v, (3, 4), (1, 3), backend="reference")
+
+
+def test_lca_window_larger_than_grid_is_dense_attention():
+    q, k, v = make_inputs(2, 2, (3, 4), 8, True, False, requires_grad=False)
+    dense = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1) @ v
+    torch.testing.assert_close(local_cross_attention(q, k, v, (3, 4), 99, backend="torch"), dense)
+
+
+# ------------------------------------------------------------------------------------------------
+# Module API against nn.MultiheadAttention with the same weights and a float mask
+# ------------------------------------------------------------------------------------------------
+
+def _as_mha(module):
+    mha = nn.MultiheadAttention(module.embed_dim, module.num_heads, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([module.q_proj.weight, module.k_proj.weight, module.v_proj.weight]))
+        mha.in_proj_bias.copy_(torch.cat([module.q_proj.bias, module.k_proj.bias, module.v_proj.bias]))
+        mha.out_proj.weight.copy_(module.out_proj.weight)
+        mha.out_proj.bias.copy_(module.out_proj.bias)
+    return mha
+
+
+@pytest.mark.parametrize("cls,complement", [(LocalCrossAttention, False), (NeighborMaskedAttention, True)])
+@pytest.mark.parametrize("shared_key,shared_value", [(True, True), (True, False), (False, False)])
+def test_module_matches_multihead_attention(cls, complement, shared_key, shared_value):
+    grid, e, heads, b = (5, 6), 16, 4, 3
+    module = cls(e, heads, grid, 3, backend="torch").double()
+    for p in module.parameters():  # non-zero biases, so that they are checked too
+        nn.init.normal_(p, std=0.3)
+    x = torch.randn(b, 30, e, dtype=torch.float64)
+    key = torch.randn(30, e, dtype=torch.float64) if shared_key else torch.randn(b, 30, e, dtype=torch.float64)
+    value = torch.randn(30, e, dtype=torch.float64) if shared_value else x
+    got = module(x, key, value)
+    from rlr_fast.windows import window_mask
+    allowed = window_mask(grid, (3, 3)) != complement
+    mask = torch.zeros(30, 30, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+    expected, _ = _as_mha(module)(x, key.expand(b, 30, e), value.expand(b, 30, e), attn_mask=mask,
+                                   need_weights=False)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_module_rejects_bad_shapes():
+    module = LocalCrossAttention(16, 4, (5, 6), 3)
+    with pytest.raises(ValueError, match="embed_dim 16 is not divisible by num_heads 3"):
+        LocalCrossAttention(16, 3, (5, 6), 3)
+    with pytest.raises(ValueError, match=r"key must be \(B, L, 16\) or shared \(L, 16\)"):
+        module(torch.randn(2, 30, 16), torch.randn(2, 30, 8), torch.randn(2, 30, 16))
+    with pytest.raises(ValueError, match=r"query must be batched \(B, L, 16\)"):
+        module(torch.randn(30, 16), torch.randn(30, 16), torch.randn(30, 16))
