@@ -74,27 +74,27 @@ def _probabilities(qb, kb, k_shared: bool, plan, chunk) -> torch.Tensor:
     return torch.softmax(scores, dim=-1)
 
 
-def _blocks_copy(x: torch.Tensor, shape, permuted: torch.Tensor, dtype, scale: float) -> torch.Tensor:
-    """A fresh tensor of `shape` holding `permuted` in `dtype`, times `scale` (never aliases x)."""
-    out = torch.empty(shape, dtype=dtype, device=x.device)
-    out.copy_(permuted)
+def _new_blocks(view: torch.Tensor, dtype, scale: float = 1.0) -> torch.Tensor:
+    """A fresh contiguous copy of a (permuted) view in `dtype`, times `scale`: never an alias."""
+    out = torch.empty(view.shape, dtype=dtype, device=view.device)
+    out.copy_(view)
     return out.mul_(scale) if scale != 1.0 else out
 
 
 class _Plan:
     """What a plan provides to the shared forward/backward loop.
 
-    Queries, outputs and their gradients go through ``prepare`` (whole tensor, once),
-    ``query_block`` (one chunk, (h, g, B, M, D)), ``write_block`` and ``finish``. Keys and values
-    are held as shared (h, L, D) or batched (h, B, L, D); ``key_block`` gives a chunk's candidate
-    keys and ``add_key_grad_`` adds a chunk's key gradients back.
+    Per chunk, ``query_block`` cuts a (B, h, L, X) tensor (queries, outputs, their gradients)
+    into blocks (h, g, B, M, X) and ``write_block`` puts blocks back, so no full-size copy of any
+    of them is ever made. Keys and values are held as shared (h, L, D) or batched (h, B, L, D);
+    ``key_block`` gives a chunk's candidate keys and ``add_key_grad_`` adds their gradients back.
     """
 
     @staticmethod
     def keys_layout(t: torch.Tensor, dtype) -> torch.Tensor:
         if t.dim() == 3:
             return t.to(dtype).contiguous()
-        return _blocks_copy(t, (t.shape[1], t.shape[0], *t.shape[2:]), t.transpose(0, 1), dtype, 1.0)
+        return _new_blocks(t.transpose(0, 1), dtype)
 
     @staticmethod
     def finish_keys(t: torch.Tensor, dtype) -> torch.Tensor:
@@ -154,36 +154,40 @@ class LCAPlan(_Plan):
         self.bias.masked_fill_(~allowed, float("-inf"))  # (G, 1, M, N): broadcast over the batch
 
     def chunks(self, heads: int, batch: int):
-        g = max(1, CHUNK_ELEMENTS // (heads * batch * self.M * self.N))
-        return [slice(g0, min(g0 + g, self.G)) for g0 in range(0, self.G, g)]
+        """Chunks are ranges of tile rows (`slice` over 0..nTy)."""
+        per_row = heads * batch * self.M * self.N * self.nTx
+        rows = max(1, CHUNK_ELEMENTS // per_row)
+        return [slice(r0, min(r0 + rows, self.nTy)) for r0 in range(0, self.nTy, rows)]
 
-    def prepare(self, x: torch.Tensor, dtype, scale: float = 1.0) -> torch.Tensor:
-        """(B, h, L, D) -> tiles (h, G, B, M, D) in `dtype`, times `scale`; padding is zero."""
+    def _tiles(self, chunk: slice) -> slice:
+        return slice(chunk.start * self.nTx, chunk.stop * self.nTx)
+
+    def query_block(self, x: torch.Tensor, chunk: slice, dtype, scale: float = 1.0) -> torch.Tensor:
+        """Contiguous (B, h, L, X) -> the chunk's tiles (h, g, B, M, X); padding tokens are zero."""
         b, h, _, d = x.shape
-        hp, wp = self.nTy * self.Ty, self.nTx * self.Tx
-        grid = x.reshape(b, h, self.H, self.W, d)
-        if (hp, wp) != (self.H, self.W):
-            grid = torch.nn.functional.pad(grid, (0, 0, 0, wp - self.W, 0, hp - self.H))
-        tiles = grid.view(b, h, self.nTy, self.Ty, self.nTx, self.Tx, d).permute(1, 2, 4, 0, 3, 5, 6)
-        return _blocks_copy(x, tiles.shape, tiles, dtype, scale).view(h, self.G, b, self.M, d)
-
-    def query_block(self, prepared: torch.Tensor, chunk: slice) -> torch.Tensor:
-        return prepared[:, chunk]
+        y0, y1 = chunk.start * self.Ty, min(chunk.stop * self.Ty, self.H)
+        nty = chunk.stop - chunk.start
+        rows = x.view(b, h, self.H, self.W, d)[:, :, y0:y1]
+        pad_y, pad_x = nty * self.Ty - (y1 - y0), self.nTx * self.Tx - self.W
+        if pad_y or pad_x:
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, pad_x, 0, pad_y))
+        tiles = rows.view(b, h, nty, self.Ty, self.nTx, self.Tx, d).permute(1, 2, 4, 0, 3, 5, 6)
+        return _new_blocks(tiles, dtype, scale).view(h, nty * self.nTx, b, self.M, d)
 
     def write_block(self, dst: torch.Tensor, block: torch.Tensor, chunk: slice) -> None:
-        dst[:, chunk] = block
-
-    def finish(self, blocks: torch.Tensor, dtype) -> torch.Tensor:
-        """tiles (h, G, B, M, D) -> (B, h, L, D) in `dtype`, padding dropped."""
-        h, _, b, _, d = blocks.shape
-        grid = blocks.view(h, self.nTy, self.nTx, b, self.Ty, self.Tx, d).permute(3, 0, 1, 4, 2, 5, 6)
-        grid = grid.reshape(b, h, self.nTy * self.Ty, self.nTx * self.Tx, d)[:, :, : self.H, : self.W]
-        return grid.reshape(b, h, self.H * self.W, d).to(dtype)
+        """The chunk's tiles (h, g, B, M, X) -> their tokens of a contiguous (B, h, L, X)."""
+        h, _, b, _, d = block.shape
+        y0, y1 = chunk.start * self.Ty, min(chunk.stop * self.Ty, self.H)
+        nty = chunk.stop - chunk.start
+        rows = block.view(h, nty, self.nTx, b, self.Ty, self.Tx, d).permute(3, 0, 1, 4, 2, 5, 6)
+        rows = rows.reshape(b, h, nty * self.Ty, self.nTx * self.Tx, d)
+        dst.view(b, h, self.H, self.W, d)[:, :, y0:y1] = rows[:, :, : y1 - y0, : self.W]
 
     def key_block(self, t: torch.Tensor, chunk: slice) -> torch.Tensor:
         """Key patches of the chunk's tiles: shared (h, g, N, D), batched (h, g, B, N, D)."""
-        index = self.key_index[chunk].reshape(-1)
-        g = chunk.stop - chunk.start
+        tiles = self._tiles(chunk)
+        index = self.key_index[tiles].reshape(-1)
+        g = tiles.stop - tiles.start
         if t.dim() == 3:
             h, _, d = t.shape
             return t.index_select(1, index).view(h, g, self.N, d)
@@ -192,7 +196,7 @@ class LCAPlan(_Plan):
 
     def add_key_grad_(self, dst: torch.Tensor, src: torch.Tensor, chunk: slice) -> None:
         """Add key-patch gradients back to their tokens: the adjoint of `key_block`."""
-        index = self.key_index[chunk].reshape(-1)
+        index = self.key_index[self._tiles(chunk)].reshape(-1)
         if dst.dim() == 3:  # shared: src (h, g, N, D)
             dst.index_add_(1, index, src.reshape(src.shape[0], -1, src.shape[-1]))
         else:  # batched: dst (h, B, L, D), src (h, g, B, N, D)
@@ -200,7 +204,7 @@ class LCAPlan(_Plan):
             dst.index_add_(2, index, src.transpose(1, 2).reshape(h, b, g * n, d))
 
     def mask_(self, scores: torch.Tensor, chunk: slice) -> None:
-        scores.add_(self.bias[chunk])
+        scores.add_(self.bias[self._tiles(chunk)])
 
 
 @lru_cache(maxsize=16)
@@ -233,19 +237,12 @@ class MLKAPlan(_Plan):
     def _tokens(self, chunk: slice) -> slice:
         return slice(chunk.start * self.W, chunk.stop * self.W)
 
-    def prepare(self, x: torch.Tensor, dtype, scale: float = 1.0) -> torch.Tensor:
-        """(B, h, L, D) -> (h, B, L, D) in `dtype`, times `scale`."""
-        return _blocks_copy(x, (x.shape[1], x.shape[0], *x.shape[2:]), x.transpose(0, 1), dtype, scale)
-
-    def query_block(self, prepared: torch.Tensor, chunk: slice) -> torch.Tensor:
-        """(h, 1, B, M, D) for the query rows of the chunk, M = rows * W."""
-        return prepared[:, :, self._tokens(chunk)].unsqueeze(1).contiguous()
+    def query_block(self, x: torch.Tensor, chunk: slice, dtype, scale: float = 1.0) -> torch.Tensor:
+        """(B, h, L, X) -> (h, 1, B, M, X) for the query rows of the chunk, M = rows * W."""
+        return _new_blocks(x[:, :, self._tokens(chunk)].transpose(0, 1).unsqueeze(1), dtype, scale)
 
     def write_block(self, dst: torch.Tensor, block: torch.Tensor, chunk: slice) -> None:
-        dst[:, :, self._tokens(chunk)] = block[:, 0]
-
-    def finish(self, prepared: torch.Tensor, dtype) -> torch.Tensor:
-        return prepared.transpose(0, 1).to(dtype, memory_format=torch.contiguous_format)
+        dst[:, :, self._tokens(chunk)] = block[:, 0].transpose(0, 1)
 
     def key_block(self, t: torch.Tensor, chunk: slice) -> torch.Tensor:
         """Every band sees every key: shared (h, 1, L, D), batched (h, 1, B, L, D)."""
@@ -287,6 +284,8 @@ _flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_f
 # Queries per band: the kernel tiles queries by 256 from 768 queries up, and is markedly slower on
 # fewer; more rows per band, on the other hand, widen the share of keys that needs a mask.
 FLASH_BAND_QUERIES = 768
+# Elements of the kernel's own gradient outputs per backward call (about 4 MiB of fp32).
+FLASH_BACKWARD_ELEMENTS = 1 << 20
 
 
 class _KeyRange(NamedTuple):
@@ -306,7 +305,10 @@ def _flash_bands(plan: "MLKAPlan", dtype) -> Tuple[_Band, ...]:
     Interior bands share one mask (the window is translation invariant), so masks are cached by
     the band's shape relative to its first row.
     """
-    rows = min(plan.H, max(1, math.ceil(FLASH_BAND_QUERIES / plan.W)))
+    rows = max(1, math.ceil(FLASH_BAND_QUERIES / plan.W))
+    if rows * 2 > plan.H:
+        # Two or fewer bands leave too few keys unmasked to pay for the extra calls: one band.
+        rows = plan.H
     cached = plan.flash_cache.get((dtype, rows))
     if cached is not None:
         return cached
@@ -357,8 +359,8 @@ class _FlashComplementAttention(torch.autograd.Function):
                     acc, lse_c = o_p.to(lse.dtype), lse_p
                     continue
                 new_lse = torch.logaddexp(lse_c, lse_p)
-                acc = acc * torch.exp(lse_c - new_lse).unsqueeze(-1) + \
-                    o_p.to(lse.dtype) * torch.exp(lse_p - new_lse).unsqueeze(-1)
+                acc.mul_(torch.exp(lse_c - new_lse).unsqueeze(-1))
+                acc.add_(o_p.to(lse.dtype).mul_(torch.exp(lse_p - new_lse).unsqueeze(-1)))
                 lse_c = new_lse
             out[:, :, rows] = acc
             lse[:, :, rows] = lse_c
@@ -374,19 +376,30 @@ class _FlashComplementAttention(torch.autograd.Function):
         q, kb, vb = _batched(q, b), _batched(k, b), _batched(v, b)
         grad_out = grad_out.contiguous()
         dq = torch.zeros_like(q, dtype=lse.dtype, memory_format=torch.contiguous_format)
-        dk = torch.zeros(kb.shape, dtype=lse.dtype, device=k.device)
-        dv = torch.zeros(vb.shape, dtype=lse.dtype, device=v.device)
+        dk = torch.zeros(k.shape, dtype=lse.dtype, device=k.device)
+        dv = torch.zeros(v.shape, dtype=lse.dtype, device=v.device)
+        h, d = q.shape[1], q.shape[3]
         for rows, ranges in _flash_bands(plan, q.dtype):
-            qc, oc, gc, lc = q[:, :, rows], out[:, :, rows], grad_out[:, :, rows], lse[:, :, rows]
             for keys, mask, _ in ranges:
-                dq_p, dk_p, dv_p = _flash_backward(gc, qc, kb[:, :, keys], vb[:, :, keys], oc, lc, 0.0, False,
-                                                   attn_mask=mask, scale=scale)
-                dq[:, :, rows] += dq_p
-                dk[:, :, keys] += dk_p
-                dv[:, :, keys] += dv_p
-        # A shared k or v received one gradient per batch element: their sum is its gradient.
-        dk = dk.sum(0) if k.dim() == 3 else dk
-        dv = dv.sum(0) if v.dim() == 3 else dv
+                # The kernel returns full gradients of its inputs: cut the batch so that they
+                # stay small next to the gradients being accumulated.
+                per_item = h * d * (rows.stop - rows.start + 2 * (keys.stop - keys.start))
+                step = max(1, FLASH_BACKWARD_ELEMENTS // per_item)
+                for b0 in range(0, b, step):
+                    bs = slice(b0, min(b, b0 + step))
+                    dq_p, dk_p, dv_p = _flash_backward(
+                        grad_out[bs, :, rows], q[bs, :, rows], kb[bs, :, keys], vb[bs, :, keys],
+                        out[bs, :, rows], lse[bs, :, rows], 0.0, False, attn_mask=mask, scale=scale)
+                    dq[bs, :, rows] += dq_p
+                    # A shared k or v gets one gradient per batch element: its gradient is their sum.
+                    if k.dim() == 3:
+                        dk[:, keys] += dk_p.sum(0)
+                    else:
+                        dk[bs, :, keys] += dk_p
+                    if v.dim() == 3:
+                        dv[:, keys] += dv_p.sum(0)
+                    else:
+                        dv[bs, :, keys] += dv_p
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
@@ -397,35 +410,34 @@ class _FlashComplementAttention(torch.autograd.Function):
 def _forward(plan: _Plan, q, k, v, scale: float, compute) -> torch.Tensor:
     """The output (B, h, L, D) in q's dtype."""
     b, h = q.shape[:2]
+    q = q.contiguous()
     kt, vt = plan.keys_layout(k, compute), plan.keys_layout(v, compute)
-    qs = plan.prepare(q, compute, scale)
-    out = torch.empty_like(qs)
+    out = torch.empty(q.shape, dtype=compute, device=q.device)
     for c in plan.chunks(h, b):
-        p = _probabilities(plan.query_block(qs, c), plan.key_block(kt, c), k.dim() == 3, plan, c)
+        p = _probabilities(plan.query_block(q, c, compute, scale), plan.key_block(kt, c), k.dim() == 3, plan, c)
         plan.write_block(out, _rows_times(p, plan.key_block(vt, c), v.dim() == 3), c)
-    return plan.finish(out, q.dtype)
+    return out.to(q.dtype)
 
 
 def _backward(plan: _Plan, q, k, v, out, grad_out, scale: float, compute):
     """(dq, dk, dv), recomputing each chunk's probabilities from q and k."""
     b, h = q.shape[:2]
     k_shared, v_shared = k.dim() == 3, v.dim() == 3
+    q, out, grad_out = q.contiguous(), out.contiguous(), grad_out.contiguous()
     kt, vt = plan.keys_layout(k, compute), plan.keys_layout(v, compute)
     dkt, dvt = torch.zeros_like(kt), torch.zeros_like(vt)
-    qs = plan.prepare(q, compute, scale)
-    os_, gs = plan.prepare(out, compute), plan.prepare(grad_out, compute)
-    dqs = torch.empty_like(qs)
+    dq = torch.empty(q.shape, dtype=compute, device=q.device)
     for c in plan.chunks(h, b):
-        qb, ob, gb = plan.query_block(qs, c), plan.query_block(os_, c), plan.query_block(gs, c)
+        qb, gb = plan.query_block(q, c, compute, scale), plan.query_block(grad_out, c, compute)
         kb, vb = plan.key_block(kt, c), plan.key_block(vt, c)
         p = _probabilities(qb, kb, k_shared, plan, c)  # (h, g, B, M, N)
         plan.add_key_grad_(dvt, _rows_transposed_times(p, gb, v_shared), c)  # dV = P^T dO
-        delta = (ob * gb).sum(-1, keepdim=True)  # rowsum(O * dO): (h, g, B, M, 1)
+        delta = plan.query_block(out, c, compute).mul_(gb).sum(-1, keepdim=True)  # rowsum(O * dO)
         ds = _rows_times(gb, vb.transpose(-1, -2), v_shared)  # dP = dO V^T
         ds.sub_(delta).mul_(p)  # dS = P * (dP - delta)
         plan.add_key_grad_(dkt, _rows_transposed_times(ds, qb, k_shared), c)  # dK = dS^T (scale Q)
-        plan.write_block(dqs, _rows_times(ds, kb, k_shared).mul_(scale), c)  # dQ = scale dS K
-    return plan.finish(dqs, q.dtype), plan.finish_keys(dkt, k.dtype), plan.finish_keys(dvt, v.dtype)
+        plan.write_block(dq, _rows_times(ds, kb, k_shared).mul_(scale), c)  # dQ = scale dS K
+    return dq.to(q.dtype), plan.finish_keys(dkt, k.dtype), plan.finish_keys(dvt, v.dtype)
 
 
 class _BlockedAttention(torch.autograd.Function):
