@@ -344,26 +344,32 @@ class _FlashComplementAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan, scale):
         b, h, length, d = q.shape
         q, kb, vb = _batched(q, b), _batched(k, b), _batched(v, b)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = q.new_empty(b, h, length, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-        for rows, ranges in _flash_bands(plan, q.dtype):
+        bands = _flash_bands(plan, q.dtype)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        if len(bands) > 1:
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+            lse = q.new_empty(b, h, length, dtype=lse_dtype)
+        for rows, ranges in bands:
             qc = q[:, :, rows]
             acc, lse_c = None, None
             for keys, mask, empty in ranges:
                 o_p, lse_p = _flash_forward(qc, kb[:, :, keys], vb[:, :, keys], attn_mask=mask, scale=scale)
-                lse_p = lse_p.to(lse.dtype)
+                lse_p = lse_p.to(lse_dtype)
                 if empty is not None:
                     # The kernel reports a row with no key as lse 0; it contributes nothing.
                     lse_p = lse_p.masked_fill(empty, float("-inf"))
                 if acc is None:
-                    acc, lse_c = o_p.to(lse.dtype), lse_p
+                    acc, lse_c = o_p.to(lse_dtype), lse_p
                     continue
                 new_lse = torch.logaddexp(lse_c, lse_p)
                 acc.mul_(torch.exp(lse_c - new_lse).unsqueeze(-1))
-                acc.add_(o_p.to(lse.dtype).mul_(torch.exp(lse_p - new_lse).unsqueeze(-1)))
+                acc.add_(o_p.to(lse_dtype).mul_(torch.exp(lse_p - new_lse).unsqueeze(-1)))
                 lse_c = new_lse
-            out[:, :, rows] = acc
-            lse[:, :, rows] = lse_c
+            if len(bands) == 1:  # the band is the whole grid: no copy
+                out, lse = acc.to(q.dtype), lse_c
+            else:
+                out[:, :, rows] = acc
+                lse[:, :, rows] = lse_c
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = plan, scale
         return out
