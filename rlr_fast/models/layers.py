@@ -1,0 +1,62 @@
+"""Building blocks shared by the models: positional embedding, feature jitter, Gaussian blur."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def sincos_pos_embed_2d(grid, dim: int) -> torch.Tensor:
+    """Fixed 2D sine-cosine positional embedding (L, dim) of an (H, W) grid, row-major tokens.
+
+    With half = dim/2 and freq = exp(arange(0, half, 2) * -ln(1e4) / half): channels [0:half:2]
+    = sin(x freq), [1:half:2] = cos(x freq), [half::2] = sin(y freq), [half+1::2] = cos(y freq).
+    """
+    if dim % 4:
+        raise ValueError(f"the positional embedding needs a dimension divisible by 4, got {dim}")
+    h, w = grid
+    half = dim // 2
+    freq = torch.exp(torch.arange(0, half, 2, dtype=torch.float64) * (-math.log(1e4) / half))
+    y = torch.arange(h, dtype=torch.float64).repeat_interleave(w)[:, None]
+    x = torch.arange(w, dtype=torch.float64).repeat(h)[:, None]
+    pe = torch.empty(h * w, dim, dtype=torch.float64)
+    pe[:, 0:half:2], pe[:, 1:half:2] = torch.sin(x * freq), torch.cos(x * freq)
+    pe[:, half::2], pe[:, half + 1::2] = torch.sin(y * freq), torch.cos(y * freq)
+    return pe.float()
+
+
+def feature_jitter(tokens: torch.Tensor, scale: float, prob: float = 1.0) -> torch.Tensor:
+    """tokens (B, L, C) + N(0, 1) * (||token||_2 / C) * scale, on each token with probability `prob`."""
+    if scale <= 0 or prob <= 0:
+        return tokens
+    c = tokens.shape[-1]
+    noise = torch.randn_like(tokens) * (tokens.norm(dim=-1, keepdim=True) / c * scale)
+    if prob < 1:
+        noise = noise * (torch.rand(tokens.shape[:-1], device=tokens.device) < prob).unsqueeze(-1)
+    return tokens + noise
+
+
+def _symmetric_index(n: int, radius: int, device) -> torch.Tensor:
+    """Indices of a length-n axis padded by `radius` as scipy's mode 'reflect' (d c b a | a b c d)."""
+    i = torch.arange(-radius, n + radius, device=device)
+    period = 2 * n
+    i = torch.remainder(i, period)
+    return torch.where(i >= n, period - 1 - i, i)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian filter of (B, 1, H, W) maps, as scipy.ndimage.gaussian_filter
+    (radius int(truncate * sigma + 0.5), mode 'reflect'), on any device."""
+    if sigma <= 0:
+        return maps
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=maps.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(maps.dtype)
+    b, c, h, w = maps.shape
+    out = maps.index_select(2, _symmetric_index(h, radius, maps.device))
+    out = F.conv2d(out.reshape(b * c, 1, h + 2 * radius, w), kernel.view(1, 1, -1, 1))
+    out = out.index_select(3, _symmetric_index(w, radius, maps.device))
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
+    return out.view(b, c, h, w)

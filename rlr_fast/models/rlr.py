@@ -1,0 +1,214 @@
+"""RLR: reconstruct features from a Learnable Reference (ECCV 2024).
+
+Per backbone level, an independent reconstruction network (equations of the paper):
+
+    Y   = Embed(F) + P                   F: (B, L, C) pooled backbone tokens, P: fixed 2D sin-cos
+    R_h = Embed_R(R) + P                 R: (L, C) the learnable reference, shared by the batch
+    Z   = LN( MLKA(Y, R_h) + alpha * LCA(Y, R_h) )      (no residual around the attention)
+    Y'  = LN( Z + FFN(Z) )                               x num_layers
+    F^  = Linear(LN(Y))                  (B, L, C) the reconstruction
+
+LCA attends from Y to the reference inside each token's window (keys and values R_h); MLKA
+attends from Y to the reference keys outside the window, taking the values from Y itself.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import EMBEDDED, FrozenBackbone
+from ..modules import LocalCrossAttention, NeighborMaskedAttention
+from ..windows import complement_is_empty
+from .base import AnomalyModel, AnomalyOutput
+from .layers import feature_jitter, gaussian_blur, sincos_pos_embed_2d
+
+# The paper's windows: 5 on a 16-grid, 7 on a 32-grid, 11 on a 64-grid.
+PAPER_WINDOWS = ((16, 5), (32, 7), (64, 11))
+
+
+def default_window(size: int) -> int:
+    """Window for a grid side: the paper's values, interpolated linearly in log2(size) between
+    them and extrapolated with the nearest segment's slope, rounded to the nearest odd number
+    (at least 1). E.g. 8 -> 3, 16 -> 5, 24 -> 7, 32 -> 7, 48 -> 9, 64 -> 11, 128 -> 15."""
+    pts = [(math.log2(g), k) for g, k in PAPER_WINDOWS]
+    x = math.log2(size)
+    (x0, y0), (x1, y1) = pts[:2] if x <= pts[1][0] else pts[1:]
+    y = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return max(1, 2 * int(round((y - 1) / 2)) + 1)
+
+
+def default_windows(grid: Tuple[int, int]) -> Tuple[int, int]:
+    """Per-axis default window, shrunk until MLKA leaves every query a key."""
+    kh, kw = default_window(grid[0]), default_window(grid[1])
+    while complement_is_empty(grid, (kh, kw)) and max(kh, kw) > 1:
+        kh, kw = max(1, kh - 2), max(1, kw - 2)
+    return kh, kw
+
+
+@dataclass
+class RLRConfig:
+    """RLRModel's configuration; the defaults are the paper's (except the backbone, see below)."""
+
+    image_size: int = 256
+    backbone: str = EMBEDDED  # the paper uses tf_efficientnet_b6; lite0's weights ship offline
+    backbone_weights: str = "default"
+    out_indices: Tuple[int, ...] = (2, 3)  # strides 8 and 16: grids 32 and 16 at 256 px
+    dims: Optional[Tuple[int, ...]] = None  # None: 128 * 2 ** (index - 1) per level
+    windows: Optional[Tuple[Tuple[int, int], ...]] = None  # None: default_windows(grid) per level
+    num_layers: int = 4
+    num_heads: int = 8
+    alpha: float = 2.0
+    ffn_ratio: int = 4
+    jitter_scale: float = 4.0
+    jitter_prob: float = 1.0
+    score_sigma: float = 4.0
+    backend: str = "auto"
+
+
+def _init_embedding(linear: nn.Linear) -> nn.Linear:
+    nn.init.kaiming_normal_(linear.weight, mode="fan_in", nonlinearity="leaky_relu")
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+class RLRLayer(nn.Module):
+    """Z = LN(MLKA(Y, R_h) + alpha LCA(Y, R_h));  out = LN(Z + FFN(Z))."""
+
+    def __init__(self, dim: int, num_heads: int, grid, window, alpha: float = 2.0, ffn_ratio: int = 4,
+                 backend: str = "auto"):
+        super().__init__()
+        self.alpha = alpha
+        self.lca = LocalCrossAttention(dim, num_heads, grid, window, backend=backend)
+        self.mlka = NeighborMaskedAttention(dim, num_heads, grid, window, backend=backend)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_ratio * dim), nn.GELU(), nn.Linear(ffn_ratio * dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+
+    def reference_heads(self, ref: torch.Tensor):
+        """The projections of the shared reference R_h (L, d): LCA keys and values, MLKA keys,
+        each (heads, L, D), computed once for the whole batch."""
+        return (self.lca.split_heads(self.lca.k_proj(ref)), self.lca.split_heads(self.lca.v_proj(ref)),
+                self.mlka.split_heads(self.mlka.k_proj(ref)))
+
+    def forward(self, y: torch.Tensor, ref_heads) -> torch.Tensor:  # y: (B, L, d)
+        lca_k, lca_v, mlka_k = ref_heads
+        local = self.lca.attend(self.lca.split_heads(self.lca.q_proj(y)), lca_k, lca_v)
+        masked = self.mlka.attend(self.mlka.split_heads(self.mlka.q_proj(y)), mlka_k,
+                                  self.mlka.split_heads(self.mlka.v_proj(y)))
+        z = self.norm1(masked + self.alpha * local)
+        return self.norm2(z + self.ffn(z))
+
+
+class ReconstructionNetwork(nn.Module):
+    """One level's network: tokens F (B, L, C) -> reconstruction F^ (B, L, C)."""
+
+    def __init__(self, channels: int, dim: int, grid, window, num_layers: int = 4, num_heads: int = 8,
+                 alpha: float = 2.0, ffn_ratio: int = 4, backend: str = "auto"):
+        super().__init__()
+        self.grid, self.window = tuple(grid), tuple(window)
+        length = grid[0] * grid[1]
+        self.embed = _init_embedding(nn.Linear(channels, dim))
+        self.reference = nn.Parameter(torch.randn(length, channels))  # R ~ N(0, 1), (L, C)
+        self.reference_embed = _init_embedding(nn.Linear(channels, dim))
+        self.register_buffer("pos", sincos_pos_embed_2d(grid, dim), persistent=False)  # (L, d)
+        self.layers = nn.ModuleList(
+            RLRLayer(dim, num_heads, grid, window, alpha, ffn_ratio, backend) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, channels)
+        self._cache_key, self._cache = None, None
+
+    def _parameter_state(self):
+        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+
+    def reference_heads(self):
+        """Per layer, the projected reference heads; cached in eval mode until a parameter changes."""
+        if self.training or torch.is_grad_enabled():
+            return self._project_reference()
+        key = self._parameter_state()
+        if key != self._cache_key:
+            self._cache, self._cache_key = self._project_reference(), key
+        return self._cache
+
+    def _project_reference(self):
+        ref = self.reference_embed(self.reference) + self.pos  # R_h: (L, d), shared by the batch
+        return [layer.reference_heads(ref) for layer in self.layers]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        y = self.embed(tokens) + self.pos
+        for layer, heads in zip(self.layers, self.reference_heads()):
+            y = layer(y, heads)
+        return self.head(self.norm(y))
+
+
+def _flatten(feature: torch.Tensor) -> torch.Tensor:
+    return feature.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, L, C)
+
+
+class RLRModel(AnomalyModel):
+    """RLR with a frozen backbone: ``model.eval(); out = model(images)`` gives
+    ``out.anomaly_map`` (B, 1, S, S) and ``out.score`` (B,); in train mode ``model(images)`` is
+    the loss. All of RLRConfig's fields are keyword arguments."""
+
+    name = "rlr"
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        cfg = RLRConfig(**kwargs)
+        self.backbone = FrozenBackbone(cfg.backbone, cfg.out_indices, cfg.backbone_weights)
+        self.image_size = cfg.image_size
+        grids = [(math.ceil(cfg.image_size / r),) * 2 for r in self.backbone.reductions]
+        dims = cfg.dims or tuple(128 * 2 ** (i - 1) for i in cfg.out_indices)
+        windows = cfg.windows or tuple(default_windows(g) for g in grids)
+        if not (len(dims) == len(windows) == len(grids)):
+            raise ValueError(f"{len(grids)} levels but {len(dims)} dims and {len(windows)} windows")
+        cfg.dims = tuple(int(d) for d in dims)
+        cfg.windows = tuple(tuple(int(k) for k in ((w, w) if isinstance(w, int) else w)) for w in windows)
+        cfg.out_indices = tuple(cfg.out_indices)
+        self.config = cfg
+        self.grids = grids
+        self.pool = nn.AvgPool2d(3, stride=1, padding=1)
+        self.levels = nn.ModuleList(
+            ReconstructionNetwork(c, d, g, w, cfg.num_layers, cfg.num_heads, cfg.alpha, cfg.ffn_ratio, cfg.backend)
+            for c, d, g, w in zip(self.backbone.channels, cfg.dims, grids, cfg.windows))
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> List[torch.Tensor]:
+        feats = self.backbone(images)
+        for f, g in zip(feats, self.grids):
+            if tuple(f.shape[-2:]) != g:
+                raise ValueError(f"backbone gave a {tuple(f.shape[-2:])} grid, expected {g}")
+        return [self.pool(f) for f in feats]
+
+    def reconstruct(self, feats: List[torch.Tensor], jitter: bool = False):
+        """[(F, F^)] per level, tokens (B, L, C); jitter perturbs the input only."""
+        pairs = []
+        for f, net in zip(feats, self.levels):
+            tokens = _flatten(f)
+            source = feature_jitter(tokens, self.config.jitter_scale, self.config.jitter_prob) if jitter else tokens
+            pairs.append((tokens, net(source)))
+        return pairs
+
+    def loss(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        """Sum over levels of MSE(F^, F) + mean(1 - cos(F^, F)) (cosine over channels)."""
+        total = 0.0
+        for target, recon in self.reconstruct(feats, jitter=self.training):
+            total = total + F.mse_loss(recon, target) + (1 - F.cosine_similarity(recon, target, dim=-1)).mean()
+        return total
+
+    def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
+        maps = []
+        for (target, recon), grid in zip(self.reconstruct(feats), self.grids):
+            s = (target - recon).pow(2).mean(-1) + 1 - F.cosine_similarity(target, recon, dim=-1)  # (B, L)
+            s = s.view(-1, 1, *grid)
+            maps.append(F.interpolate(s, size=(self.image_size,) * 2, mode="bilinear", align_corners=True))
+        anomaly_map = torch.stack(maps).mean(0)
+        score = gaussian_blur(anomaly_map, self.config.score_sigma).amax(dim=(1, 2, 3))
+        return AnomalyOutput(anomaly_map, score)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
