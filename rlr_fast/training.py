@@ -191,6 +191,8 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], list(state["history"])
         torch.set_rng_state(state["rng"])
+        if rank == 0:  # the checkpoint's history is the record: rewrite the log from it
+            (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         log(f"resuming {ckpt_path} at epoch {start_epoch}/{cfg.epochs}")
     elif rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,74 @@
+"""`rlr-fast demo`: the offline end-to-end job. Builds the demo data set, trains ONE model on all
+its classes, tests it and writes the metrics, overlays and a speed summary to one folder."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+# Chosen by measurement on this data (see the README): 128 px input (grids 16 and 8), the fast
+# recipe's schedule over DEMO_EPOCHS epochs.
+DEMO_IMAGE_SIZE = 128
+DEMO_EPOCHS = 30
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("results/demo"), help="results folder")
+    p.add_argument("--epochs", type=int, default=DEMO_EPOCHS)
+    p.add_argument("--image-size", type=int, default=DEMO_IMAGE_SIZE)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--backend", choices=("auto", "torch", "reference", "triton"), default="auto")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    from ..data import MVTecDataset
+    from ..demo_data import build_demo_dataset
+    from ..evaluation import evaluate
+    from ..features import extract_features
+    from ..metrics import format_table
+    from ..models.rlr import RLRModel
+    from ..training import recipe, train
+    from .test import write_json
+
+    out, progress = args.out, not args.no_progress
+    started = time.perf_counter()
+    t0 = time.perf_counter()
+    data = build_demo_dataset(out / "data")
+    print(f"demo data: {data} ({time.perf_counter() - t0:.1f}s)")
+    model = RLRModel(image_size=args.image_size, backend=args.backend).to(args.device)
+    train_set = MVTecDataset(data, split="train", image_size=model.image_size)
+    cache = extract_features(model, train_set, device=args.device, progress=progress)
+    cfg = recipe("fast", epochs=args.epochs, batch_size=args.batch_size)
+    print(f"training RLR on {len(train_set)} images of {len(train_set.classes)} classes "
+          f"({', '.join(train_set.classes)}): {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}")
+    t0 = time.perf_counter()
+    history = train(model, cache, out / "run", cfg, device=args.device, progress=progress)
+    train_seconds = time.perf_counter() - t0
+    summary = evaluate(model, data, device=args.device, overlays_dir=out / "overlays", progress=progress)
+    table = format_table(summary)
+    print(table)
+    write_json(out / "metrics.json", {"classes": summary["classes"], "mean": summary["mean"]})
+    (out / "metrics.txt").write_text(table + "\n")
+    speed = {
+        "device": str(args.device), "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "backend": args.backend, "image_size": model.image_size,
+        "train_images": len(train_set), "feature_extraction_s": round(cache.seconds, 2),
+        "feature_extraction_images_per_s": round(len(train_set) / cache.seconds, 1),
+        "training_s": round(train_seconds, 1), "epochs": cfg.epochs,
+        "training_images_per_s": round(sum(h["images_per_s"] for h in history) / len(history), 1),
+        "inference_images_per_s": round(summary["images_per_s"], 1),
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+    write_json(out / "speed.json", speed)
+    lines = [f"- {k.replace('_', ' ')}: {v}" for k, v in speed.items()]
+    (out / "summary.md").write_text("# rlr-fast demo\n\n```\n" + table + "\n```\n\n## Speed\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"results: {out} (metrics.txt, metrics.json, overlays/, speed.json, summary.md, run/)")
+    return 0

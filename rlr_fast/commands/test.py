@@ -1,0 +1,44 @@
+"""`rlr-fast test`: per-class metrics of a trained run, as a table, JSON and overlay pictures."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="MVTec-style folder with <class>/test and ground_truth")
+    p.add_argument("--run", required=True, type=Path, help="run folder (or checkpoint file) from `rlr-fast train`")
+    p.add_argument("--classes", help="comma-separated class names (default: every class in --data)")
+    p.add_argument("--json", type=Path, help="write the metrics here (default: RUN/metrics.json)")
+    p.add_argument("--overlays", type=Path, help="overlay pictures folder (default: RUN/overlays)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def run(args) -> int:
+    from ..evaluation import evaluate
+    from ..metrics import format_table
+    from ..training import load_model
+
+    run_dir = args.run if args.run.is_dir() else args.run.parent
+    model = load_model(args.run, args.device)
+    overlays = args.overlays or run_dir / "overlays"
+    summary = evaluate(model, args.data, classes=args.classes, batch_size=args.batch_size, device=args.device,
+                       overlays_dir=overlays, progress=not args.no_progress)
+    print(format_table(summary))
+    out = args.json or run_dir / "metrics.json"
+    write_json(out, {"classes": summary["classes"], "mean": summary["mean"]})
+    print(f"metrics: {out}\noverlays: {overlays}")
+    return 0

@@ -1,0 +1,80 @@
+"""`rlr-fast train`: train one model on every class of a data folder."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path,
+                   help="MVTec-style folder (ROOT/<class>/train/good/...) or a plain folder of normal images")
+    p.add_argument("--out", required=True, type=Path, help="run folder: checkpoint, config, log")
+    p.add_argument("--classes", help="comma-separated class names (default: every class in --data)")
+    p.add_argument("--model", choices=("rlr", "uniad"), default="rlr")
+    p.add_argument("--recipe", choices=("fast", "paper"), default="fast",
+                   help="fast: converges in minutes on a CPU (default); paper: the paper's schedule")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    p.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the model's, 256 for RLR)")
+    p.add_argument("--backbone", help="timm model name (default: tf_efficientnet_lite0, weights shipped)")
+    p.add_argument("--backbone-weights", default="default",
+                   help="'default' (shipped or timm pretrained), 'random', or a local state-dict file")
+    p.add_argument("--backend", choices=("auto", "torch", "reference", "triton"), default="auto")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def training_set(data: Path, classes, image_size: int):
+    from ..data import DataError, FolderDataset, MVTecDataset, discover_classes
+
+    if not data.is_dir():
+        raise DataError(f"data folder not found: {data}")
+    if discover_classes(data):
+        return MVTecDataset(data, classes=classes, split="train", image_size=image_size)
+    if classes:
+        raise DataError(f"--classes given but {data} has no class folders (<class>/train/good)")
+    return FolderDataset(data, image_size=image_size)
+
+
+def run(args) -> int:
+    from ..features import extract_features
+    from ..training import CHECKPOINT, build_model, read_checkpoint, recipe, train
+
+    torch.manual_seed(args.seed)
+    ckpt = args.out / CHECKPOINT
+    if args.resume and ckpt.is_file():
+        state = read_checkpoint(ckpt)  # rebuild exactly the model being resumed
+        name, model_cfg = state["model"], dict(state["config"])
+    else:
+        if args.resume:
+            print(f"no checkpoint in {args.out}: starting a new run")
+        name, model_cfg = args.model, {"backend": args.backend, "backbone_weights": args.backbone_weights}
+        if args.image_size:
+            model_cfg["image_size"] = args.image_size
+        if args.backbone:
+            model_cfg["backbone"] = args.backbone
+    model = build_model(name, model_cfg).to(args.device)
+    recipe_name = "uniad" if (name == "uniad" and args.recipe == "paper") else args.recipe
+    cfg = recipe(recipe_name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp,
+                 seed=args.seed)
+    dataset = training_set(args.data, args.classes, model.image_size)
+    classes = getattr(dataset, "classes", None)
+    print(f"training {name} on {len(dataset)} images" + (f" of {len(classes)} classes ({', '.join(classes)})"
+                                                         if classes else "") + f", {cfg}")
+    cache = extract_features(model, dataset, device=args.device, cache_dir=args.out / "features",
+                             progress=not args.no_progress)
+    print(f"features cached: {len(cache)} images in {cache.seconds:.1f}s ({cache.nbytes / 2**20:.0f} MiB)")
+    t0 = time.perf_counter()
+    history = train(model, cache, args.out, cfg, resume=args.resume, device=args.device,
+                    progress=not args.no_progress)
+    if history:
+        print(f"trained {cfg.epochs} epochs in {time.perf_counter() - t0:.1f}s; final loss "
+              f"{history[-1]['loss']:.4f}; checkpoint {ckpt}")
+    return 0

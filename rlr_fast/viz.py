@@ -1,0 +1,67 @@
+"""Pictures: anomaly-map overlays and heat maps as PNG (matplotlib, no display needed)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _image(image) -> np.ndarray:
+    """A normalised (3, H, W) tensor or a uint8 (H, W, 3) array -> uint8 (H, W, 3)."""
+    if hasattr(image, "detach"):
+        from .data import denormalize
+
+        return denormalize(image)
+    return np.asarray(image)
+
+
+def _map(m) -> np.ndarray:
+    m = m.detach().float().cpu().numpy() if hasattr(m, "detach") else np.asarray(m, dtype=np.float32)
+    return m.reshape(m.shape[-2:])
+
+
+def _save(fig, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def save_overlay(path, image, gt_mask, anomaly_map, title: str = "", vmax=None) -> None:
+    """Three panels: the image, its ground truth, and the anomaly map over the image."""
+    img, heat = _image(image), _map(anomaly_map)
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.4))
+    axes[0].imshow(img)
+    axes[0].set_title("image")
+    axes[1].imshow(_map(gt_mask), cmap="gray", vmin=0, vmax=1)
+    axes[1].set_title("ground truth")
+    axes[2].imshow(img)
+    shown = axes[2].imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=vmax if vmax is not None else heat.max())
+    axes[2].set_title("anomaly map")
+    fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.04)
+    for ax in axes:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def save_heatmap(path, image, anomaly_map, title: str = "", vmax=None) -> None:
+    """The anomaly map over the image, with a colour bar."""
+    img, heat = _image(image), _map(anomaly_map)
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    ax.imshow(img)
+    shown = ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=vmax if vmax is not None else heat.max())
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    ax.axis("off")
+    if title:
+        ax.set_title(title)
+    _save(fig, path)

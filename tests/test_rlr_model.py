@@ -1,0 +1,147 @@
+"""RLRModel: building blocks against their definitions, backends agreeing, caching, backbone."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from rlr_fast.backbone import FrozenBackbone
+from rlr_fast.models.layers import feature_jitter, gaussian_blur, sincos_pos_embed_2d
+from rlr_fast.models.rlr import RLRModel, default_window, default_windows
+
+TINY = dict(image_size=64, backbone_weights="random", num_layers=2, dims=(32, 64), num_heads=4)
+
+
+def test_positional_embedding_matches_the_formula():
+    h, w, d = 3, 5, 16
+    pe = sincos_pos_embed_2d((h, w), d)
+    half = d // 2
+    for i in range(h * w):
+        y, x = divmod(i, w)
+        for j in range(half // 2):
+            f = math.exp(2 * j * -math.log(1e4) / half)
+            assert pe[i, 2 * j].item() == pytest.approx(math.sin(x * f), abs=1e-6)
+            assert pe[i, 2 * j + 1].item() == pytest.approx(math.cos(x * f), abs=1e-6)
+            assert pe[i, half + 2 * j].item() == pytest.approx(math.sin(y * f), abs=1e-6)
+            assert pe[i, half + 2 * j + 1].item() == pytest.approx(math.cos(y * f), abs=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_pos_embed_2d((2, 2), 6)
+
+
+@pytest.mark.parametrize("sigma,shape", [(4.0, (40, 33)), (1.5, (9, 12)), (4.0, (7, 5))])
+def test_gaussian_blur_matches_scipy(sigma, shape):
+    x = torch.rand(2, 1, *shape, dtype=torch.float64)
+    got = gaussian_blur(x, sigma)
+    for i in range(2):
+        expected = ndimage.gaussian_filter(x[i, 0].numpy(), sigma)  # truncate 4, mode 'reflect'
+        np.testing.assert_allclose(got[i, 0].numpy(), expected, atol=1e-12)
+
+
+def test_feature_jitter_scale():
+    torch.manual_seed(0)
+    tokens = torch.randn(4, 500, 64) * 3
+    noise = feature_jitter(tokens, scale=4.0) - tokens
+    expected_std = tokens.norm(dim=-1) / 64 * 4.0  # per token
+    ratio = noise.std(dim=-1) / expected_std
+    assert ratio.mean().item() == pytest.approx(1.0, abs=0.05)
+    assert torch.equal(feature_jitter(tokens, scale=0.0), tokens)
+
+
+def test_default_windows_follow_the_paper():
+    assert [default_window(g) for g in (16, 32, 64)] == [5, 7, 11]
+    assert default_windows((4, 4)) == (1, 1) or not any(k >= 4 for k in default_windows((4, 4)))
+
+
+def test_shapes_and_paper_defaults():
+    model = RLRModel(image_size=64, backbone_weights="random")
+    cfg = model.config
+    assert (cfg.num_layers, cfg.num_heads, cfg.alpha, cfg.jitter_scale) == (4, 8, 2.0, 4.0)
+    assert cfg.dims == (256, 512) and model.grids == [(8, 8), (4, 4)]
+    level = model.levels[0]
+    assert level.reference.shape == (64, model.backbone.channels[0])
+    model.eval()
+    out = model(torch.randn(3, 3, 64, 64))
+    assert out.anomaly_map.shape == (3, 1, 64, 64) and out.score.shape == (3,)
+    model.train()
+    loss = model(torch.randn(2, 3, 64, 64))
+    assert loss.dim() == 0 and loss.requires_grad
+    with pytest.raises(ValueError, match="images are 32x32 but the model was built for 64x64"):
+        model(torch.randn(1, 3, 32, 32))
+
+
+def test_reference_and_torch_backends_give_the_same_maps():
+    torch.manual_seed(0)
+    fast = RLRModel(backend="torch", **TINY).eval()
+    naive = RLRModel(backend="reference", **TINY).eval()
+    naive.load_state_dict(fast.state_dict())
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        a, b = fast(images), naive(images)
+    torch.testing.assert_close(a.anomaly_map, b.anomaly_map, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.score, b.score, rtol=1e-4, atol=1e-5)
+    # and the same gradients of the training loss
+    fast.train(), naive.train()
+    feats = fast.features(images)
+    torch.manual_seed(1)
+    fast.loss(feats).backward()
+    torch.manual_seed(1)
+    naive.loss(feats).backward()
+    for (name, p), q in zip(fast.named_parameters(), naive.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_reference_is_projected_once_and_cached_until_parameters_change():
+    model = RLRModel(**TINY).eval()
+    level = model.levels[0]
+    calls = []
+    original = level._project_reference
+    level._project_reference = lambda: calls.append(1) or original()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        first = model(images).anomaly_map
+        model(images)
+        assert len(calls) == 1  # cached in eval mode
+        heads = level.reference_heads()
+        assert all(h.shape[:2] == (4, 64) and h.dim() == 3 for h in heads[0])  # (heads, L, D): no batch
+        level.reference.add_(1.0)  # a parameter changes in place: the cache must notice
+        second = model(images).anomaly_map
+    assert len(calls) == 2
+    assert not torch.allclose(first, second)
+    model.train()
+    model(images)
+    assert len(calls) == 3  # never cached while training
+
+
+def test_embedded_backbone_recognises_a_cat():
+    """The shipped Lite0 weights mapped onto timm's model classify a real photo correctly."""
+    import timm
+    from PIL import Image
+    from skimage.data import chelsea
+
+    backbone = FrozenBackbone()
+    assert backbone.channels == [40, 112] and backbone.reductions == [8, 16]
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    from rlr_fast.backbone import _embedded_lite0_state, _map_in_order
+    full.load_state_dict(_map_in_order(_embedded_lite0_state(), full, "weights"))
+    # the feature extractor holds exactly the same weights
+    for name, value in backbone.model.state_dict().items():
+        assert torch.equal(value, full.state_dict()[name]), name
+    img = np.asarray(Image.fromarray(chelsea()).resize((224, 224), Image.BICUBIC), dtype=np.float32) / 255
+    x = (torch.from_numpy(img).permute(2, 0, 1) - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) \
+        / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    with torch.no_grad():
+        top5 = full(x[None]).topk(5).indices[0].tolist()
+    assert top5[0] in range(281, 286)  # ImageNet's domestic cats: tabby, tiger cat, Persian, Siamese, Egyptian
+
+
+def test_backbone_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="backbone weights file not found"):
+        FrozenBackbone(weights=tmp_path / "missing.pth")
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv_stem.weight": torch.zeros(1)}, bad)
+    with pytest.raises(RuntimeError, match="backbone weights lack"):
+        FrozenBackbone(weights=bad)
+    with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\)"):
+        FrozenBackbone(weights="random")(torch.zeros(1, 1, 32, 32))

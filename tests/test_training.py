@@ -1,0 +1,125 @@
+"""Training on cached features: checkpoints, resume, recipes."""
+import json
+
+import pytest
+import torch
+
+from rlr_fast.features import FeatureCache, extract_features
+from rlr_fast.models.rlr import RLRModel
+from rlr_fast.training import (CHECKPOINT, TrainConfig, load_model, read_checkpoint, recipe, save_checkpoint,
+                               train)
+
+TINY = dict(image_size=64, backbone_weights="random", num_layers=1, dims=(32, 64), num_heads=4)
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, 64, 64, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "path": f"{i}.png"}
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return RLRModel(**TINY)
+
+
+def test_feature_cache_matches_the_backbone_in_memory_and_on_disk(tmp_path):
+    model = _model()
+    data = _Images(10)
+    mem = extract_features(model, data, batch_size=4, progress=False)
+    disk = extract_features(model, data, batch_size=4, cache_dir=tmp_path, memory_limit=0, progress=False)
+    assert isinstance(mem.levels[0], torch.Tensor) and not isinstance(disk.levels[0], torch.Tensor)
+    assert (tmp_path / "level0.npy").is_file()
+    direct = model.features(data.x[[7, 2]])
+    for a, b, c in zip(mem.batch([7, 2]), disk.batch([7, 2]), direct):
+        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(b, c)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    save_checkpoint(tmp_path / "ck.pt", model, opt, epoch=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left
+    state = read_checkpoint(tmp_path / "ck.pt")
+    assert state["epoch"] == 3 and state["model"] == "rlr"
+    loaded = load_model(tmp_path / "ck.pt")
+    assert not loaded.training
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    images = torch.randn(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images).anomaly_map, loaded(images).anomaly_map)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_model(tmp_path / "nothing")
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path):
+    cfg = TrainConfig(epochs=4, batch_size=4, lr=1e-3, warmup_epochs=1)
+    cache = extract_features(_model(), _Images(12), progress=False)
+
+    straight = _model()
+    train(straight, cache, tmp_path / "straight", cfg, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    interrupted = _model()
+    calls = {"n": 0}
+
+    # interrupt after two epochs: train with epochs=2 writes the epoch-2 checkpoint, as a killed
+    # run would leave it (the schedule still spans 4 epochs because the config says so)
+    import rlr_fast.training as training
+
+    original = training.save_checkpoint
+
+    def save_then_die(path, *args, **kwargs):
+        original(path, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Killed
+
+    training.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(Killed):
+            train(interrupted, cache, tmp_path / "resumed", cfg, progress=False, log=lambda msg: None)
+    finally:
+        training.save_checkpoint = original
+    assert read_checkpoint(tmp_path / "resumed")["epoch"] == 2
+    resumed = _model(seed=123)  # a fresh process would build the model anew
+    history = train(resumed, cache, tmp_path / "resumed", cfg, resume=True, progress=False, log=lambda msg: None)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_another_model(tmp_path):
+    cache = extract_features(_model(), _Images(4), progress=False)
+    train(_model(), cache, tmp_path, TrainConfig(epochs=1, batch_size=4), progress=False)
+    other = RLRModel(**{**TINY, "num_layers": 2})
+    with pytest.raises(ValueError, match="different model or configuration"):
+        train(other, cache, tmp_path, TrainConfig(epochs=2, batch_size=4), resume=True, progress=False)
+
+
+def test_training_lowers_the_loss(tmp_path):
+    cache = extract_features(_model(), _Images(8), progress=False)
+    history = train(_model(), cache, tmp_path, TrainConfig(epochs=8, batch_size=4, lr=2e-3), progress=False)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert (tmp_path / CHECKPOINT).is_file() and (tmp_path / "config.json").is_file()
+
+
+def test_recipes():
+    paper = recipe("paper")
+    assert (paper.lr, paper.epochs, paper.schedule, paper.optimizer) == (1e-4, 200, "constant", "adam")
+    assert recipe("fast", epochs=3).epochs == 3
+    with pytest.raises(ValueError, match="unknown recipe"):
+        recipe("slow")
