@@ -20,18 +20,29 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlr-fast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rlr-fast", description="rlr-fast: fast multi-class industrial anomaly detection with RLR.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        importlib.import_module(module).configure(p)
+        p.set_defaults(_module=module, _import_error=None)
+        try:
+            importlib.import_module(module).configure(p)
+        except ImportError as e:  # e.g. no triton on this platform: the other commands still work
+            p.set_defaults(_import_error=f"`rlr-fast {name}` is unavailable here: {e}")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    if args._import_error:
+        print(args._import_error, file=sys.stderr)
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
+        print(f"rlr-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

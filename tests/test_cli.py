@@ -1,0 +1,58 @@
+"""The command line end to end on a tiny generated data set: train, resume, test, predict."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rlr_fast.cli import main
+from rlr_fast.demo_data import build_demo_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_demo_dataset(tmp_path_factory.mktemp("data"), classes=("brick", "gravel"), image_size=64,
+                              n_train=4, n_test_good=2, n_test_defect=4)
+
+
+def test_train_resume_test_predict(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--out", str(run), "--image-size", "64", "--backbone-weights", "random",
+              "--batch-size", "4", "--no-progress"]
+    assert main(["train", *common, "--epochs", "1"]) == 0
+    assert main(["train", *common, "--epochs", "2", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "8 images of 2 classes (brick, gravel)" in out
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+
+    assert main(["test", "--data", str(data), "--run", str(run), "--no-progress"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["classes"]) == {"brick", "gravel"}
+    for values in [*metrics["classes"].values(), metrics["mean"]]:
+        assert set(values) == {"image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max"}
+        assert all(0.0 <= v <= 1.0 for v in values.values())
+    assert len(list((run / "overlays" / "brick").glob("*.png"))) == 6
+    table = capsys.readouterr().out
+    assert "image AUROC" in table and "mean" in table
+
+    assert main(["predict", "--run", str(run), str(data / "brick" / "test" / "good"), "--out",
+                 str(tmp_path / "pred")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "pred" / "scores.csv")))
+    assert len(rows) == 2 and all(float(r["score"]) >= 0 for r in rows)
+    assert len(list((tmp_path / "pred").glob("*_heatmap.png"))) == 2
+
+
+def test_bad_data_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "cls" / "train" / "good").mkdir(parents=True)
+    code = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--backbone-weights", "random"])
+    assert code == 2
+    assert "class 'cls' has no training images" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "rlr_fast", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("train", "test", "predict", "demo", "kernels"):
+        assert command in result.stdout
