@@ -1,4 +1,5 @@
 """rlr-fast: fast multi-class industrial anomaly detection with RLR (ECCV 2024)."""
+from .models import AnomalyOutput, RLRModel, UniADModel
 from .modules import LocalCrossAttention, NeighborMaskedAttention
 from .ops import local_cross_attention, neighbor_masked_attention
 
@@ -9,5 +10,8 @@ __all__ = [
     "neighbor_masked_attention",
     "LocalCrossAttention",
     "NeighborMaskedAttention",
+    "RLRModel",
+    "UniADModel",
+    "AnomalyOutput",
     "__version__",
 ]

@@ -167,9 +167,11 @@ def distributed_context():
 
 
 def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool = False, device="cpu",
-          progress: bool = True, log=print) -> list:
+          progress: bool = True, log=print, on_epoch_end=None) -> list:
     """Train `model` on cached features; checkpoint every epoch into `out_dir`. Returns the history
-    (one dict per epoch: epoch, loss, lr, seconds, images_per_s)."""
+    (one dict per epoch: epoch, loss, lr, seconds, images_per_s). `on_epoch_end(model, record)`,
+    if given, runs after each epoch's checkpoint (e.g. a validation); the model is put back in
+    train mode after it."""
     out_dir = Path(out_dir)
     rank, world = distributed_context()
     device = torch.device(device)
@@ -238,5 +240,8 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
             if progress:
                 log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  "
                     f"{record['images_per_s']:.1f} img/s")
+        if on_epoch_end is not None:
+            on_epoch_end(model, record)
+            model.train()
     model.eval()
     return history
