@@ -1,5 +1,4 @@
 """rlr-fast: fast multi-class industrial anomaly detection with RLR (ECCV 2024)."""
-from .models import AnomalyOutput, RLRModel, UniADModel
 from .modules import LocalCrossAttention, NeighborMaskedAttention
 from .ops import local_cross_attention, neighbor_masked_attention
 
@@ -15,3 +14,14 @@ __all__ = [
     "AnomalyOutput",
     "__version__",
 ]
+
+_MODELS = ("RLRModel", "UniADModel", "AnomalyOutput")
+
+
+def __getattr__(name):
+    # The models pull in timm: import them on first use, so that the ops stay light to import.
+    if name in _MODELS:
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'rlr_fast' has no attribute {name!r}")
