@@ -1,0 +1,114 @@
+"""Benchmark suite options and peak-memory measurement.
+
+`pytest benchmarks/ --benchmark` runs the full-size suite; without the flag the same cases run at
+a small size, so the test command exercises them quickly. Each case records its time
+(pytest-benchmark) and peak memory in `extra_info`:
+
+- CUDA: `torch.cuda.max_memory_allocated()` after a reset, minus what was allocated before.
+- CPU: the process's peak resident memory during one call, minus the resident memory before it.
+  The peak is reset through /proc/self/clear_refs, and glibc is told to return large freed
+  blocks to the system at once (mallopt), so that the resident size follows live memory and the
+  peaks of successive cases do not mask each other. The call is made once before measuring, so
+  one-time costs (code pages, cached plans) are not counted.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import platform
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--benchmark", action="store_true", default=False,
+                     help="run the benchmark suite at full size (default: a small size, quickly)")
+
+
+@pytest.fixture(scope="session")
+def full(request) -> bool:
+    return request.config.getoption("--benchmark")
+
+
+def _set_malloc_to_return_memory():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: blocks of 64 KiB and more are mmap-ed ...
+        libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD: ... and freed memory is trimmed promptly
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+_MALLOC_OK = _set_malloc_to_return_memory()
+
+
+def _status(field: str):
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def peak_bytes(fn, device) -> int | None:
+    """Peak memory of one call of `fn` above what was in use before it (bytes), or None."""
+    fn()  # warm: plans, caches, code pages
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the peak resident size (VmHWM)
+    except OSError:
+        return None
+    before = _status("VmRSS")
+    fn()
+    peak = _status("VmHWM")
+    return None if before is None or peak is None else max(0, peak - before)
+
+
+@pytest.fixture(scope="session")
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _machine(benchmark, device):
+    benchmark.extra_info.update({
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "memory_method": "cuda max_memory_allocated" if device.type == "cuda" else "VmHWM - VmRSS (procfs)",
+    })
+    yield
+
+
+@pytest.fixture
+def measure(benchmark, device):
+    """measure(fn, rounds, **info): benchmark `fn`, record its peak memory and `info` (what the
+    case is: kind, op, provider, grid, ...) in extra_info."""
+
+    def run(fn, rounds: int, **info):
+        peak = peak_bytes(fn, device)
+        benchmark.extra_info.update(info)
+        benchmark.extra_info["peak_bytes"] = peak
+
+        def call():
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
+        return peak
+
+    return run

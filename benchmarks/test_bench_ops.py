@@ -1,0 +1,93 @@
+"""The two ops, inference and forward+backward, per provider: triton (CUDA), torch, reference,
+SDPA given the dense boolean mask (k/v expanded to the batch), and the eager dense path
+(matmul, additive float mask, softmax, matmul, as nn.MultiheadAttention computes it).
+
+RLR's layouts: LCA with k and v shared (the reference), MLKA with k shared and v batched.
+FLOPs counted: 4 * B * heads * D * (allowed query-key pairs), the useful work of the masked
+problem (QK^T and PV); forward+backward counts 3.5 times that (backward = 2.5 forwards).
+"""
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlr_fast import local_cross_attention, neighbor_masked_attention
+from rlr_fast.windows import window_mask
+
+FULL = [(16, 5, 8), (32, 7, 8), (64, 11, 2)]  # (grid, window, batch)
+SMALL = [(8, 3, 2)]
+HEADS, DIM = 8, 32
+PROVIDERS = ["triton", "torch", "reference", "sdpa", "eager"]
+
+
+def _eager(q, k, v, allowed):
+    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias, -1) @ v
+
+
+def _case(op, grid, window, batch, provider, device):
+    length = grid * grid
+    torch.manual_seed(0)
+    q = torch.randn(batch, HEADS, length, DIM, device=device, requires_grad=True)
+    k = torch.randn(HEADS, length, DIM, device=device, requires_grad=True)
+    v = torch.randn(*((batch,) if op == "mlka" else ()), HEADS, length, DIM, device=device, requires_grad=True)
+    allowed = window_mask((grid, grid), (window, window), device)
+    allowed = allowed if op == "lca" else ~allowed
+    expand = lambda t: t.expand(batch, *t.shape[-3:]) if t.dim() == 3 else t  # noqa: E731
+    if provider in ("triton", "torch", "reference"):
+        fn = local_cross_attention if op == "lca" else neighbor_masked_attention
+        call = lambda: fn(q, k, v, (grid, grid), window, backend=provider)  # noqa: E731
+    elif provider == "sdpa":
+        call = lambda: F.scaled_dot_product_attention(q, expand(k), expand(v), attn_mask=allowed)  # noqa: E731
+    else:
+        call = lambda: _eager(q, expand(k), expand(v), allowed)  # noqa: E731
+    grad = torch.randn(batch, HEADS, length, DIM, device=device)
+    flops = 4 * batch * HEADS * DIM * int(allowed.sum())
+    return call, (q, k, v), grad, flops
+
+
+@pytest.fixture(scope="module")
+def matmul_peak_gflops(device):
+    """This machine's fp32 matmul rate, measured in the same run (best of 5, 2048^3)."""
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2048 ** 3 / best / 1e9
+
+
+def pytest_generate_tests(metafunc):
+    if "size" in metafunc.fixturenames:
+        sizes = FULL if metafunc.config.getoption("--benchmark") else SMALL
+        metafunc.parametrize("size", sizes, ids=[f"grid{g}" for g, _, _ in sizes])
+
+
+@pytest.mark.parametrize("mode", ["inference", "fwd+bwd"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("op", ["lca", "mlka"])
+def test_op(benchmark, measure, device, full, matmul_peak_gflops, op, provider, mode, size):
+    grid, window, batch = size
+    if provider == "triton" and device.type != "cuda":
+        pytest.skip("triton runs on CUDA (its CPU interpreter checks correctness, not speed)")
+    call, inputs, grad, flops = _case(op, grid, window, batch, provider, device)
+    if mode == "inference":
+        def fn():
+            with torch.no_grad():
+                call()
+    else:
+        flops = int(3.5 * flops)
+
+        def fn():
+            torch.autograd.grad(call(), inputs, grad)
+    benchmark.group = f"{op} grid {grid} window {window} batch {batch} {mode}"
+    rounds = 5 if full else 2
+    measure(fn, rounds, kind="op", op=op, provider=provider, mode=mode, grid=grid, window=window, batch=batch,
+            heads=HEADS, head_dim=DIM, flops=flops, matmul_peak_gflops=round(matmul_peak_gflops, 1))

@@ -1,0 +1,192 @@
+"""Render benchmark results: `python -m rlr_fast.bench report RESULTS.json [--out DIR]`.
+
+RESULTS.json is pytest-benchmark's `--benchmark-json` output of `benchmarks/`. The report is a
+markdown file (tables with ratios to the naive path and to SDPA, side by side from the same run)
+and a PNG plot of time and memory against grid size (log scale).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def _median_s(b) -> float:
+    return b["stats"]["median"]
+
+
+def _mb(x) -> str:
+    return "n/a" if x is None else f"{x / 2**20:.0f}"
+
+
+def _ratio(a, b) -> str:
+    return "n/a" if (a is None or b is None or b == 0) else f"{a / b:.2f}x"
+
+
+def load(path) -> list:
+    data = json.loads(Path(path).read_text())
+    return data["benchmarks"]
+
+
+def _header(benches) -> list:
+    info = next((b["extra_info"] for b in benches if "device" in b["extra_info"]), {})
+    return [f"Device: {info.get('device', '?')}, torch {info.get('torch', '?')}, {info.get('threads', '?')} threads; "
+            f"peak memory: {info.get('memory_method', '?')}."]
+
+
+def ops_table(benches) -> list:
+    ops = [b for b in benches if b["extra_info"].get("kind") == "op"]
+    if not ops:
+        return []
+    lines = ["## Ops", "",
+             "Time is the median of the rounds; speed-ups are against SDPA (dense boolean mask) and the "
+             "reference backend measured in the same run; GFLOP/s counts the useful FLOPs of the masked "
+             "problem and `% peak` compares them with this machine's fp32 matmul rate in the same run.", "",
+             "| op | grid | window | batch | mode | provider | ms | vs SDPA | vs reference | GFLOP/s | % peak | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups = defaultdict(dict)
+    for b in ops:
+        e = b["extra_info"]
+        groups[(e["op"], e["grid"], e["window"], e["batch"], e["mode"])][e["provider"]] = b
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[4])):
+        row = groups[key]
+        sdpa, ref = row.get("sdpa"), row.get("reference")
+        for provider in ("triton", "torch", "reference", "sdpa", "eager"):
+            b = row.get(provider)
+            if b is None:
+                continue
+            e, t = b["extra_info"], _median_s(b)
+            gflops = e["flops"] / t / 1e9
+            peak = e.get("matmul_peak_gflops")
+            cells = [key[0], key[1], key[2], key[3], key[4], provider, f"{t * 1e3:.1f}",
+                     _ratio(_median_s(sdpa), t) if sdpa else "n/a", _ratio(_median_s(ref), t) if ref else "n/a",
+                     f"{gflops:.1f}", f"{100 * gflops / peak:.0f}%" if peak else "n/a", _mb(e.get("peak_bytes"))]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    peak = next((b["extra_info"].get("matmul_peak_gflops") for b in ops), None)
+    if peak:
+        lines += ["", f"fp32 matmul rate of this machine in the same run: {peak:.0f} GFLOP/s."]
+    return lines + [""]
+
+
+def models_table(benches) -> list:
+    models = [b for b in benches if b["extra_info"].get("kind") == "model"]
+    if not models:
+        return []
+    lines = ["## Models", "", "Fast = backend auto (torch on CPU, triton on CUDA); naive = backend reference "
+             "(dense L x L masks). Training steps run on cached features.", "",
+             "| model | mode | batch | fast img/s | naive img/s | speed-up | fast peak MiB | naive peak MiB | memory ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    groups = defaultdict(dict)
+    for b in models:
+        e = b["extra_info"]
+        groups[(e["model"], e["mode"], e["batch"], e["image_size"])][e["path"]] = b
+    for (model, mode, batch, size), row in sorted(groups.items()):
+        fast, naive = row.get("fast"), row.get("naive")
+        ips = lambda b: batch / _median_s(b) if b else None  # noqa: E731
+        pk = lambda b: b["extra_info"].get("peak_bytes") if b else None  # noqa: E731
+        lines.append(f"| {model} ({size}px) | {mode} | {batch} | {ips(fast) or 0:.2f} | {ips(naive) or 0:.2f} | "
+                     f"{_ratio(ips(fast), ips(naive))} | {_mb(pk(fast))} | {_mb(pk(naive))} | "
+                     f"{_ratio(pk(naive), pk(fast))} |")
+    return lines + [""]
+
+
+def scaling_rows(benches) -> dict:
+    rows = defaultdict(dict)
+    for b in benches:
+        e = b["extra_info"]
+        if e.get("kind") == "scaling":
+            rows[e["grid"]][e["path"]] = b
+    return dict(sorted(rows.items()))
+
+
+def scaling_table(benches) -> list:
+    rows = scaling_rows(benches)
+    if not rows:
+        return []
+    lines = ["## Scaling", "", "RLR's reconstruction network alone, training step per image "
+             "(out of budget: estimated peak above 16 GiB, not run).", "",
+             "| grid | fast ms/img | naive ms/img | speed-up | fast MiB/img | naive MiB/img | memory ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for grid, row in rows.items():
+        fast, naive = row.get("fast"), row.get("naive")
+        per = lambda b: _median_s(b) / b["extra_info"]["batch"] * 1e3  # noqa: E731
+        mem = lambda b: (b["extra_info"].get("peak_bytes") or 0) / b["extra_info"]["batch"]  # noqa: E731
+        oob = naive is not None and naive["extra_info"].get("out_of_budget")
+        naive_t = "out of budget" if oob else (f"{per(naive):.1f}" if naive else "n/a")
+        naive_m = (f"~{naive['extra_info']['estimated_peak_bytes'] / naive['extra_info']['batch'] / 2**20:.0f} (est.)"
+                   if oob else (_mb(mem(naive)) if naive else "n/a"))
+        naive_mem_value = (naive["extra_info"]["estimated_peak_bytes"] / naive["extra_info"]["batch"] if oob
+                           else (mem(naive) if naive else None))
+        lines.append(f"| {grid} | {per(fast):.1f} | {naive_t} | "
+                     f"{'n/a' if oob or not naive else _ratio(per(naive), per(fast))} | {_mb(mem(fast))} | {naive_m} | "
+                     f"{_ratio(naive_mem_value, mem(fast)) if fast and mem(fast) else 'n/a'} |")
+    return lines + [""]
+
+
+def plot(benches, path: Path) -> bool:
+    rows = scaling_rows(benches)
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, style in (("fast", "o-"), ("naive", "s--")):
+        pts = [(g, r[name]) for g, r in rows.items() if name in r and not r[name]["extra_info"].get("out_of_budget")]
+        if not pts:
+            continue
+        grids = [g for g, _ in pts]
+        ax_t.plot(grids, [_median_s(b) / b["extra_info"]["batch"] * 1e3 for _, b in pts], style, label=name)
+        ax_m.plot(grids, [max(1, (b["extra_info"].get("peak_bytes") or 0)) / b["extra_info"]["batch"] / 2**20
+                          for _, b in pts], style, label=name)
+        est = [(g, r[name]["extra_info"]["estimated_peak_bytes"] / r[name]["extra_info"]["batch"] / 2**20)
+               for g, r in rows.items() if name in r and r[name]["extra_info"].get("out_of_budget")]
+        if est:
+            ax_m.plot(*zip(*est), "x", color="gray", label=f"{name}: estimate, over 16 GiB")
+    for ax, title in ((ax_t, "training step time per image (ms)"), (ax_m, "peak memory per image (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("grid side (tokens)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def report(results, out: Path) -> str:
+    benches = load(results)
+    md = ["# rlr-fast benchmarks", ""] + _header(benches) + [""]
+    md += ops_table(benches) + models_table(benches) + scaling_table(benches)
+    if plot(benches, out / "scaling.png"):
+        md += ["![time and memory against grid size](scaling.png)", ""]
+    text = "\n".join(md)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmarks.md").write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlr_fast.bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="render pytest-benchmark JSON to markdown and a plot")
+    rep.add_argument("results", type=Path)
+    rep.add_argument("--out", type=Path, default=Path("."), help="folder for benchmarks.md and scaling.png")
+    args = parser.parse_args(argv)
+    if not args.results.is_file():
+        print(f"no such results file: {args.results}", file=sys.stderr)
+        return 2
+    print(report(args.results, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
