@@ -2,8 +2,9 @@
 
 Each kernel (forward, dQ and dK/dV backward, for each op, dtype, head dim and shared/batched
 layout) is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``;
-``cuobjdump --dump-resource-usage`` (shipped in the triton wheel) reads registers and local
-memory (spills) from the cubin. Exits non-zero if any kernel fails to compile or spills.
+``cuobjdump --dump-resource-usage`` (shipped in the triton wheel) reads the registers from the
+cubin and ``ptxas -v`` on the same PTX states the spill stores and loads. Exits non-zero if any
+kernel fails to compile or spills.
 """
 from __future__ import annotations
 
@@ -78,15 +79,24 @@ def _compile_one(job) -> dict:
                                   options={"num_warps": cfg["num_warps"]})
     except Exception as e:  # reported in the table, and the command fails
         return {**row, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    ptx = compiled.asm["ptx"]
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
-    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
-    ptx = compiled.asm["ptx"]
-    return {**row, "ok": True, "registers": int(found.get("REG", -1)),
-            "spill_bytes": int(found.get("LOCAL", 0)) + int(found.get("STACK", 0)),
+        usage = subprocess.run([str(bin_dir / "cuobjdump"), "--dump-resource-usage", str(cubin)],
+                               capture_output=True, text=True).stdout
+        # ptxas -v states the spill stores and loads of the same PTX exactly
+        (Path(tmp) / "kernel.ptx").write_text(ptx)
+        sm = arch.removeprefix("sm_") + ("a" if arch == "sm_90" else "")
+        verbose = subprocess.run([str(bin_dir / "ptxas"), f"-arch=sm_{sm}", "-v", str(Path(tmp) / "kernel.ptx"),
+                                  "-o", str(Path(tmp) / "kernel.o")], capture_output=True, text=True).stderr
+    regs = re.search(r"\bREG:(\d+)", usage)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", verbose)
+    if regs is None or spills is None:
+        return {**row, "ok": False, "error": "could not read the resource usage of the cubin"}
+    return {**row, "ok": True, "registers": int(regs.group(1)),
+            "spill_bytes": int(spills.group(1)) + int(spills.group(2)),
             "shared_bytes": int(compiled.metadata.shared), "tensor_cores": "wgmma" if "wgmma" in ptx else
             ("mma" if "mma.sync" in ptx else "none")}
 

@@ -16,14 +16,17 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# fp32 products: three TF32 tensor-core products with error compensation, about as exact as
+# ieee fp32 and much lighter on registers than FMA tiles.
+FP32_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
 
 
 @triton.jit
 def _mm(a, b, FP32_DOT: tl.constexpr):
-    """a @ b with fp32 accumulation: in full fp32 (ieee) when FP32_DOT, else on b's dtype
+    """a @ b with fp32 accumulation: at fp32 accuracy (tf32x3) when FP32_DOT, else on b's dtype
     (fp16/bf16 tensor cores)."""
     if FP32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=FP32_PRECISION)
     return tl.dot(a.to(b.dtype), b)
 
 
@@ -237,19 +240,24 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def block_config(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
     """Block sizes and warps of a kernel ("fwd", "dq" or "dkdv") for a head dim and dtype, chosen
-    so that no kernel spills registers on sm_80/sm_90 (checked by `rlr-fast kernels`). fp32 runs
-    on FMA units (ieee products), so its tiles are small; the backward keeps more tiles live than
-    the forward (dK/dV the most), hence smaller blocks."""
-    wide = head_dim >= 128
+    by compiling for sm_80/sm_90 so that no kernel spills registers at head dims 16 to 64 (checked
+    by `rlr-fast kernels`; at 128, the fp32 backward still spills a little). fp32 tiles
+    are small (each product is three tf32 products); the backward keeps more tiles live than the
+    forward (dK/dV the most), hence smaller blocks."""
     if dtype == torch.float32:
-        if kind == "fwd" and not wide:
-            return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4)
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4)
+        if kind == "fwd":
+            return dict(BLOCK_M=16, BLOCK_N=16 if head_dim >= 128 else 32, num_warps=4)
+        if kind == "dq":
+            return dict(BLOCK_M=16, BLOCK_N=32 if head_dim == 64 else 16, num_warps=4)
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8) if head_dim == 32 else dict(BLOCK_M=16, BLOCK_N=16,
+                                                                                   num_warps=4)
     if kind == "fwd":
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4) if wide else dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4) if head_dim >= 128 else dict(BLOCK_M=64, BLOCK_N=64,
+                                                                                    num_warps=4)
     if kind == "dq":
-        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4) if wide else dict(BLOCK_M=32, BLOCK_N=32, num_warps=4)
-    return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4) if wide else dict(BLOCK_M=16, BLOCK_N=32, num_warps=4)
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4) if head_dim >= 128 else dict(BLOCK_M=32, BLOCK_N=32,
+                                                                                    num_warps=4)
+    return dict(BLOCK_M=16, BLOCK_N=32 if head_dim == 64 else 16, num_warps=4)
 
 
 def _strides(t: torch.Tensor):

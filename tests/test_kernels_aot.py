@@ -17,8 +17,7 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     assert {r["kernel"] for r in rows} == {"fwd_kernel", "bwd_dq_kernel", "bwd_dkdv_kernel"}
     assert all(r["ok"] and r["spill_bytes"] == 0 and r["registers"] > 0 for r in rows)
-    # 16-bit products run on tensor cores; fp32 ones are exact ieee products on the FMA units
-    assert all(r["tensor_cores"] in ("mma", "wgmma") for r in rows if r["dtype"] != "fp32")
+    assert all(r["tensor_cores"] in ("mma", "wgmma") for r in rows)  # every product on tensor cores
     assert "spilling registers" in result.stdout and "kernel" in result.stdout
 
 
