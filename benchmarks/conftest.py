@@ -56,9 +56,10 @@ def _status(field: str):
     return None
 
 
-def peak_bytes(fn, device) -> int | None:
+def peak_bytes(fn, device, warm: bool = True) -> int | None:
     """Peak memory of one call of `fn` above what was in use before it (bytes), or None."""
-    fn()  # warm: plans, caches, code pages
+    if warm:
+        fn()  # plans, caches, code pages: one-time costs, not counted
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -95,11 +96,13 @@ def _machine(benchmark, device):
 
 @pytest.fixture
 def measure(benchmark, device):
-    """measure(fn, rounds, **info): benchmark `fn`, record its peak memory and `info` (what the
-    case is: kind, op, provider, grid, ...) in extra_info."""
+    """measure(fn, rounds, warm=True, **info): benchmark `fn`, record its peak memory and `info`
+    (what the case is: kind, op, provider, grid, ...) in extra_info. warm=False skips the warm-up
+    call before the memory measurement (for cases that take minutes; their one-time costs, a few
+    MiB, are then counted)."""
 
-    def run(fn, rounds: int, **info):
-        peak = peak_bytes(fn, device)
+    def run(fn, rounds: int, warm: bool = True, **info):
+        peak = peak_bytes(fn, device, warm)
         benchmark.extra_info.update(info)
         benchmark.extra_info["peak_bytes"] = peak
 

@@ -45,7 +45,7 @@ def test_inference(benchmark, measure, device, full, name, path, batch):
             model(images)
 
     benchmark.group = f"models inference {cfg['image_size']}px batch {batch}"
-    measure(fn, 3 if full else 2, kind="model", model=name, path=path, mode="inference", batch=batch,
+    measure(fn, 2, kind="model", model=name, path=path, mode="inference", batch=batch,
             image_size=cfg["image_size"])
     benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.median
 
@@ -65,6 +65,6 @@ def test_training_step(benchmark, measure, device, full, name, path):
         optimizer.step()
 
     benchmark.group = f"models training step {cfg['image_size']}px batch {batch}"
-    measure(fn, 3 if full else 2, kind="model", model=name, path=path, mode="train", batch=batch,
+    measure(fn, 2, kind="model", model=name, path=path, mode="train", batch=batch,
             image_size=cfg["image_size"])
     benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.median

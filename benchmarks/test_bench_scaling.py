@@ -45,6 +45,6 @@ def test_scaling(benchmark, measure, device, full, path, grid):
         net.zero_grad(set_to_none=True)
         (net(tokens) - tokens).pow(2).mean().backward()
 
-    rounds = 1 if (full and grid >= 64) else 2
-    measure(fn, rounds, **info, out_of_budget=False,
+    heavy = full and grid >= 64  # a step takes from seconds to minutes: one warm call, one timed
+    measure(fn, 1 if heavy else 2, warm=not heavy, **info, out_of_budget=False,
             estimated_peak_bytes=naive_peak_estimate(grid, b, cfg["heads"], cfg["layers"]) if path == "naive" else None)
