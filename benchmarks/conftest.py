@@ -6,9 +6,10 @@ a small size, so the test command exercises them quickly. Each case records its 
 
 - CUDA: `torch.cuda.max_memory_allocated()` after a reset, minus what was allocated before.
 - CPU: the process's peak resident memory during one call, minus the resident memory before it.
-  The peak is reset through /proc/self/clear_refs, and glibc is told to return large freed
-  blocks to the system at once (mallopt), so that the resident size follows live memory and the
-  peaks of successive cases do not mask each other. The call is made once before measuring, so
+  The peak is reset through /proc/self/clear_refs, and during that one call glibc is told to
+  return freed blocks of 64 KiB and more to the system at once (mallopt), so that the resident
+  size follows live memory and the peaks of successive cases do not mask each other. For the
+  timed rounds malloc caches freed blocks again, as usual. The call is made once before measuring, so
   one-time costs (code pages, cached plans) are not counted.
 """
 from __future__ import annotations
@@ -32,17 +33,28 @@ def full(request) -> bool:
     return request.config.getoption("--benchmark")
 
 
-def _set_malloc_to_return_memory():
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: blocks of 64 KiB and more are mmap-ed ...
-        libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD: ... and freed memory is trimmed promptly
-        return True
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and \
+            bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
     except (OSError, AttributeError):
         return False
 
 
-_MALLOC_OK = _set_malloc_to_return_memory()
+def _return_memory_at_once():
+    """While measuring: blocks of 64 KiB and more are mmap-ed and freed memory is trimmed at once,
+    so the resident size follows live memory."""
+    return _mallopt(1 << 16, 1 << 16)
+
+
+def _cache_memory_again():
+    """While timing: large thresholds, as glibc's own dynamic ones grow to, so that freed blocks
+    are reused as usual (mmap-ing every block would slow down code with many temporaries)."""
+    _mallopt(32 << 20, 64 << 20)
 
 
 def _status(field: str):
@@ -68,14 +80,18 @@ def peak_bytes(fn, device, warm: bool = True) -> int | None:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    _return_memory_at_once()
     try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # reset the peak resident size (VmHWM)
-    except OSError:
-        return None
-    before = _status("VmRSS")
-    fn()
-    peak = _status("VmHWM")
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # reset the peak resident size (VmHWM)
+        except OSError:
+            return None
+        before = _status("VmRSS")
+        fn()
+        peak = _status("VmHWM")
+    finally:
+        _cache_memory_again()
     return None if before is None or peak is None else max(0, peak - before)
 
 
