@@ -47,8 +47,14 @@ def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
 
 def _return_memory_at_once():
     """While measuring: blocks of 64 KiB and more are mmap-ed and freed memory is trimmed at once,
-    so the resident size follows live memory."""
-    return _mallopt(1 << 16, 1 << 16)
+    so the resident size follows live memory; what malloc still caches is given back first (else
+    the call reuses it and its peak is not seen)."""
+    ok = _mallopt(1 << 16, 1 << 16)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return ok
 
 
 def _cache_memory_again():
