@@ -26,7 +26,7 @@ OPS = {"lca": False, "mlka": True}  # op -> COMPLEMENT
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets, e.g. sm_80,sm_90")
     p.add_argument("--dtypes", default="fp32,fp16,bf16")
-    p.add_argument("--head-dims", default="32,64", help="comma-separated head dims (supported: 16,32,64,128)")
+    p.add_argument("--head-dims", default="16,32,64,128", help="comma-separated head dims (default: all supported)")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
     p.add_argument("--json", type=Path, help="also write the table as JSON")
 
@@ -39,13 +39,11 @@ def _jobs(archs, dtypes, dims):
             yield (arch, "backward dk/dv", op, dtype, dim, layout)
 
 
-def _compile_one(job) -> dict:
-    """Compile one kernel configuration; returns its resource usage (in a worker process)."""
+def _compile_one(job) -> list:
+    """Compile one kernel configuration (a worker process): a row per launch it makes (dK/dV may
+    take two), with registers, spills and shared memory."""
     os.environ.pop("TRITON_INTERPRET", None)  # the interpreter replaces kernels: compile the real ones
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from rlr_fast.kernels import window_attention as wa
 
@@ -64,19 +62,44 @@ def _compile_one(job) -> dict:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    constexprs = dict(COMPLEMENT=OPS[op], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=dim,
-                      FP32_DOT=dtype == torch.float32)
-    if layout is not None:
+    constexprs = dict(COMPLEMENT=OPS[op], HEAD_DIM=dim, **wa.launch_constexprs(cfg, dtype))
+    passes = [None]
+    if layout is not None:  # dK and dV in one launch, or one launch each where the config splits them
         constexprs.update(K_SHARED=layout[0], V_SHARED=layout[1])
+        passes = [(True, False), (False, True)] if cfg["split"] else [(True, True)]
+    rows = []
+    for grads in passes:
+        if grads is not None:
+            constexprs.update(WITH_DK=grads[0], WITH_DV=grads[1])
+        row = {"kernel": fn.__name__.strip("_"), "op": op, "arch": arch, "dtype": dtype_name, "head_dim": dim,
+               "layout": _layout_name(layout), "grads": _grads_name(grads), "dot": constexprs["DOT"],
+               "num_warps": cfg["num_warps"]}
+        rows.append(_compile_kernel(fn, dict(signature), dict(constexprs), arch, row))
+    return rows
+
+
+def _layout_name(layout) -> str:
+    if layout is None:
+        return ""
+    return f"k {'shared' if layout[0] else 'batched'}, v {'shared' if layout[1] else 'batched'}"
+
+
+def _grads_name(grads) -> str:
+    return "" if grads is None else "+".join(name for name, on in zip(("dK", "dV"), grads) if on)
+
+
+def _compile_kernel(fn, signature, constexprs, arch, row) -> dict:
+    """Compile one kernel for `arch`: `row` with its resource usage, or with the error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     for name in constexprs:
         signature[name] = "constexpr"
-    row = {"kernel": fn.__name__.strip("_"), "op": op, "arch": arch, "dtype": dtype_name, "head_dim": dim,
-           "layout": "" if layout is None else f"k {'shared' if layout[0] else 'batched'}, "
-                                               f"v {'shared' if layout[1] else 'batched'}"}
     try:
         compiled = triton.compile(ASTSource(fn, signature, constexprs),
                                   target=GPUTarget("cuda", int(arch.removeprefix("sm_")), 32),
-                                  options={"num_warps": cfg["num_warps"]})
+                                  options={"num_warps": row["num_warps"]})
     except Exception as e:  # reported in the table, and the command fails
         return {**row, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     ptx = compiled.asm["ptx"]
@@ -115,22 +138,22 @@ def run(args) -> int:
     if bad:
         raise ValueError(f"unsupported head dim(s) {bad}; supported: 16, 32, 64, 128")
     jobs = list(_jobs(archs, dtypes, dims))
-    print(f"compiling {len(jobs)} kernels for {', '.join(archs)} ({args.jobs} at a time) ...", flush=True)
+    print(f"compiling {len(jobs)} kernel configurations for {', '.join(archs)} ({args.jobs} at a time) ...", flush=True)
     import multiprocessing
 
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        rows = list(pool.map(_compile_one, jobs))
-    head = f"{'kernel':<16} {'op':<5} {'arch':<6} {'dtype':<5} {'D':>4} {'layout':<24} {'regs':>5} {'spills':>7} " \
-           f"{'smem':>7}  tensor cores"
+        rows = [row for rows in pool.map(_compile_one, jobs) for row in rows]
+    head = f"{'kernel':<16} {'op':<5} {'arch':<6} {'dtype':<5} {'D':>4} {'layout':<24} {'grads':<6} {'dot':<7} " \
+           f"{'regs':>5} {'spills':>7} {'smem':>7}  tensor cores"
     print(head)
     print("-" * len(head))
     for r in rows:
         if r["ok"]:
             print(f"{r['kernel']:<16} {r['op']:<5} {r['arch']:<6} {r['dtype']:<5} {r['head_dim']:>4} {r['layout']:<24} "
-                  f"{r['registers']:>5} {r['spill_bytes']:>7} {r['shared_bytes']:>7}  {r['tensor_cores']}")
+                  f"{r['grads']:<6} {r['dot']:<7} {r['registers']:>5} {r['spill_bytes']:>7} {r['shared_bytes']:>7}  {r['tensor_cores']}")
         else:
             print(f"{r['kernel']:<16} {r['op']:<5} {r['arch']:<6} {r['dtype']:<5} {r['head_dim']:>4} {r['layout']:<24} "
-                  f"FAILED: {r['error']}")
+                  f"{r['grads']:<6} {r['dot']:<7} FAILED: {r['error']}")
     failed = [r for r in rows if not r["ok"]]
     spilled = [r for r in rows if r["ok"] and r["spill_bytes"] > 0]
     print(f"\n{len(rows) - len(failed)}/{len(rows)} compiled, {len(spilled)} spilling registers")

@@ -6,57 +6,96 @@ online softmax, the shared (batch stride 0) keys and values, and the backward, i
 one set of kernels serves both and each op's file holds its launch code and autograd Function.
 
 Layout: q, o (B, H, L, D); k, v (B, H, L, D) or shared (H, L, D), passed with batch stride 0.
-Tokens are row-major on a grid of W columns: token i sits at (i // W, i % W). Query blocks are
-BLOCK_M consecutive tokens: their windows span a band of whole key rows, so for LCA only the
-key rows ``[row(first query) - RY, row(last query) + RY]`` are visited; MLKA visits every key
-block and applies the window mask only to the blocks inside that band (the others run
-unmasked). Masks are computed from token indices, never loaded.
+Tokens are row-major on a GRID_H x GRID_W grid: token i sits at (y, x) = (i // W, i % W).
+
+2D tiles. A program owns a *tile*: TILE_H x TILE_W tokens of the grid (a 2D patch, not a run of
+consecutive tokens). The windows of a tile's tokens reach exactly the *patch* of tokens
+``[y0 - RY, y0 + TILE_H + RY) x [x0 - RX, x0 + TILE_W + RX)`` clipped to the grid, and, the
+window being symmetric, the same patch holds every token whose window reaches the tile. The
+other side is swept in *blocks*, BLOCK_H x BLOCK_W tokens each:
+
+- LCA sweeps only the blocks that cover the patch, starting at its corner.
+- MLKA sweeps every block of the grid; only blocks that overlap the patch (or the grid's edge)
+  compute the window mask, all the others run unmasked.
+
+The forward and dQ kernels own query tiles and sweep key blocks; the dK/dV kernel owns a key
+tile and sweeps query blocks. Masks are computed from grid coordinates, never loaded.
 """
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-# fp32 products: three TF32 tensor-core products with error compensation, about as exact as
-# ieee fp32 and much lighter on registers than FMA tiles.
-FP32_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
 
 
 @triton.jit
-def _mm(a, b, FP32_DOT: tl.constexpr):
-    """a @ b with fp32 accumulation: at fp32 accuracy (tf32x3) when FP32_DOT, else on b's dtype
-    (fp16/bf16 tensor cores)."""
-    if FP32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=FP32_PRECISION)
-    return tl.dot(a.to(b.dtype), b)
+def _mm(a, b, DOT: tl.constexpr):
+    """a @ b with fp32 accumulation. DOT "native": on b's dtype (fp16/bf16 tensor cores);
+    "tf32x3": fp32 operands as three compensated TF32 tensor-core products, about as exact as
+    fp32; "ieee": fp32 FMA, exact and lightest on registers, no tensor cores."""
+    if DOT == "native":
+        out = tl.dot(a.to(b.dtype), b)
+    else:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT)
+    return out
 
 
 @triton.jit
-def _allowed(offs_m, offs_n, L, W, RY, RX, COMPLEMENT: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) mask: key n is visible to query m (and both are real tokens)."""
-    qy, qx = offs_m // W, offs_m % W
-    ky, kx = offs_n // W, offs_n % W
-    dy = qy[:, None] - ky[None, :]
-    dx = qx[:, None] - kx[None, :]
+def _tokens(y0, x0, GRID_H, GRID_W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """The TILE_H x TILE_W tokens whose top-left is (y0, x0), flattened row by row: their grid
+    coordinates, token indices and whether they lie on the grid (a tile may overhang its edge)."""
+    r = tl.arange(0, TILE_H * TILE_W)
+    y = y0 + r // TILE_W
+    x = x0 + r % TILE_W
+    on_grid = (y < GRID_H) & (x < GRID_W)
+    return y, x, y * GRID_W + x, on_grid
+
+
+@triton.jit
+def _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Rows [y_lo, y_hi) and columns [x_lo, x_hi) of the tokens that the windows of the tile at
+    (y0, x0) reach (clipped to the grid); by symmetry also those whose windows reach the tile."""
+    y_lo = tl.maximum(y0 - RY, 0)
+    y_hi = tl.minimum(y0 + TILE_H + RY, GRID_H)
+    x_lo = tl.maximum(x0 - RX, 0)
+    x_hi = tl.minimum(x0 + TILE_W + RX, GRID_W)
+    return y_lo, y_hi, x_lo, x_hi
+
+
+@triton.jit
+def _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W,
+           BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, COMPLEMENT: tl.constexpr):
+    """The blocks a tile visits: top-left (oy, ox) of the first, blocks per row, and their count.
+    LCA: the blocks that cover the patch; MLKA: every block of the grid."""
+    if COMPLEMENT:
+        oy, ox = y_lo * 0, x_lo * 0
+        n_y, n_x = tl.cdiv(GRID_H, BLOCK_H), tl.cdiv(GRID_W, BLOCK_W)
+    else:
+        oy, ox = y_lo, x_lo
+        n_y, n_x = tl.cdiv(y_hi - y_lo, BLOCK_H), tl.cdiv(x_hi - x_lo, BLOCK_W)
+    return oy, ox, n_x, n_y * n_x
+
+
+@triton.jit
+def _needs_mask(by, bx, y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W,
+                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, COMPLEMENT: tl.constexpr):
+    """Whether the block at (by, bx) needs the mask: LCA always; MLKA only where the block
+    overlaps the patch (some pair is inside a window) or overhangs the grid."""
+    overlaps = (by < y_hi) & (by + BLOCK_H > y_lo) & (bx < x_hi) & (bx + BLOCK_W > x_lo)
+    overhangs = (by + BLOCK_H > GRID_H) | (bx + BLOCK_W > GRID_W)
+    return overlaps | overhangs | (COMPLEMENT == 0)
+
+
+@triton.jit
+def _visible(ay, ax, a_ok, by, bx, b_ok, RY, RX, COMPLEMENT: tl.constexpr):
+    """(len a, len b) mask: token b is visible to token a (symmetric) and both are on the grid."""
+    dy = ay[:, None] - by[None, :]
+    dx = ax[:, None] - bx[None, :]
     inside = (dy <= RY) & (dy >= -RY) & (dx <= RX) & (dx >= -RX)
     if COMPLEMENT:
         visible = inside == 0
     else:
         visible = inside
-    return visible & (offs_m[:, None] < L) & (offs_n[None, :] < L)
-
-
-@triton.jit
-def _key_range(q_lo, q_hi, L, W, RY, BLOCK_N: tl.constexpr, COMPLEMENT: tl.constexpr):
-    """Key blocks to visit for queries [q_lo, q_hi), and the band [band_lo, band_hi) that needs a mask."""
-    row_lo = tl.maximum(q_lo // W - RY, 0)
-    row_hi = tl.minimum((q_hi - 1) // W + RY + 1, (L + W - 1) // W)
-    band_lo = (row_lo * W) // BLOCK_N * BLOCK_N
-    band_hi = tl.minimum(row_hi * W, L)
-    if COMPLEMENT:
-        lo, hi = 0, L
-    else:
-        lo, hi = band_lo, band_hi
-    return lo, hi, band_lo, band_hi
+    return visible & a_ok[:, None] & b_ok[None, :]
 
 
 @triton.jit
@@ -65,46 +104,51 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_kb, stride_kh, stride_kl,
                 stride_vb, stride_vh, stride_vl,
                 stride_ob, stride_oh, stride_ol,
-                H, L, W, RY, RX, qk_scale,
-                COMPLEMENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HEAD_DIM: tl.constexpr, FP32_DOT: tl.constexpr):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+                B, H, GRID_H, GRID_W, RY, RX, qk_scale,
+                COMPLEMENT: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr,
+                DOT: tl.constexpr):
+    """O and the row log-sum-exp for one query tile, batch element and head.
+
+    Programs are ordered batch element first: the programs that read the same key patch of a
+    shared k/v run side by side, so the patch is read from memory once and from L2 after."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    b, tile = pid % B, pid // B
+    tiles_x = tl.cdiv(GRID_W, TILE_W)
+    y0, x0 = (tile // tiles_x) * TILE_H, (tile % tiles_x) * TILE_W
+    qy, qx, q_idx, q_ok = _tokens(y0, x0, GRID_H, GRID_W, TILE_H, TILE_W)  # BLOCK_M = TILE_H * TILE_W
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-                mask=offs_m[:, None] < L, other=0.0)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + q_idx[:, None] * stride_ql + offs_d[None, :],
+                mask=q_ok[:, None], other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     # online softmax state, base 2 with the scale folded in: m (running max), l (running sum)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    q_lo = pid_m * BLOCK_M
-    lo, hi, band_lo, band_hi = _key_range(q_lo, tl.minimum(q_lo + BLOCK_M, L), L, W, RY, BLOCK_N, COMPLEMENT)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=offs_n[:, None] < L, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=offs_n[:, None] < L, other=0.0)
-        qk = _mm(q, tl.trans(k), FP32_DOT) * qk_scale
-        if (start_n + BLOCK_N > band_lo) & (start_n < band_hi):  # the band: the window decides
-            visible = _allowed(offs_m, offs_n, L, W, RY, RX, COMPLEMENT)
-        else:  # outside the band only the grid's end matters
-            visible = (offs_n[None, :] < L) & (offs_m[:, None] >= 0)
-        qk = tl.where(visible, qk, float("-inf"))
+    m_i = tl.full([TILE_H * TILE_W], float("-inf"), tl.float32)
+    l_i = tl.zeros([TILE_H * TILE_W], tl.float32)
+    acc = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
+    y_lo, y_hi, x_lo, x_hi = _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H, TILE_W)
+    oy, ox, blocks_x, n_blocks = _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, COMPLEMENT)
+    for i in range(0, n_blocks):
+        by, bx = oy + (i // blocks_x) * BLOCK_H, ox + (i % blocks_x) * BLOCK_W
+        ky, kx, k_idx, k_ok = _tokens(by, bx, GRID_H, GRID_W, BLOCK_H, BLOCK_W)  # BLOCK_N = BLOCK_H * BLOCK_W
+        k = tl.load(k_base + k_idx[:, None] * stride_kl + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_base + k_idx[:, None] * stride_vl + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        qk = _mm(q, tl.trans(k), DOT) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if _needs_mask(by, bx, y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, COMPLEMENT):
+            qk = tl.where(_visible(qy, qx, q_ok, ky, kx, k_ok, RY, RX, COMPLEMENT), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p, v, FP32_DOT)
+        acc = acc * alpha[:, None] + _mm(p, v, DOT)
         m_i = m_new
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past the end of the grid: never stored
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # tokens off the grid: never stored
     acc = acc / l_i[:, None]
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=offs_m[:, None] < L)
+    tl.store(O + b * stride_ob + h * stride_oh + q_idx[:, None] * stride_ol + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=q_ok[:, None])
     # log-sum-exp in base 2 (of the scaled scores), for the backward
-    tl.store(LSE + pid_bh * L + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < L)
+    tl.store(LSE + (b * H + h) * GRID_H * GRID_W + q_idx, m_i + tl.math.log2(l_i), mask=q_ok)
 
 
 @triton.jit
@@ -113,41 +157,43 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                    stride_kb, stride_kh, stride_kl,
                    stride_vb, stride_vh, stride_vl,
                    stride_ob, stride_oh, stride_ol,
-                   H, L, W, RY, RX, qk_scale, sm_scale,
-                   COMPLEMENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, FP32_DOT: tl.constexpr):
-    """dQ = scale * dS K for one query block, dS = P * (dO V^T - delta), P recomputed."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+                   B, H, GRID_H, GRID_W, RY, RX, qk_scale, sm_scale,
+                   COMPLEMENT: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   DOT: tl.constexpr):
+    """dQ = scale * dS K for one query tile, dS = P * (dO V^T - delta), P recomputed."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    b, tile = pid % B, pid // B
+    tiles_x = tl.cdiv(GRID_W, TILE_W)
+    y0, x0 = (tile // tiles_x) * TILE_H, (tile % tiles_x) * TILE_W
+    qy, qx, q_idx, q_ok = _tokens(y0, x0, GRID_H, GRID_W, TILE_H, TILE_W)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_mask = offs_m[:, None] < L
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_mask,
-                other=0.0)
-    do = tl.load(DO + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :], mask=row_mask,
-                 other=0.0)
-    lse = tl.load(LSE + pid_bh * L + offs_m, mask=offs_m < L, other=0.0)
-    delta = tl.load(DELTA + pid_bh * L + offs_m, mask=offs_m < L, other=0.0)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + q_idx[:, None] * stride_ql + offs_d[None, :],
+                mask=q_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_ob + h * stride_oh + q_idx[:, None] * stride_ol + offs_d[None, :],
+                 mask=q_ok[:, None], other=0.0)
+    row = (b * H + h) * GRID_H * GRID_W
+    lse = tl.load(LSE + row + q_idx, mask=q_ok, other=0.0)
+    delta = tl.load(DELTA + row + q_idx, mask=q_ok, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    q_lo = pid_m * BLOCK_M
-    lo, hi, band_lo, band_hi = _key_range(q_lo, tl.minimum(q_lo + BLOCK_M, L), L, W, RY, BLOCK_N, COMPLEMENT)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=offs_n[:, None] < L, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=offs_n[:, None] < L, other=0.0)
-        qk = _mm(q, tl.trans(k), FP32_DOT) * qk_scale
-        dp = _mm(do, tl.trans(v), FP32_DOT)
-        if (start_n + BLOCK_N > band_lo) & (start_n < band_hi):
-            visible = _allowed(offs_m, offs_n, L, W, RY, RX, COMPLEMENT)
-        else:
-            visible = (offs_n[None, :] < L) & (offs_m[:, None] >= 0)
-        p = tl.where(visible, tl.math.exp2(qk - lse[:, None]), 0.0)
+    dq = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
+    y_lo, y_hi, x_lo, x_hi = _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H, TILE_W)
+    oy, ox, blocks_x, n_blocks = _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, COMPLEMENT)
+    for i in range(0, n_blocks):
+        by, bx = oy + (i // blocks_x) * BLOCK_H, ox + (i % blocks_x) * BLOCK_W
+        ky, kx, k_idx, k_ok = _tokens(by, bx, GRID_H, GRID_W, BLOCK_H, BLOCK_W)
+        k = tl.load(k_base + k_idx[:, None] * stride_kl + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_base + k_idx[:, None] * stride_vl + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        qk = _mm(q, tl.trans(k), DOT) * qk_scale
+        p = tl.math.exp2(qk - lse[:, None])
+        if _needs_mask(by, bx, y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, COMPLEMENT):
+            p = tl.where(_visible(qy, qx, q_ok, ky, kx, k_ok, RY, RX, COMPLEMENT), p, 0.0)
+        dp = _mm(do, tl.trans(v), DOT)
         ds = p * (dp - delta[:, None])
-        dq += _mm(ds, k, FP32_DOT)
-    tl.store(DQ + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
+        dq += _mm(ds, k, DOT)
+    tl.store(DQ + b * stride_qb + h * stride_qh + q_idx[:, None] * stride_ql + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
 
 
 @triton.jit
@@ -158,72 +204,76 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                      stride_ob, stride_oh, stride_ol,
                      stride_dkb, stride_dkh, stride_dkl,
                      stride_dvb, stride_dvh, stride_dvl,
-                     B, H, L, W, RY, RX, qk_scale, sm_scale,
+                     B, H, GRID_H, GRID_W, RY, RX, qk_scale, sm_scale,
                      K_SHARED: tl.constexpr, V_SHARED: tl.constexpr,
-                     COMPLEMENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, FP32_DOT: tl.constexpr):
-    """dK = scale * dS^T Q and dV = P^T dO for one key block and head.
+                     WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, COMPLEMENT: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     DOT: tl.constexpr):
+    """dK = scale * dS^T Q and dV = P^T dO for one key tile and head (TILE_H x TILE_W keys),
+    sweeping the query blocks (BLOCK_H x BLOCK_W) whose windows can reach it.
 
     A shared k or v is reduced over the batch inside the program (it loops over the batch and
     keeps the sum in registers): no atomics, no B-times scratch. Batched ones are written per
-    batch element. The queries visited are those whose windows can touch the key block."""
-    pid_n, pid_hb = tl.program_id(0), tl.program_id(1)
-    h = pid_hb % H
+    batch element. WITH_DK / WITH_DV select the gradients computed: both in one pass, or, where
+    the two accumulators do not fit in registers, one per launch (P is then recomputed)."""
+    pid, h = tl.program_id(0), tl.program_id(1)
     if K_SHARED or V_SHARED:
-        b_lo, b_hi = 0, B
+        b_lo, b_hi, tile = 0, B, pid
     else:
-        b_lo = pid_hb // H
+        b_lo, tile = pid % B, pid // B
         b_hi = b_lo + 1
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tiles_x = tl.cdiv(GRID_W, TILE_W)
+    y0, x0 = (tile // tiles_x) * TILE_H, (tile % tiles_x) * TILE_W
+    ky, kx, k_idx, k_ok = _tokens(y0, x0, GRID_H, GRID_W, TILE_H, TILE_W)
     offs_d = tl.arange(0, HEAD_DIM)
-    col_mask = offs_n[:, None] < L
-    # queries that may see this key block: same band logic with the roles exchanged
-    lo, hi, band_lo, band_hi = _key_range(pid_n * BLOCK_N, tl.minimum(pid_n * BLOCK_N + BLOCK_N, L), L, W, RY,
-                                          BLOCK_M, COMPLEMENT)
+    y_lo, y_hi, x_lo, x_hi = _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H, TILE_W)
+    oy, ox, blocks_x, n_blocks = _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, COMPLEMENT)
     # One accumulator each: a shared k or v keeps summing over the batch, a batched one restarts
     # per batch element and is written out at its end.
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dk = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
+    dv = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
     for b in range(b_lo, b_hi):
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
-                    mask=col_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
-                    mask=col_mask, other=0.0)
+        k = tl.load(K + b * stride_kb + h * stride_kh + k_idx[:, None] * stride_kl + offs_d[None, :],
+                    mask=k_ok[:, None], other=0.0)
+        if WITH_DK:
+            v = tl.load(V + b * stride_vb + h * stride_vh + k_idx[:, None] * stride_vl + offs_d[None, :],
+                        mask=k_ok[:, None], other=0.0)
         if not K_SHARED:
-            dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+            dk = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
         if not V_SHARED:
-            dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        row = (b * H + h) * L
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-                        mask=offs_m[:, None] < L, other=0.0)
-            do = tl.load(DO + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
-                         mask=offs_m[:, None] < L, other=0.0)
-            lse = tl.load(LSE + row + offs_m, mask=offs_m < L, other=0.0)
-            delta = tl.load(DELTA + row + offs_m, mask=offs_m < L, other=0.0)
-            qk_t = _mm(k, tl.trans(q), FP32_DOT) * qk_scale  # (BLOCK_N, BLOCK_M)
-            dp_t = _mm(v, tl.trans(do), FP32_DOT)
-            if (start_m + BLOCK_M > band_lo) & (start_m < band_hi):
-                visible = tl.trans(_allowed(offs_m, offs_n, L, W, RY, RX, COMPLEMENT))
-            else:
-                visible = (offs_n[:, None] < L) & (offs_m[None, :] < L)
-            p_t = tl.where(visible, tl.math.exp2(qk_t - lse[None, :]), 0.0)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dv += _mm(p_t, do, FP32_DOT)
-            dk += _mm(ds_t, q, FP32_DOT)
-        if not K_SHARED:
-            tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
-                     (dk * sm_scale).to(DK.dtype.element_ty), mask=col_mask)
-        if not V_SHARED:
-            tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :],
-                     dv.to(DV.dtype.element_ty), mask=col_mask)
-    if K_SHARED:
-        tl.store(DK + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
-                 (dk * sm_scale).to(DK.dtype.element_ty), mask=col_mask)
-    if V_SHARED:
-        tl.store(DV + h * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=col_mask)
+            dv = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
+        row = (b * H + h) * GRID_H * GRID_W
+        for i in range(0, n_blocks):
+            by, bx = oy + (i // blocks_x) * BLOCK_H, ox + (i % blocks_x) * BLOCK_W
+            qy, qx, q_idx, q_ok = _tokens(by, bx, GRID_H, GRID_W, BLOCK_H, BLOCK_W)
+            q = tl.load(Q + b * stride_qb + h * stride_qh + q_idx[:, None] * stride_ql + offs_d[None, :],
+                        mask=q_ok[:, None], other=0.0)
+            do = tl.load(DO + b * stride_ob + h * stride_oh + q_idx[:, None] * stride_ol + offs_d[None, :],
+                         mask=q_ok[:, None], other=0.0)
+            lse = tl.load(LSE + row + q_idx, mask=q_ok, other=0.0)
+            if WITH_DK:
+                delta = tl.load(DELTA + row + q_idx, mask=q_ok, other=0.0)
+            qk_t = _mm(k, tl.trans(q), DOT) * qk_scale  # (keys, queries)
+            p_t = tl.math.exp2(qk_t - lse[None, :])
+            if _needs_mask(by, bx, y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, COMPLEMENT):
+                p_t = tl.where(_visible(ky, kx, k_ok, qy, qx, q_ok, RY, RX, COMPLEMENT), p_t, 0.0)
+            if WITH_DV:
+                dv += _mm(p_t, do, DOT)
+            if WITH_DK:
+                ds_t = p_t * (_mm(v, tl.trans(do), DOT) - delta[None, :])
+                dk += _mm(ds_t, q, DOT)
+        if WITH_DK and not K_SHARED:
+            tl.store(DK + b * stride_dkb + h * stride_dkh + k_idx[:, None] * stride_dkl + offs_d[None, :],
+                     (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+        if WITH_DV and not V_SHARED:
+            tl.store(DV + b * stride_dvb + h * stride_dvh + k_idx[:, None] * stride_dvl + offs_d[None, :],
+                     dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+    if WITH_DK and K_SHARED:
+        tl.store(DK + h * stride_dkh + k_idx[:, None] * stride_dkl + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+    if WITH_DV and V_SHARED:
+        tl.store(DV + h * stride_dvh + k_idx[:, None] * stride_dvl + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,26 +288,65 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# Tiles, blocks (in tokens), warps, product precision and whether dK/dV take one launch each,
+# per kernel, dtype ("fp32", or "16" for fp16/bf16) and head dim. Chosen by compiling every kernel
+# for sm_80 and sm_90 (`rlr-fast kernels`) and keeping the largest tiles with which none spills
+# registers. fp32 tiles are small (a tf32x3 product keeps three operand splits live) and the
+# backward keeps more tiles live than the forward. At head dim 128 the fp32 backward multiplies
+# with fp32 FMA ("ieee": tf32x3 spills at every tile size tried) and dK/dV take two launches.
+_CONFIGS = {
+    #  kind   dtype  D      tile    block  warps  DOT      split
+    ("fwd", "fp32", 16): ((4, 4), (4, 8), 4, "tf32x3", False),
+    ("fwd", "fp32", 32): ((4, 4), (4, 4), 4, "tf32x3", False),
+    ("fwd", "fp32", 64): ((4, 4), (4, 4), 8, "tf32x3", False),
+    ("fwd", "fp32", 128): ((4, 4), (4, 4), 8, "tf32x3", False),
+    ("dq", "fp32", 16): ((4, 8), (4, 8), 4, "tf32x3", False),
+    ("dq", "fp32", 32): ((4, 4), (4, 4), 4, "tf32x3", False),
+    ("dq", "fp32", 64): ((4, 4), (4, 4), 4, "tf32x3", False),
+    ("dq", "fp32", 128): ((4, 4), (4, 4), 8, "ieee", False),
+    ("dkdv", "fp32", 16): ((4, 4), (4, 4), 8, "tf32x3", False),
+    ("dkdv", "fp32", 32): ((4, 4), (4, 4), 8, "tf32x3", False),
+    ("dkdv", "fp32", 64): ((4, 4), (4, 4), 8, "tf32x3", False),
+    ("dkdv", "fp32", 128): ((4, 4), (4, 4), 8, "ieee", True),
+    ("fwd", "16", 16): ((8, 8), (8, 8), 4, "native", False),
+    ("fwd", "16", 32): ((8, 8), (8, 8), 4, "native", False),
+    ("fwd", "16", 64): ((8, 8), (8, 8), 4, "native", False),
+    ("fwd", "16", 128): ((4, 8), (4, 8), 4, "native", False),
+    ("dq", "16", 16): ((8, 8), (4, 8), 4, "native", False),
+    ("dq", "16", 32): ((8, 8), (4, 8), 4, "native", False),
+    ("dq", "16", 64): ((8, 8), (4, 8), 4, "native", False),
+    ("dq", "16", 128): ((4, 4), (4, 8), 4, "native", False),
+    ("dkdv", "16", 16): ((4, 8), (4, 8), 4, "native", False),
+    ("dkdv", "16", 32): ((4, 8), (4, 4), 4, "native", False),
+    ("dkdv", "16", 64): ((4, 4), (4, 8), 4, "native", False),
+    ("dkdv", "16", 128): ((4, 4), (4, 8), 8, "native", True),
+}
+
+
 def block_config(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
-    """Block sizes and warps of a kernel ("fwd", "dq" or "dkdv") for a head dim and dtype, chosen
-    by compiling for sm_80/sm_90 so that no kernel spills registers at head dims 16 to 64 (checked
-    by `rlr-fast kernels`; at 128, the fp32 backward still spills a little). fp32 tiles
-    are small (each product is three tf32 products); the backward keeps more tiles live than the
-    forward (dK/dV the most), hence smaller blocks."""
-    if dtype == torch.float32:
-        if kind == "fwd":
-            return dict(BLOCK_M=16, BLOCK_N=16 if head_dim >= 128 else 32, num_warps=4)
-        if kind == "dq":
-            return dict(BLOCK_M=16, BLOCK_N=32 if head_dim == 64 else 16, num_warps=4)
-        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8) if head_dim == 32 else dict(BLOCK_M=16, BLOCK_N=16,
-                                                                                   num_warps=4)
-    if kind == "fwd":
-        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4) if head_dim >= 128 else dict(BLOCK_M=64, BLOCK_N=64,
-                                                                                    num_warps=4)
-    if kind == "dq":
-        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4) if head_dim >= 128 else dict(BLOCK_M=32, BLOCK_N=32,
-                                                                                    num_warps=4)
-    return dict(BLOCK_M=16, BLOCK_N=32 if head_dim == 64 else 16, num_warps=4)
+    """Configuration of a kernel ("fwd", "dq" or "dkdv") for a head dim and dtype: its constexprs
+    TILE_H/TILE_W (the tile a program owns), BLOCK_H/BLOCK_W (the blocks it sweeps) and DOT, plus
+    num_warps and, for dK/dV, ``split`` (one launch per gradient).
+
+    Square-ish tiles keep a tile's key patch small: a 4 x 4 tile with a 7 x 7 window reaches
+    10 x 10 keys, where 16 consecutive tokens of a 32-wide grid reach 7 x 32."""
+    tile, block, warps, dot, split = _CONFIGS[(kind, "fp32" if dtype == torch.float32 else "16", head_dim)]
+    return dict(TILE_H=tile[0], TILE_W=tile[1], BLOCK_H=block[0], BLOCK_W=block[1], DOT=dot,
+                num_warps=warps, split=split)
+
+
+def launch_constexprs(cfg: dict, dtype: torch.dtype) -> dict:
+    """The kernel's constexprs of a block config. Triton's CPU interpreter computes bf16 products
+    wrongly, so there (testing only) bf16 tiles are multiplied in fp32."""
+    out = {name: value for name, value in cfg.items() if name not in ("num_warps", "split")}
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        out["DOT"] = "ieee"
+    return out
+
+
+def _tiles(grid, cfg) -> int:
+    """Number of TILE_H x TILE_W tiles that cover the grid."""
+    return triton.cdiv(grid[0], cfg["TILE_H"]) * triton.cdiv(grid[1], cfg["TILE_W"])
 
 
 def _strides(t: torch.Tensor):
@@ -277,12 +366,6 @@ def _check(q, k, v):
                          f"use backend='torch'")
 
 
-def _fp32_dot(dtype) -> bool:
-    """fp32 inputs multiply in full fp32 (not tf32). Triton's CPU interpreter computes bf16
-    products wrongly, so there (testing only) bf16 blocks are multiplied in fp32 as well."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -295,41 +378,41 @@ class WindowAttentionFunction(torch.autograd.Function):
         _check(q, k, v)
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         b, h, length, d = q.shape
-        (_, w), (kh, kw) = grid, window
+        (kh, kw) = window
         cfg = block_config("fwd", d, q.dtype)
         o = torch.empty(b, h, length, d, device=q.device, dtype=q.dtype)
         lse = torch.empty(b * h * length, device=q.device, dtype=torch.float32)
-        launch = (triton.cdiv(length, cfg["BLOCK_M"]), b * h)
-        _fwd_kernel[launch](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                            h, length, w, kh // 2, kw // 2, scale * LOG2E,
-                            COMPLEMENT=cls.COMPLEMENT, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                            HEAD_DIM=d, FP32_DOT=_fp32_dot(q.dtype), num_warps=cfg["num_warps"])
+        _fwd_kernel[(_tiles(grid, cfg) * b, h)](
+            q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            b, h, *grid, kh // 2, kw // 2, scale * LOG2E, COMPLEMENT=cls.COMPLEMENT, HEAD_DIM=d,
+            **launch_constexprs(cfg, q.dtype), num_warps=cfg["num_warps"])
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.geometry = (w, kh // 2, kw // 2, scale)
+        ctx.geometry = (grid, kh // 2, kw // 2, scale)
         return o
 
     @classmethod
     def backward(cls, ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        w, ry, rx, scale = ctx.geometry
+        grid, ry, rx, scale = ctx.geometry
         b, h, length, d = q.shape
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1).reshape(-1)  # rowsum(O * dO), (B * H * L,)
         dq = torch.empty_like(q)
         dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
         dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-        fp32_dot = _fp32_dot(q.dtype)
         cfg = block_config("dq", d, q.dtype)
-        _bwd_dq_kernel[(triton.cdiv(length, cfg["BLOCK_M"]), b * h)](
+        _bwd_dq_kernel[(_tiles(grid, cfg) * b, h)](
             q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            h, length, w, ry, rx, scale * LOG2E, scale, COMPLEMENT=cls.COMPLEMENT, BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=d, FP32_DOT=fp32_dot, num_warps=cfg["num_warps"])
+            b, h, *grid, ry, rx, scale * LOG2E, scale, COMPLEMENT=cls.COMPLEMENT, HEAD_DIM=d,
+            **launch_constexprs(cfg, q.dtype), num_warps=cfg["num_warps"])
         k_shared, v_shared = k.dim() == 3, v.dim() == 3
-        per_batch = 1 if (k_shared or v_shared) else b
+        per_batch = 1 if (k_shared or v_shared) else b  # a shared k/v: one program sums the batch
         cfg = block_config("dkdv", d, q.dtype)
-        _bwd_dkdv_kernel[(triton.cdiv(length, cfg["BLOCK_N"]), h * per_batch)](
-            q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            *_strides(dk), *_strides(dv), b, h, length, w, ry, rx, scale * LOG2E, scale,
-            K_SHARED=k_shared, V_SHARED=v_shared, COMPLEMENT=cls.COMPLEMENT, BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=d, FP32_DOT=fp32_dot, num_warps=cfg["num_warps"])
+        for with_dk, with_dv in ((True, False), (False, True)) if cfg["split"] else ((True, True),):
+            _bwd_dkdv_kernel[(_tiles(grid, cfg) * per_batch, h)](
+                q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                *_strides(dk), *_strides(dv), b, h, *grid, ry, rx, scale * LOG2E, scale,
+                K_SHARED=k_shared, V_SHARED=v_shared, WITH_DK=with_dk, WITH_DV=with_dv,
+                COMPLEMENT=cls.COMPLEMENT, HEAD_DIM=d, **launch_constexprs(cfg, q.dtype),
+                num_warps=cfg["num_warps"])
         return dq, dk, dv, None, None, None

@@ -1,4 +1,5 @@
 """`rlr-fast kernels` compiles every kernel for sm_80 and sm_90 with no GPU, and nothing spills."""
+import itertools
 import json
 import os
 import subprocess
@@ -12,12 +13,23 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
                             capture_output=True, text=True, env=env, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())
-    # per arch: 2 ops x 3 dtypes x 2 head dims x (forward + dq + 4 dk/dv layouts)
-    assert len(rows) == 2 * 2 * 3 * 2 * 6
-    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
-    assert {r["kernel"] for r in rows} == {"fwd_kernel", "bwd_dq_kernel", "bwd_dkdv_kernel"}
+    # every arch x op x dtype x head dim x (forward, dq, dk/dv in each shared/batched layout) is there
+    expected = {(arch, op, dtype, dim, kernel, layout)
+                for arch, op, dtype, dim in itertools.product(("sm_80", "sm_90"), ("lca", "mlka"),
+                                                              ("fp32", "fp16", "bf16"), (16, 32, 64, 128))
+                for kernel, layout in [("fwd_kernel", ""), ("bwd_dq_kernel", "")] +
+                [("bwd_dkdv_kernel", f"k {k}, v {v}") for k, v in itertools.product(("shared", "batched"), repeat=2)]}
+    assert {(r["arch"], r["op"], r["dtype"], r["head_dim"], r["kernel"], r["layout"]) for r in rows} == expected
+    # dK/dV: one launch computing both, or two launches (dK, dV) where the config splits them
+    for key in expected:
+        if key[4] == "bwd_dkdv_kernel":
+            grads = sorted(r["grads"] for r in rows if (r["arch"], r["op"], r["dtype"], r["head_dim"], r["kernel"],
+                                                        r["layout"]) == key)
+            assert grads in (["dK+dV"], ["dK", "dV"]), (key, grads)
     assert all(r["ok"] and r["spill_bytes"] == 0 and r["registers"] > 0 for r in rows)
-    assert all(r["tensor_cores"] in ("mma", "wgmma") for r in rows)  # every product on tensor cores
+    # every product on tensor cores, but where the config asks for fp32 FMA ("ieee": fp32 at head dim 128)
+    assert all(r["tensor_cores"] in ("mma", "wgmma") for r in rows if r["dot"] != "ieee")
+    assert {(r["dtype"], r["head_dim"]) for r in rows if r["dot"] == "ieee"} <= {("fp32", 128)}
     assert "spilling registers" in result.stdout and "kernel" in result.stdout
 
 
