@@ -5,22 +5,24 @@ a small size, so the test command exercises them quickly. Each case records its 
 (pytest-benchmark) and peak memory in `extra_info`:
 
 - CUDA: `torch.cuda.max_memory_allocated()` after a reset, minus what was allocated before.
-- CPU: the process's peak resident memory during one call, minus the resident memory before it.
-  The peak is reset through /proc/self/clear_refs, and during that one call glibc is told to
-  return freed blocks of 64 KiB and more to the system at once (mallopt), so that the resident
-  size follows live memory and the peaks of successive cases do not mask each other. For the
-  timed rounds malloc caches freed blocks again, as usual. The call is made once before measuring, so
-  one-time costs (code pages, cached plans) are not counted.
+- CPU: the same quantity for CPU tensors, exactly: one call runs under the PyTorch profiler with
+  `profile_memory=True`, which records every allocation and free of tensor memory with its size
+  and time; the peak is the maximum of their running sum, in time order. Unlike the process's
+  resident size, this does not depend on what malloc caches or on what ran before. What is not
+  tensor memory (malloc'd scratch inside BLAS or oneDNN, Python objects) is not counted, as on
+  CUDA; neither is freeing a tensor that existed before the call.
+
+The call is made once before measuring, so one-time costs (cached plans and masks) are not counted.
 """
 from __future__ import annotations
 
-import ctypes
 import gc
-import os
 import platform
 
 import pytest
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
 
 
 def pytest_addoption(parser):
@@ -33,51 +35,32 @@ def full(request) -> bool:
     return request.config.getoption("--benchmark")
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_CALL = "peak_bytes: measured call"
 
 
-def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and \
-            bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
-    except (OSError, AttributeError):
-        return False
-
-
-def _return_memory_at_once():
-    """While measuring: blocks of 64 KiB and more are mmap-ed and freed memory is trimmed at once,
-    so the resident size follows live memory; what malloc still caches is given back first (else
-    the call reuses it and its peak is not seen)."""
-    ok = _mallopt(1 << 16, 1 << 16)
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    return ok
-
-
-def _cache_memory_again():
-    """While timing: large thresholds, as glibc's own dynamic ones grow to, so that freed blocks
-    are reused as usual (mmap-ing every block would slow down code with many temporaries)."""
-    _mallopt(32 << 20, 64 << 20)
-
-
-def _status(field: str):
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+def _cpu_peak_bytes(fn) -> int:
+    """Peak live CPU tensor memory of one call of `fn` above what was live before it (bytes)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function(_CALL):
+            fn()
+    events = prof.profiler.kineto_results.events()
+    call = next(e for e in events if e.name() == _CALL)
+    # "[memory]" events: + size at each allocation, - size at each free, with their time stamps.
+    changes = sorted(
+        (e.start_ns(), i, e.nbytes()) for i, e in enumerate(events)
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+        and call.start_ns() <= e.start_ns() <= call.end_ns())
+    live = peak = 0
+    for _, _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def peak_bytes(fn, device, warm: bool = True) -> int | None:
     """Peak memory of one call of `fn` above what was in use before it (bytes), or None."""
     if warm:
-        fn()  # plans, caches, code pages: one-time costs, not counted
+        fn()  # plans, caches: one-time costs, not counted
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -86,19 +69,11 @@ def peak_bytes(fn, device, warm: bool = True) -> int | None:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    _return_memory_at_once()
-    try:
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # reset the peak resident size (VmHWM)
-        except OSError:
-            return None
-        before = _status("VmRSS")
-        fn()
-        peak = _status("VmHWM")
-    finally:
-        _cache_memory_again()
-    return None if before is None or peak is None else max(0, peak - before)
+    return _cpu_peak_bytes(fn) if device.type == "cpu" else None
+
+
+MEMORY_METHOD = {"cuda": "cuda max_memory_allocated",
+                 "cpu": "peak live CPU tensor bytes (torch.profiler profile_memory)"}
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +86,7 @@ def _machine(benchmark, device):
     benchmark.extra_info.update({
         "device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine()),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "memory_method": "cuda max_memory_allocated" if device.type == "cuda" else "VmHWM - VmRSS (procfs)",
+        "memory_method": MEMORY_METHOD.get(device.type, "?"),
     })
     yield
 
