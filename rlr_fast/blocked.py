@@ -273,63 +273,76 @@ def _mlka_plan(grid, window, device) -> MLKAPlan:
 #
 # MLKA costs as much as dense attention (no key is skipped), so on the CPU it is built from the
 # fastest dense kernel there is, PyTorch's fused flash attention, which also returns the row
-# log-sum-exp. For a band of query rows the keys split into three ranges of whole rows: rows
-# above and below that lie outside every window of the band (no mask at all), and the band of
-# key rows the windows touch (an additive mask, built per band). The three partial softmaxes
-# merge exactly through their log-sum-exps. The backward of each range is the flash backward
-# given the merged output and log-sum-exp, whose sum over the ranges is the exact gradient.
+# log-sum-exp. The (query row, key row) pairs of the grid split into the diagonal band that the
+# windows touch (an additive mask, built once per band shape) and the rest (no mask at all, which
+# spares the kernel a pass over the scores and the reading of a mask).
+#
+# Forward: bands of query rows; for each, three ranges of whole key rows: the band of key rows the
+# band's windows touch (masked), the rows above and the rows below (unmasked). The three partial
+# softmaxes merge exactly through their log-sum-exps.
+# Backward: bands of *key* rows; for each, three ranges of query rows: those whose windows touch
+# the band (masked), those above and those below (unmasked). Given the merged output and
+# log-sum-exp, the flash backward of each (queries, keys) block is that block's exact share of the
+# gradient. Cutting the keys rather than the queries lets every call run over many queries (the
+# kernel parallelises over batch and heads, tiles the queries and accumulates dK and dV over them),
+# finishes each band's dK and dV in its own calls, and leaves a single accumulator, dQ.
 
 _flash_forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-# Queries per band: the kernel tiles queries by 256 from 768 queries up, and is markedly slower on
-# fewer; more rows per band, on the other hand, widen the share of keys that needs a mask.
+# Queries per forward band: the kernel tiles queries by 256 from 768 queries up, and is markedly
+# slower on fewer; more rows per band, on the other hand, widen the share of keys that needs a mask.
 FLASH_BAND_QUERIES = 768
-# Elements of the kernel's own gradient outputs per backward call (about 4 MiB of fp32).
-FLASH_BACKWARD_ELEMENTS = 1 << 20
+# Keys per backward band: the masked queries of a band are its rows and ry rows on either side, so
+# thin bands mask fewer pairs but make more calls and more additions into dQ.
+FLASH_BAND_KEYS = 1024
 
 
-class _KeyRange(NamedTuple):
-    keys: slice  # token range of the keys
-    mask: Optional[torch.Tensor]  # additive (M, keys) mask, None where no key is masked
-    empty: Optional[torch.Tensor]  # (M,) rows whose every key here is masked, None if none
+class _Range(NamedTuple):
+    tokens: slice  # the other side's token range: keys of a query band, queries of a key band
+    mask: Optional[torch.Tensor]  # additive (queries, keys) mask, None where no pair is masked
+    empty: Optional[torch.Tensor]  # (queries,) rows whose every key here is masked, None if none
 
 
 class _Band(NamedTuple):
-    queries: slice  # token range of the band's queries
-    ranges: Tuple[_KeyRange, ...]
+    tokens: slice  # the band's own token range (queries in the forward, keys in the backward)
+    ranges: Tuple[_Range, ...]
 
 
-def _flash_bands(plan: "MLKAPlan", dtype) -> Tuple[_Band, ...]:
-    """Bands of query rows and their key ranges, built once per plan and dtype.
+def _flash_bands(plan: "MLKAPlan", dtype, of: str) -> Tuple[_Band, ...]:
+    """Bands of grid rows of the queries (``of="queries"``) or of the keys (``of="keys"``), each
+    with its ranges of the other side, built once per plan and dtype.
 
     Interior bands share one mask (the window is translation invariant), so masks are cached by
     the band's shape relative to its first row.
     """
-    rows = max(1, math.ceil(FLASH_BAND_QUERIES / plan.W))
+    per_band = FLASH_BAND_QUERIES if of == "queries" else FLASH_BAND_KEYS
+    rows = max(1, math.ceil(per_band / plan.W))
     if rows * 2 > plan.H:
-        # Two or fewer bands leave too few keys unmasked to pay for the extra calls: one band.
+        # Two or fewer bands leave too few pairs unmasked to pay for the extra calls: one band.
         rows = plan.H
-    cached = plan.flash_cache.get((dtype, rows))
+    cached = plan.flash_cache.get((dtype, of, rows))
     if cached is not None:
         return cached
     w, masks, bands = plan.W, {}, []
     for chunk in plan.band_chunks(rows):
-        k0, k1 = max(0, chunk.start - plan.ry), min(plan.H, chunk.stop + plan.ry)
-        key = (chunk.stop - chunk.start, k0 - chunk.start, k1 - chunk.start)
+        o0, o1 = max(0, chunk.start - plan.ry), min(plan.H, chunk.stop + plan.ry)
+        key = (chunk.stop - chunk.start, o0 - chunk.start, o1 - chunk.start)
         if key not in masks:
-            near_y = (plan.y[chunk, None] - plan.y[None, k0:k1]).abs() <= plan.ry  # (rows, band rows)
-            inside = (near_y[:, None, :, None] & plan.near_x[None, :, None, :]).reshape(key[0] * w, -1)
+            near_y = (plan.y[chunk, None] - plan.y[None, o0:o1]).abs() <= plan.ry  # (band rows, other rows)
+            near_y = near_y if of == "queries" else near_y.T  # (query rows, key rows)
+            inside = near_y[:, None, :, None] & plan.near_x[None, :, None, :]  # (qy, qx, ky, kx)
+            inside = inside.reshape(near_y.shape[0] * w, near_y.shape[1] * w)
             mask = torch.zeros(inside.shape, dtype=dtype, device=inside.device).masked_fill_(inside, float("-inf"))
             empty = inside.all(-1)
             masks[key] = (mask, empty if bool(empty.any()) else None)
-        ranges = [_KeyRange(slice(k0 * w, k1 * w), *masks[key])]  # the band of key rows: masked
-        if k0 > 0:
-            ranges.append(_KeyRange(slice(0, k0 * w), None, None))  # rows above: no mask
-        if k1 < plan.H:
-            ranges.append(_KeyRange(slice(k1 * w, plan.H * w), None, None))  # rows below: no mask
+        ranges = [_Range(slice(o0 * w, o1 * w), *masks[key])]  # the rows the windows touch: masked
+        if o0 > 0:
+            ranges.append(_Range(slice(0, o0 * w), None, None))  # rows above: no mask
+        if o1 < plan.H:
+            ranges.append(_Range(slice(o1 * w, plan.H * w), None, None))  # rows below: no mask
         bands.append(_Band(plan._tokens(chunk), tuple(ranges)))
-    plan.flash_cache[(dtype, rows)] = tuple(bands)
-    return plan.flash_cache[(dtype, rows)]
+    plan.flash_cache[(dtype, of, rows)] = tuple(bands)
+    return plan.flash_cache[(dtype, of, rows)]
 
 
 def _batched(t: torch.Tensor, b: int) -> torch.Tensor:
@@ -339,12 +352,24 @@ def _batched(t: torch.Tensor, b: int) -> torch.Tensor:
     return t.expand(b, *t.shape) if t.dim() == 3 else t
 
 
+def _token_major(t: torch.Tensor) -> torch.Tensor:
+    """(B, h, L, D) as a view of (B, L, h, D) memory: the kernel's own layout for the gradients it
+    returns and for the gradient of the output it reads (which it copies otherwise, every call)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _empty_token_major(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised (B, h, L, D) tensor in (B, L, h, D) memory, as the kernel's gradients."""
+    b, h, length, d = shape
+    return torch.empty(b, length, h, d, dtype=dtype, device=device).transpose(1, 2)
+
+
 class _FlashComplementAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
         b, h, length, d = q.shape
         q, kb, vb = _batched(q, b), _batched(k, b), _batched(v, b)
-        bands = _flash_bands(plan, q.dtype)
+        bands = _flash_bands(plan, q.dtype, "queries")
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         if len(bands) > 1:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -378,34 +403,38 @@ class _FlashComplementAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
-        b = q.shape[0]
+        b, acc = q.shape[0], lse.dtype
         q, kb, vb = _batched(q, b), _batched(k, b), _batched(v, b)
-        grad_out = grad_out.contiguous()
-        dq = torch.zeros_like(q, dtype=lse.dtype, memory_format=torch.contiguous_format)
-        dk = torch.zeros(k.shape, dtype=lse.dtype, device=k.device)
-        dv = torch.zeros(v.shape, dtype=lse.dtype, device=v.device)
-        h, d = q.shape[1], q.shape[3]
-        for rows, ranges in _flash_bands(plan, q.dtype):
-            for keys, mask, _ in ranges:
-                # The kernel returns full gradients of its inputs: cut the batch so that they
-                # stay small next to the gradients being accumulated.
-                per_item = h * d * (rows.stop - rows.start + 2 * (keys.stop - keys.start))
-                step = max(1, FLASH_BACKWARD_ELEMENTS // per_item)
-                for b0 in range(0, b, step):
-                    bs = slice(b0, min(b, b0 + step))
-                    dq_p, dk_p, dv_p = _flash_backward(
-                        grad_out[bs, :, rows], q[bs, :, rows], kb[bs, :, keys], vb[bs, :, keys],
-                        out[bs, :, rows], lse[bs, :, rows], 0.0, False, attn_mask=mask, scale=scale)
-                    dq[bs, :, rows] += dq_p
-                    # A shared k or v gets one gradient per batch element: its gradient is their sum.
-                    if k.dim() == 3:
-                        dk[:, keys] += dk_p.sum(0)
-                    else:
-                        dk[bs, :, keys] += dk_p
-                    if v.dim() == 3:
-                        dv[:, keys] += dv_p.sum(0)
-                    else:
-                        dv[bs, :, keys] += dv_p
+        grad_out = _token_major(grad_out)
+        bands = _flash_bands(plan, q.dtype, "keys")
+        if len(bands) == 1 and len(bands[0].ranges) == 1:  # one call: its gradients are the result
+            mask = bands[0].ranges[0].mask
+            dq, dk, dv = _flash_backward(grad_out, q, kb, vb, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+            dk, dv = (dk.sum(0) if k.dim() == 3 else dk), (dv.sum(0) if v.dim() == 3 else dv)
+            return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
+        dq = _empty_token_major(q.shape, acc, q.device)
+        dk = torch.empty(k.shape, dtype=acc, device=k.device) if k.dim() == 3 else \
+            _empty_token_major(k.shape, acc, k.device)
+        dv = torch.empty(v.shape, dtype=acc, device=v.device) if v.dim() == 3 else \
+            _empty_token_major(v.shape, acc, v.device)
+        for n, (keys, ranges) in enumerate(bands):
+            # The ranges of every band cover each query once: the first band writes dQ, the
+            # others add to it. The band's dK and dV are complete after its own ranges.
+            dk_band = dv_band = None
+            for queries, mask, _ in ranges:
+                dq_p, dk_p, dv_p = _flash_backward(
+                    grad_out[:, :, queries], q[:, :, queries], kb[:, :, keys], vb[:, :, keys],
+                    out[:, :, queries], lse[:, :, queries], 0.0, False, attn_mask=mask, scale=scale)
+                if n == 0:
+                    dq[:, :, queries] = dq_p
+                else:
+                    dq[:, :, queries] += dq_p
+                # (B, h, band, D), fresh from the kernel: accumulated in place (in float32).
+                dk_band = dk_p.to(acc) if dk_band is None else dk_band.add_(dk_p)
+                dv_band = dv_p.to(acc) if dv_band is None else dv_band.add_(dv_p)
+            # A shared k or v gets one gradient per batch element: its gradient is their sum.
+            dk[..., keys, :] = dk_band.sum(0) if k.dim() == 3 else dk_band
+            dv[..., keys, :] = dv_band.sum(0) if v.dim() == 3 else dv_band
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 

@@ -100,6 +100,7 @@ def chunking(request, monkeypatch):
     if request.param == "tiny_chunks":
         monkeypatch.setattr(blocked, "CHUNK_ELEMENTS", 1)
         monkeypatch.setattr(blocked, "FLASH_BAND_QUERIES", 1)
+        monkeypatch.setattr(blocked, "FLASH_BAND_KEYS", 1)
     return request.param
 
 
@@ -153,6 +154,7 @@ def test_torch_low_precision_error_is_bounded(op, dtype):
 def test_gradcheck_float64(op, backend, k_shared, v_shared, monkeypatch):
     monkeypatch.setattr(blocked, "CHUNK_ELEMENTS", 64)  # several chunks
     monkeypatch.setattr(blocked, "FLASH_BAND_QUERIES", 4)  # several bands
+    monkeypatch.setattr(blocked, "FLASH_BAND_KEYS", 4)
     grid = (4, 5)
     q, k, v = make_inputs(2, 2, grid, 4, k_shared, v_shared)
     assert torch.autograd.gradcheck(
