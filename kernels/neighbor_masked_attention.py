@@ -1,7 +1,8 @@
 """Neighbour-masked attention (MLKA) on the GPU: each query attends to the keys outside its window.
 
-The fused forward and backward kernels are in ``window_attention.py`` (shared with LCA): key
-blocks outside the band of rows a query block's windows touch run without a mask.
+The fused forward and backward kernels are in ``window_attention.py`` (shared with LCA): every
+key block is visited, and those that do not overlap the key patch of a query tile (the union of
+its windows) run without a mask.
 """
 from .window_attention import WindowAttentionFunction
 

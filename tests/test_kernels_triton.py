@@ -98,3 +98,18 @@ def test_triton_clear_errors():
     q = torch.randn(1, 1, 16, 24, device=DEVICE)
     with pytest.raises(ValueError, match=r"head dims \(16, 32, 64, 128\), got D=24"):
         local_cross_attention(q, q[0], q[0], (4, 4), 3, backend="triton")
+
+
+def test_triton_lca_reads_only_the_key_patch_of_its_tile():
+    """2D tiles: a program of LCA reads only the key blocks that cover its tile's windows. A NaN
+    value in the same grid row as a query, but far from it, must not reach it (a block of
+    consecutive tokens spanning whole key rows would read it, and 0 * NaN is NaN)."""
+    grid = (12, 24)
+    q, k, v, _ = _inputs(1, 1, grid, 16, True, True, torch.float32)
+    v = v.detach().clone()
+    v[:, 6 * 24] = float("nan")  # the value of token (6, 0)
+    out = local_cross_attention(q, k, v, grid, 3, backend="triton")[0, 0].cpu()
+    y, x = torch.arange(12 * 24) // 24, torch.arange(12 * 24) % 24
+    holds_it = ((y - 6).abs() <= 1) & (x <= 1)  # the queries whose windows hold that token
+    assert out[holds_it].isnan().all()
+    assert torch.isfinite(out[x >= 12]).all()  # rows 5-7 included: their tiles' patches end far from x = 0
