@@ -113,3 +113,32 @@ def test_triton_lca_reads_only_the_key_patch_of_its_tile():
     holds_it = ((y - 6).abs() <= 1) & (x <= 1)  # the queries whose windows hold that token
     assert out[holds_it].isnan().all()
     assert torch.isfinite(out[x >= 12]).all()  # rows 5-7 included: their tiles' patches end far from x = 0
+
+
+def _random_cases(n, seed=7):
+    """Seeded random shapes, as NATTEN sweeps them: grids from 1 to 13 a side, odd windows up to
+    past the grid, batch and heads 1-3, shared or batched k and v, fp32 or fp16."""
+    import random
+
+    rng, cases = random.Random(seed), []
+    while len(cases) < n:
+        gh, gw = rng.randint(1, 13), rng.randint(1, 13)
+        op = rng.choice(["lca", "mlka"])
+        kh, kw = rng.randrange(1, gh + 4, 2), rng.randrange(1, gw + 4, 2)
+        if op == "mlka" and kh // 2 >= gh - 1 and kw // 2 >= gw - 1:
+            continue  # a query would see no key: refused up front (test_ops covers the error)
+        cases.append((op, (gh, gw), (kh, kw), rng.randint(1, 3), rng.randint(1, 3), rng.random() < 0.5,
+                      rng.random() < 0.5, rng.choice([torch.float32, torch.float16])))
+    return cases
+
+
+@pytest.mark.parametrize("op,grid,window,batch,heads,k_shared,v_shared,dtype", _random_cases(16))
+def test_triton_random_shapes(op, grid, window, batch, heads, k_shared, v_shared, dtype):
+    q, k, v, grad = _inputs(batch, heads, grid, 16, k_shared, v_shared, torch.float64)
+    oracle = _run(op, q, k, v, grad, grid, window, "reference")
+    low = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    got = _run(op, *low, grad.to(dtype), grid, window, "triton")
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, g, o in zip(("out", "dq", "dk", "dv"), got, oracle):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), o, rtol=tol, atol=tol, msg=f"{op} {grid} {window} {name}")
