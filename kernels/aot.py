@@ -1,7 +1,7 @@
 """`rlr-fast kernels`: compile every Triton kernel ahead of time for GPU targets, with no GPU.
 
 Each kernel (forward, dQ and dK/dV backward, for each op, dtype, head dim and shared/batched
-layout) is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``;
+layout; dK/dV as the one or two launches its configuration makes) is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``;
 ``cuobjdump --dump-resource-usage`` (shipped in the triton wheel) reads the registers from the
 cubin and ``ptxas -v`` on the same PTX states the spill stores and loads. Exits non-zero if any
 kernel fails to compile or spills.
@@ -25,7 +25,7 @@ OPS = {"lca": False, "mlka": True}  # op -> COMPLEMENT
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets, e.g. sm_80,sm_90")
-    p.add_argument("--dtypes", default="fp32,fp16,bf16")
+    p.add_argument("--dtypes", default="fp32,fp16,bf16", help="comma-separated dtypes (default: all three)")
     p.add_argument("--head-dims", default="16,32,64,128", help="comma-separated head dims (default: all supported)")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
     p.add_argument("--json", type=Path, help="also write the table as JSON")
