@@ -49,7 +49,7 @@ def _compile_one(job) -> list:
 
     arch, kind, op, dtype_name, dim, layout = job
     dtype = getattr(torch, DTYPES[dtype_name])
-    cfg = wa.block_config({"forward": "fwd", "backward dq": "dq", "backward dk/dv": "dkdv"}[kind], dim, dtype)
+    cfg = wa.block_config({"forward": "fwd", "backward dq": "dq", "backward dk/dv": "dkdv"}[kind], dim, dtype, OPS[op])
     fn = {"forward": wa._fwd_kernel, "backward dq": wa._bwd_dq_kernel, "backward dk/dv": wa._bwd_dkdv_kernel}[kind]
     ptr = f"*{dtype_name}"
     signature = {}
@@ -73,6 +73,7 @@ def _compile_one(job) -> list:
             constexprs.update(WITH_DK=grads[0], WITH_DV=grads[1])
         row = {"kernel": fn.__name__.strip("_"), "op": op, "arch": arch, "dtype": dtype_name, "head_dim": dim,
                "layout": _layout_name(layout), "grads": _grads_name(grads), "dot": constexprs["DOT"],
+               "tile": f"{cfg['TILE_H']}x{cfg['TILE_W']}", "block": f"{cfg['BLOCK_H']}x{cfg['BLOCK_W']}",
                "num_warps": cfg["num_warps"]}
         rows.append(_compile_kernel(fn, dict(signature), dict(constexprs), arch, row))
     return rows
@@ -144,13 +145,13 @@ def run(args) -> int:
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
         rows = [row for rows in pool.map(_compile_one, jobs) for row in rows]
     head = f"{'kernel':<16} {'op':<5} {'arch':<6} {'dtype':<5} {'D':>4} {'layout':<24} {'grads':<6} {'dot':<7} " \
-           f"{'regs':>5} {'spills':>7} {'smem':>7}  tensor cores"
+           f"{'tile':>5} {'block':>5} {'warps':>5} {'regs':>5} {'spills':>7} {'smem':>7}  tensor cores"
     print(head)
     print("-" * len(head))
     for r in rows:
         if r["ok"]:
             print(f"{r['kernel']:<16} {r['op']:<5} {r['arch']:<6} {r['dtype']:<5} {r['head_dim']:>4} {r['layout']:<24} "
-                  f"{r['grads']:<6} {r['dot']:<7} {r['registers']:>5} {r['spill_bytes']:>7} {r['shared_bytes']:>7}  {r['tensor_cores']}")
+                  f"{r['grads']:<6} {r['dot']:<7} {r['tile']:>5} {r['block']:>5} {r['num_warps']:>5} {r['registers']:>5} {r['spill_bytes']:>7} {r['shared_bytes']:>7}  {r['tensor_cores']}")
         else:
             print(f"{r['kernel']:<16} {r['op']:<5} {r['arch']:<6} {r['dtype']:<5} {r['head_dim']:>4} {r['layout']:<24} "
                   f"{r['grads']:<6} {r['dot']:<7} FAILED: {r['error']}")

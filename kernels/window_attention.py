@@ -321,16 +321,23 @@ _CONFIGS = {
     ("dkdv", "16", 64): ((4, 4), (4, 8), 4, "native", False),
     ("dkdv", "16", 128): ((4, 4), (4, 8), 8, "native", True),
 }
+# The blocks above hug LCA's key patch (a 4 x 8 block wastes fewer keys around it than 8 x 8).
+# MLKA visits every block anyway, so where larger blocks also compile clean it takes those.
+_MLKA_BLOCKS = {("fwd", "16", 16): (8, 8), ("fwd", "16", 32): (8, 8), ("fwd", "16", 64): (8, 8)}
 
 
-def block_config(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
-    """Configuration of a kernel ("fwd", "dq" or "dkdv") for a head dim and dtype: its constexprs
+def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool = False) -> dict:
+    """Configuration of a kernel ("fwd", "dq" or "dkdv") for a head dim, dtype and op (MLKA if
+    `complement`): its constexprs
     TILE_H/TILE_W (the tile a program owns), BLOCK_H/BLOCK_W (the blocks it sweeps) and DOT, plus
     num_warps and, for dK/dV, ``split`` (one launch per gradient).
 
     Square-ish tiles keep a tile's key patch small: a 4 x 4 tile with a 7 x 7 window reaches
     10 x 10 keys, where 16 consecutive tokens of a 32-wide grid reach 7 x 32."""
-    tile, block, warps, dot, split = _CONFIGS[(kind, "fp32" if dtype == torch.float32 else "16", head_dim)]
+    key = (kind, "fp32" if dtype == torch.float32 else "16", head_dim)
+    tile, block, warps, dot, split = _CONFIGS[key]
+    if complement:
+        block = _MLKA_BLOCKS.get(key, block)
     return dict(TILE_H=tile[0], TILE_W=tile[1], BLOCK_H=block[0], BLOCK_W=block[1], DOT=dot,
                 num_warps=warps, split=split)
 
@@ -379,7 +386,7 @@ class WindowAttentionFunction(torch.autograd.Function):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         b, h, length, d = q.shape
         (kh, kw) = window
-        cfg = block_config("fwd", d, q.dtype)
+        cfg = block_config("fwd", d, q.dtype, cls.COMPLEMENT)
         o = torch.empty(b, h, length, d, device=q.device, dtype=q.dtype)
         lse = torch.empty(b * h * length, device=q.device, dtype=torch.float32)
         _fwd_kernel[(_tiles(grid, cfg) * b, h)](
@@ -400,14 +407,14 @@ class WindowAttentionFunction(torch.autograd.Function):
         dq = torch.empty_like(q)
         dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
         dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-        cfg = block_config("dq", d, q.dtype)
+        cfg = block_config("dq", d, q.dtype, cls.COMPLEMENT)
         _bwd_dq_kernel[(_tiles(grid, cfg) * b, h)](
             q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             b, h, *grid, ry, rx, scale * LOG2E, scale, COMPLEMENT=cls.COMPLEMENT, HEAD_DIM=d,
             **launch_constexprs(cfg, q.dtype), num_warps=cfg["num_warps"])
         k_shared, v_shared = k.dim() == 3, v.dim() == 3
         per_batch = 1 if (k_shared or v_shared) else b  # a shared k/v: one program sums the batch
-        cfg = block_config("dkdv", d, q.dtype)
+        cfg = block_config("dkdv", d, q.dtype, cls.COMPLEMENT)
         for with_dk, with_dv in ((True, False), (False, True)) if cfg["split"] else ((True, True),):
             _bwd_dkdv_kernel[(_tiles(grid, cfg) * per_batch, h)](
                 q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
