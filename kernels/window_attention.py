@@ -51,6 +51,19 @@ def _tokens(y0, x0, GRID_H, GRID_W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
 
 
 @triton.jit
+def _tile_origin(tile, GRID_W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Top-left (y0, x0) of tile number `tile`, tiles numbered row by row over the grid."""
+    tiles_x = tl.cdiv(GRID_W, TILE_W)
+    return (tile // tiles_x) * TILE_H, (tile % tiles_x) * TILE_W
+
+
+@triton.jit
+def _load_rows(base, idx, ok, stride_l, offs_d):
+    """The (len idx, HEAD_DIM) rows of tokens `idx` at `base` (zeros where not `ok`)."""
+    return tl.load(base + idx[:, None] * stride_l + offs_d[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
 def _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
     """Rows [y_lo, y_hi) and columns [x_lo, x_hi) of the tokens that the windows of the tile at
     (y0, x0) reach (clipped to the grid); by symmetry also those whose windows reach the tile."""
@@ -114,12 +127,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
     shared k/v run side by side, so the patch is read from memory once and from L2 after."""
     pid, h = tl.program_id(0), tl.program_id(1)
     b, tile = pid % B, pid // B
-    tiles_x = tl.cdiv(GRID_W, TILE_W)
-    y0, x0 = (tile // tiles_x) * TILE_H, (tile % tiles_x) * TILE_W
+    y0, x0 = _tile_origin(tile, GRID_W, TILE_H, TILE_W)
     qy, qx, q_idx, q_ok = _tokens(y0, x0, GRID_H, GRID_W, TILE_H, TILE_W)  # BLOCK_M = TILE_H * TILE_W
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + q_idx[:, None] * stride_ql + offs_d[None, :],
-                mask=q_ok[:, None], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_idx, q_ok, stride_ql, offs_d)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     # online softmax state, base 2 with the scale folded in: m (running max), l (running sum)
@@ -131,8 +142,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
     for i in range(0, n_blocks):
         by, bx = oy + (i // blocks_x) * BLOCK_H, ox + (i % blocks_x) * BLOCK_W
         ky, kx, k_idx, k_ok = _tokens(by, bx, GRID_H, GRID_W, BLOCK_H, BLOCK_W)  # BLOCK_N = BLOCK_H * BLOCK_W
-        k = tl.load(k_base + k_idx[:, None] * stride_kl + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(v_base + k_idx[:, None] * stride_vl + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        k = _load_rows(k_base, k_idx, k_ok, stride_kl, offs_d)
+        v = _load_rows(v_base, k_idx, k_ok, stride_vl, offs_d)
         qk = _mm(q, tl.trans(k), DOT) * qk_scale  # (BLOCK_M, BLOCK_N)
         if _needs_mask(by, bx, y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, COMPLEMENT):
             qk = tl.where(_visible(qy, qx, q_ok, ky, kx, k_ok, RY, RX, COMPLEMENT), qk, float("-inf"))
@@ -164,14 +175,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     """dQ = scale * dS K for one query tile, dS = P * (dO V^T - delta), P recomputed."""
     pid, h = tl.program_id(0), tl.program_id(1)
     b, tile = pid % B, pid // B
-    tiles_x = tl.cdiv(GRID_W, TILE_W)
-    y0, x0 = (tile // tiles_x) * TILE_H, (tile % tiles_x) * TILE_W
+    y0, x0 = _tile_origin(tile, GRID_W, TILE_H, TILE_W)
     qy, qx, q_idx, q_ok = _tokens(y0, x0, GRID_H, GRID_W, TILE_H, TILE_W)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + q_idx[:, None] * stride_ql + offs_d[None, :],
-                mask=q_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_ob + h * stride_oh + q_idx[:, None] * stride_ol + offs_d[None, :],
-                 mask=q_ok[:, None], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_idx, q_ok, stride_ql, offs_d)
+    do = _load_rows(DO + b * stride_ob + h * stride_oh, q_idx, q_ok, stride_ol, offs_d)
     row = (b * H + h) * GRID_H * GRID_W
     lse = tl.load(LSE + row + q_idx, mask=q_ok, other=0.0)
     delta = tl.load(DELTA + row + q_idx, mask=q_ok, other=0.0)
@@ -183,8 +191,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     for i in range(0, n_blocks):
         by, bx = oy + (i // blocks_x) * BLOCK_H, ox + (i % blocks_x) * BLOCK_W
         ky, kx, k_idx, k_ok = _tokens(by, bx, GRID_H, GRID_W, BLOCK_H, BLOCK_W)
-        k = tl.load(k_base + k_idx[:, None] * stride_kl + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(v_base + k_idx[:, None] * stride_vl + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        k = _load_rows(k_base, k_idx, k_ok, stride_kl, offs_d)
+        v = _load_rows(v_base, k_idx, k_ok, stride_vl, offs_d)
         qk = _mm(q, tl.trans(k), DOT) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         if _needs_mask(by, bx, y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, COMPLEMENT):
@@ -222,8 +230,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     else:
         b_lo, tile = pid % B, pid // B
         b_hi = b_lo + 1
-    tiles_x = tl.cdiv(GRID_W, TILE_W)
-    y0, x0 = (tile // tiles_x) * TILE_H, (tile % tiles_x) * TILE_W
+    y0, x0 = _tile_origin(tile, GRID_W, TILE_H, TILE_W)
     ky, kx, k_idx, k_ok = _tokens(y0, x0, GRID_H, GRID_W, TILE_H, TILE_W)
     offs_d = tl.arange(0, HEAD_DIM)
     y_lo, y_hi, x_lo, x_hi = _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H, TILE_W)
@@ -233,11 +240,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     dk = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
     dv = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
     for b in range(b_lo, b_hi):
-        k = tl.load(K + b * stride_kb + h * stride_kh + k_idx[:, None] * stride_kl + offs_d[None, :],
-                    mask=k_ok[:, None], other=0.0)
+        k = _load_rows(K + b * stride_kb + h * stride_kh, k_idx, k_ok, stride_kl, offs_d)
         if WITH_DK:
-            v = tl.load(V + b * stride_vb + h * stride_vh + k_idx[:, None] * stride_vl + offs_d[None, :],
-                        mask=k_ok[:, None], other=0.0)
+            v = _load_rows(V + b * stride_vb + h * stride_vh, k_idx, k_ok, stride_vl, offs_d)
         if not K_SHARED:
             dk = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
         if not V_SHARED:
@@ -246,10 +251,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
         for i in range(0, n_blocks):
             by, bx = oy + (i // blocks_x) * BLOCK_H, ox + (i % blocks_x) * BLOCK_W
             qy, qx, q_idx, q_ok = _tokens(by, bx, GRID_H, GRID_W, BLOCK_H, BLOCK_W)
-            q = tl.load(Q + b * stride_qb + h * stride_qh + q_idx[:, None] * stride_ql + offs_d[None, :],
-                        mask=q_ok[:, None], other=0.0)
-            do = tl.load(DO + b * stride_ob + h * stride_oh + q_idx[:, None] * stride_ol + offs_d[None, :],
-                         mask=q_ok[:, None], other=0.0)
+            q = _load_rows(Q + b * stride_qb + h * stride_qh, q_idx, q_ok, stride_ql, offs_d)
+            do = _load_rows(DO + b * stride_ob + h * stride_oh, q_idx, q_ok, stride_ol, offs_d)
             lse = tl.load(LSE + row + q_idx, mask=q_ok, other=0.0)
             if WITH_DK:
                 delta = tl.load(DELTA + row + q_idx, mask=q_ok, other=0.0)
