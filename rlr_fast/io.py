@@ -1,0 +1,126 @@
+"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one.
+
+Every file rlr-fast writes (checkpoints, JSON, CSV, pictures) goes through :func:`atomic_open`:
+the data goes to a temporary file beside the target (same folder, so the rename stays on one file
+system), is flushed and fsync'ed, then renamed over the target; the folder is fsync'ed too, so the
+rename itself survives a power loss. A temporary left behind by a killed process is named
+``.<target>.<pid>.tmp`` and :func:`clean_stale_temporaries` removes those of dead processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import IO, Iterator
+
+TMP_SUFFIX = ".tmp"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a platform that cannot open folders: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temporary_path(path: Path) -> Path:
+    """The temporary file beside ``path`` that this process writes before renaming."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "wb", **kwargs) -> Iterator[IO]:
+    """Open ``path`` for writing; on a clean exit the file appears whole, on an error not at all."""
+    if not mode.startswith("w"):
+        raise ValueError(f"atomic_open writes files: mode must start with 'w', got {mode!r}")
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path, text: str) -> None:
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+
+
+def _strict(obj):
+    """NaN and infinities are not JSON: they become ``null``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path, obj, *, indent: int | None = 2) -> None:
+    """Strict JSON (undefined numbers written as ``null``), written atomically."""
+    atomic_write_text(path, json.dumps(_strict(obj), indent=indent, allow_nan=False) + "\n")
+
+
+def atomic_torch_save(obj, path) -> None:
+    import torch
+
+    with atomic_open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def atomic_savefig(fig, path, **kwargs) -> None:
+    """``fig.savefig`` through a temporary file; the format comes from ``path``'s suffix."""
+    path = Path(path)
+    kwargs.setdefault("format", path.suffix.lstrip(".") or "png")
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, **kwargs)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder) -> list[Path]:
+    """Remove the temporaries that killed writers left in ``folder``; returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.glob(f".*{TMP_SUFFIX}"):
+        stem = p.name[: -len(TMP_SUFFIX)]
+        pid = stem.rsplit(".", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
