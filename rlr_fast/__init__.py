@@ -1,12 +1,13 @@
 """rlr-fast: fast multi-class industrial anomaly detection with RLR (ECCV 2024)."""
 from .modules import LocalCrossAttention, NeighborMaskedAttention
-from .ops import local_cross_attention, neighbor_masked_attention
+from .ops import local_cross_attention, nearest_reference, neighbor_masked_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "local_cross_attention",
     "neighbor_masked_attention",
+    "nearest_reference",
     "LocalCrossAttention",
     "NeighborMaskedAttention",
     "RLRModel",

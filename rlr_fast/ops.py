@@ -131,3 +131,56 @@ def neighbor_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns (B, heads, L, D) in the dtype of ``q``.
     """
     return _dispatch("neighbor_masked_attention", q, k, v, grid, window, scale, backend)
+
+
+NEAREST_EPS = 1e-12
+
+
+def check_nearest_inputs(x, ref) -> None:
+    """Validate a :func:`nearest_reference` call; raises ValueError/TypeError naming the problem."""
+    for name, t, dims in (("x", x, (3,)), ("ref", ref, (2, 3))):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() not in dims:
+            want = "(B, N, C)" if name == "x" else "(M, C) or (B, M, C)"
+            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16, float64")
+    if ref.dtype != x.dtype:
+        raise TypeError(f"dtype mismatch: x is {x.dtype} but ref is {ref.dtype}")
+    if ref.device != x.device:
+        raise ValueError(f"device mismatch: x is on {x.device} but ref is on {ref.device}")
+    if ref.shape[-1] != x.shape[-1]:
+        raise ValueError(f"channel mismatch: x has C={x.shape[-1]} but ref has C={ref.shape[-1]}")
+    if ref.dim() == 3 and ref.shape[0] != x.shape[0]:
+        raise ValueError(f"batch mismatch: x has batch {x.shape[0]} but ref has batch {ref.shape[0]} "
+                         f"(pass a shared ref as (M, C) without a batch dimension)")
+    if ref.shape[-2] == 0:
+        raise ValueError("ref has no tokens (M = 0): there is nothing to be nearest to")
+    if x.shape[-1] == 0:
+        raise ValueError("x and ref have no channels (C = 0): cosine similarity is undefined")
+
+
+def nearest_reference(x: torch.Tensor, ref: torch.Tensor, *, backend: str = "auto"):
+    """Each token's most cosine-similar reference token: ``(index, similarity)``, each (B, N).
+
+    ``x`` is (B, N, C); ``ref`` is (M, C), shared by the batch and never copied B times, or
+    batched (B, M, C). ``index`` (int64) points into ref's M tokens; ties go to the lowest index
+    in every backend. ``similarity`` is float32 (float64 for float64 inputs): products and
+    accumulation run in float32 whatever the input dtype. Rows are normalised as
+    ``v / max(||v||, 1e-12)``, so an all-zero token or reference row has similarity 0 with
+    everything (an all-zero token therefore gets index 0). The outputs carry no gradient.
+
+    Backends: ``reference`` (dense B x N x M scores, the oracle), ``torch`` (chunked, memory
+    O(B*N + tile)), ``triton`` (one fused GPU kernel), ``auto`` (triton on CUDA, torch elsewhere).
+    """
+    check_nearest_inputs(x, ref)
+    backend = resolve_backend(backend, x.device)
+    if backend == "reference":
+        with torch.no_grad():
+            return reference.nearest_reference(x, ref, NEAREST_EPS)
+    if backend == "torch":
+        from . import nearest
+        return nearest.nearest_reference(x, ref, NEAREST_EPS)
+    from .kernels.nearest_reference import nearest_reference as fused  # triton needed only here
+    return fused(x, ref, NEAREST_EPS)

@@ -31,3 +31,18 @@ def neighbor_masked_attention(q, k, v, grid, window, scale: float) -> torch.Tens
     """out_i = sum_{j not in window(i)} softmax_j(scale * q_i . k_j) v_j, dense."""
     allowed = ~window_mask(grid, window, q.device)
     return _dense_masked_attention(q, k, v, allowed, scale)
+
+
+def nearest_reference(x, ref, eps: float):
+    """Index and cosine similarity of each token's most similar reference token, dense.
+
+    Materialises every (B, N, M) similarity. Rows are normalised as ``x / max(||x||, eps)``;
+    ties go to the lowest reference index.
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xn = torch.nn.functional.normalize(x.to(compute), dim=-1, eps=eps)
+    rn = torch.nn.functional.normalize(ref.to(compute), dim=-1, eps=eps)
+    sims = torch.matmul(xn, rn.transpose(-1, -2))  # (B, N, M); a shared ref broadcasts
+    best = sims.amax(dim=-1)
+    index = (sims == best.unsqueeze(-1)).to(torch.uint8).argmax(dim=-1)  # the first maximum
+    return index, best
