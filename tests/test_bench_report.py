@@ -15,17 +15,19 @@ def test_report(tmp_path, capsys):
     op = dict(kind="op", op="lca", grid=32, window=7, batch=8, mode="inference", flops=2e9, matmul_peak_gflops=100.0)
     benches = [
         _bench(0.010, provider="torch", peak_bytes=10 << 20, **op),
-        _bench(0.050, provider="sdpa", peak_bytes=40 << 20, **op),
+        _bench(0.060, provider="sdpa", peak_bytes=40 << 20, **op),
+        _bench(0.050, provider="sdpa_float", peak_bytes=30 << 20, **op),
         _bench(0.200, provider="reference", peak_bytes=400 << 20, **op),
         _bench(0.5, kind="model", model="rlr", path="fast", mode="inference", batch=16, image_size=256,
                peak_bytes=100 << 20),
         _bench(2.0, kind="model", model="rlr", path="naive", mode="inference", batch=16, image_size=256,
                peak_bytes=800 << 20),
         _bench(0.8, kind="scaling", path="fast", grid=32, batch=8, peak_bytes=80 << 20),
-        _bench(4.0, kind="scaling", path="naive", grid=32, batch=8, peak_bytes=800 << 20),
+        _bench(4.0, kind="scaling", path="naive", grid=32, batch=8, peak_bytes=800 << 20,
+               estimated_peak_bytes=960 << 20, estimate_method="fitted to the measured grids 16"),
         _bench(1.6, kind="scaling", path="fast", grid=64, batch=8, peak_bytes=160 << 20),
         _bench(0.0, kind="scaling", path="naive", grid=64, batch=8, out_of_budget=True,
-               estimated_peak_bytes=64 << 30),
+               estimated_peak_bytes=64 << 30, estimate_method="fitted to the measured grids 16, 32"),
     ]
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"benchmarks": benches}))
@@ -33,12 +35,16 @@ def test_report(tmp_path, capsys):
     text = (tmp_path / "out" / "benchmarks.md").read_text()
     assert text.strip() == capsys.readouterr().out.strip()
     assert "Device: cpu-x, torch 2.x, 2 threads" in text
-    # torch: 10 ms, 5x faster than SDPA, 20x than the reference, 200 GFLOP/s = 200% of 100
-    assert "| lca | 32 | 7 | 8 | inference | torch | 10.0 | 5.00x | 20.00x | 200.0 | 200% | 10 |" in text
+    # torch: 10 ms, 5x faster than the faster SDPA (float mask, 50 ms; boolean 60 ms), 20x than the
+    # reference, 200 GFLOP/s = 200% of 100
+    assert "| lca | 32 | 7 | 8 | inference | torch | 10.0 | 5.00x | sdpa_float | 20.00x | 200.0 | 200% | 10 |" in text
+    assert "| lca | 32 | 7 | 8 | inference | sdpa | 60.0 | 0.83x | sdpa_float |" in text
     # 16 images / 0.5 s = 32 img/s against 8 img/s: 4x, memory 8x
     assert "| rlr (256px) | inference | 16 | 32.00 | 8.00 | 4.00x | 100 | 800 | 8.00x |" in text
     assert "| 32 | 100.0 | 500.0 | 5.00x | 10 | 100 | 10.00x |" in text
-    assert "| 64 | 200.0 | out of budget | n/a | 20 | ~8192 (est.) | 409.60x |" in text
+    assert "| 64 | 200.0 | out of budget | n/a | 20 | ~8192 (est.) | 409.60x (est.) |" in text
+    assert "- grid 32: naive estimate 120 MiB/img (fitted to the measured grids 16); measured 100 MiB/img" in text
+    assert "- grid 64: naive estimate 8192 MiB/img (fitted to the measured grids 16, 32)" in text
     png = tmp_path / "out" / "scaling.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -46,3 +52,18 @@ def test_report(tmp_path, capsys):
 def test_missing_results_file(tmp_path, capsys):
     assert main(["report", str(tmp_path / "none.json")]) == 2
     assert "no such results file" in capsys.readouterr().err
+
+
+def test_naive_peak_fit_recovers_a_quadratic_and_uses_only_smaller_grids():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from test_bench_scaling import analytic_naive_peak, naive_peak_estimate
+
+    per_image = lambda g: 3.0 * (g * g) ** 2 + 500.0 * g * g  # noqa: E731  a known a*L^2 + b*L
+    measured = {16: per_image(16), 32: per_image(32), 64: 1.0}  # 64 is not smaller than 48: ignored
+    estimate, how = naive_peak_estimate(48, 8, 8, 4, measured)
+    assert abs(estimate - 8 * per_image(48)) <= 1e-6 * estimate
+    assert how == "fitted to the measured grids 16, 32"
+    assert naive_peak_estimate(16, 8, 8, 4, measured) == (analytic_naive_peak(16, 8, 8, 4), "analytic")
