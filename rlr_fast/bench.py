@@ -152,6 +152,70 @@ def scaling_table(benches) -> list:
     return lines + [""]
 
 
+PARTS = ("backbone", "LCA", "MLKA", "linear + FFN", "LayerNorm", "score map", "other")
+
+
+def profile_rows(benches) -> list:
+    rows = [b for b in benches if b["extra_info"].get("kind") == "profile"]
+    order = {"inference": 0, "train": 1, "fp32": 0, "bf16": 1}
+    return sorted(rows, key=lambda b: (b["extra_info"]["model"], order.get(b["extra_info"]["mode"], 9),
+                                       order.get(b["extra_info"]["precision"], 9)))
+
+
+def profile_table(benches) -> list:
+    rows = profile_rows(benches)
+    if not rows:
+        return []
+    lines = ["## Where the time goes", "",
+             "One call profiled with `torch.profiler` (`rlr_fast.profiling.breakdown`): CPU time per part in "
+             "ms and its share of the parts' sum. bf16 runs under autocast. img/s is from the timed rounds of "
+             "the same case; `vs fp32` is the bf16 case's img/s over the fp32 case's, same run.", "",
+             "| model | mode | precision | batch | img/s | vs fp32 | " + " | ".join(PARTS) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(PARTS)]
+    fp32 = {(b["extra_info"]["model"], b["extra_info"]["mode"]): b for b in rows
+            if b["extra_info"]["precision"] == "fp32"}
+    for b in rows:
+        e = b["extra_info"]
+        parts = e["parts"]
+        total = sum(parts.values()) or 1.0
+        ips = e["batch"] / _median_s(b)
+        base = fp32.get((e["model"], e["mode"]))
+        vs = _ratio(ips, e["batch"] / _median_s(base)) if base is not None and base is not b else "-"
+        cells = [f"{parts.get(p, 0) * 1e3:.0f} ({100 * parts.get(p, 0) / total:.0f}%)" for p in PARTS]
+        lines.append(f"| {e['model']} ({e['image_size']}px) | {e['mode']} | {e['precision']} | {e['batch']} | "
+                     f"{ips:.2f} | {vs} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def plot_profile(benches, path: Path) -> bool:
+    rows = profile_rows(benches)
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{b['extra_info']['mode']} {b['extra_info']['precision']}" for b in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.8))
+    left = [0.0] * len(rows)
+    colors = plt.get_cmap("tab10").colors
+    for i, part in enumerate(PARTS):
+        widths = [b["extra_info"]["parts"].get(part, 0) * 1e3 / b["extra_info"]["batch"] for b in rows]
+        ax.barh(labels, widths, left=left, color=colors[i % len(colors)], label=part)
+        left = [a + w for a, w in zip(left, widths)]
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per image")
+    ax.set_title("RLRModel: where the time goes")
+    ax.legend(ncol=len(PARTS), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot(benches, path: Path) -> bool:
     rows = scaling_rows(benches)
     if not rows:
@@ -191,7 +255,10 @@ def plot(benches, path: Path) -> bool:
 def report(results, out: Path) -> str:
     benches = load(results)
     md = ["# rlr-fast benchmarks", ""] + _header(benches) + [""]
-    md += ops_table(benches) + models_table(benches) + scaling_table(benches)
+    md += ops_table(benches) + models_table(benches) + profile_table(benches)
+    if plot_profile(benches, out / "profile.png"):
+        md += ["![time per image by part](profile.png)", ""]
+    md += scaling_table(benches)
     if plot(benches, out / "scaling.png"):
         md += ["![time and memory against grid size](scaling.png)", ""]
     text = "\n".join(md)
