@@ -1,7 +1,8 @@
 """Where RLRModel's time goes on this device, fp32 and bf16: inference (batch 16) and a training
 step (batch 8, on cached features, as training runs), each timed and broken down by part with
 `rlr_fast.profiling.breakdown` (backbone, LCA, MLKA, linear + FFN, LayerNorm, score map, other).
-bf16 runs under autocast (`torch.autocast(device, torch.bfloat16)`), as `precision="bf16"` does.
+bf16 is `model.precision = "bf16"` for inference (autocast to bfloat16, score maps in float32) and
+autocast around the loss for training, as `--amp bf16` does.
 Backbone weights are random: speed does not depend on them."""
 import contextlib
 
@@ -31,10 +32,11 @@ def test_profile(benchmark, device, full, mode, precision):
     if mode == "inference":
         batch = cfg["inference_batch"]
         model.eval()
+        model.precision = precision
         images = torch.randn(batch, 3, size, size, device=device)
 
         def step():
-            with torch.no_grad(), _autocast(device, precision):
+            with torch.no_grad():
                 model(images)
     else:
         batch = cfg["train_batch"]

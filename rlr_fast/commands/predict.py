@@ -17,6 +17,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: RUN/predictions)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast to bfloat16 where the device has it (fp32 otherwise, with a warning)")
     p.add_argument("--no-heatmaps", action="store_true", help="scores only")
 
 
@@ -27,6 +29,7 @@ def run(args) -> int:
     from ..viz import save_heatmap
 
     model = load_model(args.run, args.device)
+    model.precision = args.precision
     out = args.out or (args.run if args.run.is_dir() else args.run.parent) / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     dataset = FolderDataset(args.images, image_size=model.image_size)

@@ -17,6 +17,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlays", type=Path, help="overlay pictures folder (default: RUN/overlays)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast to bfloat16 where the device has it (fp32 otherwise, with a warning)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -34,6 +36,7 @@ def run(args) -> int:
 
     run_dir = args.run if args.run.is_dir() else args.run.parent
     model = load_model(args.run, args.device)
+    model.precision = args.precision
     overlays = args.overlays or run_dir / "overlays"
     summary = evaluate(model, args.data, classes=args.classes, batch_size=args.batch_size, device=args.device,
                        overlays_dir=overlays, progress=not args.no_progress)

@@ -10,6 +10,8 @@ from typing import List, NamedTuple
 import torch
 from torch import nn
 
+from ..precision import autocast, check_precision
+
 
 class AnomalyOutput(NamedTuple):
     anomaly_map: torch.Tensor  # (B, 1, S, S) pixel anomaly map
@@ -17,9 +19,23 @@ class AnomalyOutput(NamedTuple):
 
 
 class AnomalyModel(nn.Module):
-    """Base class: ``model(images)`` is the loss in train mode and an AnomalyOutput in eval mode."""
+    """Base class: ``model(images)`` is the loss in train mode and an AnomalyOutput in eval mode.
+
+    ``precision`` ("fp32" or "bf16") is the precision of ``model(images)``: "bf16" autocasts the
+    forward to bfloat16 where the device has native support (fp32 otherwise, with a warning);
+    score maps stay float32. Training precision is the training recipe's ``amp``.
+    """
 
     name = "base"
+    _precision = "fp32"
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = check_precision(value)
 
     def features(self, images: torch.Tensor) -> List[torch.Tensor]:
         """What training caches: the frozen backbone's features after fixed preprocessing."""
@@ -45,5 +61,6 @@ class AnomalyModel(nn.Module):
 
     def forward(self, images: torch.Tensor):
         self.check_images(images)
-        feats = self.features(images)
-        return self.loss(feats) if self.training else self.predict_features(feats)
+        with autocast(self.precision, images.device):
+            feats = self.features(images)
+            return self.loss(feats) if self.training else self.predict_features(feats)

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..backbone import EMBEDDED, FrozenBackbone
 from ..modules import LocalCrossAttention, NeighborMaskedAttention
+from ..precision import full_precision
 from ..windows import complement_is_empty
 from .base import AnomalyModel, AnomalyOutput
 from .layers import feature_jitter, gaussian_blur, sincos_pos_embed_2d
@@ -202,12 +203,15 @@ class RLRModel(AnomalyModel):
 
     def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
         maps = []
-        for (target, recon), grid in zip(self.reconstruct(feats), self.grids):
-            s = (target - recon).pow(2).mean(-1) + 1 - F.cosine_similarity(target, recon, dim=-1)  # (B, L)
-            s = s.view(-1, 1, *grid)
-            maps.append(F.interpolate(s, size=(self.image_size,) * 2, mode="bilinear", align_corners=True))
-        anomaly_map = torch.stack(maps).mean(0)
-        score = gaussian_blur(anomaly_map, self.config.score_sigma).amax(dim=(1, 2, 3))
+        pairs = self.reconstruct(feats)
+        with full_precision(feats[0].device):  # the score map in float32, whatever the forward's precision
+            for (target, recon), grid in zip(pairs, self.grids):
+                target, recon = target.float(), recon.float()
+                s = (target - recon).pow(2).mean(-1) + 1 - F.cosine_similarity(target, recon, dim=-1)  # (B, L)
+                s = s.view(-1, 1, *grid)
+                maps.append(F.interpolate(s, size=(self.image_size,) * 2, mode="bilinear", align_corners=True))
+            anomaly_map = torch.stack(maps).mean(0)
+            score = gaussian_blur(anomaly_map, self.config.score_sigma).amax(dim=(1, 2, 3))
         return AnomalyOutput(anomaly_map, score)
 
     def extra_repr(self) -> str:

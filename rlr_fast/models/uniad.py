@@ -27,6 +27,7 @@ from torch import nn
 
 from ..backbone import FrozenBackbone
 from ..modules import NeighborMaskedAttention
+from ..precision import full_precision
 from .base import AnomalyModel, AnomalyOutput
 from .layers import feature_jitter
 
@@ -139,10 +140,12 @@ class UniADModel(AnomalyModel):
 
     def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
         target, recon = self.reconstruct(feats)
-        dist = (target - recon).pow(2).sum(-1).sqrt().view(-1, 1, *self.grid)  # L2 over channels
-        anomaly_map = F.interpolate(dist, size=(self.image_size,) * 2, mode="bilinear", align_corners=True)
-        k = min(self.config.pool_size, self.image_size)
-        score = F.avg_pool2d(anomaly_map, k, stride=1).amax(dim=(1, 2, 3))
+        with full_precision(target.device):  # the score map in float32, whatever the forward's precision
+            target, recon = target.float(), recon.float()
+            dist = (target - recon).pow(2).sum(-1).sqrt().view(-1, 1, *self.grid)  # L2 over channels
+            anomaly_map = F.interpolate(dist, size=(self.image_size,) * 2, mode="bilinear", align_corners=True)
+            k = min(self.config.pool_size, self.image_size)
+            score = F.avg_pool2d(anomaly_map, k, stride=1).amax(dim=(1, 2, 3))
         return AnomalyOutput(anomaly_map, score)
 
     def extra_repr(self) -> str:
