@@ -1,0 +1,157 @@
+"""``nearest_reference`` on the GPU: one fused kernel, nothing of size N x M in memory.
+
+For each token of x (B, N, C), the index of its most cosine-similar row of ref ((M, C) shared by
+the batch, or (B, M, C)) and that similarity. A program owns BLOCK_N consecutive tokens of one
+batch element and streams ref in tiles of BLOCK_M rows; each tile's dot products run on tensor
+cores and are reduced at once to a running maximum and argmax in registers.
+
+Norms. The argmax needs each reference row's norm, not the token's (the token's norm scales its
+whole row of scores by one positive number). The reference rows' inverse norms,
+``1 / max(||r||, eps)``, come from one cheap torch op before the launch (M floats, B*M if
+batched): computed in the kernel they would be recomputed by every program, (B*N / BLOCK_N) times
+over, on CUDA cores rather than tensor cores. The token's norm is computed in the kernel from the
+x tile it loads anyway, and divides the best score at the end.
+
+Ties go to the lowest index: within a tile the lowest column among those equal to the tile's
+maximum, and a later tile replaces the running best only when strictly greater.
+
+Channels: when C fits one BLOCK_C chunk (ONE_CHUNK) the x tile stays in registers for the whole
+sweep; otherwise each ref tile's scores are accumulated over BLOCK_C chunks of x and ref.
+"""
+import triton
+import triton.language as tl
+
+from .window_attention import _mm, launch_constexprs
+
+
+@triton.jit
+def _load_tile(base, rows, rows_ok, stride_row, cols, cols_ok, stride_col):
+    """The (len rows, len cols) tile at `base` (int64 offsets; zeros outside the masks)."""
+    offsets = rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
+    return tl.load(base + offsets, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _nearest_kernel(X, R, R_INV_NORM, INDEX, SIM,
+                    stride_xb, stride_xn, stride_xc,
+                    stride_rb, stride_rm, stride_ib,
+                    N, M, C, eps,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                    ONE_CHUNK: tl.constexpr, DOT: tl.constexpr):
+    """Index and similarity of the nearest ref row for BLOCK_N tokens of one batch element.
+
+    R has unit channel stride; a shared ref (and its inverse norms) is passed with batch stride 0.
+    Programs are numbered batch element first, so those reading the same batched ref run together."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    b = (pid // tiles_n).to(tl.int64)
+    offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_c = tl.arange(0, BLOCK_C)
+    x_base = X + b * stride_xb
+    r_base = R + b * stride_rb
+    inv_base = R_INV_NORM + b * stride_ib
+
+    # the token's squared norm (fp32), and with one chunk the x tile itself, kept for the sweep
+    if ONE_CHUNK:
+        x = _load_tile(x_base, offs_n, n_ok, stride_xn, offs_c, offs_c < C, stride_xc)
+        x_sq = tl.sum(x.to(tl.float32) * x.to(tl.float32), 1)
+    else:
+        x_sq = tl.zeros([BLOCK_N], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            xc = _load_tile(x_base, offs_n, n_ok, stride_xn, c0 + offs_c, c0 + offs_c < C, stride_xc)
+            x_sq += tl.sum(xc.to(tl.float32) * xc.to(tl.float32), 1)
+
+    best = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_N], tl.int32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        if ONE_CHUNK:
+            r = _load_tile(r_base, offs_m, m_ok, stride_rm, offs_c, offs_c < C, 1)
+            dots = _mm(x, tl.trans(r), DOT)  # (BLOCK_N, BLOCK_M), fp32
+        else:
+            dots = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                c_ok = c0 + offs_c < C
+                xc = _load_tile(x_base, offs_n, n_ok, stride_xn, c0 + offs_c, c_ok, stride_xc)
+                r = _load_tile(r_base, offs_m, m_ok, stride_rm, c0 + offs_c, c_ok, 1)
+                dots += _mm(xc, tl.trans(r), DOT)
+        inv = tl.load(inv_base + offs_m, mask=m_ok, other=0.0)
+        scores = tl.where(m_ok[None, :], dots * inv[None, :], float("-inf"))
+        tile_best = tl.max(scores, 1)
+        # the lowest column holding the tile's maximum (M where none: cannot happen, m0 < M)
+        tile_idx = tl.min(tl.where(scores == tile_best[:, None], offs_m[None, :], M), 1)
+        better = tile_best > best  # strictly: an equal score in a later tile keeps the earlier index
+        best_idx = tl.where(better, tile_idx, best_idx)
+        best = tl.where(better, tile_best, best)
+
+    sim = best / tl.maximum(tl.sqrt(x_sq), eps)
+    out = b * N + offs_n
+    tl.store(INDEX + out, best_idx.to(tl.int64), mask=n_ok)
+    tl.store(SIM + out, sim, mask=n_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch code
+# ------------------------------------------------------------------------------------------------
+
+import contextlib  # noqa: E402
+
+import torch  # noqa: E402
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Tokens per program (BLOCK_N), reference rows per tile (BLOCK_M), the largest channel chunk
+# (BLOCK_C; smaller C take the next power of two, at least 16 for tl.dot), warps and product
+# precision, per dtype ("fp32", or "16" for fp16/bf16). Chosen by compiling the kernel for sm_80
+# and sm_90 (`rlr-fast kernels`) at C = 24 ... 512 and keeping the largest tiles that do not spill.
+# fp32 multiplies as three compensated TF32 products ("tf32x3", about fp32's accuracy), as the
+# attention kernels do, which keeps more operand splits live: its tiles are smaller.
+_CONFIGS = {
+    #        BLOCK_N  BLOCK_M  max BLOCK_C  warps  DOT
+    "fp32": (64, 64, 32, 4, "tf32x3"),
+    "16": (64, 64, 64, 4, "native"),
+}
+
+
+def block_config(channels: int, dtype: torch.dtype) -> dict:
+    """The kernel's block sizes, product precision and warps for C = `channels` and `dtype`."""
+    block_n, block_m, max_c, warps, dot = _CONFIGS["fp32" if dtype == torch.float32 else "16"]
+    block_c = min(max(16, triton.next_power_of_2(channels)), max_c)
+    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_C=block_c, ONE_CHUNK=channels <= block_c,
+                DOT=dot, num_warps=warps)
+
+
+def _check(x: torch.Tensor) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the triton backend of nearest_reference supports float32, float16 and bfloat16, "
+                        f"not {x.dtype}; use backend='torch' (or 'auto', which takes torch for float64)")
+
+
+@torch.no_grad()
+def nearest_reference(x: torch.Tensor, ref: torch.Tensor, eps: float):
+    """``(index, similarity)`` (B, N) of checked inputs (see ``rlr_fast.ops``), one kernel launch.
+
+    x may have any strides. ref is read with unit channel stride (its tiles are the loads every
+    program repeats, so they must vectorise): a ref without one is copied once, O(M*C)."""
+    _check(x)
+    b, n, c = x.shape
+    m = ref.shape[-2]
+    if ref.stride(-1) != 1:
+        ref = ref.contiguous()
+    # 1 / max(||r||, eps) per reference row in fp32, without an fp32 copy of ref
+    inv_norm = torch.linalg.vector_norm(ref, dim=-1, dtype=torch.float32).clamp_min_(eps).reciprocal_()
+    shared = ref.dim() == 2
+    index = torch.empty(b, n, dtype=torch.int64, device=x.device)
+    sim = torch.empty(b, n, dtype=torch.float32, device=x.device)
+    if b * n == 0:
+        return index, sim
+    cfg = block_config(c, x.dtype)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]) * b,)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _nearest_kernel[grid](
+            x, ref, inv_norm, index, sim, *x.stride(), 0 if shared else ref.stride(0), ref.stride(-2),
+            0 if shared else inv_norm.stride(0), n, m, c, eps,
+            **launch_constexprs(cfg, x.dtype), num_warps=cfg["num_warps"])
+    return index, sim

@@ -1,0 +1,111 @@
+"""nearest_reference's fused Triton kernel against the dense reference, in Triton's interpreter when
+there is no GPU (conftest sets TRITON_INTERPRET=1): small shapes, the interpreter is slow."""
+import os
+
+import pytest
+import torch
+
+from rlr_fast.kernels.nearest_reference import block_config
+from rlr_fast.ops import nearest_reference
+from test_nearest import agree, brute_force
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+TILE = 64  # BLOCK_N and BLOCK_M of every config; the shapes below are not multiples of it
+
+
+def test_tile_sizes_the_shapes_below_rely_on():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        cfg = block_config(24, dtype)
+        assert cfg["BLOCK_N"] == cfg["BLOCK_M"] == TILE and cfg["ONE_CHUNK"]
+        assert not block_config(100, dtype)["ONE_CHUNK"]  # C = 100 takes the chunked channel loop
+
+
+def _triton(x, ref):
+    index, sim = nearest_reference(x.to(DEVICE), ref.to(DEVICE), backend="triton")
+    return index.cpu(), sim.cpu()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "batched"])
+@pytest.mark.parametrize("channels", [24, 100])  # one channel chunk / several, neither a power of two
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_agrees_with_reference(dtype, channels, shared):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 70, channels, generator=g).to(dtype)  # N = 70: two token tiles, the second partial
+    ref = torch.randn(*(() if shared else (2,)), 150, channels, generator=g).to(dtype)  # M = 150: 3 tiles
+    index, sim = _triton(x, ref)
+    # the oracle sees the same rounded inputs, in float64: products and sums are fp32 in the kernel
+    oi, osim = nearest_reference(x.double(), ref.double(), backend="reference")
+    assert index.shape == sim.shape == (2, 70) and sim.dtype == torch.float32
+    agree(x, ref, index, sim, oi, osim, atol=1e-5)
+
+
+def test_triton_matches_brute_force():
+    x, ref = torch.randn(1, 20, 5), torch.randn(70, 5)
+    index, sim = _triton(x, ref)
+    bi, bs = brute_force(x, ref)
+    assert torch.equal(index, bi)
+    torch.testing.assert_close(sim.double(), bs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ties_go_to_the_lowest_index(dtype):
+    """Equal directions (scaled by powers of two, so the scores are equal bit for bit) within a
+    tile, across tiles, and with the lowest index not in the first tile."""
+    ref = torch.randn(150, 16)
+    ref[40] = ref[6]           # same tile as 6
+    ref[100] = 2 * ref[6]      # second tile
+    ref[130] = 0.5 * ref[6]    # third tile: 6 must win over all
+    ref[90] = ref[70]          # both in the second tile: 70
+    ref[140] = 4 * ref[70]     # third tile: still 70
+    x = torch.randn(2, 5, 16)
+    x[0, 1] = 0.5 * ref[6]
+    x[1, 4] = ref[130]
+    x[1, 0] = ref[90]
+    index, sim = _triton(x.to(dtype), ref.to(dtype))
+    assert index[0, 1] == 6 and index[1, 4] == 6 and index[1, 0] == 70
+    torch.testing.assert_close(sim[[0, 1, 1], [1, 4, 0]], torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_zero_rows_have_similarity_zero():
+    ref = torch.randn(80, 8)
+    ref[3] = 0
+    ref[70] = 0
+    x = torch.randn(1, 3, 8)
+    x[0, 2] = 0
+    index, sim = _triton(x, ref)
+    assert index[0, 2] == 0 and sim[0, 2] == 0  # zero against everything: the first index
+    assert torch.isfinite(sim).all() and not ((index == 3) | (index == 70)).any()
+
+
+@pytest.mark.parametrize("channels", [20, 100])  # one channel chunk / several
+@pytest.mark.parametrize("layout", ["token stride", "channel stride", "batch stride 0"])
+def test_non_contiguous_inputs(layout, channels):
+    """Strided x read in place: every other token, channels-first features seen as (B, N, C)
+    (channel stride N, as a conv map flattened and transposed), and a batched ref that is an
+    expanded shared one (batch stride 0)."""
+    c = channels
+    ref = torch.randn(3, 90, c)
+    if layout == "token stride":
+        x = torch.randn(3, 80, c)[:, ::2]
+    elif layout == "channel stride":
+        x = torch.randn(3, c, 40).transpose(1, 2)
+        ref = torch.randn(3, c, 90).transpose(1, 2)  # copied to unit channel stride by the launcher
+    else:
+        x = torch.randn(3, 40, c)
+        ref = torch.randn(90, c).expand(3, 90, c)
+    index, sim = _triton(x, ref)
+    oi, osim = nearest_reference(x.double(), ref.double(), backend="reference")
+    agree(x, ref, index, sim, oi, osim, atol=1e-5)
+
+
+def test_no_tokens():
+    index, sim = _triton(torch.randn(2, 0, 8), torch.randn(5, 8))
+    assert index.shape == sim.shape == (2, 0)
+
+
+def test_float64_is_a_clear_error():
+    x = torch.randn(1, 4, 8, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16, not torch.float64; use backend='torch'"):
+        nearest_reference(x, x[0], backend="triton")
