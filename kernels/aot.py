@@ -1,7 +1,8 @@
 """`rlr-fast kernels`: compile every Triton kernel ahead of time for GPU targets, with no GPU.
 
 Each kernel (forward, dQ and dK/dV backward, for each op, dtype, head dim and shared/batched
-layout; dK/dV as the one or two launches its configuration makes) is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``;
+layout; dK/dV as the one or two launches its configuration makes; nearest_reference's kernel for
+each dtype at the channel counts of NEAREST_CHANNELS, shown in the D column) is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``;
 ``cuobjdump --dump-resource-usage`` (shipped in the triton wheel) reads the registers from the
 cubin and ``ptxas -v`` on the same PTX states the spill stores and loads. Exits non-zero if any
 kernel fails to compile or spills.
@@ -21,6 +22,9 @@ from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 OPS = {"lca": False, "mlka": True}  # op -> COMPLEMENT
+# nearest_reference is compiled at these channel counts (Lite0's stride-4 level has 24; 64 to 512
+# cover wider backbones and both of its paths: C in one chunk, or looped over chunks)
+NEAREST_CHANNELS = (24, 64, 128, 256, 512)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -37,6 +41,8 @@ def _jobs(archs, dtypes, dims):
         yield (arch, "backward dq", op, dtype, dim, None)
         for layout in itertools.product((True, False), repeat=2):
             yield (arch, "backward dk/dv", op, dtype, dim, layout)
+    for arch, dtype, channels in itertools.product(archs, dtypes, NEAREST_CHANNELS):
+        yield (arch, "nearest", "nearest", dtype, channels, None)
 
 
 def _compile_one(job) -> list:
@@ -48,6 +54,8 @@ def _compile_one(job) -> list:
     from rlr_fast.kernels import window_attention as wa
 
     arch, kind, op, dtype_name, dim, layout = job
+    if kind == "nearest":
+        return [_compile_nearest(arch, dtype_name, dim)]
     dtype = getattr(torch, DTYPES[dtype_name])
     cfg = wa.block_config({"forward": "fwd", "backward dq": "dq", "backward dk/dv": "dkdv"}[kind], dim, dtype, OPS[op])
     fn = {"forward": wa._fwd_kernel, "backward dq": wa._bwd_dq_kernel, "backward dk/dv": wa._bwd_dkdv_kernel}[kind]
@@ -79,6 +87,44 @@ def _compile_one(job) -> list:
     return rows
 
 
+def _compile_nearest(arch, dtype_name, channels) -> dict:
+    """Compile nearest_reference's kernel for `channels` (its "head_dim" column): BLOCK_N tokens a
+    program ("tile"), ref tiles of BLOCK_M rows by BLOCK_C channels ("block"). It is specialised
+    as the JIT specialises a call at ResAD's layer-1 shape (8 images of 56 x 56 tokens against a
+    shared ref of 4 x 56 x 56, contiguous): integer arguments equal to 1 become constants, those
+    divisible by 16 and the pointers are marked so; without that it would be another kernel."""
+    import importlib
+
+    import torch
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    from rlr_fast.kernels import window_attention as wa
+
+    nr = importlib.import_module("rlr_fast.kernels.nearest_reference")  # the package exports the function
+    dtype = getattr(torch, DTYPES[dtype_name])
+    cfg = nr.block_config(channels, dtype)
+    b, n, m, c = 8, 56 * 56, 4 * 56 * 56, channels
+    tensor = torch.empty(1, dtype=dtype)  # stands for every pointer: only its dtype and alignment matter
+    args = dict(X=tensor, R=tensor, R_INV_NORM=torch.empty(1), INDEX=torch.empty(1, dtype=torch.int64),
+                SIM=torch.empty(1), stride_xb=n * c, stride_xn=c, stride_xc=1, stride_rb=0, stride_rm=c,
+                stride_ib=0, N=n, M=m, C=c, eps=1e-12)
+    signature, constexprs, attrs = {}, wa.launch_constexprs(cfg, dtype), {}
+    for i, name in enumerate(nr._nearest_kernel.arg_names):
+        if name in constexprs:
+            continue
+        kind, spec = native_specialize_impl(CUDABackend, args[name], False, True, True)
+        if kind == "constexpr":
+            constexprs[name] = spec
+        else:
+            signature[name] = kind
+            attrs[(i,)] = CUDABackend.parse_attr(spec or "")
+    row = {"kernel": "nearest_kernel", "op": "nn", "arch": arch, "dtype": dtype_name, "head_dim": channels,
+           "layout": "C in one chunk" if cfg["ONE_CHUNK"] else "C in chunks", "grads": "", "dot": cfg["DOT"],
+           "tile": str(cfg["BLOCK_N"]), "block": f"{cfg['BLOCK_M']}x{cfg['BLOCK_C']}", "num_warps": cfg["num_warps"]}
+    return _compile_kernel(nr._nearest_kernel, signature, constexprs, arch, row, attrs)
+
+
 def _layout_name(layout) -> str:
     if layout is None:
         return ""
@@ -89,8 +135,9 @@ def _grads_name(grads) -> str:
     return "" if grads is None else "+".join(name for name, on in zip(("dK", "dV"), grads) if on)
 
 
-def _compile_kernel(fn, signature, constexprs, arch, row) -> dict:
-    """Compile one kernel for `arch`: `row` with its resource usage, or with the error."""
+def _compile_kernel(fn, signature, constexprs, arch, row, attrs=None) -> dict:
+    """Compile one kernel for `arch`: `row` with its resource usage, or with the error. `attrs`:
+    the JIT's specialisation hints ({(arg index,): [["tt.divisibility", 16]]})."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -98,7 +145,7 @@ def _compile_kernel(fn, signature, constexprs, arch, row) -> dict:
     for name in constexprs:
         signature[name] = "constexpr"
     try:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs),
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                                   target=GPUTarget("cuda", int(arch.removeprefix("sm_")), 32),
                                   options={"num_warps": row["num_warps"]})
     except Exception as e:  # reported in the table, and the command fails

@@ -12,14 +12,18 @@ from test_nearest import agree, brute_force
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs CUDA or TRITON_INTERPRET=1")
-TILE = 64  # BLOCK_N and BLOCK_M of every config; the shapes below are not multiples of it
+N, M = 150, 150  # tokens and reference rows of the agreement tests: see the first test
 
 
-def test_tile_sizes_the_shapes_below_rely_on():
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        cfg = block_config(24, dtype)
-        assert cfg["BLOCK_N"] == cfg["BLOCK_M"] == TILE and cfg["ONE_CHUNK"]
-        assert not block_config(100, dtype)["ONE_CHUNK"]  # C = 100 takes the chunked channel loop
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_shapes_below_cover_the_tiling(dtype):
+    """N and M span several tiles, the last one partial; C = 24 keeps x in one chunk, C = 100
+    takes one chunk or several, C = 200 several, the last one partial."""
+    cfg = block_config(24, dtype)
+    assert N > cfg["BLOCK_N"] and N % cfg["BLOCK_N"] and M > cfg["BLOCK_M"] and M % cfg["BLOCK_M"]
+    assert cfg["ONE_CHUNK"]
+    cfg = block_config(200, dtype)
+    assert not cfg["ONE_CHUNK"] and 200 % cfg["BLOCK_C"]
 
 
 def _triton(x, ref):
@@ -28,16 +32,16 @@ def _triton(x, ref):
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "batched"])
-@pytest.mark.parametrize("channels", [24, 100])  # one channel chunk / several, neither a power of two
+@pytest.mark.parametrize("channels", [24, 100, 200])  # none a power of two
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_agrees_with_reference(dtype, channels, shared):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 70, channels, generator=g).to(dtype)  # N = 70: two token tiles, the second partial
-    ref = torch.randn(*(() if shared else (2,)), 150, channels, generator=g).to(dtype)  # M = 150: 3 tiles
+    x = torch.randn(2, N, channels, generator=g).to(dtype)
+    ref = torch.randn(*(() if shared else (2,)), M, channels, generator=g).to(dtype)
     index, sim = _triton(x, ref)
     # the oracle sees the same rounded inputs, in float64: products and sums are fp32 in the kernel
     oi, osim = nearest_reference(x.double(), ref.double(), backend="reference")
-    assert index.shape == sim.shape == (2, 70) and sim.dtype == torch.float32
+    assert index.shape == sim.shape == (2, N) and sim.dtype == torch.float32
     agree(x, ref, index, sim, oi, osim, atol=1e-5)
 
 
@@ -79,7 +83,7 @@ def test_zero_rows_have_similarity_zero():
     assert torch.isfinite(sim).all() and not ((index == 3) | (index == 70)).any()
 
 
-@pytest.mark.parametrize("channels", [20, 100])  # one channel chunk / several
+@pytest.mark.parametrize("channels", [20, 200])  # one channel chunk / several
 @pytest.mark.parametrize("layout", ["token stride", "channel stride", "batch stride 0"])
 def test_non_contiguous_inputs(layout, channels):
     """Strided x read in place: every other token, channels-first features seen as (B, N, C)
