@@ -104,7 +104,7 @@ def _compile_nearest(arch, dtype_name, channels) -> dict:
     nr = importlib.import_module("rlr_fast.kernels.nearest_reference")  # the package exports the function
     dtype = getattr(torch, DTYPES[dtype_name])
     cfg = nr.block_config(channels, dtype)
-    b, n, m, c = 8, 56 * 56, 4 * 56 * 56, channels
+    n, m, c = 56 * 56, 4 * 56 * 56, channels  # the batch size is no argument of the kernel
     tensor = torch.empty(1, dtype=dtype)  # stands for every pointer: only its dtype and alignment matter
     args = dict(X=tensor, R=tensor, R_INV_NORM=torch.empty(1), INDEX=torch.empty(1, dtype=torch.int64),
                 SIM=torch.empty(1), stride_xb=n * c, stride_xn=c, stride_xc=1, stride_rb=0, stride_rm=c,
