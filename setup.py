@@ -1,4 +1,10 @@
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# Every package under rlr_fast/ is found, so a new subpackage cannot be left out of the wheel.
+# The Triton kernels live in the top-level kernels/ folder and install as rlr_fast.kernels: no
+# top-level package named "kernels" is installed (another popular distribution owns that name).
+PACKAGES = find_packages(include=["rlr_fast", "rlr_fast.*"])
+PACKAGES += ["rlr_fast.kernels" + name[len("kernels"):] for name in find_packages(include=["kernels", "kernels.*"])]
 
 setup(
     name="rlr-fast",
@@ -6,16 +12,31 @@ setup(
     description="Fast multi-class industrial anomaly detection: RLR with fused attention kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="MIT",
+    classifiers=[
+        "Development Status :: 4 - Beta",
+        "Intended Audience :: Science/Research",
+        "Intended Audience :: Developers",
+        "License :: OSI Approved :: MIT License",
+        "Operating System :: OS Independent",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
     python_requires=">=3.10",
-    # The Triton kernels live in the top-level kernels/ folder and install as rlr_fast.kernels;
-    # no top-level package named "kernels" is installed.
-    packages=["rlr_fast", "rlr_fast.kernels"],
+    packages=PACKAGES,
     package_dir={"rlr_fast": "rlr_fast", "rlr_fast.kernels": "kernels"},
     install_requires=[
-        "torch>=2.1",
+        # 2.4: torch.amp.custom_fwd/custom_bwd with device_type (rlr_fast/blocked.py), and the CPU
+        # flash-attention ops with an attention mask (2.3) that the torch backend calls.
+        "torch>=2.4",
         "triton; platform_system == 'Linux'",
         "timm>=0.9",
-        "numpy",
+        "numpy>=2.0",  # numpy.trapezoid (metrics)
         "scipy",
         "scikit-learn",
         "scikit-image",

@@ -1,4 +1,20 @@
 """rlr-fast: fast multi-class industrial anomaly detection with RLR (ECCV 2024)."""
+import torch as _torch
+
+# The torch backend calls torch.amp.custom_fwd/custom_bwd with device_type (torch 2.4) and the CPU
+# flash-attention ops with a mask (2.3). setup.py declares this floor; the check names it for an
+# install that skipped the dependency check (pip --no-deps).
+TORCH_MIN = (2, 4)
+
+
+def _check_torch(version: str) -> None:
+    release = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    if release < TORCH_MIN:
+        need = ".".join(map(str, TORCH_MIN))
+        raise ImportError(f"rlr-fast needs torch >= {need}, found torch {version}: pip install 'torch>={need}'")
+
+
+_check_torch(_torch.__version__)
 from .modules import LocalCrossAttention, NeighborMaskedAttention
 from .ops import local_cross_attention, nearest_reference, neighbor_masked_attention
 
