@@ -29,10 +29,11 @@ __all__ = [
     "RLRModel",
     "UniADModel",
     "AnomalyOutput",
+    "Prediction",
     "__version__",
 ]
 
-_MODELS = ("RLRModel", "UniADModel", "AnomalyOutput")
+_MODELS = ("RLRModel", "UniADModel", "AnomalyOutput", "Prediction")
 
 
 def __getattr__(name):

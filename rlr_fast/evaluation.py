@@ -6,18 +6,22 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import MVTecDataset
+from .decisions import Thresholds
 from .metrics import class_metrics, summarize
 
 
 @torch.no_grad()
 def evaluate(model, root, classes=None, batch_size: int = 8, device="cpu", overlays_dir: Optional[Path] = None,
              max_overlays_per_class: int = 6, progress: bool = True) -> dict:
-    """Per-class image AUROC, pixel AUROC, pixel AUPRO and image F1-max, and their mean.
+    """Per-class image AUROC, pixel AUROC, pixel AUPRO and image F1-max, and their mean, and
+    the F1-optimal image and pixel thresholds over all the classes evaluated ("thresholds", a
+    :class:`~rlr_fast.decisions.Thresholds`: one model scores every class, so one decision rule).
 
     Writes up to `max_overlays_per_class` overlays per class (defective images first) to
     `overlays_dir`. The summary also records the inference speed ("images_per_s")."""
@@ -46,6 +50,10 @@ def evaluate(model, root, classes=None, batch_size: int = 8, device="cpu", overl
         if overlays_dir is not None:
             _overlays(Path(overlays_dir) / cls, rec, max_overlays_per_class)
     summary = summarize(results)
+    every = [per[cls] for cls in dataset.classes]
+    summary["thresholds"] = Thresholds.fit(
+        [x for r in every for x in r["labels"]], [x for r in every for x in r["scores"]],
+        np.stack([m for r in every for m in r["masks"]]), np.stack([m for r in every for m in r["maps"]]))
     summary["images_per_s"] = seen / seconds if seconds else float("nan")
     return summary
 

@@ -40,12 +40,24 @@ def pixel_auroc(masks, maps) -> float:
 
 
 def image_f1max(labels, scores) -> float:
-    labels, scores = _np(labels).ravel().astype(int), _np(scores).ravel().astype(np.float64)
+    labels = _np(labels).ravel()
     if not _both_labels(labels, "image F1-max"):
         return math.nan
-    precision, recall, _ = precision_recall_curve(labels, scores)
+    return f1_max_threshold(labels, scores)[0]
+
+
+def f1_max_threshold(labels, scores):
+    """(F1-max, the lowest score reaching it): the F1-optimal threshold, as anomalib's adaptive
+    threshold, for the decision ``score >= threshold``. With no positive label, F1 is undefined
+    and the threshold is the highest score (anomalib's choice: every seen sample stays normal)."""
+    labels, scores = _np(labels).ravel() > 0.5, _np(scores).ravel().astype(np.float64)
+    if not labels.any():
+        warnings.warn("no anomalous sample: the threshold is the highest score", RuntimeWarning, stacklevel=2)
+        return math.nan, float(scores.max())
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    return float(f1.max())
+    best = int(np.argmax(f1[:-1]))  # the last point (recall 0) has no threshold
+    return float(f1[best]), float(thresholds[best])
 
 
 def pro_curve(masks, maps):

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from .decisions import Thresholds
 from .features import FeatureCache
 
 CHECKPOINT = "checkpoint.pt"
@@ -118,7 +119,8 @@ def read_checkpoint(path) -> dict:
 
 
 def load_model(run_or_checkpoint, device="cpu"):
-    """The trained model of a run folder or checkpoint file, in eval mode on `device`."""
+    """The trained model of a run folder or checkpoint file, in eval mode on `device`, with the
+    run's decision thresholds (``model.thresholds``; None before `rlr-fast test` has run)."""
     state = read_checkpoint(run_or_checkpoint)
     config = dict(state["config"])
     if config.get("backbone_weights") not in ("random",):
@@ -127,6 +129,8 @@ def load_model(run_or_checkpoint, device="cpu"):
     model = build_model(state["model"], config)
     model.load_state_dict(state["state_dict"])
     model.config.backbone_weights = state["config"].get("backbone_weights", "default")
+    run_dir = Path(run_or_checkpoint)
+    model.thresholds = Thresholds.of_run(run_dir if run_dir.is_dir() else run_dir.parent)
     return model.to(device).eval()
 
 

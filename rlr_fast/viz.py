@@ -1,4 +1,5 @@
-"""Pictures: anomaly-map overlays and heat maps as PNG (matplotlib, no display needed)."""
+"""Pictures: anomaly-map overlays and heat maps as PNG (matplotlib, no display needed), binary
+masks as 8-bit PNG (0 normal, 255 anomalous, as MVTec's ground truth)."""
 from __future__ import annotations
 
 import os
@@ -65,3 +66,16 @@ def save_heatmap(path, image, anomaly_map, title: str = "", vmax=None) -> None:
     if title:
         ax.set_title(title)
     _save(fig, path)
+
+
+def save_mask(path, mask) -> None:
+    """A binary mask (any shape ending in (H, W), True/nonzero = anomalous) as a 0/255 PNG."""
+    from PIL import Image
+
+    from .io import atomic_open
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (_map(mask) > 0).astype(np.uint8) * 255
+    with atomic_open(path, "wb") as fh:
+        Image.fromarray(pixels).save(fh, format="PNG")

@@ -1,52 +1,109 @@
-"""`rlr-fast predict`: anomaly scores (CSV) and heat maps (PNG) of images with a trained run."""
+"""`rlr-fast predict`: decisions on images with a trained run.
+
+Writes ``scores.csv`` (per image: path, raw score, normalised score, label, heat map and mask
+files) and, beside each heat map, a binary mask PNG. The thresholds are those `rlr-fast test`
+stored in the run (``--threshold``/``--pixel-threshold`` override them); without any, the raw
+scores and heat maps are still written and the message says how to get decisions.
+
+Outputs mirror the images' paths relative to their common folder, so two images never share an
+output name, and an output folder holding a previous prediction is refused unless
+``--overwrite`` is given: nothing is overwritten silently.
+"""
 from __future__ import annotations
 
 import argparse
 import csv
 import os
+import sys
+from collections import Counter
 from pathlib import Path
+from typing import List, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+SCORES_FILE = "scores.csv"
+COLUMNS = ("path", "score", "normalized_score", "label", "heatmap", "mask")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, type=Path, help="run folder (or checkpoint file) from `rlr-fast train`")
     p.add_argument("images", nargs="+", type=Path, help="image files and/or folders of images")
     p.add_argument("--out", type=Path, help="output folder (default: RUN/predictions)")
+    p.add_argument("--threshold", type=float,
+                   help="image score at or above which an image is anomalous (default: the run's, from `rlr-fast test`)")
+    p.add_argument("--pixel-threshold", type=float,
+                   help="map value at or above which a pixel is anomalous, for the masks (default: the run's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: autocast to bfloat16 where the device has it (fp32 otherwise, with a warning)")
-    p.add_argument("--no-heatmaps", action="store_true", help="scores only")
+    p.add_argument("--no-heatmaps", action="store_true", help="no heat map or mask pictures: scores only")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous prediction in the output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def output_stems(paths: Sequence[Path]) -> List[Path]:
+    """Per image, its output name without suffix: its path relative to the images' common
+    folder, without the extension, or with it (``a_jpg``) where two images differ only by it."""
+    paths = [Path(os.path.abspath(p)) for p in paths]
+    root = Path(os.path.commonpath([p.parent for p in paths]))
+    stems = [p.relative_to(root).with_suffix("") for p in paths]
+    clashes = Counter(stems)
+    return [s if clashes[s] == 1 else s.with_name(f"{s.name}_{p.suffix.lstrip('.').lower()}")
+            for s, p in zip(stems, paths)]
+
+
+def _check_output_folder(out: Path, overwrite: bool) -> None:
+    if (out / SCORES_FILE).exists() and not overwrite:
+        raise ValueError(f"{out} already holds a prediction ({SCORES_FILE}); pass --overwrite to replace it "
+                         f"or --out for another folder")
+
+
+def _cell(t, i, fmt="{:.6g}") -> str:
+    return "" if t is None else fmt.format(float(t[i]))
 
 
 @torch.no_grad()
 def run(args) -> int:
     from ..data import FolderDataset
+    from ..io import atomic_open
     from ..training import load_model
-    from ..viz import save_heatmap
+    from ..viz import save_heatmap, save_mask
 
     model = load_model(args.run, args.device)
     model.precision = args.precision
     out = args.out or (args.run if args.run.is_dir() else args.run.parent) / "predictions"
-    out.mkdir(parents=True, exist_ok=True)
     dataset = FolderDataset(args.images, image_size=model.image_size)
-    rows = []
-    for batch in tqdm(DataLoader(dataset, batch_size=args.batch_size), desc="predict", unit="batch"):
-        result = model(batch["image"].to(args.device))
+    dataset.paths = list(dict.fromkeys(Path(os.path.abspath(p)) for p in dataset.paths))  # a file given twice
+    _check_output_folder(out, args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = dict(zip(map(str, dataset.paths), output_stems(dataset.paths)))
+    rows, decided = [], None
+    loader = DataLoader(dataset, batch_size=args.batch_size)
+    for batch in tqdm(loader, desc="predict", unit="batch", disable=args.no_progress):
+        pred = model.predict(batch["image"].to(args.device), args.threshold, args.pixel_threshold)
+        decided = pred.labels is not None
         for i, path in enumerate(batch["path"]):
-            score = float(result.score[i])
-            rows.append((path, score))
+            heatmap = mask = ""
             if not args.no_heatmaps:
-                save_heatmap(out / f"{Path(path).stem}_heatmap.png", batch["image"][i], result.anomaly_map[i],
-                             title=f"{Path(path).name}  score {score:.3f}")
-    tmp = out / ".scores.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
+                heatmap = stems[path].as_posix() + "_heatmap.png"
+                label = "" if pred.labels is None else (" anomalous" if pred.labels[i] else " normal")
+                save_heatmap(out / heatmap, batch["image"][i], pred.anomaly_maps[i],
+                             title=f"{Path(path).name}  score {float(pred.scores[i]):.3f}{label}")
+                if pred.masks is not None:
+                    mask = stems[path].as_posix() + "_mask.png"
+                    save_mask(out / mask, pred.masks[i])
+            rows.append((path, _cell(pred.scores, i), _cell(pred.normalized_scores, i, "{:.4f}"),
+                         "" if pred.labels is None else ("anomalous" if pred.labels[i] else "normal"), heatmap, mask))
+    with atomic_open(out / SCORES_FILE, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "score"])
+        writer.writerow(COLUMNS)
         writer.writerows(rows)
-    os.replace(tmp, out / "scores.csv")
-    print(f"{len(rows)} images scored: {out / 'scores.csv'}" + ("" if args.no_heatmaps else f"; heat maps in {out}"))
+    print(f"{len(rows)} images scored: {out / SCORES_FILE}" + ("" if args.no_heatmaps else f"; pictures in {out}"))
+    if not decided:
+        print(f"no image threshold: {args.run} has no thresholds.json. Run `rlr-fast test --data DATA --run "
+              f"{args.run}` first (it fits F1-optimal thresholds on labelled data) or pass --threshold; "
+              f"the raw scores are written, without labels", file=sys.stderr)
     return 0

@@ -1,4 +1,5 @@
-"""`rlr-fast test`: per-class metrics of a trained run, as a table, JSON and overlay pictures."""
+"""`rlr-fast test`: per-class metrics of a trained run, as a table, JSON and overlay pictures, and
+the run's decision thresholds (F1-optimal on the data tested, stored as RUN/thresholds.json)."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def run(args) -> int:
+    from ..decisions import THRESHOLDS_FILE
     from ..evaluation import evaluate
     from ..metrics import format_table
     from ..training import load_model
@@ -43,5 +45,8 @@ def run(args) -> int:
     print(format_table(summary))
     out = args.json or run_dir / "metrics.json"
     write_json(out, {"classes": summary["classes"], "mean": summary["mean"]})
-    print(f"metrics: {out}\noverlays: {overlays}")
+    thresholds = summary["thresholds"]
+    thresholds.save(run_dir / THRESHOLDS_FILE)  # what `rlr-fast predict` and model.predict decide with
+    print(f"metrics: {out}\noverlays: {overlays}\nthresholds (F1-optimal on this data): image "
+          f"{thresholds.image.threshold:.4g}, pixel {thresholds.pixel.threshold:.4g}: {run_dir / THRESHOLDS_FILE}")
     return 0

@@ -5,7 +5,8 @@ Training runs on cached backbone features, so a model is split into the frozen p
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -18,16 +19,31 @@ class AnomalyOutput(NamedTuple):
     score: torch.Tensor  # (B,) image anomaly score
 
 
+@dataclass
+class Prediction:
+    """What ``model.predict(images)`` decides for a batch of B images of side S."""
+
+    scores: torch.Tensor  # (B,) raw image anomaly scores
+    anomaly_maps: torch.Tensor  # (B, 1, S, S) raw pixel anomaly maps
+    normalized_scores: Optional[torch.Tensor]  # (B,) in [0, 1], 0.5 at the image threshold; None: no statistics
+    labels: Optional[torch.Tensor]  # (B,) bool, True = anomalous; None: no image threshold
+    masks: Optional[torch.Tensor]  # (B, 1, S, S) bool, True = anomalous pixel; None: no pixel threshold
+
+
 class AnomalyModel(nn.Module):
     """Base class: ``model(images)`` is the loss in train mode and an AnomalyOutput in eval mode.
 
     ``precision`` ("fp32" or "bf16") is the precision of ``model(images)``: "bf16" autocasts the
     forward to bfloat16 where the device has native support (fp32 otherwise, with a warning);
     score maps stay float32. Training precision is the training recipe's ``amp``.
+
+    ``thresholds`` (a :class:`rlr_fast.decisions.Thresholds`) is what ``rlr-fast test`` fitted;
+    ``rlr_fast.training.load_model`` sets it from the run, and :meth:`predict` decides with it.
     """
 
     name = "base"
     _precision = "fp32"
+    thresholds = None
 
     @property
     def precision(self) -> str:
@@ -58,6 +74,27 @@ class AnomalyModel(nn.Module):
             raise ValueError(f"images are {images.shape[-2]}x{images.shape[-1]} but the model was built for "
                              f"{size}x{size}; resize them (rlr_fast.data does) or build the model with "
                              f"image_size={images.shape[-1]}")
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, image_threshold: Optional[float] = None,
+                pixel_threshold: Optional[float] = None) -> Prediction:
+        """Scores, maps and, where thresholds are known (fitted by ``rlr-fast test`` or given
+        here, overriding those), normalised scores, labels and binary masks. Runs in eval mode."""
+        from ..decisions import Thresholds
+
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(images)  # checked, in the model's precision
+        finally:
+            self.train(was_training)
+        decide = (self.thresholds or Thresholds()).override(image_threshold, pixel_threshold)
+        image, pixel = decide.image, decide.pixel
+        return Prediction(
+            scores=out.score, anomaly_maps=out.anomaly_map,
+            normalized_scores=image.normalize(out.score) if image is not None and image.has_statistics else None,
+            labels=out.score >= image.threshold if image is not None else None,
+            masks=out.anomaly_map >= pixel.threshold if pixel is not None else None)
 
     def forward(self, images: torch.Tensor):
         self.check_images(images)

@@ -1,0 +1,100 @@
+"""Decisions from anomaly scores: thresholds, normalised scores, labels and masks.
+
+``rlr-fast test`` fits, on the labelled data it evaluates, what a user of anomalib expects:
+
+- an image threshold and a pixel threshold, each the F1-optimal one (anomalib's adaptive
+  threshold): the score maximising F1 over the image labels, resp. over every pixel of the
+  ground-truth masks. A score at or above the threshold is anomalous;
+- min-max normalisation statistics (the lowest and highest image score and map value), used as
+  anomalib normalises: ``clip((x - threshold) / (max - min) + 0.5, 0, 1)``, so 0.5 is the threshold.
+
+They are stored in the run as ``thresholds.json``; ``rlr-fast predict`` and ``model.predict``
+turn raw scores and maps into normalised scores, labels and binary masks with them.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .io import atomic_write_json
+from .metrics import f1_max_threshold
+
+THRESHOLDS_FILE = "thresholds.json"
+
+
+@dataclass
+class Threshold:
+    """A decision threshold and the min-max statistics of the scores it was fitted on."""
+
+    threshold: float
+    min: float
+    max: float
+
+    @classmethod
+    def fit(cls, labels, scores) -> "Threshold":
+        """The F1-optimal threshold of ``scores`` against binary ``labels`` (any shapes, flattened)."""
+        scores = np.asarray(scores, dtype=np.float64).ravel()
+        if scores.size == 0:
+            raise ValueError("cannot fit a threshold on no scores")
+        _, threshold = f1_max_threshold(labels, scores)
+        return cls(float(threshold), float(scores.min()), float(scores.max()))
+
+    @property
+    def has_statistics(self) -> bool:
+        """False for a threshold given by hand with no fitted min-max statistics."""
+        return self.min is not None and self.max is not None and math.isfinite(self.min) and math.isfinite(self.max)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """anomalib's min-max normalisation: 0.5 at the threshold, clipped to [0, 1]."""
+        span = max(self.max - self.min, np.finfo(np.float32).eps)
+        return ((x.float() - self.threshold) / span + 0.5).clamp_(0.0, 1.0)
+
+
+@dataclass
+class Thresholds:
+    """Image and pixel thresholds of a run (either may be None when it is not known)."""
+
+    image: Optional[Threshold] = None
+    pixel: Optional[Threshold] = None
+
+    @classmethod
+    def fit(cls, labels, scores, masks, maps) -> "Thresholds":
+        """Image threshold from image labels and scores, pixel threshold from masks and maps."""
+        return cls(Threshold.fit(labels, scores), Threshold.fit(masks, maps))
+
+    def override(self, image: Optional[float] = None, pixel: Optional[float] = None) -> "Thresholds":
+        """These thresholds with the given values replacing the fitted ones (the statistics stay,
+        so a normalised score is still 0.5 at the new threshold)."""
+        def one(old: Optional[Threshold], value: Optional[float]) -> Optional[Threshold]:
+            if value is None:
+                return old
+            if old is None:
+                return Threshold(float(value), float("nan"), float("nan"))
+            return Threshold(float(value), old.min, old.max)
+
+        return Thresholds(one(self.image, image), one(self.pixel, pixel))
+
+    def save(self, path) -> None:
+        atomic_write_json(path, {"image": self.image and asdict(self.image),
+                                 "pixel": self.pixel and asdict(self.pixel)})
+
+    @classmethod
+    def load(cls, path) -> "Thresholds":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+            return cls(*(Threshold(**raw[k]) if raw.get(k) else None for k in ("image", "pixel")))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"cannot read thresholds from {path}: {e}") from e
+
+    @classmethod
+    def of_run(cls, run_dir) -> Optional["Thresholds"]:
+        """The thresholds stored in a run folder, or None if `rlr-fast test` has not run there."""
+        path = Path(run_dir) / THRESHOLDS_FILE
+        return cls.load(path) if path.is_file() else None
