@@ -1,7 +1,6 @@
 """Evaluate a trained model on the test split of an MVTec-style folder: metrics per class."""
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -14,6 +13,7 @@ from tqdm.auto import tqdm
 from .data import MVTecDataset
 from .decisions import Thresholds
 from .metrics import class_metrics, summarize
+from .timing import clock
 
 
 @torch.no_grad()
@@ -31,9 +31,9 @@ def evaluate(model, root, classes=None, batch_size: int = 8, device="cpu", overl
     per = defaultdict(lambda: {"labels": [], "scores": [], "masks": [], "maps": [], "items": []})
     seconds, seen = 0.0, 0
     for batch in tqdm(loader, desc="test", unit="batch", disable=not progress):
-        t0 = time.perf_counter()
+        t0 = clock(device)
         out = model(batch["image"].to(device))
-        seconds += time.perf_counter() - t0
+        seconds += clock(device) - t0
         seen += len(batch["label"])
         maps, scores = out.anomaly_map.float().cpu(), out.score.float().cpu()
         for i, cls in enumerate(batch["cls"]):

@@ -14,6 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from .timing import clock
+
 # Above this many bytes of features, the cache goes to disk as memory-mapped files.
 MEMORY_LIMIT_BYTES = 4 << 30
 
@@ -54,7 +56,7 @@ def extract_features(model, dataset: Dataset, batch_size: int = 16, device="cpu"
                      desc: str = "features", progress: bool = True) -> FeatureCache:
     """Run ``model.features`` over ``dataset`` once; in memory, or memory-mapped under
     ``cache_dir`` when larger than ``memory_limit`` bytes."""
-    start = time.perf_counter()
+    start = clock(device)
     n = len(dataset)
     levels = None
     offset = 0
@@ -81,7 +83,7 @@ def extract_features(model, dataset: Dataset, batch_size: int = 16, device="cpu"
     for level in levels:
         if isinstance(level, np.memmap):
             level.flush()
-    return FeatureCache(levels, time.perf_counter() - start)
+    return FeatureCache(levels, clock(device) - start)
 
 
 def shard(dataset: Dataset, rank: int, world: int) -> Dataset:

@@ -4,6 +4,10 @@ A run folder holds ``checkpoint.pt`` (the latest state, written atomically at th
 epoch), ``config.json`` and ``log.jsonl`` (one line per epoch). ``resume=True`` continues from
 the checkpoint with the optimizer, schedule, epoch and random state restored, so a killed run
 ends with the same weights as an uninterrupted one.
+
+Under torchrun each rank trains on its own shard of the data (``features.shard``) and its own
+feature cache; DistributedDataParallel keeps the weights identical, rank 0 writes the run, and an
+epoch's loss and throughput are those of all ranks together.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .decisions import Thresholds
 from .features import FeatureCache
+from .timing import clock
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "rlr-fast/1"
@@ -101,6 +106,7 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, epoch: int = 0,
         "train_config": asdict(train_config) if train_config is not None else None,
         "history": history or [],
         "rng": torch.get_rng_state(),
+        "cuda_rng": _cuda_rng_state(),
         "extra": extra or {},
     }
     _atomic_save(state, path)
@@ -164,24 +170,59 @@ def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
     return factor
 
 
-def distributed_context():
-    """(rank, world size) when launched by torchrun, else (0, 1)."""
+def distributed_context(device=None):
+    """(rank, world size) when launched by torchrun, else (0, 1). The process group uses nccl
+    for a CUDA ``device`` (None: CUDA when available) and gloo otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
+            cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+            dist.init_process_group("nccl" if cuda else "gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def rank_device(device, world: int) -> torch.device:
+    """This process's device: under torchrun on GPU, ``cuda:LOCAL_RANK`` (a plain "cuda" would put
+    every rank on the first GPU); otherwise ``device`` as given."""
+    device = torch.device(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
+def _cuda_rng_state():
+    """Every GPU's generator state (None without CUDA), for the checkpoint."""
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _restore_cuda_rng(states) -> None:
+    """The CUDA generators' states of a checkpoint, on as many GPUs as both have."""
+    if states is not None and torch.cuda.is_available():
+        for index, state in enumerate(states[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
+
+
+def _epoch_totals(loss_sum: float, seen: int, seconds: float, world: int, device):
+    """(loss sum, images, seconds) of the epoch over every rank: images summed, the time of the
+    slowest rank, so images / seconds is the throughput of the whole job."""
+    if world == 1:
+        return loss_sum, seen, seconds
+    sums = torch.tensor([loss_sum, seen], dtype=torch.float64, device=device)
+    slowest = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return float(sums[0]), int(sums[1]), float(slowest)
 
 
 def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool = False, device="cpu",
           progress: bool = True, log=print, on_epoch_end=None) -> list:
     """Train `model` on cached features; checkpoint every epoch into `out_dir`. Returns the history
-    (one dict per epoch: epoch, loss, lr, seconds, images_per_s). `on_epoch_end(model, record)`,
+    (one dict per epoch: epoch, loss, lr, images (of every rank), seconds, images_per_s). `on_epoch_end(model, record)`,
     if given, runs after each epoch's checkpoint (e.g. a validation); the model is put back in
     train mode after it."""
     out_dir = Path(out_dir)
-    rank, world = distributed_context()
+    rank, world = distributed_context(device)
     device = torch.device(device)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -201,6 +242,7 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], list(state["history"])
         torch.set_rng_state(state["rng"])
+        _restore_cuda_rng(state.get("cuda_rng"))
         if rank == 0:  # the checkpoint's history is the record: rewrite the log from it
             (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         log(f"resuming {ckpt_path} at epoch {start_epoch}/{cfg.epochs}")
@@ -218,7 +260,7 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
     for epoch in range(start_epoch, cfg.epochs):
         # The order of an epoch depends only on (seed, epoch): a resumed run sees the same batches.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        t0, total, seen = time.perf_counter(), 0.0, 0
+        t0, total, seen = clock(device), 0.0, 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                    disable=not progress or rank != 0, leave=False)
         for step in bar:
@@ -237,9 +279,9 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
             total += loss.item() * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}", img_per_s=f"{seen * world / (time.perf_counter() - t0):.1f}")
-        seconds = time.perf_counter() - t0
+        total, seen, seconds = _epoch_totals(total, seen, clock(device) - t0, world, device)
         record = {"epoch": epoch + 1, "loss": total / max(1, seen), "lr": optimizer.param_groups[0]["lr"],
-                  "seconds": round(seconds, 3), "images_per_s": round(seen * world / seconds, 2)}
+                  "images": seen, "seconds": round(seconds, 3), "images_per_s": round(seen / seconds, 2)}
         history.append(record)
         if rank == 0:
             save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch + 1, cfg, history)

@@ -2,6 +2,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -59,3 +60,75 @@ def test_shard_pads_to_equal_lengths():
     parts = [list(shard(list(range(7)), r, 3)) for r in range(3)]
     assert [len(p) for p in parts] == [3, 3, 3]
     assert sorted(set(sum(parts, []))) == list(range(7))
+
+
+def _cli_worker(rank, world, port, data, out, record):
+    """One torchrun-like process running the real `rlr-fast train` command path, recording which
+    images its feature extraction saw, where it cached them, and its weights at the end."""
+    import json
+
+    import rlr_fast.features
+    import rlr_fast.training
+    from rlr_fast.cli import main
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    real_extract, real_train = rlr_fast.features.extract_features, rlr_fast.training.train
+
+    def extract(model, dataset, **kwargs):
+        seen = [dataset[i]["path"] for i in range(len(dataset))]
+        with open(os.path.join(record, f"rank{rank}.json"), "w") as fh:
+            json.dump({"paths": seen, "cache_dir": str(kwargs["cache_dir"])}, fh)
+        return real_extract(model, dataset, **kwargs)
+
+    def train(model, *args, **kwargs):
+        history = real_train(model, *args, **kwargs)
+        torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("backbone")},
+                   os.path.join(record, f"rank{rank}.pt"))
+        return history
+
+    rlr_fast.features.extract_features, rlr_fast.training.train = extract, train
+    # A different seed per rank: different initial weights and batch order, which DDP must reconcile.
+    code = main(["train", "--data", data, "--out", out, "--image-size", "64", "--backbone-weights", "random",
+                 "--epochs", "2", "--batch-size", "1", "--seed", str(rank), "--no-progress"])
+    assert code == 0
+    torch.distributed.destroy_process_group()
+
+
+def test_cli_train_with_two_gloo_processes_shards_the_data(tmp_path):
+    import json
+
+    from rlr_fast.data import list_images
+    from rlr_fast.demo_data import build_demo_dataset
+
+    data = build_demo_dataset(tmp_path / "data", classes=("brick",), image_size=64, n_train=6, n_test_good=1,
+                              n_test_defect=1)
+    run, record = tmp_path / "run", tmp_path / "record"
+    record.mkdir()
+    mp.spawn(_cli_worker, args=(2, _free_port(), str(data), str(run), str(record)), nprocs=2, join=True)
+
+    seen = [json.loads((record / f"rank{r}.json").read_text()) for r in range(2)]
+    everything = sorted(map(str, list_images(data / "brick" / "train" / "good")))
+    assert [len(s["paths"]) for s in seen] == [3, 3]  # each rank extracted and trained on half
+    assert sorted(seen[0]["paths"] + seen[1]["paths"]) == everything  # together, all of it, once
+    assert seen[0]["cache_dir"] != seen[1]["cache_dir"]  # one feature cache per rank
+
+    a, b = (torch.load(record / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in log] == [6, 6]  # the epoch's images counted over both ranks
+    for r in log:
+        assert r["images_per_s"] == pytest.approx(r["images"] / r["seconds"], rel=0.01)
+
+
+def test_rank_device_is_cuda_local_rank_under_torchrun(monkeypatch):
+    from rlr_fast.training import rank_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_device("cuda", 2) == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+    assert rank_device("cpu", 2) == torch.device("cpu")
+    assert rank_device("cuda", 1) == torch.device("cuda")  # a single process keeps what it was given

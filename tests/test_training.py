@@ -123,3 +123,47 @@ def test_recipes():
     assert recipe("fast", epochs=3).epochs == 3
     with pytest.raises(ValueError, match="unknown recipe"):
         recipe("slow")
+
+
+def test_resume_restores_the_cuda_rng_state(tmp_path, monkeypatch):
+    # No GPU here: a stand-in for the GPUs' generator states, and a record of what resume restores.
+    import rlr_fast.training as training
+
+    states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5, 6], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(training, "_cuda_rng_state", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(training, "_restore_cuda_rng", lambda got: restored.append([s.tolist() for s in got]))
+    cache = extract_features(_model(), _Images(4), progress=False)
+    train(_model(), cache, tmp_path, TrainConfig(epochs=1, batch_size=4), progress=False)
+    assert [s.tolist() for s in read_checkpoint(tmp_path)["cuda_rng"]] == [[1, 2, 3], [4, 5, 6]]
+    assert restored == []
+    train(_model(), cache, tmp_path, TrainConfig(epochs=2, batch_size=4), resume=True, progress=False,
+          log=lambda msg: None)
+    assert restored == [[[1, 2, 3], [4, 5, 6]]]
+
+
+def test_restore_cuda_rng_sets_each_gpus_generator(monkeypatch):
+    from rlr_fast.training import _restore_cuda_rng
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # fewer GPUs than in the checkpoint
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, state.tolist())))
+    _restore_cuda_rng([torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)])
+    assert restored == [(0, [1, 2])]
+    _restore_cuda_rng(None)  # a checkpoint written without CUDA
+    assert restored == [(0, [1, 2])]
+
+
+def test_clock_waits_for_the_gpu_before_reading_the_time(monkeypatch):
+    import time
+
+    from rlr_fast.timing import clock
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", device)))
+    monkeypatch.setattr(time, "perf_counter", lambda: events.append(("clock", None)) or 42.0)
+    assert clock("cuda:1") == 42.0
+    assert events == [("sync", torch.device("cuda", 1)), ("clock", None)]
+    events.clear()
+    assert clock("cpu") == 42.0 and events == [("clock", None)]

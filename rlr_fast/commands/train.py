@@ -44,9 +44,14 @@ def training_set(data: Path, classes, image_size: int):
 
 
 def run(args) -> int:
-    from ..features import extract_features
-    from ..training import CHECKPOINT, build_model, read_checkpoint, recipe, train
+    """Train; under torchrun (``torchrun --nproc_per_node N -m rlr_fast train ...``) every rank
+    extracts and trains on its own share of the images, with its own feature cache."""
+    from ..features import extract_features, shard
+    from ..training import CHECKPOINT, build_model, distributed_context, rank_device, read_checkpoint, recipe, train
 
+    rank, world = distributed_context(args.device)
+    device = rank_device(args.device, world)
+    say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     ckpt = args.out / CHECKPOINT
     if args.resume and ckpt.is_file():
@@ -54,27 +59,31 @@ def run(args) -> int:
         name, model_cfg = state["model"], dict(state["config"])
     else:
         if args.resume:
-            print(f"no checkpoint in {args.out}: starting a new run")
+            say(f"no checkpoint in {args.out}: starting a new run")
         name, model_cfg = args.model, {"backend": args.backend, "backbone_weights": args.backbone_weights}
         if args.image_size:
             model_cfg["image_size"] = args.image_size
         if args.backbone:
             model_cfg["backbone"] = args.backbone
-    model = build_model(name, model_cfg).to(args.device)
+    model = build_model(name, model_cfg).to(device)
     recipe_name = "uniad" if (name == "uniad" and args.recipe == "paper") else args.recipe
     cfg = recipe(recipe_name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp,
                  seed=args.seed)
     dataset = training_set(args.data, args.classes, model.image_size)
     classes = getattr(dataset, "classes", None)
-    print(f"training {name} on {len(dataset)} images" + (f" of {len(classes)} classes ({', '.join(classes)})"
-                                                         if classes else "") + f", {cfg}")
-    cache = extract_features(model, dataset, device=args.device, cache_dir=args.out / "features",
-                             progress=not args.no_progress)
-    print(f"features cached: {len(cache)} images in {cache.seconds:.1f}s ({cache.nbytes / 2**20:.0f} MiB)")
+    say(f"training {name} on {len(dataset)} images" + (f" of {len(classes)} classes ({', '.join(classes)})"
+                                                       if classes else "") + f", {cfg}")
+    local = shard(dataset, rank, world)
+    if world > 1:
+        say(f"{world} ranks: {len(local)} images each")
+    cache_dir = args.out / "features" / (f"rank{rank}" if world > 1 else "")  # no two ranks share a file
+    cache = extract_features(model, local, device=device, cache_dir=cache_dir, progress=not args.no_progress)
+    say(f"features cached: {len(cache)} images in {cache.seconds:.1f}s ({cache.nbytes / 2**20:.0f} MiB)"
+        + (" on rank 0" if world > 1 else ""))
     t0 = time.perf_counter()
-    history = train(model, cache, args.out, cfg, resume=args.resume, device=args.device,
-                    progress=not args.no_progress)
+    history = train(model, cache, args.out, cfg, resume=args.resume, device=device,
+                    progress=not args.no_progress, log=say)
     if history:
-        print(f"trained {cfg.epochs} epochs in {time.perf_counter() - t0:.1f}s; final loss "
-              f"{history[-1]['loss']:.4f}; checkpoint {ckpt}")
+        say(f"trained {cfg.epochs} epochs in {time.perf_counter() - t0:.1f}s; final loss "
+            f"{history[-1]['loss']:.4f}; checkpoint {ckpt}")
     return 0
