@@ -364,6 +364,24 @@ def _empty_token_major(shape, dtype, device) -> torch.Tensor:
     return torch.empty(b, length, h, d, dtype=dtype, device=device).transpose(1, 2)
 
 
+# Autocast: both Functions take float32 inputs and run with autocast off, on the CPU and on CUDA.
+# Their softmax and accumulation are float32 by design (16-bit inputs are widened inside anyway);
+# left under autocast, its 16-bit casts of the products inside would undo that. Backward runs in
+# the autocast state of the forward (off), whatever region it is called from.
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _float32_under_autocast(function):
+    """Declare ``function``'s autocast behaviour (torch.amp.custom_fwd/custom_bwd) per device."""
+    forward, backward = function.forward, function.backward
+    for device_type in AUTOCAST_DEVICES:
+        forward = torch.amp.custom_fwd(forward, device_type=device_type, cast_inputs=torch.float32)
+        backward = torch.amp.custom_bwd(backward, device_type=device_type)
+    function.forward, function.backward = staticmethod(forward), staticmethod(backward)
+    return function
+
+
+@_float32_under_autocast
 class _FlashComplementAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
@@ -475,6 +493,7 @@ def _backward(plan: _Plan, q, k, v, out, grad_out, scale: float, compute):
     return dq.to(q.dtype), plan.finish_keys(dkt, k.dtype), plan.finish_keys(dvt, v.dtype)
 
 
+@_float32_under_autocast
 class _BlockedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
