@@ -14,6 +14,15 @@ import torch
 from torch import nn
 
 EMBEDDED = "tf_efficientnet_lite0"
+# timm pretrained tags the RLR paper used, where timm's default tag differs: its
+# tf_efficientnet_b6 defaults to the noisy-student weights (ns_jft_in1k); the paper's are aa_in1k.
+PAPER_TAGS = {"tf_efficientnet_b6": "aa_in1k"}
+
+
+def pretrained_name(name: str) -> str:
+    """The timm name to load pretrained weights for: ``name`` with the paper's tag when it has
+    none of its own (``tf_efficientnet_b6`` -> ``tf_efficientnet_b6.aa_in1k``)."""
+    return name if "." in name or name not in PAPER_TAGS else f"{name}.{PAPER_TAGS[name]}"
 
 
 def _embedded_lite0_state() -> dict:
@@ -56,7 +65,8 @@ class FrozenBackbone(nn.Module):
         name: a timm model name that supports ``features_only``.
         out_indices: feature levels to return (timm's indices; 2 and 3 are strides 8 and 16).
         weights: ``"default"`` (the embedded ImageNet weights for tf_efficientnet_lite0, timm's
-            pretrained weights for other names, which needs a network), ``"random"`` (explicit
+            pretrained weights for other names, with the paper's tag for tf_efficientnet_b6 (see
+            ``PAPER_TAGS``); this needs a network), ``"random"`` (explicit
             opt-in for tests and benchmarks), or a path to a local state-dict file.
     """
 
@@ -69,10 +79,12 @@ class FrozenBackbone(nn.Module):
         self.weights = str(weights)
         if weights == "default" and name != EMBEDDED:
             try:
-                self.model = timm.create_model(name, pretrained=True, features_only=True, out_indices=self.out_indices)
+                self.model = timm.create_model(pretrained_name(name), pretrained=True, features_only=True,
+                                               out_indices=self.out_indices)
             except Exception as e:
                 raise RuntimeError(
-                    f"could not load pretrained weights for backbone {name!r} ({type(e).__name__}: {e}). "
+                    f"could not load pretrained weights {pretrained_name(name)!r} for backbone {name!r} "
+                    f"({type(e).__name__}: {e}). "
                     f"Without a network, pass a local state-dict file (weights='path/to/{name}.pth', "
                     f"CLI --backbone-weights FILE), or use the default backbone {EMBEDDED!r} whose weights "
                     f"ship with rlr-fast's dependencies") from e

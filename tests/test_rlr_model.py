@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy import ndimage
 
 from rlr_fast.backbone import FrozenBackbone
@@ -145,3 +146,28 @@ def test_backbone_errors(tmp_path):
         FrozenBackbone(weights=bad)
     with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\)"):
         FrozenBackbone(weights="random")(torch.zeros(1, 1, 32, 32))
+
+
+def test_paper_backbone_requests_the_papers_pretrained_weights(tmp_path, monkeypatch):
+    # No network here: record what timm is asked for, and stop there (no download is attempted).
+    import timm
+
+    from rlr_fast.cli import main
+
+    asked = []
+
+    def create_model(name, pretrained=False, **kwargs):
+        asked.append((name, pretrained))
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "images" / "a.png")
+    with pytest.raises(RuntimeError, match=r"'tf_efficientnet_b6\.aa_in1k' for backbone 'tf_efficientnet_b6'"):
+        main(["train", "--data", str(tmp_path / "images"), "--out", str(tmp_path / "run"),
+              "--backbone", "tf_efficientnet_b6", "--image-size", "64", "--no-progress"])
+    assert asked == [("tf_efficientnet_b6.aa_in1k", True)]
+    asked.clear()
+    with pytest.raises(RuntimeError):  # a tag given explicitly is kept
+        FrozenBackbone("tf_efficientnet_b6.ap_in1k")
+    assert asked == [("tf_efficientnet_b6.ap_in1k", True)]

@@ -119,7 +119,8 @@ def test_training_lowers_the_loss(tmp_path):
 
 def test_recipes():
     paper = recipe("paper")
-    assert (paper.lr, paper.epochs, paper.schedule, paper.optimizer) == (1e-4, 200, "constant", "adam")
+    assert (paper.lr, paper.batch_size, paper.epochs, paper.schedule, paper.optimizer) == \
+        (1e-4, 4, 200, "constant", "adam")
     assert recipe("fast", epochs=3).epochs == 3
     with pytest.raises(ValueError, match="unknown recipe"):
         recipe("slow")
