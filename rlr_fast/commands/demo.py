@@ -28,6 +28,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..data import MVTecDataset
+    from ..decisions import THRESHOLDS_FILE
     from ..demo_data import build_demo_dataset
     from ..evaluation import evaluate
     from ..features import extract_features
@@ -54,6 +55,7 @@ def run(args) -> int:
     table = format_table(summary)
     print(table)
     write_json(out / "metrics.json", {"classes": summary["classes"], "mean": summary["mean"]})
+    summary["thresholds"].save(out / "run" / THRESHOLDS_FILE)  # `rlr-fast predict --run OUT/run` decides
     (out / "metrics.txt").write_text(table + "\n")
     speed = {
         "device": str(args.device), "cpu": platform.processor() or platform.machine(),
