@@ -197,6 +197,7 @@ class LCAPlan(_Plan):
     def add_key_grad_(self, dst: torch.Tensor, src: torch.Tensor, chunk: slice) -> None:
         """Add key-patch gradients back to their tokens: the adjoint of `key_block`."""
         index = self.key_index[self._tiles(chunk)].reshape(-1)
+        src = src.to(dst.dtype)  # under autocast the products arrive in 16 bits; dst accumulates in float32
         if dst.dim() == 3:  # shared: src (h, g, N, D)
             dst.index_add_(1, index, src.reshape(src.shape[0], -1, src.shape[-1]))
         else:  # batched: dst (h, B, L, D), src (h, g, B, N, D)
@@ -364,24 +365,32 @@ def _empty_token_major(shape, dtype, device) -> torch.Tensor:
     return torch.empty(b, length, h, d, dtype=dtype, device=device).transpose(1, 2)
 
 
-# Autocast: both Functions take float32 inputs and run with autocast off, on the CPU and on CUDA.
-# Their softmax and accumulation are float32 by design (16-bit inputs are widened inside anyway);
-# left under autocast, its 16-bit casts of the products inside would undo that. Backward runs in
-# the autocast state of the forward (off), whatever region it is called from.
+# Autocast: both Functions run their forward in the autocast state they are called in (under bf16
+# autocast their products run in bfloat16, softmax and accumulation in float32) and their backward,
+# which recomputes the probabilities, in that same state wherever backward() is called from, so the
+# gradient is that of the function the forward computed. Declared with torch.amp.custom_fwd and
+# custom_bwd for the device of the inputs.
 AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
-def _float32_under_autocast(function):
-    """Declare ``function``'s autocast behaviour (torch.amp.custom_fwd/custom_bwd) per device."""
-    forward, backward = function.forward, function.backward
-    for device_type in AUTOCAST_DEVICES:
-        forward = torch.amp.custom_fwd(forward, device_type=device_type, cast_inputs=torch.float32)
-        backward = torch.amp.custom_bwd(backward, device_type=device_type)
+def _autocast_declared(function):
+    """``function`` with custom_fwd/custom_bwd applied for the device type of its first input."""
+    plain_forward, plain_backward = function.forward, function.backward
+    forwards = {d: torch.amp.custom_fwd(plain_forward, device_type=d) for d in AUTOCAST_DEVICES}
+    backwards = {d: torch.amp.custom_bwd(plain_backward, device_type=d) for d in AUTOCAST_DEVICES}
+
+    def forward(ctx, q, *args):
+        ctx.device_type = q.device.type
+        return forwards.get(ctx.device_type, plain_forward)(ctx, q, *args)
+
+    def backward(ctx, *grads):
+        return backwards.get(ctx.device_type, plain_backward)(ctx, *grads)
+
     function.forward, function.backward = staticmethod(forward), staticmethod(backward)
     return function
 
 
-@_float32_under_autocast
+@_autocast_declared
 class _FlashComplementAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
@@ -493,7 +502,7 @@ def _backward(plan: _Plan, q, k, v, out, grad_out, scale: float, compute):
     return dq.to(q.dtype), plan.finish_keys(dkt, k.dtype), plan.finish_keys(dvt, v.dtype)
 
 
-@_float32_under_autocast
+@_autocast_declared
 class _BlockedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
