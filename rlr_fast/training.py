@@ -218,9 +218,9 @@ def _epoch_totals(loss_sum: float, seen: int, seconds: float, world: int, device
 def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool = False, device="cpu",
           progress: bool = True, log=print, on_epoch_end=None) -> list:
     """Train `model` on cached features; checkpoint every epoch into `out_dir`. Returns the history
-    (one dict per epoch: epoch, loss, lr, images (of every rank), seconds, images_per_s). `on_epoch_end(model, record)`,
-    if given, runs after each epoch's checkpoint (e.g. a validation); the model is put back in
-    train mode after it."""
+    (one dict per epoch: epoch, loss, lr, images (of every rank), seconds, images_per_s).
+    `on_epoch_end(model, record)`, if given, runs after each epoch's checkpoint (e.g. a
+    validation); the model is put back in train mode after it."""
     out_dir = Path(out_dir)
     rank, world = distributed_context(device)
     device = torch.device(device)
