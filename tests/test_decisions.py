@@ -156,6 +156,8 @@ def test_test_stores_f1_optimal_thresholds_and_predict_decides(trained, tmp_path
                  "--out", str(pred_dir), "--no-progress"]) == 0
     rows = {r["path"]: r for r in _rows(pred_dir)}
     assert len(rows) == len(paths)  # the file given twice (in its folder and alone) is predicted once
+    n_anomalous = sum(s >= stored["image"]["threshold"] for s in scores)
+    assert f"{len(paths)} images scored, {n_anomalous} anomalous" in capsys.readouterr().out
     for i, p in enumerate(paths):
         r = rows[str(p)]
         assert float(r["score"]) == pytest.approx(scores[i], rel=1e-5)

@@ -61,7 +61,7 @@ def _check_output_folder(out: Path, overwrite: bool) -> None:
                          f"or --out for another folder")
 
 
-def _cell(t, i, fmt="{:.6g}") -> str:
+def _cell(t, i, fmt: str) -> str:
     return "" if t is None else fmt.format(float(t[i]))
 
 
@@ -86,22 +86,24 @@ def run(args) -> int:
         pred = model.predict(batch["image"].to(args.device), args.threshold, args.pixel_threshold)
         decided = pred.labels is not None
         for i, path in enumerate(batch["path"]):
+            label = "" if pred.labels is None else ("anomalous" if pred.labels[i] else "normal")
             heatmap = mask = ""
             if not args.no_heatmaps:
                 heatmap = stems[path].as_posix() + "_heatmap.png"
-                label = "" if pred.labels is None else (" anomalous" if pred.labels[i] else " normal")
                 save_heatmap(out / heatmap, batch["image"][i], pred.anomaly_maps[i],
-                             title=f"{Path(path).name}  score {float(pred.scores[i]):.3f}{label}")
+                             title=f"{Path(path).name}  score {float(pred.scores[i]):.3f} {label}".rstrip())
                 if pred.masks is not None:
                     mask = stems[path].as_posix() + "_mask.png"
                     save_mask(out / mask, pred.masks[i])
-            rows.append((path, _cell(pred.scores, i), _cell(pred.normalized_scores, i, "{:.4f}"),
-                         "" if pred.labels is None else ("anomalous" if pred.labels[i] else "normal"), heatmap, mask))
+            rows.append((path, _cell(pred.scores, i, "{:.9g}"), _cell(pred.normalized_scores, i, "{:.4f}"), label,
+                         heatmap, mask))
     with atomic_open(out / SCORES_FILE, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(COLUMNS)
         writer.writerows(rows)
-    print(f"{len(rows)} images scored: {out / SCORES_FILE}" + ("" if args.no_heatmaps else f"; pictures in {out}"))
+    anomalous = sum(r[3] == "anomalous" for r in rows)
+    print(f"{len(rows)} images scored" + (f", {anomalous} anomalous" if decided else "") + f": {out / SCORES_FILE}"
+          + ("" if args.no_heatmaps else f"; pictures in {out}"))
     if not decided:
         print(f"no image threshold: {args.run} has no thresholds.json. Run `rlr-fast test --data DATA --run "
               f"{args.run}` first (it fits F1-optimal thresholds on labelled data) or pass --threshold; "
