@@ -33,8 +33,14 @@ class Threshold:
     """A decision threshold and the min-max statistics of the scores it was fitted on."""
 
     threshold: float
-    min: float
+    min: float  # NaN (null in the file) when unknown: a threshold given by hand
     max: float
+
+    def __post_init__(self):
+        self.threshold = float(self.threshold)
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"a threshold must be a finite number, got {self.threshold}")
+        self.min, self.max = (math.nan if v is None else float(v) for v in (self.min, self.max))
 
     @classmethod
     def fit(cls, labels, scores) -> "Threshold":
@@ -48,7 +54,7 @@ class Threshold:
     @property
     def has_statistics(self) -> bool:
         """False for a threshold given by hand with no fitted min-max statistics."""
-        return self.min is not None and self.max is not None and math.isfinite(self.min) and math.isfinite(self.max)
+        return math.isfinite(self.min) and math.isfinite(self.max)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """anomalib's min-max normalisation: 0.5 at the threshold, clipped to [0, 1]."""
@@ -75,8 +81,8 @@ class Thresholds:
             if value is None:
                 return old
             if old is None:
-                return Threshold(float(value), float("nan"), float("nan"))
-            return Threshold(float(value), old.min, old.max)
+                return Threshold(value, math.nan, math.nan)
+            return Threshold(value, old.min, old.max)
 
         return Thresholds(one(self.image, image), one(self.pixel, pixel))
 

@@ -62,9 +62,15 @@ def test_thresholds_round_trip_and_override(tmp_path):
     assert Thresholds.load(tmp_path / "t.json") == th
     moved = th.override(image=2.0)
     assert moved.image == Threshold(2.0, 0.25, 3.0) and moved.pixel == th.pixel
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json"):
-        Thresholds.load(tmp_path / "bad.json")
+    for bad in ("{not json", '{"image": {"threshold": "high", "min": 0, "max": 1}}',
+                '{"image": {"threshold": null, "min": 0, "max": 1}}', '{"image": {"min": 0}}', "[1]"):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(ValueError, match="cannot read thresholds from .*bad.json"):
+            Thresholds.load(tmp_path / "bad.json")
+    by_hand = Thresholds().override(image=3.0)  # no statistics: no normalised score
+    assert by_hand.image.threshold == 3.0 and not by_hand.image.has_statistics
+    with pytest.raises(ValueError, match="finite"):
+        Thresholds().override(image=float("nan"))
 
 
 def test_model_predict_decides_with_its_thresholds():
