@@ -87,6 +87,34 @@ def ops_table(benches) -> list:
     return lines + [""]
 
 
+def nearest_table(benches) -> list:
+    rows = [b for b in benches if b["extra_info"].get("kind") == "nearest"]
+    if not rows:
+        return []
+    lines = ["## nearest_reference", "",
+             "Each token's most cosine-similar reference token, against the dense way (normalise, "
+             "x @ ref^T, max: all B x N x M scores at once), same run. Ratios are dense over provider.", "",
+             "| batch | tokens | refs | C | provider | ms | speed-up | peak MiB | memory ratio | GFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    groups = defaultdict(dict)
+    for b in rows:
+        e = b["extra_info"]
+        groups[(e["batch"], e["tokens"], e["refs"], e["channels"])][e["provider"]] = b
+    for key in sorted(groups):
+        row = groups[key]
+        dense = row.get("dense")
+        for provider in ("triton", "torch", "dense"):
+            b = row.get(provider)
+            if b is None:
+                continue
+            e, t = b["extra_info"], _median_s(b)
+            speed = _ratio(_median_s(dense), t) if dense else "n/a"
+            mem = _ratio(dense["extra_info"].get("peak_bytes"), e.get("peak_bytes")) if dense else "n/a"
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {provider} | {t * 1e3:.1f} | {speed} | "
+                         f"{_mb(e.get('peak_bytes'))} | {mem} | {e['flops'] / t / 1e9:.1f} |")
+    return lines + [""]
+
+
 def models_table(benches) -> list:
     models = [b for b in benches if b["extra_info"].get("kind") == "model"]
     if not models:
@@ -255,7 +283,7 @@ def plot(benches, path: Path) -> bool:
 def report(results, out: Path) -> str:
     benches = load(results)
     md = ["# rlr-fast benchmarks", ""] + _header(benches) + [""]
-    md += ops_table(benches) + models_table(benches) + profile_table(benches)
+    md += ops_table(benches) + nearest_table(benches) + models_table(benches) + profile_table(benches)
     if plot_profile(benches, out / "profile.png"):
         md += ["![time per image by part](profile.png)", ""]
     md += scaling_table(benches)

@@ -18,6 +18,10 @@ def test_report(tmp_path, capsys):
         _bench(0.060, provider="sdpa", peak_bytes=40 << 20, **op),
         _bench(0.050, provider="sdpa_float", peak_bytes=30 << 20, **op),
         _bench(0.200, provider="reference", peak_bytes=400 << 20, **op),
+        _bench(0.020, kind="nearest", provider="torch", batch=8, tokens=3136, refs=12544, channels=24,
+               flops=2e9, peak_bytes=10 << 20),
+        _bench(0.080, kind="nearest", provider="dense", batch=8, tokens=3136, refs=12544, channels=24,
+               flops=2e9, peak_bytes=1000 << 20),
         _bench(0.5, kind="model", model="rlr", path="fast", mode="inference", batch=16, image_size=256,
                peak_bytes=100 << 20),
         _bench(2.0, kind="model", model="rlr", path="naive", mode="inference", batch=16, image_size=256,
@@ -39,6 +43,8 @@ def test_report(tmp_path, capsys):
     # reference, 200 GFLOP/s = 200% of 100
     assert "| lca | 32 | 7 | 8 | inference | torch | 10.0 | 5.00x | sdpa_float | 20.00x | 200.0 | 200% | 10 |" in text
     assert "| lca | 32 | 7 | 8 | inference | sdpa | 60.0 | 0.83x | sdpa_float |" in text
+    # nearest: 20 ms against 80 ms dense, 10 MiB against 1000 MiB, 2 GFLOP in 20 ms
+    assert "| 8 | 3136 | 12544 | 24 | torch | 20.0 | 4.00x | 10 | 100.00x | 100.0 |" in text
     # 16 images / 0.5 s = 32 img/s against 8 img/s: 4x, memory 8x
     assert "| rlr (256px) | inference | 16 | 32.00 | 8.00 | 4.00x | 100 | 800 | 8.00x |" in text
     assert "| 32 | 100.0 | 500.0 | 5.00x | 10 | 100 | 10.00x |" in text
