@@ -24,23 +24,35 @@ def rows_per_tile(num_ref: int) -> int:
 @torch.no_grad()
 def nearest_reference(x: torch.Tensor, ref: torch.Tensor, eps: float):
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    b, n, _ = x.shape
+    b, n, c = x.shape
     m = ref.shape[-2]
     index = torch.empty(b, n, dtype=torch.int64, device=x.device)
     best = torch.empty(b, n, dtype=compute, device=x.device)
-    shared = ref.dim() == 2
-    ref_t = None
-    if shared:  # normalise the shared reference once, (C, M) for x @ ref_t
-        ref_t = torch.nn.functional.normalize(ref.to(compute), dim=-1, eps=eps).t()
     rows = rows_per_tile(m)
+    if ref.dim() == 2 and x.is_contiguous():
+        # A shared reference: every token of the batch is a row of one (B*N, C) problem, so the
+        # tiles run over the whole batch at once (views, no copy of x).
+        _nearest_rows(x.view(b * n, c), _normalized_t(ref, compute, eps), index.view(-1), best.view(-1),
+                      rows, compute, eps)
+        return index, best
+    ref_t = _normalized_t(ref, compute, eps) if ref.dim() == 2 else None  # normalised once if shared
     for i in range(b):
-        if not shared:
-            ref_t = torch.nn.functional.normalize(ref[i].to(compute), dim=-1, eps=eps).t()
-        for start in range(0, n, rows):
-            xs = x[i, start:start + rows].to(compute)                # (rows, C)
-            scores = xs @ ref_t                                      # (rows, M)
-            arg = scores.argmax(dim=-1)                              # the first maximum
-            top = scores.gather(-1, arg.unsqueeze(-1)).squeeze(-1)
-            index[i, start:start + rows] = arg
-            best[i, start:start + rows] = top / xs.norm(dim=-1).clamp_min(eps)
+        _nearest_rows(x[i], ref_t if ref_t is not None else _normalized_t(ref[i], compute, eps),
+                      index[i], best[i], rows, compute, eps)
     return index, best
+
+
+def _normalized_t(ref: torch.Tensor, compute, eps: float) -> torch.Tensor:
+    """The reference rows normalised, transposed to (C, M) for ``x @ ref_t``."""
+    return torch.nn.functional.normalize(ref.to(compute), dim=-1, eps=eps).t()
+
+
+def _nearest_rows(x, ref_t, index, best, rows: int, compute, eps: float) -> None:
+    """Fill index/best (T,) for the tokens x (T, C) against ref_t (C, M), ``rows`` tokens a tile."""
+    for start in range(0, x.shape[0], rows):
+        xs = x[start:start + rows].to(compute)                   # (rows, C)
+        scores = xs @ ref_t                                      # (rows, M)
+        arg = scores.argmax(dim=-1)                              # the first maximum
+        index[start:start + rows] = arg
+        top = scores.gather(-1, arg.unsqueeze(-1)).squeeze(-1)
+        best[start:start + rows] = top / xs.norm(dim=-1).clamp_min(eps)

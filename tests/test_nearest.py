@@ -109,3 +109,15 @@ def test_outputs_carry_no_gradient():
 def test_bad_input_is_named(x, ref, match):
     with pytest.raises((ValueError, TypeError), match=match):
         nearest_reference(x, ref, backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_first_features_are_read_in_place(backend, monkeypatch):
+    """x as a (B, C, H*W) feature map seen as (B, N, C): not contiguous, with a shared ref."""
+    monkeypatch.setattr(nearest, "TILE_SCORES", 500)
+    features = torch.randn(2, 16, 70)
+    x = features.transpose(1, 2)
+    ref = torch.randn(90, 16)
+    index, sim = nearest_reference(x, ref, backend=backend)
+    oi, osim = nearest_reference(x.contiguous().double(), ref.double(), backend="reference")
+    agree(x, ref, index, sim, oi, osim, 1e-5)
