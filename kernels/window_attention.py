@@ -58,6 +58,19 @@ def _tile_origin(tile, GRID_W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
 
 
 @triton.jit
+def _head(ptr, b, h, stride_b, stride_h):
+    """Pointer to the (L, D) rows of batch element b and head h. The offset is computed in 64
+    bits: b * stride_b passes 2**31 elements once B * heads * L * D does."""
+    return ptr + tl.cast(b, tl.int64) * stride_b + tl.cast(h, tl.int64) * stride_h
+
+
+@triton.jit
+def _lse_row(b, h, H, GRID_H, GRID_W):
+    """Offset of the first log-sum-exp (or delta) of batch element b and head h, in 64 bits."""
+    return (tl.cast(b, tl.int64) * H + h) * (GRID_H * GRID_W)
+
+
+@triton.jit
 def _load_rows(base, idx, ok, stride_l, offs_d):
     """The (len idx, HEAD_DIM) rows of tokens `idx` at `base` (zeros where not `ok`)."""
     return tl.load(base + idx[:, None] * stride_l + offs_d[None, :], mask=ok[:, None], other=0.0)
@@ -130,9 +143,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
     y0, x0 = _tile_origin(tile, GRID_W, TILE_H, TILE_W)
     qy, qx, q_idx, q_ok = _tokens(y0, x0, GRID_H, GRID_W, TILE_H, TILE_W)  # BLOCK_M = TILE_H * TILE_W
     offs_d = tl.arange(0, HEAD_DIM)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_idx, q_ok, stride_ql, offs_d)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), q_idx, q_ok, stride_ql, offs_d)
+    k_base = _head(K, b, h, stride_kb, stride_kh)
+    v_base = _head(V, b, h, stride_vb, stride_vh)
     # online softmax state, base 2 with the scale folded in: m (running max), l (running sum)
     m_i = tl.full([TILE_H * TILE_W], float("-inf"), tl.float32)
     l_i = tl.zeros([TILE_H * TILE_W], tl.float32)
@@ -156,10 +169,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
         m_i = m_new
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # tokens off the grid: never stored
     acc = acc / l_i[:, None]
-    tl.store(O + b * stride_ob + h * stride_oh + q_idx[:, None] * stride_ol + offs_d[None, :],
+    tl.store(_head(O, b, h, stride_ob, stride_oh) + q_idx[:, None] * stride_ol + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=q_ok[:, None])
     # log-sum-exp in base 2 (of the scaled scores), for the backward
-    tl.store(LSE + (b * H + h) * GRID_H * GRID_W + q_idx, m_i + tl.math.log2(l_i), mask=q_ok)
+    tl.store(LSE + _lse_row(b, h, H, GRID_H, GRID_W) + q_idx, m_i + tl.math.log2(l_i), mask=q_ok)
 
 
 @triton.jit
@@ -168,6 +181,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                    stride_kb, stride_kh, stride_kl,
                    stride_vb, stride_vh, stride_vl,
                    stride_ob, stride_oh, stride_ol,
+                   stride_dqb, stride_dqh, stride_dql,
                    B, H, GRID_H, GRID_W, RY, RX, qk_scale, sm_scale,
                    COMPLEMENT: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -178,13 +192,13 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     y0, x0 = _tile_origin(tile, GRID_W, TILE_H, TILE_W)
     qy, qx, q_idx, q_ok = _tokens(y0, x0, GRID_H, GRID_W, TILE_H, TILE_W)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_idx, q_ok, stride_ql, offs_d)
-    do = _load_rows(DO + b * stride_ob + h * stride_oh, q_idx, q_ok, stride_ol, offs_d)
-    row = (b * H + h) * GRID_H * GRID_W
+    q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), q_idx, q_ok, stride_ql, offs_d)
+    do = _load_rows(_head(DO, b, h, stride_ob, stride_oh), q_idx, q_ok, stride_ol, offs_d)
+    row = _lse_row(b, h, H, GRID_H, GRID_W)
     lse = tl.load(LSE + row + q_idx, mask=q_ok, other=0.0)
     delta = tl.load(DELTA + row + q_idx, mask=q_ok, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = _head(K, b, h, stride_kb, stride_kh)
+    v_base = _head(V, b, h, stride_vb, stride_vh)
     dq = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
     y_lo, y_hi, x_lo, x_hi = _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H, TILE_W)
     oy, ox, blocks_x, n_blocks = _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, COMPLEMENT)
@@ -200,7 +214,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
         dp = _mm(do, tl.trans(v), DOT)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds, k, DOT)
-    tl.store(DQ + b * stride_qb + h * stride_qh + q_idx[:, None] * stride_ql + offs_d[None, :],
+    tl.store(_head(DQ, b, h, stride_dqb, stride_dqh) + q_idx[:, None] * stride_dql + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
 
 
@@ -240,19 +254,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     dk = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
     dv = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
     for b in range(b_lo, b_hi):
-        k = _load_rows(K + b * stride_kb + h * stride_kh, k_idx, k_ok, stride_kl, offs_d)
+        k = _load_rows(_head(K, b, h, stride_kb, stride_kh), k_idx, k_ok, stride_kl, offs_d)
         if WITH_DK:
-            v = _load_rows(V + b * stride_vb + h * stride_vh, k_idx, k_ok, stride_vl, offs_d)
+            v = _load_rows(_head(V, b, h, stride_vb, stride_vh), k_idx, k_ok, stride_vl, offs_d)
         if not K_SHARED:
             dk = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
         if not V_SHARED:
             dv = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
-        row = (b * H + h) * GRID_H * GRID_W
+        row = _lse_row(b, h, H, GRID_H, GRID_W)
         for i in range(0, n_blocks):
             by, bx = oy + (i // blocks_x) * BLOCK_H, ox + (i % blocks_x) * BLOCK_W
             qy, qx, q_idx, q_ok = _tokens(by, bx, GRID_H, GRID_W, BLOCK_H, BLOCK_W)
-            q = _load_rows(Q + b * stride_qb + h * stride_qh, q_idx, q_ok, stride_ql, offs_d)
-            do = _load_rows(DO + b * stride_ob + h * stride_oh, q_idx, q_ok, stride_ol, offs_d)
+            q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), q_idx, q_ok, stride_ql, offs_d)
+            do = _load_rows(_head(DO, b, h, stride_ob, stride_oh), q_idx, q_ok, stride_ol, offs_d)
             lse = tl.load(LSE + row + q_idx, mask=q_ok, other=0.0)
             if WITH_DK:
                 delta = tl.load(DELTA + row + q_idx, mask=q_ok, other=0.0)
@@ -266,16 +280,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                 ds_t = p_t * (_mm(v, tl.trans(do), DOT) - delta[None, :])
                 dk += _mm(ds_t, q, DOT)
         if WITH_DK and not K_SHARED:
-            tl.store(DK + b * stride_dkb + h * stride_dkh + k_idx[:, None] * stride_dkl + offs_d[None, :],
+            tl.store(_head(DK, b, h, stride_dkb, stride_dkh) + k_idx[:, None] * stride_dkl + offs_d[None, :],
                      (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
         if WITH_DV and not V_SHARED:
-            tl.store(DV + b * stride_dvb + h * stride_dvh + k_idx[:, None] * stride_dvl + offs_d[None, :],
+            tl.store(_head(DV, b, h, stride_dvb, stride_dvh) + k_idx[:, None] * stride_dvl + offs_d[None, :],
                      dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
     if WITH_DK and K_SHARED:
-        tl.store(DK + h * stride_dkh + k_idx[:, None] * stride_dkl + offs_d[None, :],
+        tl.store(DK + tl.cast(h, tl.int64) * stride_dkh + k_idx[:, None] * stride_dkl + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
     if WITH_DV and V_SHARED:
-        tl.store(DV + h * stride_dvh + k_idx[:, None] * stride_dvl + offs_d[None, :],
+        tl.store(DV + tl.cast(h, tl.int64) * stride_dvh + k_idx[:, None] * stride_dvl + offs_d[None, :],
                  dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
 
 
@@ -283,6 +297,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
 # Launch code and the autograd Function (each op's file binds COMPLEMENT)
 # ------------------------------------------------------------------------------------------------
 
+import contextlib  # noqa: E402
 import os  # noqa: E402
 
 import torch  # noqa: E402
@@ -376,6 +391,12 @@ def _check(q, k, v):
                          f"use backend='torch'")
 
 
+def _on_device(t: torch.Tensor):
+    """The context to launch kernels on t in: Triton launches on the current CUDA device, so
+    make it t's (a tensor on cuda:1 otherwise runs on cuda:0). Nothing to do on the CPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -392,10 +413,11 @@ class WindowAttentionFunction(torch.autograd.Function):
         cfg = block_config("fwd", d, q.dtype, cls.COMPLEMENT)
         o = torch.empty(b, h, length, d, device=q.device, dtype=q.dtype)
         lse = torch.empty(b * h * length, device=q.device, dtype=torch.float32)
-        _fwd_kernel[(_tiles(grid, cfg) * b, h)](
-            q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            b, h, *grid, kh // 2, kw // 2, scale * LOG2E, COMPLEMENT=cls.COMPLEMENT, HEAD_DIM=d,
-            **launch_constexprs(cfg, q.dtype), num_warps=cfg["num_warps"])
+        with _on_device(q):
+            _fwd_kernel[(_tiles(grid, cfg) * b, h)](
+                q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                b, h, *grid, kh // 2, kw // 2, scale * LOG2E, COMPLEMENT=cls.COMPLEMENT, HEAD_DIM=d,
+                **launch_constexprs(cfg, q.dtype), num_warps=cfg["num_warps"])
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.geometry = (grid, kh // 2, kw // 2, scale)
         return o
@@ -407,22 +429,23 @@ class WindowAttentionFunction(torch.autograd.Function):
         b, h, length, d = q.shape
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1).reshape(-1)  # rowsum(O * dO), (B * H * L,)
-        dq = torch.empty_like(q)
+        dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # dense, its own strides
         dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
         dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-        cfg = block_config("dq", d, q.dtype, cls.COMPLEMENT)
-        _bwd_dq_kernel[(_tiles(grid, cfg) * b, h)](
-            q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            b, h, *grid, ry, rx, scale * LOG2E, scale, COMPLEMENT=cls.COMPLEMENT, HEAD_DIM=d,
-            **launch_constexprs(cfg, q.dtype), num_warps=cfg["num_warps"])
-        k_shared, v_shared = k.dim() == 3, v.dim() == 3
-        per_batch = 1 if (k_shared or v_shared) else b  # a shared k/v: one program sums the batch
-        cfg = block_config("dkdv", d, q.dtype, cls.COMPLEMENT)
-        for with_dk, with_dv in ((True, False), (False, True)) if cfg["split"] else ((True, True),):
-            _bwd_dkdv_kernel[(_tiles(grid, cfg) * per_batch, h)](
-                q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                *_strides(dk), *_strides(dv), b, h, *grid, ry, rx, scale * LOG2E, scale,
-                K_SHARED=k_shared, V_SHARED=v_shared, WITH_DK=with_dk, WITH_DV=with_dv,
-                COMPLEMENT=cls.COMPLEMENT, HEAD_DIM=d, **launch_constexprs(cfg, q.dtype),
-                num_warps=cfg["num_warps"])
+        with _on_device(q):
+            cfg = block_config("dq", d, q.dtype, cls.COMPLEMENT)
+            _bwd_dq_kernel[(_tiles(grid, cfg) * b, h)](
+                q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+                b, h, *grid, ry, rx, scale * LOG2E, scale, COMPLEMENT=cls.COMPLEMENT, HEAD_DIM=d,
+                **launch_constexprs(cfg, q.dtype), num_warps=cfg["num_warps"])
+            k_shared, v_shared = k.dim() == 3, v.dim() == 3
+            per_batch = 1 if (k_shared or v_shared) else b  # a shared k/v: one program sums the batch
+            cfg = block_config("dkdv", d, q.dtype, cls.COMPLEMENT)
+            for with_dk, with_dv in ((True, False), (False, True)) if cfg["split"] else ((True, True),):
+                _bwd_dkdv_kernel[(_tiles(grid, cfg) * per_batch, h)](
+                    q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                    *_strides(dk), *_strides(dv), b, h, *grid, ry, rx, scale * LOG2E, scale,
+                    K_SHARED=k_shared, V_SHARED=v_shared, WITH_DK=with_dk, WITH_DV=with_dv,
+                    COMPLEMENT=cls.COMPLEMENT, HEAD_DIM=d, **launch_constexprs(cfg, q.dtype),
+                    num_warps=cfg["num_warps"])
         return dq, dk, dv, None, None, None

@@ -9,11 +9,14 @@ Backends:
     ``"torch"``      memory-efficient blocked attention, any device, the fast CPU path;
     ``"triton"``     fused GPU kernels (``rlr_fast.kernels``), CUDA tensors, or CPU tensors
                      under ``TRITON_INTERPRET=1``;
-    ``"auto"``       triton on CUDA, torch elsewhere.
+    ``"auto"``       triton on CUDA, torch elsewhere and where the kernels cannot serve
+                     (no triton, float64, an unsupported head dim), with a warning.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -84,22 +87,57 @@ def check_inputs(q, k, v, grid, window, scale, *, complement: bool) -> Attention
     return AttentionProblem((h, w), (kh, kw), float(scale), k.dim() == 3, v.dim() == 3)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``"auto"`` to a concrete backend and check the choice fits the device."""
+def _triton_unavailable(device: torch.device, dtype: Optional[torch.dtype],
+                        head_dim: Optional[int]) -> Optional[Exception]:
+    """Why the Triton kernels cannot serve a call on `device`, as the error to raise (None if
+    they can). `dtype` and `head_dim` are checked when given."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ValueError(f"backend 'triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
+                          f"to run the kernels on the CPU for testing")
+    if importlib.util.find_spec("triton") is None:
+        return ImportError("the triton backend needs the triton package, which is not installed")
+    from .kernels.window_attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        return TypeError(f"the triton backend supports float32, float16 and bfloat16, not {dtype}")
+    if head_dim is not None and head_dim not in SUPPORTED_HEAD_DIMS:
+        return ValueError(f"the triton backend supports head dims {SUPPORTED_HEAD_DIMS}, got D={head_dim}")
+    return None
+
+
+_warned = set()  # the fallback reasons `auto` has already reported
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+                    head_dim: Optional[int] = None) -> str:
+    """Map ``"auto"`` to a concrete backend and check the choice fits the call.
+
+    ``auto`` is triton on CUDA and torch elsewhere; on CUDA it falls back to torch where the
+    kernels cannot serve (no triton, float64, a head dim they do not take), with one warning per
+    reason. ``triton`` raises there instead, naming the problem."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend 'triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
-                         f"to run the kernels on the CPU for testing, or use backend='torch'")
+        if device.type != "cuda":
+            return "torch"
+        problem = _triton_unavailable(device, dtype, head_dim)
+        if problem is None:
+            return "triton"
+        if str(problem) not in _warned:
+            _warned.add(str(problem))
+            warnings.warn(f"backend 'auto' uses 'torch' here: {problem}", RuntimeWarning, stacklevel=4)
+        return "torch"
+    if backend == "triton":
+        problem = _triton_unavailable(device, dtype, head_dim)
+        if problem is not None:
+            raise type(problem)(f"{problem}; use backend='torch'")
     return backend
 
 
 def _dispatch(op: str, q, k, v, grid, window, scale, backend):
     complement = op == "neighbor_masked_attention"
     p = check_inputs(q, k, v, grid, window, scale, complement=complement)
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
     if backend == "reference":
         fn = getattr(reference, op)
     elif backend == "torch":

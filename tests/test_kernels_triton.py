@@ -142,3 +142,143 @@ def test_triton_random_shapes(op, grid, window, batch, heads, k_shared, v_shared
     for name, g, o in zip(("out", "dq", "dk", "dv"), got, oracle):
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), o, rtol=tol, atol=tol, msg=f"{op} {grid} {window} {name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Hazards: non-dense q, offsets past 2**31 elements, the device the kernels launch on
+# ------------------------------------------------------------------------------------------------
+
+def _grads_against_reference(op, q, leaf, k, v, grid, window):
+    """Forward and the gradients of (leaf, k, v) of the triton backend against the reference."""
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    for backend in ("reference", "triton"):
+        out = OPS[op](q, k, v, grid, window, backend=backend)
+        yield (out, *torch.autograd.grad(out, (leaf, k, v), grad))
+
+
+@pytest.mark.parametrize("op", ["lca", "mlka"])
+def test_triton_q_slice_of_a_fused_projection(op):
+    """q = qkv[..., :D] has token stride 3D: dQ is written with its own (dense) strides, not
+    q's (which wrote past the end of dQ: the interpreter died in malloc)."""
+    grid = (5, 6)
+    qkv = torch.randn(2, 2, 30, 48).to(DEVICE).requires_grad_()
+    k = torch.randn(2, 30, 16).to(DEVICE).requires_grad_()
+    v = torch.randn(2, 2, 30, 16).to(DEVICE).requires_grad_()
+    ref, got = _grads_against_reference(op, qkv[..., :16], qkv, k, v, grid, 3)
+    for name, a, b in zip(("out", "dqkv", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"{op} {name}")
+
+
+@pytest.mark.parametrize("op", ["lca", "mlka"])
+def test_triton_batch_expanded_q(op):
+    """A q expanded over the batch (batch stride 0): each batch element's dQ lands in its own
+    rows (with q's strides they all landed on the first) and autograd sums them."""
+    grid = (5, 6)
+    base = torch.randn(1, 2, 30, 16).to(DEVICE).requires_grad_()
+    k = torch.randn(3, 2, 30, 16).to(DEVICE).requires_grad_()
+    v = torch.randn(2, 30, 16).to(DEVICE).requires_grad_()
+    ref, got = _grads_against_reference(op, base.expand(3, -1, -1, -1), base, k, v, grid, 3)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"{op} {name}")
+
+
+_OFFSETS_PAST_INT32 = """
+import torch
+from rlr_fast import {op}
+B, H, L, D, grid = 3, 1, 16, 16, (4, 4)
+stride_b = 2**30 + 2**20  # batch element 2 starts past 2**31 elements (an int32 wraps negative)
+store = torch.empty(stride_b * (B - 1) + H * L * D, dtype=torch.float16)  # 6 GB, never touched but here
+q = store.as_strided((B, H, L, D), (stride_b, L * D, D, 1))
+g = torch.Generator().manual_seed(0)
+dense = torch.randn(B, H, L, D, generator=g).half()
+q.copy_(dense)
+q.requires_grad_()
+dense.requires_grad_()
+k, v = (torch.randn(H, L, D, generator=g).half().requires_grad_() for _ in range(2))
+grad = torch.randn(B, H, L, D, generator=g).half()
+got = {op}(q, k, v, grid, 3, backend="triton")
+got = (got, *torch.autograd.grad(got, (q, k, v), grad))
+ref = {op}(dense.double(), k.double(), v.double(), grid, 3, backend="reference")
+ref = (ref, *torch.autograd.grad(ref, (dense, k, v), grad.double()))
+for a, b in zip(got, ref):
+    torch.testing.assert_close(a.double(), b.double(), rtol=2e-2, atol=2e-2)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("op", ["local_cross_attention", "neighbor_masked_attention"])
+def test_triton_offsets_past_int32(op):
+    """Base offsets b * stride computed in 64 bits: a batch element starting past 2**31 elements
+    is read and its gradients computed right (in 32 bits the offset wrapped: a segfault). The
+    6 GB tensor is virtual memory; only its few touched pages are resident. Run in a child
+    process so that a crash fails this test only."""
+    import subprocess
+    import sys
+
+    if DEVICE != "cpu":
+        pytest.skip("the virtual-memory trick is for the interpreter on the CPU")
+    result = subprocess.run([sys.executable, "-c", _OFFSETS_PAST_INT32.format(op=op)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, (result.returncode, result.stderr[-2000:])
+
+
+class _DeviceGuardSpy:
+    """Stands in for torch.cuda.device: records the devices entered (a stack)."""
+    stack = []
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def __enter__(self):
+        self.stack.append(self.device)
+
+    def __exit__(self, *exc):
+        self.stack.pop()
+
+
+def test_triton_launches_on_the_inputs_device(monkeypatch):
+    """Every kernel launches under torch.cuda.device(q.device): Triton launches on the current
+    device, so a tensor on cuda:1 ran on cuda:0. No GPU needed: fake cuda:1 tensors, a spy for
+    torch.cuda.device and kernels that record the device current at their launch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rlr_fast.kernels import window_attention as wa
+    from rlr_fast.kernels.local_cross_attention import LocalCrossAttentionFunction
+
+    launched = []
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((self.name, list(_DeviceGuardSpy.stack)))
+
+    monkeypatch.setattr(torch.cuda, "device", _DeviceGuardSpy)
+    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+        monkeypatch.setattr(wa, name, Kernel(name))
+    class Ctx:  # the autograd context, without autograd's engine (which would look for a GPU)
+        def save_for_backward(self, *tensors):
+            self.saved_tensors = tensors
+
+    ctx = Ctx()
+    with FakeTensorMode():
+        q = torch.empty(2, 2, 16, 16, device="cuda:1")
+        k = torch.empty(2, 16, 16, device="cuda:1")
+        out = LocalCrossAttentionFunction.forward(ctx, q, k, k, (4, 4), (3, 3), 0.25)
+        LocalCrossAttentionFunction.backward(ctx, torch.empty_like(out))
+    assert {name for name, _ in launched} == {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
+    for name, stack in launched:
+        assert stack and stack[-1] == torch.device("cuda:1"), f"{name} launched under {stack}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_on_the_second_gpu():
+    grid = (5, 6)
+    q, k, v, grad = (t.detach().to("cuda:1").requires_grad_() for t in _inputs(2, 2, grid, 16, True, False, torch.float32))
+    grad = grad.detach()
+    got = _run("lca", q, k, v, grad, grid, 3, "triton")
+    ref = _run("lca", q, k, v, grad, grid, 3, "reference")
+    for a, b in zip(got, ref):
+        assert a.device == torch.device("cuda:1")
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -1,12 +1,15 @@
 """The two ops: semantics, the torch backend against the dense reference, errors, module API."""
+import importlib.util
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import rlr_fast.blocked as blocked
+import rlr_fast.ops as ops
 from rlr_fast import (LocalCrossAttention, NeighborMaskedAttention, local_cross_attention,
                       neighbor_masked_attention)
 from rlr_fast.ops import resolve_backend
@@ -293,3 +296,41 @@ def test_module_rejects_bad_shapes():
         module(torch.randn(2, 30, 16), torch.randn(2, 30, 8), torch.randn(2, 30, 16))
     with pytest.raises(ValueError, match=r"query must be batched \(B, L, 16\)"):
         module(torch.randn(30, 16), torch.randn(30, 16), torch.randn(30, 16))
+
+
+# ------------------------------------------------------------------------------------------------
+# backend="auto" falls back to torch where the kernels cannot serve; "triton" raises there
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,head_dim,pattern", [
+    (torch.float64, 32, "float32, float16 and bfloat16, not torch.float64"),
+    (torch.float32, 24, r"head dims \(16, 32, 64, 128\), got D=24"),
+])
+def test_auto_falls_back_to_torch_with_one_warning(monkeypatch, dtype, head_dim, pattern):
+    monkeypatch.setattr(ops, "_warned", set())
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match="backend 'auto' uses 'torch' here: .*" + pattern):
+        assert resolve_backend("auto", cuda, dtype, head_dim) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert resolve_backend("auto", cuda, dtype, head_dim) == "torch"
+    with pytest.raises((TypeError, ValueError), match=pattern + ".*use backend='torch'"):
+        resolve_backend("triton", cuda, dtype, head_dim)
+    assert resolve_backend("auto", cuda, torch.float16, 64) == "triton"
+
+
+def test_auto_falls_back_to_torch_without_triton(monkeypatch):
+    monkeypatch.setattr(ops, "_warned", set())
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    with pytest.warns(RuntimeWarning, match="needs the triton package"):
+        assert resolve_backend("auto", torch.device("cuda"), torch.float32, 32) == "torch"
+    with pytest.raises(ImportError, match="needs the triton package.*use backend='torch'"):
+        resolve_backend("triton", torch.device("cuda"), torch.float32, 32)
+
+
+def test_auto_on_other_devices_is_torch_silently():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for device in ("cpu", "meta"):
+            assert resolve_backend("auto", torch.device(device), torch.float64, 24) == "torch"
