@@ -1,17 +1,31 @@
-"""`rlr-fast kernels`: compile every Triton kernel ahead of time for GPU targets, with no GPU.
+"""`rlr-fast kernels`: compile every Triton kernel ahead of time for GPU targets, with no GPU, and
+report what the compiled code says about its speed.
 
-Each kernel (forward, dQ and dK/dV backward, for each op, dtype, head dim and shared/batched
-layout; dK/dV as the one or two launches its configuration makes; nearest_reference's kernel for
-each dtype at the channel counts of NEAREST_CHANNELS, shown in the D column) is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``;
-``cuobjdump --dump-resource-usage`` (shipped in the triton wheel) reads the registers from the
-cubin and ``ptxas -v`` on the same PTX states the spill stores and loads. Exits non-zero if any
-kernel fails to compile or spills.
+Each kernel (forward, dQ and dK/dV, for each op, dtype, head dim and, for dK/dV, shared/batched
+layout; dK/dV as the one or two launches its configuration makes) is compiled from the launch
+the autograd Function makes for a typical call (RLR at a 32 x 32 grid: B=8, 8 heads, window 7),
+specialised exactly as Triton's JIT specialises that call at run time (pointers 16-byte aligned
+and integers that are multiples of 16 marked divisible by 16, integers equal to 1 made
+constants): without those hints the compiler drops vectorised and asynchronous loads, and the
+report would describe another kernel. From the cubin:
+
+- registers (``cuobjdump --dump-resource-usage``), spill bytes (``ptxas -v`` on the same PTX),
+  shared memory; blocks per SM and occupancy on an H100 (64K registers, 228 KB shared memory
+  and 64 warps per SM); the tensor-core instruction (wgmma or mma);
+- from the SASS (``cuobjdump -sass``): the instructions in the body of the main loop (the
+  innermost loop that multiplies on tensor cores, the fastest such loop where there are
+  several; a branch inside a loop counts both sides) and instructions per score,
+  loop x 32 x warps / (BLOCK_M x BLOCK_N);
+- programs: the launch size of the typical call; for LCA, keys visited per useful key.
+
+Exits non-zero if any kernel fails to compile or spills. ``--json FILE`` writes one record per
+kernel launch.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
+import math
 import os
 import re
 import subprocess
@@ -22,107 +36,180 @@ from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 OPS = {"lca": False, "mlka": True}  # op -> COMPLEMENT
-# nearest_reference is compiled at these channel counts (Lite0's stride-4 level has 24; 64 to 512
-# cover wider backbones and both of its paths: C in one chunk, or looped over chunks)
-NEAREST_CHANNELS = (24, 64, 128, 256, 512)
+KINDS = ("forward", "dq", "dkdv")
+# The call the report describes: RLR's 32 x 32 level (d 256, 8 heads, window 7), batch 8.
+TYPICAL = dict(batch=8, heads=8, grid=(32, 32), window=(7, 7))
+# An H100 SM: 64K registers, 228 KB shared memory, 64 warps, 32 blocks at most; 132 SMs.
+H100 = dict(registers=65536, smem_bytes=228 * 1024, warps=64, blocks=32, sms=132)
+# SASS tensor-core instructions: wgmma (sm_90) and mma.sync
+_MMA = re.compile(r"\b(HGMMA|HMMA)\b")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets, e.g. sm_80,sm_90")
     p.add_argument("--dtypes", default="fp32,fp16,bf16", help="comma-separated dtypes (default: all three)")
     p.add_argument("--head-dims", default="16,32,64,128", help="comma-separated head dims (default: all supported)")
+    p.add_argument("--ops", default="lca,mlka", help="comma-separated ops (default: both)")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
-    p.add_argument("--json", type=Path, help="also write the table as JSON")
+    p.add_argument("--json", type=Path, help="also write one record per kernel launch as JSON")
 
 
-def _jobs(archs, dtypes, dims):
-    for arch, op, dtype, dim in itertools.product(archs, OPS, dtypes, dims):
-        yield (arch, "forward", op, dtype, dim, None)
-        yield (arch, "backward dq", op, dtype, dim, None)
+# ------------------------------------------------------------------------------------------------
+# The launches of a typical call, and the JIT's specialisation of them
+# ------------------------------------------------------------------------------------------------
+
+def typical_launches(op: str, dtype, head_dim: int, kind: str, k_shared: bool, v_shared: bool) -> list:
+    """The launches the autograd Function makes for kind ("forward", "dq", "dkdv") of a typical
+    call, built on meta tensors (no memory; their address 0 is 16-byte aligned like a CUDA
+    allocation's)."""
+    import torch
+
+    from . import window_attention as wa
+
+    b, h, (gh, gw) = TYPICAL["batch"], TYPICAL["heads"], TYPICAL["grid"]
+    length = gh * gw
+
+    def t(shared, dt=dtype):
+        return torch.empty((h, length, head_dim) if shared else (b, h, length, head_dim), device="meta", dtype=dt)
+
+    q, k, v = t(False), t(k_shared), t(v_shared)
+    lse = torch.empty(b * h * length, device="meta", dtype=torch.float32)
+    radius = (TYPICAL["window"][0] // 2, TYPICAL["window"][1] // 2)
+    scale = head_dim ** -0.5
+    if kind == "forward":
+        return [wa.forward_launch(q, k, v, torch.empty_like(q), lse, (gh, gw), radius, scale, OPS[op])]
+    launches = wa.backward_launches(q, k, v, torch.empty_like(q), torch.empty_like(q), torch.empty_like(k),
+                                    torch.empty_like(v), lse, lse, (gh, gw), radius, scale, OPS[op])
+    return launches[:1] if kind == "dq" else launches[1:]
+
+
+def jit_specialization(launch, arch: str):
+    """(signature, constexprs, attrs) of `launch` for ``ASTSource`` on `arch`, as Triton's JIT
+    derives them from the arguments at run time (its own specialisation function and the
+    target backend's attributes, per parameter)."""
+    from triton._C.libtriton import native_specialize_impl
+
+    backend = _backend(arch)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(launch.kernel.params):
+        value = launch.args[param.name]
+        if param.is_constexpr:
+            ty, spec = "constexpr", value
+        else:
+            ty, spec = native_specialize_impl(backend, value, param.is_const, not param.do_not_specialize,
+                                              not param.do_not_specialize_on_alignment)
+        signature[param.name] = ty
+        if ty == "constexpr":
+            constexprs[(i,)], spec = spec, ""  # constants carry no attributes
+        if isinstance(spec, str):
+            attrs[(i,)] = backend.parse_attr(spec)
+    return signature, constexprs, attrs
+
+
+def _target(arch: str):
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", int(arch.removeprefix("sm_")), 32)
+
+
+def _backend(arch: str):
+    from triton.compiler import make_backend
+
+    return make_backend(_target(arch))
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading the compiled code
+# ------------------------------------------------------------------------------------------------
+
+def sass_loops(sass: str) -> list:
+    """The innermost loops of a kernel's SASS: for each, (instructions in its body, whether it
+    holds a tensor-core instruction). A loop is a backward branch; its body runs from the
+    branch target to the branch, both included (fixed 16-byte instructions)."""
+    instructions = [(int(m.group(1), 16), m.group(2)) for m in
+                    re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for address, text in instructions:
+        branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)\s*$", text)
+        if branch and int(branch.group(1), 16) < address:
+            loops.append((int(branch.group(1), 16), address))
+    innermost = [(lo, hi) for lo, hi in loops
+                 if not any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in loops)]
+    return [((hi - lo) // 16 + 1, any(_MMA.search(text) for address, text in instructions if lo <= address <= hi))
+            for lo, hi in innermost]
+
+
+def main_loop_instructions(sass: str):
+    """Instructions in the main loop's body: the fastest innermost loop on tensor cores (the
+    unmasked loop where there is one), else the largest innermost loop; None if no loop."""
+    loops = sass_loops(sass)
+    on_tensor_cores = [n for n, mma in loops if mma]
+    if on_tensor_cores:
+        return min(on_tensor_cores)
+    return max((n for n, _ in loops), default=None)
+
+
+def blocks_per_sm(registers: int, smem_bytes: int, num_warps: int) -> int:
+    """Blocks of a kernel resident on one H100 SM: the least of what its registers, shared
+    memory, warps and the block limit allow."""
+    limits = [H100["registers"] // (max(registers, 1) * 32 * num_warps), H100["warps"] // num_warps, H100["blocks"]]
+    if smem_bytes:
+        limits.append(H100["smem_bytes"] // smem_bytes)
+    return min(limits)
+
+
+def keys_visited_per_useful_key(cfg: dict, grid, window) -> float:
+    """LCA: the (query, key) pairs a launch computes (every program's tile rows times the key
+    blocks covering its tile's key patch) over the pairs inside the windows. For dK/dV (key tiles
+    sweeping query blocks) the same ratio, sides swapped. `cfg` is a block config."""
+    (gh, gw), (ry, rx) = grid, (window[0] // 2, window[1] // 2)
+    th, tw, bh, bw = cfg["TILE_H"], cfg["TILE_W"], cfg["BLOCK_H"], cfg["BLOCK_W"]
+    visited = 0
+    for y0, x0 in itertools.product(range(0, gh, th), range(0, gw, tw)):
+        rows = min(y0 + th + ry, gh) - max(y0 - ry, 0)
+        cols = min(x0 + tw + rx, gw) - max(x0 - rx, 0)
+        visited += th * tw * math.ceil(rows / bh) * bh * math.ceil(cols / bw) * bw
+    useful = sum((min(y + ry, gh - 1) - max(y - ry, 0) + 1) * (min(x + rx, gw - 1) - max(x - rx, 0) + 1)
+                 for y, x in itertools.product(range(gh), range(gw)))
+    return visited / useful
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiling
+# ------------------------------------------------------------------------------------------------
+
+def _jobs(archs, ops, dtypes, dims):
+    for arch, op, dtype, dim in itertools.product(archs, ops, dtypes, dims):
+        yield (arch, op, dtype, dim, "forward", None)
+        yield (arch, op, dtype, dim, "dq", None)
         for layout in itertools.product((True, False), repeat=2):
-            yield (arch, "backward dk/dv", op, dtype, dim, layout)
-    for arch, dtype, channels in itertools.product(archs, dtypes, NEAREST_CHANNELS):
-        yield (arch, "nearest", "nearest", dtype, channels, None)
+            yield (arch, op, dtype, dim, "dkdv", layout)
 
 
 def _compile_one(job) -> list:
-    """Compile one kernel configuration (a worker process): a row per launch it makes (dK/dV may
-    take two), with registers, spills and shared memory."""
+    """Compile one kernel configuration (a worker process): a record per launch it makes."""
     os.environ.pop("TRITON_INTERPRET", None)  # the interpreter replaces kernels: compile the real ones
     import torch
 
-    from rlr_fast.kernels import window_attention as wa
+    from . import window_attention as wa
 
-    arch, kind, op, dtype_name, dim, layout = job
-    if kind == "nearest":
-        return [_compile_nearest(arch, dtype_name, dim)]
+    arch, op, dtype_name, dim, kind, layout = job
     dtype = getattr(torch, DTYPES[dtype_name])
-    cfg = wa.block_config({"forward": "fwd", "backward dq": "dq", "backward dk/dv": "dkdv"}[kind], dim, dtype, OPS[op])
-    fn = {"forward": wa._fwd_kernel, "backward dq": wa._bwd_dq_kernel, "backward dk/dv": wa._bwd_dkdv_kernel}[kind]
-    ptr = f"*{dtype_name}"
-    signature = {}
-    for name in fn.arg_names:
-        if name in ("LSE", "DELTA"):
-            signature[name] = "*fp32"
-        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
-            signature[name] = ptr
-        elif name in ("qk_scale", "sm_scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    constexprs = dict(COMPLEMENT=OPS[op], HEAD_DIM=dim, **wa.launch_constexprs(cfg, dtype))
-    passes = [None]
-    if layout is not None:  # dK and dV in one launch, or one launch each where the config splits them
-        constexprs.update(K_SHARED=layout[0], V_SHARED=layout[1])
-        passes = [(True, False), (False, True)] if cfg["split"] else [(True, True)]
-    rows = []
-    for grads in passes:
-        if grads is not None:
-            constexprs.update(WITH_DK=grads[0], WITH_DV=grads[1])
-        row = {"kernel": fn.__name__.strip("_"), "op": op, "arch": arch, "dtype": dtype_name, "head_dim": dim,
-               "layout": _layout_name(layout), "grads": _grads_name(grads), "dot": constexprs["DOT"],
-               "tile": f"{cfg['TILE_H']}x{cfg['TILE_W']}", "block": f"{cfg['BLOCK_H']}x{cfg['BLOCK_W']}",
-               "num_warps": cfg["num_warps"]}
-        rows.append(_compile_kernel(fn, dict(signature), dict(constexprs), arch, row))
-    return rows
-
-
-def _compile_nearest(arch, dtype_name, channels) -> dict:
-    """Compile nearest_reference's kernel for `channels` (its "head_dim" column): BLOCK_N tokens a
-    program ("tile"), ref tiles of BLOCK_M rows by BLOCK_C channels ("block"). It is specialised
-    as the JIT specialises a call at ResAD's layer-1 shape (8 images of 56 x 56 tokens against a
-    shared ref of 4 x 56 x 56, contiguous): integer arguments equal to 1 become constants, those
-    divisible by 16 and the pointers are marked so; without that it would be another kernel."""
-    import importlib
-
-    import torch
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.nvidia.compiler import CUDABackend
-
-    from rlr_fast.kernels import window_attention as wa
-
-    nr = importlib.import_module("rlr_fast.kernels.nearest_reference")  # the package exports the function
-    dtype = getattr(torch, DTYPES[dtype_name])
-    cfg = nr.block_config(channels, dtype)
-    n, m, c = 56 * 56, 4 * 56 * 56, channels  # the batch size is no argument of the kernel
-    tensor = torch.empty(1, dtype=dtype)  # stands for every pointer: only its dtype and alignment matter
-    args = dict(X=tensor, R=tensor, R_INV_NORM=torch.empty(1), INDEX=torch.empty(1, dtype=torch.int64),
-                SIM=torch.empty(1), stride_xb=n * c, stride_xn=c, stride_xc=1, stride_rb=0, stride_rm=c,
-                stride_ib=0, N=n, M=m, C=c, eps=1e-12)
-    signature, constexprs, attrs = {}, wa.launch_constexprs(cfg, dtype), {}
-    for i, name in enumerate(nr._nearest_kernel.arg_names):
-        if name in constexprs:
-            continue
-        kind, spec = native_specialize_impl(CUDABackend, args[name], False, True, True)
-        if kind == "constexpr":
-            constexprs[name] = spec
-        else:
-            signature[name] = kind
-            attrs[(i,)] = CUDABackend.parse_attr(spec or "")
-    row = {"kernel": "nearest_kernel", "op": "nn", "arch": arch, "dtype": dtype_name, "head_dim": channels,
-           "layout": "C in one chunk" if cfg["ONE_CHUNK"] else "C in chunks", "grads": "", "dot": cfg["DOT"],
-           "tile": str(cfg["BLOCK_N"]), "block": f"{cfg['BLOCK_M']}x{cfg['BLOCK_C']}", "num_warps": cfg["num_warps"]}
-    return _compile_kernel(nr._nearest_kernel, signature, constexprs, arch, row, attrs)
+    # forward and dQ: RLR's layout (LCA k, v shared; MLKA k shared, v batched)
+    k_shared, v_shared = layout if layout is not None else (True, not OPS[op])
+    cfg = wa.block_config({"forward": "fwd"}.get(kind, kind), dim, dtype, OPS[op])
+    records = []
+    for launch in typical_launches(op, dtype, dim, kind, k_shared, v_shared):
+        a = launch.args
+        record = {"op": op, "kernel": kind, "dtype": dtype_name, "head_dim": dim, "arch": arch,
+                  "layout": _layout_name(layout), "grads": _grads_name(a), "dot": a["DOT"],
+                  "tile": f"{a['TILE_H']}x{a['TILE_W']}", "block": f"{a['BLOCK_H']}x{a['BLOCK_W']}",
+                  "num_warps": launch.num_warps, "programs": launch.programs}
+        if op == "lca":
+            record["keys_visited_per_useful_key"] = round(
+                keys_visited_per_useful_key(cfg, TYPICAL["grid"], TYPICAL["window"]), 3)
+        records.append(_compile_launch(launch, arch, record))
+    return records
 
 
 def _layout_name(layout) -> str:
@@ -131,25 +218,24 @@ def _layout_name(layout) -> str:
     return f"k {'shared' if layout[0] else 'batched'}, v {'shared' if layout[1] else 'batched'}"
 
 
-def _grads_name(grads) -> str:
-    return "" if grads is None else "+".join(name for name, on in zip(("dK", "dV"), grads) if on)
+def _grads_name(args) -> str:
+    if "WITH_DK" not in args:
+        return ""
+    return "+".join(name for name, on in (("dK", args["WITH_DK"]), ("dV", args["WITH_DV"])) if on)
 
 
-def _compile_kernel(fn, signature, constexprs, arch, row, attrs=None) -> dict:
-    """Compile one kernel for `arch`: `row` with its resource usage, or with the error. `attrs`:
-    the JIT's specialisation hints ({(arg index,): [["tt.divisibility", 16]]})."""
+def _compile_launch(launch, arch, record) -> dict:
+    """Compile one launch for `arch` with the JIT's specialisation: `record` with what the
+    compiled code says, or with the error."""
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    for name in constexprs:
-        signature[name] = "constexpr"
+    signature, constexprs, attrs = jit_specialization(launch, arch)
     try:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                                  target=GPUTarget("cuda", int(arch.removeprefix("sm_")), 32),
-                                  options={"num_warps": row["num_warps"]})
+        compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=_target(arch),
+                                  options={"num_warps": launch.num_warps})
     except Exception as e:  # reported in the table, and the command fails
-        return {**row, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        return {**record, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     ptx = compiled.asm["ptx"]
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,6 +243,7 @@ def _compile_kernel(fn, signature, constexprs, arch, row, attrs=None) -> dict:
         cubin.write_bytes(compiled.asm["cubin"])
         usage = subprocess.run([str(bin_dir / "cuobjdump"), "--dump-resource-usage", str(cubin)],
                                capture_output=True, text=True).stdout
+        sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
         # ptxas -v states the spill stores and loads of the same PTX exactly
         (Path(tmp) / "kernel.ptx").write_text(ptx)
         sm = arch.removeprefix("sm_") + ("a" if arch == "sm_90" else "")
@@ -165,48 +252,85 @@ def _compile_kernel(fn, signature, constexprs, arch, row, attrs=None) -> dict:
     regs = re.search(r"\bREG:(\d+)", usage)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", verbose)
     if regs is None or spills is None:
-        return {**row, "ok": False, "error": "could not read the resource usage of the cubin"}
-    return {**row, "ok": True, "registers": int(regs.group(1)),
-            "spill_bytes": int(spills.group(1)) + int(spills.group(2)),
-            "shared_bytes": int(compiled.metadata.shared), "tensor_cores": "wgmma" if "wgmma" in ptx else
-            ("mma" if "mma.sync" in ptx else "none")}
+        return {**record, "ok": False, "error": "could not read the resource usage of the cubin"}
+    a, warps = launch.args, launch.num_warps
+    smem = int(compiled.metadata.shared)
+    blocks = blocks_per_sm(int(regs.group(1)), smem, warps)
+    loop = main_loop_instructions(sass)
+    scores = a["TILE_H"] * a["TILE_W"] * a["BLOCK_H"] * a["BLOCK_W"]
+    return {**record, "ok": True, "registers": int(regs.group(1)),
+            "spill_bytes": int(spills.group(1)) + int(spills.group(2)), "smem_bytes": smem,
+            "blocks_per_sm": blocks, "occupancy": round(blocks * warps / H100["warps"], 3),
+            "tensor_core": "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "none"),
+            "loop_instructions": loop,
+            "instructions_per_score": None if loop is None else round(loop * 32 * warps / scores, 2),
+            "cp_async": "cp.async" in ptx}
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------------
+
+_COLUMNS = [("op", "<5"), ("kernel", "<7"), ("arch", "<6"), ("dtype", "<5"), ("head_dim", ">4"), ("layout", "<24"),
+            ("grads", "<6"), ("dot", "<7"), ("tile", ">5"), ("block", ">5"), ("num_warps", ">5"),
+            ("registers", ">4"), ("spill_bytes", ">6"), ("smem_bytes", ">6"), ("blocks_per_sm", ">3"),
+            ("occupancy", ">5"), ("tensor_core", "<5"), ("loop_instructions", ">5"),
+            ("instructions_per_score", ">6"), ("programs", ">6"), ("keys_visited_per_useful_key", ">5")]
+_HEADS = {"head_dim": "D", "num_warps": "warps", "registers": "regs", "spill_bytes": "spills", "smem_bytes": "smem",
+          "blocks_per_sm": "blk", "occupancy": "occ", "tensor_core": "tc", "loop_instructions": "loop",
+          "instructions_per_score": "ins/sc", "programs": "progs", "keys_visited_per_useful_key": "kv/u"}
+
+
+def _cell(record, name, fmt) -> str:
+    value = record.get(name)
+    return format("" if value is None else value, fmt)
+
+
+def _table(records) -> str:
+    head = " ".join(format(_HEADS.get(name, name), fmt) for name, fmt in _COLUMNS)
+    lines = [head, "-" * len(head)]
+    for r in records:
+        if r["ok"]:
+            lines.append(" ".join(_cell(r, name, fmt) for name, fmt in _COLUMNS))
+        else:
+            lines.append(" ".join(_cell(r, name, fmt) for name, fmt in _COLUMNS[:11]) + f" FAILED: {r['error']}")
+    return "\n".join(lines)
+
+
+def _list(value: str, allowed, what: str) -> list:
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    unknown = [x for x in items if x not in allowed]
+    if unknown or not items:
+        raise ValueError(f"unknown {what} {unknown or value!r}; choose from {', '.join(map(str, allowed))}")
+    return items
 
 
 def run(args) -> int:
+    from ..io import atomic_write_json
+
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     for a in archs:
         if not re.fullmatch(r"sm_\d+", a):
             raise ValueError(f"--arch takes targets like sm_80,sm_90, got {a!r}")
-    dtypes = [d.strip() for d in args.dtypes.split(",")]
-    unknown = [d for d in dtypes if d not in DTYPES]
-    if unknown:
-        raise ValueError(f"unknown dtype(s) {unknown}; choose from {', '.join(DTYPES)}")
-    dims = [int(d) for d in args.head_dims.split(",")]
-    bad = [d for d in dims if d not in (16, 32, 64, 128)]
-    if bad:
-        raise ValueError(f"unsupported head dim(s) {bad}; supported: 16, 32, 64, 128")
-    jobs = list(_jobs(archs, dtypes, dims))
-    print(f"compiling {len(jobs)} kernel configurations for {', '.join(archs)} ({args.jobs} at a time) ...", flush=True)
+    dtypes = _list(args.dtypes, DTYPES, "dtype(s)")
+    ops = _list(args.ops, OPS, "op(s)")
+    dims = [int(d) for d in _list(args.head_dims, ("16", "32", "64", "128"), "head dim(s)")]
+    jobs = list(_jobs(archs, ops, dtypes, dims))
+    b, h, (gh, gw), (kh, kw) = TYPICAL["batch"], TYPICAL["heads"], TYPICAL["grid"], TYPICAL["window"]
+    print(f"compiling {len(jobs)} kernel configurations for {', '.join(archs)} ({args.jobs} at a time), "
+          f"specialised for B={b}, {h} heads, {gh}x{gw} grid, window {kh}x{kw} ...", flush=True)
     import multiprocessing
 
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        rows = [row for rows in pool.map(_compile_one, jobs) for row in rows]
-    head = f"{'kernel':<16} {'op':<5} {'arch':<6} {'dtype':<5} {'D':>4} {'layout':<24} {'grads':<6} {'dot':<7} " \
-           f"{'tile':>5} {'block':>5} {'warps':>5} {'regs':>5} {'spills':>7} {'smem':>7}  tensor cores"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        if r["ok"]:
-            print(f"{r['kernel']:<16} {r['op']:<5} {r['arch']:<6} {r['dtype']:<5} {r['head_dim']:>4} {r['layout']:<24} "
-                  f"{r['grads']:<6} {r['dot']:<7} {r['tile']:>5} {r['block']:>5} {r['num_warps']:>5} {r['registers']:>5} {r['spill_bytes']:>7} {r['shared_bytes']:>7}  {r['tensor_cores']}")
-        else:
-            print(f"{r['kernel']:<16} {r['op']:<5} {r['arch']:<6} {r['dtype']:<5} {r['head_dim']:>4} {r['layout']:<24} "
-                  f"{r['grads']:<6} {r['dot']:<7} FAILED: {r['error']}")
-    failed = [r for r in rows if not r["ok"]]
-    spilled = [r for r in rows if r["ok"] and r["spill_bytes"] > 0]
-    print(f"\n{len(rows) - len(failed)}/{len(rows)} compiled, {len(spilled)} spilling registers")
+        records = [r for rs in pool.map(_compile_one, jobs) for r in rs]
+    print(_table(records))
+    failed = [r for r in records if not r["ok"]]
+    spilled = [r for r in records if r["ok"] and r["spill_bytes"] > 0]
+    print(f"\n{len(records) - len(failed)}/{len(records)} compiled, {len(spilled)} spilling registers. "
+          f"blk: blocks per H100 SM, occ: occupancy, loop: instructions in the main loop body (SASS), "
+          f"ins/sc: per score, progs: programs at B={b}, {h} heads, {gh}x{gw}, kv/u: LCA keys visited per useful key")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        atomic_write_json(args.json, records)
     return 1 if failed or spilled else 0
 
 

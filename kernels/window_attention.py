@@ -298,7 +298,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
 # ------------------------------------------------------------------------------------------------
 
 import contextlib  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -401,6 +403,61 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@dataclass
+class Launch:
+    """One kernel launch: the kernel, its grid of programs, every argument by name (constexprs
+    too) and the launch options. The autograd Function runs it; `rlr-fast kernels` compiles the
+    same arguments ahead of time, so the report describes the kernel that runs."""
+    kernel: object
+    grid: tuple
+    args: dict
+    num_warps: int
+
+    @property
+    def programs(self) -> int:
+        return math.prod(self.grid)
+
+    def __call__(self):
+        self.kernel[self.grid](**self.args, num_warps=self.num_warps)
+
+
+def _named(kernel, *args, **constexprs) -> dict:
+    """The kernel's positional arguments by parameter name, plus its constexprs."""
+    return {**dict(zip(kernel.arg_names, args)), **constexprs}
+
+
+def forward_launch(q, k, v, o, lse, grid, radius, scale, complement: bool) -> Launch:
+    """The forward launch of one op (MLKA if `complement`) on checked, unit-last tensors."""
+    b, h, _, d = q.shape
+    cfg = block_config("fwd", d, q.dtype, complement)
+    args = _named(_fwd_kernel, q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                  b, h, *grid, *radius, scale * LOG2E,
+                  COMPLEMENT=complement, HEAD_DIM=d, **launch_constexprs(cfg, q.dtype))
+    return Launch(_fwd_kernel, (_tiles(grid, cfg) * b, h), args, cfg["num_warps"])
+
+
+def backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, complement: bool) -> list:
+    """The backward launches: dQ, then dK/dV in one launch or, where the config splits them,
+    one launch each."""
+    b, h, _, d = q.shape
+    cfg = block_config("dq", d, q.dtype, complement)
+    common = (b, h, *grid, *radius, scale * LOG2E, scale)
+    launches = [Launch(_bwd_dq_kernel, (_tiles(grid, cfg) * b, h), _named(
+        _bwd_dq_kernel, q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dq), *common, COMPLEMENT=complement, HEAD_DIM=d, **launch_constexprs(cfg, q.dtype)),
+        cfg["num_warps"])]
+    k_shared, v_shared = k.dim() == 3, v.dim() == 3
+    per_batch = 1 if (k_shared or v_shared) else b  # a shared k/v: one program sums the batch
+    cfg = block_config("dkdv", d, q.dtype, complement)
+    for with_dk, with_dv in ((True, False), (False, True)) if cfg["split"] else ((True, True),):
+        launches.append(Launch(_bwd_dkdv_kernel, (_tiles(grid, cfg) * per_batch, h), _named(
+            _bwd_dkdv_kernel, q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v),
+            *_strides(do), *_strides(dk), *_strides(dv), *common,
+            K_SHARED=k_shared, V_SHARED=v_shared, WITH_DK=with_dk, WITH_DV=with_dv,
+            COMPLEMENT=complement, HEAD_DIM=d, **launch_constexprs(cfg, q.dtype)), cfg["num_warps"]))
+    return launches
+
+
 class WindowAttentionFunction(torch.autograd.Function):
     COMPLEMENT = False  # set by each op
 
@@ -409,43 +466,26 @@ class WindowAttentionFunction(torch.autograd.Function):
         _check(q, k, v)
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         b, h, length, d = q.shape
-        (kh, kw) = window
-        cfg = block_config("fwd", d, q.dtype, cls.COMPLEMENT)
+        radius = (window[0] // 2, window[1] // 2)
         o = torch.empty(b, h, length, d, device=q.device, dtype=q.dtype)
         lse = torch.empty(b * h * length, device=q.device, dtype=torch.float32)
         with _on_device(q):
-            _fwd_kernel[(_tiles(grid, cfg) * b, h)](
-                q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                b, h, *grid, kh // 2, kw // 2, scale * LOG2E, COMPLEMENT=cls.COMPLEMENT, HEAD_DIM=d,
-                **launch_constexprs(cfg, q.dtype), num_warps=cfg["num_warps"])
+            forward_launch(q, k, v, o, lse, grid, radius, scale, cls.COMPLEMENT)()
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.geometry = (grid, kh // 2, kw // 2, scale)
+        ctx.geometry = (grid, radius, scale)
         return o
 
     @classmethod
     def backward(cls, ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        grid, ry, rx, scale = ctx.geometry
-        b, h, length, d = q.shape
+        grid, radius, scale = ctx.geometry
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1).reshape(-1)  # rowsum(O * dO), (B * H * L,)
         dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # dense, its own strides
         dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
         dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
         with _on_device(q):
-            cfg = block_config("dq", d, q.dtype, cls.COMPLEMENT)
-            _bwd_dq_kernel[(_tiles(grid, cfg) * b, h)](
-                q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-                b, h, *grid, ry, rx, scale * LOG2E, scale, COMPLEMENT=cls.COMPLEMENT, HEAD_DIM=d,
-                **launch_constexprs(cfg, q.dtype), num_warps=cfg["num_warps"])
-            k_shared, v_shared = k.dim() == 3, v.dim() == 3
-            per_batch = 1 if (k_shared or v_shared) else b  # a shared k/v: one program sums the batch
-            cfg = block_config("dkdv", d, q.dtype, cls.COMPLEMENT)
-            for with_dk, with_dv in ((True, False), (False, True)) if cfg["split"] else ((True, True),):
-                _bwd_dkdv_kernel[(_tiles(grid, cfg) * per_batch, h)](
-                    q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                    *_strides(dk), *_strides(dv), b, h, *grid, ry, rx, scale * LOG2E, scale,
-                    K_SHARED=k_shared, V_SHARED=v_shared, WITH_DK=with_dk, WITH_DV=with_dv,
-                    COMPLEMENT=cls.COMPLEMENT, HEAD_DIM=d, **launch_constexprs(cfg, q.dtype),
-                    num_warps=cfg["num_warps"])
+            for launch in backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale,
+                                            cls.COMPLEMENT):
+                launch()
         return dq, dk, dv, None, None, None

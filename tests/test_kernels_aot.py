@@ -1,44 +1,137 @@
-"""`rlr-fast kernels` compiles every kernel (the attention ops' and nearest_reference's) for sm_80
-and sm_90 with no GPU, and nothing spills."""
+"""`rlr-fast kernels`: every kernel compiles for sm_80 and sm_90 with no GPU and nothing spills;
+the report compiles what the JIT runs and reads the SASS right."""
 import itertools
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
+from rlr_fast.kernels import aot
+
+FIELDS = {"op", "kernel", "dtype", "head_dim", "arch", "registers", "spill_bytes", "smem_bytes", "blocks_per_sm",
+          "tensor_core", "loop_instructions", "instructions_per_score", "programs"}
+
+
+def _no_interpreter_env():
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
 
 def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "kernels.json"
     result = subprocess.run([sys.executable, "-m", "rlr_fast", "kernels", "--arch", "sm_80,sm_90", "--json", str(out)],
-                            capture_output=True, text=True, env=env, timeout=1800)
+                            capture_output=True, text=True, env=_no_interpreter_env(), timeout=3600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())
-    nearest = [r for r in rows if r["op"] == "nn"]
-    rows = [r for r in rows if r["op"] != "nn"]
-    # nearest_reference's kernel: every arch x dtype x channel count, on tensor cores, no spills
-    assert sorted((r["arch"], r["dtype"], r["head_dim"]) for r in nearest) == sorted(itertools.product(
-        ("sm_80", "sm_90"), ("fp32", "fp16", "bf16"), (24, 64, 128, 256, 512)))
-    assert all(r["ok"] and r["spill_bytes"] == 0 and r["registers"] > 0 for r in nearest)
-    assert all(r["tensor_cores"] == ("wgmma" if r["arch"] == "sm_90" else "mma") for r in nearest)
     # every arch x op x dtype x head dim x (forward, dq, dk/dv in each shared/batched layout) is there
     expected = {(arch, op, dtype, dim, kernel, layout)
                 for arch, op, dtype, dim in itertools.product(("sm_80", "sm_90"), ("lca", "mlka"),
                                                               ("fp32", "fp16", "bf16"), (16, 32, 64, 128))
-                for kernel, layout in [("fwd_kernel", ""), ("bwd_dq_kernel", "")] +
-                [("bwd_dkdv_kernel", f"k {k}, v {v}") for k, v in itertools.product(("shared", "batched"), repeat=2)]}
+                for kernel, layout in [("forward", ""), ("dq", "")] +
+                [("dkdv", f"k {k}, v {v}") for k, v in itertools.product(("shared", "batched"), repeat=2)]}
     assert {(r["arch"], r["op"], r["dtype"], r["head_dim"], r["kernel"], r["layout"]) for r in rows} == expected
     # dK/dV: one launch computing both, or two launches (dK, dV) where the config splits them
     for key in expected:
-        if key[4] == "bwd_dkdv_kernel":
+        if key[4] == "dkdv":
             grads = sorted(r["grads"] for r in rows if (r["arch"], r["op"], r["dtype"], r["head_dim"], r["kernel"],
                                                         r["layout"]) == key)
             assert grads in (["dK+dV"], ["dK", "dV"]), (key, grads)
+    assert all(FIELDS <= set(r) for r in rows)
     assert all(r["ok"] and r["spill_bytes"] == 0 and r["registers"] > 0 for r in rows)
+    assert all(r["loop_instructions"] > 0 and r["blocks_per_sm"] >= 1 for r in rows)
+    assert all(r["keys_visited_per_useful_key"] >= 1 for r in rows if r["op"] == "lca")
     # every product on tensor cores, but where the config asks for fp32 FMA ("ieee": fp32 at head dim 128)
-    assert all(r["tensor_cores"] in ("mma", "wgmma") for r in rows if r["dot"] != "ieee")
+    assert all(r["tensor_core"] in ("mma", "wgmma") for r in rows if r["dot"] != "ieee")
     assert {(r["dtype"], r["head_dim"]) for r in rows if r["dot"] == "ieee"} <= {("fp32", 128)}
-    assert "spilling registers" in result.stdout and "kernel" in result.stdout
+    assert all(r["tensor_core"] == "wgmma" for r in rows if r["arch"] == "sm_90" and r["dtype"] != "fp32"
+               and r["kernel"] == "forward")
+    assert "spilling registers" in result.stdout and "ins/sc" in result.stdout
+
+
+_JIT_MATCH = """
+import torch, triton
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+from rlr_fast.kernels import aot
+backend = make_backend(aot._target("sm_90"))
+checked = 0
+for op, dtype, dim, kind, layout in [("lca", torch.float16, 32, "forward", (True, True)),
+                                     ("mlka", torch.bfloat16, 64, "dq", (True, False)),
+                                     ("mlka", torch.float32, 16, "dkdv", (True, False)),
+                                     ("lca", torch.float16, 128, "dkdv", (False, False))]:
+    for launch in aot.typical_launches(op, dtype, dim, kind, *layout):
+        kernel = launch.kernel
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, options = binder(**launch.args, num_warps=launch.num_warps)
+        _, jit_sig, jit_const, jit_attrs = kernel._pack_args(backend, {"num_warps": launch.num_warps}, bound,
+                                                             specialization, options)
+        sig, const, attrs = aot.jit_specialization(launch, "sm_90")
+        assert sig == jit_sig, (sig, jit_sig)
+        assert const == jit_const, (const, jit_const)
+        assert attrs == jit_attrs, (attrs, jit_attrs)
+        # the hints are there: pointers aligned, token strides and grid sides divisible by 16
+        names = [p.name for p in kernel.params]
+        for name in ("Q", "K", "stride_ql", "GRID_W"):
+            assert attrs[(names.index(name),)] == [["tt.divisibility", 16]], name
+        checked += 1
+print("checked", checked)
+"""
+
+
+def test_aot_specialisation_is_the_jits():
+    """The report compiles each kernel with the signature, constants and divisibility hints that
+    Triton's JIT derives for the same call (its own binder is the oracle here)."""
+    result = subprocess.run([sys.executable, "-c", _JIT_MATCH], capture_output=True, text=True,
+                            env=_no_interpreter_env(), timeout=600)
+    assert result.returncode == 0 and "checked" in result.stdout, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) >= 4
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0030*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0040*/               @P0 BRA 0x20 ;
+        /*0050*/                   FFMA R2, R2, R3, R2 ;
+        /*0060*/                   FFMA R2, R2, R3, R2 ;
+        /*0070*/               @P1 BRA 0x50 ;
+        /*0080*/                   HGMMA.64x64x16.F32 R24, gdesc[UR32], RZ, !UPT ;
+        /*0090*/                   HGMMA.64x64x16.F32 R24, gdesc[UR32], R24 ;
+        /*00a0*/                   ISETP.GE.AND P2, PT, R0, 0x8, PT ;
+        /*00b0*/               @P2 BRA 0x80 ;
+        /*00c0*/               @P3 BRA 0x20 ;
+        /*00d0*/                   EXIT ;
+        /*00e0*/                   BRA 0xe0;
+"""
+
+
+def test_sass_loops_are_the_innermost_backward_branches():
+    # loops 0x20-0x40 (3 instructions, mma), 0x50-0x70 (3, no mma), 0x80-0xb0 (4, wgmma); the loop
+    # 0x20-0xc0 holds others, the branch to itself at 0xe0 is the end-of-kernel trap
+    assert aot.sass_loops(SASS) == [(3, True), (3, False), (4, True)]
+    assert aot.main_loop_instructions(SASS) == 3
+    assert aot.main_loop_instructions(SASS.replace("HMMA", "IMAD").replace("HGMMA", "IMAD")) == 4
+    assert aot.main_loop_instructions("        /*0000*/   EXIT ;") is None
+
+
+def test_blocks_per_sm_on_an_h100():
+    assert aot.blocks_per_sm(128, 0, 4) == 4  # 65536 / (128 x 32 x 4)
+    assert aot.blocks_per_sm(128, 100 * 1024, 4) == 2  # 228 KB / 100 KB
+    assert aot.blocks_per_sm(32, 0, 8) == 8  # 64 warps / 8
+    assert aot.blocks_per_sm(16, 0, 1) == 32  # the block limit
+
+
+@pytest.mark.parametrize("grid,window,tile,block,expected", [
+    ((8, 8), (1, 1), (4, 4), (4, 4), 16.0),  # each query needs 1 key; a tile sweeps its own 16
+    ((4, 4), (3, 3), (4, 4), (4, 4), 256 / 100),  # one block of the whole grid; windows hold 100 pairs
+    ((4, 4), (3, 3), (4, 4), (2, 4), 256 / 100),  # two 2 x 4 blocks cover the same patch
+    ((4, 4), (3, 3), (4, 4), (3, 4), 2 * 12 * 16 / 100),  # 2 blocks of 3 rows over 4 rows: 24 keys
+])
+def test_keys_visited_per_useful_key(grid, window, tile, block, expected):
+    cfg = dict(TILE_H=tile[0], TILE_W=tile[1], BLOCK_H=block[0], BLOCK_W=block[1])
+    assert aot.keys_visited_per_useful_key(cfg, grid, window) == pytest.approx(expected)
 
 
 def test_bad_arch_is_a_clear_error():
