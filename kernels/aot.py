@@ -78,8 +78,10 @@ def typical_launches(op: str, dtype, head_dim: int, kind: str, k_shared: bool, v
     scale = head_dim ** -0.5
     if kind == "forward":
         return [wa.forward_launch(q, k, v, torch.empty_like(q), lse, (gh, gw), radius, scale, OPS[op])]
-    launches = wa.backward_launches(q, k, v, torch.empty_like(q), torch.empty_like(q), torch.empty_like(k),
-                                    torch.empty_like(v), lse, lse, (gh, gw), radius, scale, OPS[op])
+    splits = wa.dkdv_splits(b, (gh, gw), h, head_dim, dtype, OPS[op], k_shared or v_shared)
+    launches = wa.backward_launches(q, k, v, torch.empty_like(q), torch.empty_like(q),
+                                    *wa.kv_gradient_buffers(k, v, splits), lse, lse, (gh, gw), radius, scale,
+                                    OPS[op], splits)
     return launches[:1] if kind == "dq" else launches[1:]
 
 
@@ -203,13 +205,31 @@ def _compile_one(job) -> list:
         a = launch.args
         record = {"op": op, "kernel": kind, "dtype": dtype_name, "head_dim": dim, "arch": arch,
                   "layout": _layout_name(layout), "grads": _grads_name(a), "dot": a["DOT"],
-                  "tile": f"{a['TILE_H']}x{a['TILE_W']}", "block": f"{a['BLOCK_H']}x{a['BLOCK_W']}",
-                  "num_warps": launch.num_warps, "programs": launch.programs}
+                  "tile": _tile_name(a), "block": _block_name(a),
+                  "num_warps": launch.num_warps, "num_stages": launch.num_stages, "programs": launch.programs}
         if op == "lca":
             record["keys_visited_per_useful_key"] = round(
                 keys_visited_per_useful_key(cfg, TYPICAL["grid"], TYPICAL["window"]), 3)
         records.append(_compile_launch(launch, arch, record))
     return records
+
+
+def _rows(args) -> int:
+    """Queries (or, for dK/dV, keys) a program owns: a 2D tile or a run of BLOCK_M tokens."""
+    return args["BLOCK_M"] if "BLOCK_M" in args else args["TILE_H"] * args["TILE_W"]
+
+
+def _cols(args) -> int:
+    """Keys (for dK/dV, queries) per iteration of its loop: a 2D block or a run of BLOCK_N tokens."""
+    return args["BLOCK_N"] if "BLOCK_N" in args else args["BLOCK_H"] * args["BLOCK_W"]
+
+
+def _tile_name(args) -> str:
+    return str(args["BLOCK_M"]) if "BLOCK_M" in args else f"{args['TILE_H']}x{args['TILE_W']}"
+
+
+def _block_name(args) -> str:
+    return str(args["BLOCK_N"]) if "BLOCK_N" in args else f"{args['BLOCK_H']}x{args['BLOCK_W']}"
 
 
 def _layout_name(layout) -> str:
@@ -233,7 +253,7 @@ def _compile_launch(launch, arch, record) -> dict:
     signature, constexprs, attrs = jit_specialization(launch, arch)
     try:
         compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=_target(arch),
-                                  options={"num_warps": launch.num_warps})
+                                  options=launch.options)
     except Exception as e:  # reported in the table, and the command fails
         return {**record, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     ptx = compiled.asm["ptx"]
@@ -244,20 +264,26 @@ def _compile_launch(launch, arch, record) -> dict:
         usage = subprocess.run([str(bin_dir / "cuobjdump"), "--dump-resource-usage", str(cubin)],
                                capture_output=True, text=True).stdout
         sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
-        # ptxas -v states the spill stores and loads of the same PTX exactly
+        # ptxas -v, run on the same PTX with the flags Triton compiles it with, states the spill
+        # stores and loads (its register count must be the cubin's: the same compile)
         (Path(tmp) / "kernel.ptx").write_text(ptx)
         sm = arch.removeprefix("sm_") + ("a" if arch == "sm_90" else "")
-        verbose = subprocess.run([str(bin_dir / "ptxas"), f"-arch=sm_{sm}", "-v", str(Path(tmp) / "kernel.ptx"),
-                                  "-o", str(Path(tmp) / "kernel.o")], capture_output=True, text=True).stderr
+        verbose = subprocess.run([str(bin_dir / "ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2",
+                                  f"--gpu-name=sm_{sm}", str(Path(tmp) / "kernel.ptx"), "-o", str(Path(tmp) / "kernel.o")],
+                                 capture_output=True, text=True).stderr
     regs = re.search(r"\bREG:(\d+)", usage)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", verbose)
-    if regs is None or spills is None:
+    ptxas_regs = re.search(r"Used (\d+) registers", verbose)
+    if regs is None or spills is None or ptxas_regs is None:
         return {**record, "ok": False, "error": "could not read the resource usage of the cubin"}
+    if int(ptxas_regs.group(1)) != int(regs.group(1)):
+        return {**record, "ok": False, "error": f"ptxas -v used {ptxas_regs.group(1)} registers, the cubin "
+                                                f"{regs.group(1)}: not the same compile"}
     a, warps = launch.args, launch.num_warps
     smem = int(compiled.metadata.shared)
     blocks = blocks_per_sm(int(regs.group(1)), smem, warps)
     loop = main_loop_instructions(sass)
-    scores = a["TILE_H"] * a["TILE_W"] * a["BLOCK_H"] * a["BLOCK_W"]
+    scores = _rows(a) * _cols(a)
     return {**record, "ok": True, "registers": int(regs.group(1)),
             "spill_bytes": int(spills.group(1)) + int(spills.group(2)), "smem_bytes": smem,
             "blocks_per_sm": blocks, "occupancy": round(blocks * warps / H100["warps"], 3),

@@ -176,6 +176,85 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
 
 @triton.jit
+def _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, visible, MASKED: tl.constexpr, DOT: tl.constexpr):
+    """One key block of the online softmax (base 2, scale folded into one FMA per score). The
+    unmasked step assumes every key visible; the masked one takes `visible` and rows that have
+    seen no key yet (a running max of -inf)."""
+    qk = _mm(q, tl.trans(k), DOT)
+    if MASKED:
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_ref = m_new
+    if MASKED:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
+    p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
+    alpha = tl.math.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mm(p, v, DOT)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _mlka_fwd_kernel(Q, K, V, O, LSE,
+                     stride_qb, stride_qh, stride_ql,
+                     stride_kb, stride_kh, stride_kl,
+                     stride_vb, stride_vh, stride_vl,
+                     stride_ob, stride_oh, stride_ol,
+                     B, H, GRID_H, GRID_W, RY, RX, qk_scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     DOT: tl.constexpr):
+    """MLKA forward, FlashAttention-2 style: a program owns BLOCK_M consecutive query tokens
+    and sweeps the keys in runs of BLOCK_N consecutive tokens.
+
+    Only the keys in the grid rows within RY of the tile's rows (the *band*) can be inside a
+    query's window. Key blocks wholly outside the band (and on the grid) need no mask: the fast
+    loop runs them with plain unmasked, pipelined loads and no index arithmetic per key. The
+    band's blocks and a partial last block run in the masked loop. Programs are ordered batch
+    element first (a shared k is read once per tile from memory, then from L2)."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    b, tile = pid % B, pid // B
+    length = GRID_H * GRID_W
+    q_idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = q_idx < length
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), q_idx, q_ok, stride_ql, offs_d)
+    k_base = _head(K, b, h, stride_kb, stride_kh)
+    v_base = _head(V, b, h, stride_vb, stride_vh)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # the band [band_lo, band_hi) in tokens, widened to whole blocks, and the whole blocks
+    # [0, full) of the grid; the fast loop skips the band
+    first_row = (tile * BLOCK_M) // GRID_W
+    last_row = (tl.minimum(tile * BLOCK_M + BLOCK_M, length) - 1) // GRID_W
+    full = (length // BLOCK_N) * BLOCK_N
+    band_lo = (tl.maximum(first_row - RY, 0) * GRID_W) // BLOCK_N * BLOCK_N
+    band_hi = tl.minimum(tl.cdiv(tl.minimum(last_row + RY + 1, GRID_H) * GRID_W, BLOCK_N) * BLOCK_N, full)
+    band_hi = tl.maximum(band_hi, band_lo)
+    n_before = band_lo // BLOCK_N
+    for j in range(0, n_before + (full - band_hi) // BLOCK_N):
+        start = j * BLOCK_N + tl.where(j >= n_before, band_hi - band_lo, 0)
+        k = tl.load(k_base + (start + offs_n)[:, None] * stride_kl + offs_d[None, :])
+        v = tl.load(v_base + (start + offs_n)[:, None] * stride_vl + offs_d[None, :])
+        m_i, l_i, acc = _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, None, False, DOT)
+    qy, qx = q_idx // GRID_W, q_idx % GRID_W
+    n_band = (band_hi - band_lo) // BLOCK_N
+    for j in range(0, n_band + tl.cdiv(length - full, BLOCK_N)):
+        k_idx = tl.where(j < n_band, band_lo + j * BLOCK_N, full) + offs_n
+        k_ok = k_idx < length
+        k = _load_rows(k_base, k_idx, k_ok, stride_kl, offs_d)
+        v = _load_rows(v_base, k_idx, k_ok, stride_vl, offs_d)
+        visible = _visible(qy, qx, q_ok, k_idx // GRID_W, k_idx % GRID_W, k_ok, RY, RX, True)
+        m_i, l_i, acc = _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, visible, True, DOT)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # tokens off the grid: never stored
+    acc = acc / l_i[:, None]
+    tl.store(_head(O, b, h, stride_ob, stride_oh) + q_idx[:, None] * stride_ol + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(LSE + _lse_row(b, h, H, GRID_H, GRID_W) + q_idx, m_i + tl.math.log2(l_i), mask=q_ok)
+
+
+@triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                    stride_qb, stride_qh, stride_ql,
                    stride_kb, stride_kh, stride_kl,
@@ -226,7 +305,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                      stride_ob, stride_oh, stride_ol,
                      stride_dkb, stride_dkh, stride_dkl,
                      stride_dvb, stride_dvh, stride_dvl,
-                     B, H, GRID_H, GRID_W, RY, RX, qk_scale, sm_scale,
+                     B, H, GRID_H, GRID_W, RY, RX, qk_scale, sm_scale, SPLITS,
                      K_SHARED: tl.constexpr, V_SHARED: tl.constexpr,
                      WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, COMPLEMENT: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -234,13 +313,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     """dK = scale * dS^T Q and dV = P^T dO for one key tile and head (TILE_H x TILE_W keys),
     sweeping the query blocks (BLOCK_H x BLOCK_W) whose windows can reach it.
 
-    A shared k or v is reduced over the batch inside the program (it loops over the batch and
-    keeps the sum in registers): no atomics, no B-times scratch. Batched ones are written per
+    A shared k or v is reduced over a run of the batch inside the program (it loops over the run
+    and keeps the sum in registers); with SPLITS runs, each program writes its run's fp32 partial
+    sum to split `split` of DK/DV (a (SPLITS, H, L, D) buffer) and the launcher adds the splits
+    in a fixed order: deterministic, no atomics, SPLITS (not B) copies. Batched ones are written per
     batch element. WITH_DK / WITH_DV select the gradients computed: both in one pass, or, where
     the two accumulators do not fit in registers, one per launch (P is then recomputed)."""
     pid, h = tl.program_id(0), tl.program_id(1)
-    if K_SHARED or V_SHARED:
-        b_lo, b_hi, tile = 0, B, pid
+    if K_SHARED or V_SHARED:  # split `split` of SPLITS runs of the batch
+        split, tile = pid % SPLITS, pid // SPLITS
+        b_lo = split * tl.cdiv(B, SPLITS)
+        b_hi = tl.minimum(b_lo + tl.cdiv(B, SPLITS), B)
     else:
         b_lo, tile = pid % B, pid // B
         b_hi = b_lo + 1
@@ -286,10 +369,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
             tl.store(_head(DV, b, h, stride_dvb, stride_dvh) + k_idx[:, None] * stride_dvl + offs_d[None, :],
                      dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
     if WITH_DK and K_SHARED:
-        tl.store(DK + tl.cast(h, tl.int64) * stride_dkh + k_idx[:, None] * stride_dkl + offs_d[None, :],
+        tl.store(_head(DK, split, h, stride_dkb, stride_dkh) + k_idx[:, None] * stride_dkl + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
     if WITH_DV and V_SHARED:
-        tl.store(DV + tl.cast(h, tl.int64) * stride_dvh + k_idx[:, None] * stride_dvl + offs_d[None, :],
+        tl.store(_head(DV, split, h, stride_dvb, stride_dvh) + k_idx[:, None] * stride_dvl + offs_d[None, :],
                  dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
 
 
@@ -301,6 +384,7 @@ import contextlib  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -342,8 +426,21 @@ _CONFIGS = {
     ("dkdv", "16", 128): ((4, 4), (4, 8), 8, "native", True),
 }
 # The blocks above hug LCA's key patch (a 4 x 8 block wastes fewer keys around it than 8 x 8).
-# MLKA visits every block anyway, so where larger blocks also compile clean it takes those.
-_MLKA_BLOCKS = {("fwd", "16", 16): (8, 8), ("fwd", "16", 32): (8, 8), ("fwd", "16", 64): (8, 8)}
+
+
+# MLKA's forward (_mlka_fwd_kernel): runs of BLOCK_M queries x BLOCK_N keys, warps, pipeline
+# stages, per dtype and head dim; the largest tiles that compile with no spills.
+_MLKA_FWD = {
+    #  dtype  D      M    N   warps stages DOT
+    ("fp32", 16): (32, 32, 4, 2, "tf32x3"),
+    ("fp32", 32): (32, 32, 4, 2, "tf32x3"),
+    ("fp32", 64): (32, 32, 4, 2, "tf32x3"),
+    ("fp32", 128): (32, 32, 4, 2, "tf32x3"),
+    ("16", 16): (64, 64, 4, 3, "native"),
+    ("16", 32): (64, 64, 4, 3, "native"),
+    ("16", 64): (64, 64, 4, 3, "native"),
+    ("16", 128): (64, 64, 4, 2, "native"),
+}
 
 
 def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool = False) -> dict:
@@ -355,24 +452,29 @@ def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool 
     Square-ish tiles keep a tile's key patch small: a 4 x 4 tile with a 7 x 7 window reaches
     10 x 10 keys, where 16 consecutive tokens of a 32-wide grid reach 7 x 32."""
     key = (kind, "fp32" if dtype == torch.float32 else "16", head_dim)
+    if kind == "fwd" and complement:
+        m, n, warps, stages, dot = _MLKA_FWD[key[1:]]
+        return dict(BLOCK_M=m, BLOCK_N=n, DOT=dot, num_warps=warps, num_stages=stages)
     tile, block, warps, dot, split = _CONFIGS[key]
-    if complement:
-        block = _MLKA_BLOCKS.get(key, block)
+    # fp32 FMA ("ieee"): ptxas left to itself keeps 64 registers and spills; a cap of 128 does not
     return dict(TILE_H=tile[0], TILE_W=tile[1], BLOCK_H=block[0], BLOCK_W=block[1], DOT=dot,
-                num_warps=warps, split=split)
+                num_warps=warps, num_stages=3 if kind == "fwd" else (1 if split else 2), split=split,
+                maxnreg=128 if dot == "ieee" else None)
 
 
 def launch_constexprs(cfg: dict, dtype: torch.dtype) -> dict:
     """The kernel's constexprs of a block config. Triton's CPU interpreter computes bf16 products
     wrongly, so there (testing only) bf16 tiles are multiplied in fp32."""
-    out = {name: value for name, value in cfg.items() if name not in ("num_warps", "split")}
+    out = {name: value for name, value in cfg.items() if name not in ("num_warps", "num_stages", "split", "maxnreg")}
     if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         out["DOT"] = "ieee"
     return out
 
 
 def _tiles(grid, cfg) -> int:
-    """Number of TILE_H x TILE_W tiles that cover the grid."""
+    """Number of tiles that cover the grid: TILE_H x TILE_W patches, or runs of BLOCK_M tokens."""
+    if "BLOCK_M" in cfg:
+        return triton.cdiv(grid[0] * grid[1], cfg["BLOCK_M"])
     return triton.cdiv(grid[0], cfg["TILE_H"]) * triton.cdiv(grid[1], cfg["TILE_W"])
 
 
@@ -412,13 +514,21 @@ class Launch:
     grid: tuple
     args: dict
     num_warps: int
+    num_stages: int
+    maxnreg: Optional[int] = None
+
+    @property
+    def options(self) -> dict:
+        """Compiler options of the launch."""
+        extra = {} if self.maxnreg is None else dict(maxnreg=self.maxnreg)
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages, **extra)
 
     @property
     def programs(self) -> int:
         return math.prod(self.grid)
 
     def __call__(self):
-        self.kernel[self.grid](**self.args, num_warps=self.num_warps)
+        self.kernel[self.grid](**self.args, **self.options)
 
 
 def _named(kernel, *args, **constexprs) -> dict:
@@ -430,31 +540,59 @@ def forward_launch(q, k, v, o, lse, grid, radius, scale, complement: bool) -> La
     """The forward launch of one op (MLKA if `complement`) on checked, unit-last tensors."""
     b, h, _, d = q.shape
     cfg = block_config("fwd", d, q.dtype, complement)
-    args = _named(_fwd_kernel, q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                  b, h, *grid, *radius, scale * LOG2E,
-                  COMPLEMENT=complement, HEAD_DIM=d, **launch_constexprs(cfg, q.dtype))
-    return Launch(_fwd_kernel, (_tiles(grid, cfg) * b, h), args, cfg["num_warps"])
+    kernel, flags = (_mlka_fwd_kernel, {}) if complement else (_fwd_kernel, dict(COMPLEMENT=False))
+    args = _named(kernel, q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                  b, h, *grid, *radius, scale * LOG2E, HEAD_DIM=d, **flags, **launch_constexprs(cfg, q.dtype))
+    return Launch(kernel, (_tiles(grid, cfg) * b, h), args, cfg["num_warps"], cfg["num_stages"])
 
 
-def backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, complement: bool) -> list:
+# Programs the dK/dV launch of a shared k/v aims at: 4 per SM of an H100 (132 SMs), so that the
+# batch splits fill the GPU even where one program per key tile and head would leave it idle.
+_DKDV_PROGRAMS = 4 * 132
+
+
+def dkdv_splits(batch: int, grid, heads: int, head_dim: int, dtype: torch.dtype, complement: bool,
+                shared: bool) -> int:
+    """Runs of the batch the dK/dV launch splits a shared k/v's reduction into (1 if neither
+    is shared: then every batch element has its own programs). Depends on shapes only, so the
+    sum is the same from run to run."""
+    if not shared:
+        return 1
+    programs = _tiles(grid, block_config("dkdv", head_dim, dtype, complement)) * heads
+    return max(1, min(batch, triton.cdiv(_DKDV_PROGRAMS, programs)))
+
+
+def kv_gradient_buffers(k: torch.Tensor, v: torch.Tensor, splits: int):
+    """The dK and dV the dK/dV launch writes: a shared one reduced in several splits gets an
+    fp32 partial sum per split, (splits, H, L, D); the others their own shape and dtype."""
+    def buffer(t):
+        if t.dim() == 3 and splits > 1:
+            return torch.empty((splits, *t.shape), device=t.device, dtype=torch.float32)
+        return torch.empty(t.shape, device=t.device, dtype=t.dtype)
+    return buffer(k), buffer(v)
+
+
+def backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, complement: bool,
+                      splits: int = 1) -> list:
     """The backward launches: dQ, then dK/dV in one launch or, where the config splits them,
-    one launch each."""
+    one launch each (`dk`, `dv` from ``kv_gradient_buffers(k, v, splits)``)."""
     b, h, _, d = q.shape
     cfg = block_config("dq", d, q.dtype, complement)
     common = (b, h, *grid, *radius, scale * LOG2E, scale)
     launches = [Launch(_bwd_dq_kernel, (_tiles(grid, cfg) * b, h), _named(
         _bwd_dq_kernel, q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(dq), *common, COMPLEMENT=complement, HEAD_DIM=d, **launch_constexprs(cfg, q.dtype)),
-        cfg["num_warps"])]
+        cfg["num_warps"], cfg["num_stages"], cfg["maxnreg"])]
     k_shared, v_shared = k.dim() == 3, v.dim() == 3
-    per_batch = 1 if (k_shared or v_shared) else b  # a shared k/v: one program sums the batch
+    per_tile = splits if (k_shared or v_shared) else b  # a shared k/v: a program sums a run of the batch
     cfg = block_config("dkdv", d, q.dtype, complement)
     for with_dk, with_dv in ((True, False), (False, True)) if cfg["split"] else ((True, True),):
-        launches.append(Launch(_bwd_dkdv_kernel, (_tiles(grid, cfg) * per_batch, h), _named(
+        launches.append(Launch(_bwd_dkdv_kernel, (_tiles(grid, cfg) * per_tile, h), _named(
             _bwd_dkdv_kernel, q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(do), *_strides(dk), *_strides(dv), *common,
+            *_strides(do), *_strides(dk), *_strides(dv), *common, splits,
             K_SHARED=k_shared, V_SHARED=v_shared, WITH_DK=with_dk, WITH_DV=with_dv,
-            COMPLEMENT=complement, HEAD_DIM=d, **launch_constexprs(cfg, q.dtype)), cfg["num_warps"]))
+            COMPLEMENT=complement, HEAD_DIM=d, **launch_constexprs(cfg, q.dtype)), cfg["num_warps"],
+            cfg["num_stages"], cfg["maxnreg"]))
     return launches
 
 
@@ -482,10 +620,13 @@ class WindowAttentionFunction(torch.autograd.Function):
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1).reshape(-1)  # rowsum(O * dO), (B * H * L,)
         dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # dense, its own strides
-        dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-        dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+        b, h, _, d = q.shape
+        splits = dkdv_splits(b, grid, h, d, q.dtype, cls.COMPLEMENT, k.dim() == 3 or v.dim() == 3)
+        dk, dv = kv_gradient_buffers(k, v, splits)
         with _on_device(q):
             for launch in backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale,
-                                            cls.COMPLEMENT):
+                                            cls.COMPLEMENT, splits):
                 launch()
+        # the splits' partial sums of a shared gradient, added in a fixed order
+        dk, dv = (g.sum(0).to(t.dtype) if t.dim() == 3 and splits > 1 else g for g, t in ((dk, k), (dv, v)))
         return dq, dk, dv, None, None, None
