@@ -163,7 +163,7 @@ def blocks_per_sm(registers: int, smem_bytes: int, num_warps: int) -> int:
 def keys_visited_per_useful_key(cfg: dict, grid, window) -> float:
     """LCA: the (query, key) pairs a launch computes (every program's tile rows times the key
     blocks covering its tile's key patch) over the pairs inside the windows. For dK/dV (key tiles
-    sweeping query blocks) the same ratio, sides swapped. `cfg` is a block config."""
+    sweeping query blocks) the same ratio, sides swapped. `cfg`: a block config or launch arguments."""
     (gh, gw), (ry, rx) = grid, (window[0] // 2, window[1] // 2)
     th, tw, bh, bw = cfg["TILE_H"], cfg["TILE_W"], cfg["BLOCK_H"], cfg["BLOCK_W"]
     visited = 0
@@ -199,7 +199,6 @@ def _compile_one(job) -> list:
     dtype = getattr(torch, DTYPES[dtype_name])
     # forward and dQ: RLR's layout (LCA k, v shared; MLKA k shared, v batched)
     k_shared, v_shared = layout if layout is not None else (True, not OPS[op])
-    cfg = wa.block_config({"forward": "fwd"}.get(kind, kind), dim, dtype, OPS[op])
     records = []
     for launch in typical_launches(op, dtype, dim, kind, k_shared, v_shared):
         a = launch.args
@@ -207,16 +206,16 @@ def _compile_one(job) -> list:
                   "layout": _layout_name(layout), "grads": _grads_name(a), "dot": a["DOT"],
                   "tile": _tile_name(a), "block": _block_name(a),
                   "num_warps": launch.num_warps, "num_stages": launch.num_stages, "programs": launch.programs}
-        if op == "lca":
+        if op == "lca":  # (a folded tile visits the same keys for each of its batch elements)
             record["keys_visited_per_useful_key"] = round(
-                keys_visited_per_useful_key(cfg, TYPICAL["grid"], TYPICAL["window"]), 3)
+                keys_visited_per_useful_key(a, TYPICAL["grid"], TYPICAL["window"]), 3)
         records.append(_compile_launch(launch, arch, record))
     return records
 
 
 def _rows(args) -> int:
     """Queries (or, for dK/dV, keys) a program owns: a 2D tile or a run of BLOCK_M tokens."""
-    return args["BLOCK_M"] if "BLOCK_M" in args else args["TILE_H"] * args["TILE_W"]
+    return args["BLOCK_M"] if "BLOCK_M" in args else args.get("FOLD", 1) * args["TILE_H"] * args["TILE_W"]
 
 
 def _cols(args) -> int:
@@ -225,7 +224,10 @@ def _cols(args) -> int:
 
 
 def _tile_name(args) -> str:
-    return str(args["BLOCK_M"]) if "BLOCK_M" in args else f"{args['TILE_H']}x{args['TILE_W']}"
+    if "BLOCK_M" in args:
+        return str(args["BLOCK_M"])
+    fold = f"{args['FOLD']}*" if args.get("FOLD", 1) > 1 else ""
+    return f"{fold}{args['TILE_H']}x{args['TILE_W']}"
 
 
 def _block_name(args) -> str:

@@ -125,57 +125,6 @@ def _visible(ay, ax, a_ok, by, bx, b_ok, RY, RX, COMPLEMENT: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE,
-                stride_qb, stride_qh, stride_ql,
-                stride_kb, stride_kh, stride_kl,
-                stride_vb, stride_vh, stride_vl,
-                stride_ob, stride_oh, stride_ol,
-                B, H, GRID_H, GRID_W, RY, RX, qk_scale,
-                COMPLEMENT: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr,
-                DOT: tl.constexpr):
-    """O and the row log-sum-exp for one query tile, batch element and head.
-
-    Programs are ordered batch element first: the programs that read the same key patch of a
-    shared k/v run side by side, so the patch is read from memory once and from L2 after."""
-    pid, h = tl.program_id(0), tl.program_id(1)
-    b, tile = pid % B, pid // B
-    y0, x0 = _tile_origin(tile, GRID_W, TILE_H, TILE_W)
-    qy, qx, q_idx, q_ok = _tokens(y0, x0, GRID_H, GRID_W, TILE_H, TILE_W)  # BLOCK_M = TILE_H * TILE_W
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), q_idx, q_ok, stride_ql, offs_d)
-    k_base = _head(K, b, h, stride_kb, stride_kh)
-    v_base = _head(V, b, h, stride_vb, stride_vh)
-    # online softmax state, base 2 with the scale folded in: m (running max), l (running sum)
-    m_i = tl.full([TILE_H * TILE_W], float("-inf"), tl.float32)
-    l_i = tl.zeros([TILE_H * TILE_W], tl.float32)
-    acc = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
-    y_lo, y_hi, x_lo, x_hi = _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H, TILE_W)
-    oy, ox, blocks_x, n_blocks = _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, COMPLEMENT)
-    for i in range(0, n_blocks):
-        by, bx = oy + (i // blocks_x) * BLOCK_H, ox + (i % blocks_x) * BLOCK_W
-        ky, kx, k_idx, k_ok = _tokens(by, bx, GRID_H, GRID_W, BLOCK_H, BLOCK_W)  # BLOCK_N = BLOCK_H * BLOCK_W
-        k = _load_rows(k_base, k_idx, k_ok, stride_kl, offs_d)
-        v = _load_rows(v_base, k_idx, k_ok, stride_vl, offs_d)
-        qk = _mm(q, tl.trans(k), DOT) * qk_scale  # (BLOCK_M, BLOCK_N)
-        if _needs_mask(by, bx, y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, COMPLEMENT):
-            qk = tl.where(_visible(qy, qx, q_ok, ky, kx, k_ok, RY, RX, COMPLEMENT), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p, v, DOT)
-        m_i = m_new
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # tokens off the grid: never stored
-    acc = acc / l_i[:, None]
-    tl.store(_head(O, b, h, stride_ob, stride_oh) + q_idx[:, None] * stride_ol + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=q_ok[:, None])
-    # log-sum-exp in base 2 (of the scaled scores), for the backward
-    tl.store(LSE + _lse_row(b, h, H, GRID_H, GRID_W) + q_idx, m_i + tl.math.log2(l_i), mask=q_ok)
-
-
-@triton.jit
 def _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, visible, MASKED: tl.constexpr, DOT: tl.constexpr):
     """One key block of the online softmax (base 2, scale folded into one FMA per score). The
     unmasked step assumes every key visible; the masked one takes `visible` and rows that have
@@ -192,6 +141,59 @@ def _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, visible, MASKED: tl.constexp
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _mm(p, v, DOT)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _lca_fwd_kernel(Q, K, V, O, LSE,
+                    stride_qb, stride_qh, stride_ql,
+                    stride_kb, stride_kh, stride_kl,
+                    stride_vb, stride_vh, stride_vl,
+                    stride_ob, stride_oh, stride_ol,
+                    B, H, GRID_H, GRID_W, RY, RX, qk_scale,
+                    FOLD: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    DOT: tl.constexpr):
+    """LCA forward: O and the row log-sum-exp for one query tile and head, for FOLD batch
+    elements at once, sweeping only the key blocks that cover the tile's key patch.
+
+    The rows of the program's products are FOLD batch elements x the tile's tokens. FOLD > 1
+    only with a shared k and v (RLR's reference): the key patch and its mask are then loaded and
+    computed once for all of them, and at the same rows per product the tile, hence its patch,
+    is smaller, so fewer keys are visited per useful key. Programs are ordered batch group
+    first: those that read the same key patch run side by side (read once, then from L2)."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    groups = tl.cdiv(B, FOLD)
+    b0, tile = (pid % groups) * FOLD, pid // groups
+    y0, x0 = _tile_origin(tile, GRID_W, TILE_H, TILE_W)
+    r = tl.arange(0, FOLD * TILE_H * TILE_W)
+    bb = b0 + r // (TILE_H * TILE_W)  # each row's batch element
+    qy = y0 + (r % (TILE_H * TILE_W)) // TILE_W
+    qx = x0 + r % TILE_W
+    q_ok = (qy < GRID_H) & (qx < GRID_W) & (bb < B)
+    q_idx = qy * GRID_W + qx
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = _load_rows(_head(Q, bb, h, stride_qb, stride_qh)[:, None], q_idx, q_ok, stride_ql, offs_d)
+    k_base = _head(K, b0, h, stride_kb, stride_kh)  # FOLD > 1: k and v shared, batch stride 0
+    v_base = _head(V, b0, h, stride_vb, stride_vh)
+    # online softmax state, base 2 with the scale folded in: m (running max), l (running sum)
+    m_i = tl.full([FOLD * TILE_H * TILE_W], float("-inf"), tl.float32)
+    l_i = tl.zeros([FOLD * TILE_H * TILE_W], tl.float32)
+    acc = tl.zeros([FOLD * TILE_H * TILE_W, HEAD_DIM], tl.float32)
+    y_lo, y_hi, x_lo, x_hi = _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H, TILE_W)
+    oy, ox, blocks_x, n_blocks = _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, False)
+    for i in range(0, n_blocks):
+        by, bx = oy + (i // blocks_x) * BLOCK_H, ox + (i % blocks_x) * BLOCK_W
+        ky, kx, k_idx, k_ok = _tokens(by, bx, GRID_H, GRID_W, BLOCK_H, BLOCK_W)  # BLOCK_N = BLOCK_H * BLOCK_W
+        k = _load_rows(k_base, k_idx, k_ok, stride_kl, offs_d)
+        v = _load_rows(v_base, k_idx, k_ok, stride_vl, offs_d)
+        visible = _visible(qy, qx, q_ok, ky, kx, k_ok, RY, RX, False)
+        m_i, l_i, acc = _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, visible, True, DOT)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # tokens off the grid: never stored
+    acc = acc / l_i[:, None]
+    tl.store(_head(O, bb, h, stride_ob, stride_oh)[:, None] + q_idx[:, None] * stride_ol + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=q_ok[:, None])
+    # log-sum-exp in base 2 (of the scaled scores), for the backward
+    tl.store(LSE + _lse_row(bb, h, H, GRID_H, GRID_W) + q_idx, m_i + tl.math.log2(l_i), mask=q_ok)
 
 
 @triton.jit
@@ -432,10 +434,10 @@ _CONFIGS = {
 # stages, per dtype and head dim; the largest tiles that compile with no spills.
 _MLKA_FWD = {
     #  dtype  D      M    N   warps stages DOT
-    ("fp32", 16): (32, 32, 4, 2, "tf32x3"),
+    ("fp32", 16): (32, 32, 4, 1, "tf32x3"),
     ("fp32", 32): (32, 32, 4, 2, "tf32x3"),
     ("fp32", 64): (32, 32, 4, 2, "tf32x3"),
-    ("fp32", 128): (32, 32, 4, 2, "tf32x3"),
+    ("fp32", 128): (32, 32, 8, 2, "tf32x3"),
     ("16", 16): (64, 64, 4, 3, "native"),
     ("16", 32): (64, 64, 4, 3, "native"),
     ("16", 64): (64, 64, 4, 3, "native"),
@@ -540,10 +542,34 @@ def forward_launch(q, k, v, o, lse, grid, radius, scale, complement: bool) -> La
     """The forward launch of one op (MLKA if `complement`) on checked, unit-last tensors."""
     b, h, _, d = q.shape
     cfg = block_config("fwd", d, q.dtype, complement)
-    kernel, flags = (_mlka_fwd_kernel, {}) if complement else (_fwd_kernel, dict(COMPLEMENT=False))
+    kernel, groups = _mlka_fwd_kernel, b
+    if not complement:
+        cfg = fold_batch(cfg, lca_fold(b, k, v))
+        kernel, groups = _lca_fwd_kernel, triton.cdiv(b, cfg["FOLD"])
     args = _named(kernel, q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                  b, h, *grid, *radius, scale * LOG2E, HEAD_DIM=d, **flags, **launch_constexprs(cfg, q.dtype))
-    return Launch(kernel, (_tiles(grid, cfg) * b, h), args, cfg["num_warps"], cfg["num_stages"])
+                  b, h, *grid, *radius, scale * LOG2E, HEAD_DIM=d, **launch_constexprs(cfg, q.dtype))
+    return Launch(kernel, (_tiles(grid, cfg) * groups, h), args, cfg["num_warps"], cfg["num_stages"])
+
+
+def lca_fold(batch: int, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Batch elements LCA's forward folds into one query tile: with a shared k and v in 16 bits,
+    the batch rounded up to a power of two, at most 8; else 1. (fp32 tiles are too small to
+    split further.)"""
+    if k.dim() != 3 or v.dim() != 3 or k.dtype == torch.float32:
+        return 1
+    return min(8, 1 << (batch - 1).bit_length())
+
+
+def fold_batch(cfg: dict, fold: int) -> dict:
+    """`cfg` with `fold` batch elements per tile: the tile shrinks by as much (halving its
+    height, then its width, then its height) so that the rows per product stay the same."""
+    th, tw = cfg["TILE_H"], cfg["TILE_W"]
+    for step in range(fold.bit_length() - 1):
+        if step % 2 == 0:
+            th //= 2
+        else:
+            tw //= 2
+    return {**cfg, "FOLD": fold, "TILE_H": max(th, 1), "TILE_W": max(tw, 1)}
 
 
 # Programs the dK/dV launch of a shared k/v aims at: 4 per SM of an H100 (132 SMs), so that the

@@ -259,7 +259,7 @@ def test_triton_launches_on_the_inputs_device(monkeypatch):
         k = torch.empty(2, 16, 16, device="cuda:1")
         out = LocalCrossAttentionFunction.forward(ctx, q, k, k, (4, 4), (3, 3), 0.25)
         LocalCrossAttentionFunction.backward(ctx, torch.empty_like(out))
-    assert {name for name, _ in launched} == {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
+    assert {name for name, _ in launched} == {"_lca_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
     for name, stack in launched:
         assert stack and stack[-1] == torch.device("cuda:1"), f"{name} launched under {stack}"
 
@@ -274,3 +274,19 @@ def test_triton_on_the_second_gpu():
     for a, b in zip(got, ref):
         assert a.device == torch.device("cuda:1")
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [3, 8])
+def test_triton_lca_folds_the_batch_into_the_query_tile(batch):
+    """16-bit LCA with a shared k and v folds batch elements into one query tile (4 for B=3,
+    with a padding batch row, 8 for B=8): against the fp64 oracle, forward and gradients."""
+    from rlr_fast.kernels.window_attention import lca_fold
+
+    grid = (7, 9)
+    q, k, v, grad = _inputs(batch, 2, grid, 16, True, True, torch.float64)
+    assert lca_fold(batch, k.half(), v.half()) == {3: 4, 8: 8}[batch]
+    oracle = _run("lca", q, k, v, grad, grid, 5, "reference")
+    low = [t.detach().half().requires_grad_() for t in (q, k, v)]
+    got = _run("lca", *low, grad.half(), grid, 5, "triton")
+    for name, g, o in zip(("out", "dq", "dk", "dv"), got, oracle):
+        torch.testing.assert_close(g.double(), o, rtol=2e-2, atol=2e-2, msg=f"B={batch} {name}")
