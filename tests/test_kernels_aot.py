@@ -138,3 +138,36 @@ def test_bad_arch_is_a_clear_error():
     result = subprocess.run([sys.executable, "-m", "rlr_fast", "kernels", "--arch", "ampere"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "--arch takes targets like sm_80,sm_90" in result.stderr
+
+
+def test_shared_kv_backward_fills_an_h100():
+    """The dK/dV launch of a shared k or v at B=8, 32x32, 8 heads has at least four programs per
+    H100 SM (4 x 132), in every dtype and head dim: the batch is split into runs, not walked by
+    one program per key tile and head (256 programs at 16-bit, head dim 32, before)."""
+    import torch
+
+    for dtype, dim, op, layout in itertools.product((torch.float32, torch.float16), (16, 32, 64, 128), aot.OPS,
+                                                    ((True, True), (True, False), (False, True))):
+        for launch in aot.typical_launches(op, dtype, dim, "dkdv", *layout):
+            assert launch.programs >= 4 * 132, (op, dtype, dim, layout, launch.programs)
+
+
+_TARGETS = """
+import json
+from rlr_fast.kernels import aot
+mlka = aot._compile_one(("sm_90", "mlka", "fp16", 32, "forward", None))
+lca = aot._compile_one(("sm_90", "lca", "bf16", 64, "forward", None))
+print(json.dumps(mlka + lca))
+"""
+
+
+def test_sm90_targets_of_the_redesign():
+    """On sm_90: MLKA's 16-bit forward runs its unmasked loop on wgmma at <= 12 instructions per
+    score; LCA's 16-bit forward with a shared k/v visits <= 3 keys per useful key; no spills."""
+    result = subprocess.run([sys.executable, "-c", _TARGETS], capture_output=True, text=True,
+                            env=_no_interpreter_env(), timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    mlka, lca = json.loads(result.stdout.strip().splitlines()[-1])
+    assert mlka["ok"] and mlka["spill_bytes"] == 0 and mlka["tensor_core"] == "wgmma", mlka
+    assert mlka["instructions_per_score"] <= 12, mlka
+    assert lca["ok"] and lca["spill_bytes"] == 0 and lca["keys_visited_per_useful_key"] <= 3, lca

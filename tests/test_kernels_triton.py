@@ -290,3 +290,15 @@ def test_triton_lca_folds_the_batch_into_the_query_tile(batch):
     got = _run("lca", *low, grad.half(), grid, 5, "triton")
     for name, g, o in zip(("out", "dq", "dk", "dv"), got, oracle):
         torch.testing.assert_close(g.double(), o, rtol=2e-2, atol=2e-2, msg=f"B={batch} {name}")
+
+
+@pytest.mark.parametrize("grid,window", [((20, 16), 3), ((9, 40), (5, 3))])
+def test_triton_mlka_fast_loop_16bit(grid, window):
+    """16-bit MLKA forward runs 64 x 64 tiles: grids large enough for key blocks outside the
+    band (the unmasked fast loop), a band in the middle, and a partial last block."""
+    q, k, v, grad = _inputs(2, 1, grid, 32, True, False, torch.float64)
+    oracle = _run("mlka", q, k, v, grad, grid, window, "reference")
+    low = [t.detach().half().requires_grad_() for t in (q, k, v)]
+    got = _run("mlka", *low, grad.half(), grid, window, "triton")
+    for name, g, o in zip(("out", "dq", "dk", "dv"), got, oracle):
+        torch.testing.assert_close(g.double(), o, rtol=2e-2, atol=2e-2, msg=f"{grid} {name}")
