@@ -36,6 +36,11 @@ from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 OPS = {"lca": False, "mlka": True}  # op -> COMPLEMENT
+# nearest_reference ("nn") is compiled at these channel counts (Lite0's stride-4 level has 24; 64 to
+# 512 cover wider backbones and both of its paths: C in one chunk, or looped over chunks), shown in
+# the D column, specialised as the JIT specialises a call at ResAD's layer-1 shape (8 images of
+# 56 x 56 tokens against a shared ref of 4 x 56 x 56)
+NEAREST_CHANNELS = (24, 64, 128, 256, 512)
 KINDS = ("forward", "dq", "dkdv")
 # The call the report describes: RLR's 32 x 32 level (d 256, 8 heads, window 7), batch 8.
 TYPICAL = dict(batch=8, heads=8, grid=(32, 32), window=(7, 7))
@@ -49,7 +54,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets, e.g. sm_80,sm_90")
     p.add_argument("--dtypes", default="fp32,fp16,bf16", help="comma-separated dtypes (default: all three)")
     p.add_argument("--head-dims", default="16,32,64,128", help="comma-separated head dims (default: all supported)")
-    p.add_argument("--ops", default="lca,mlka", help="comma-separated ops (default: both)")
+    p.add_argument("--ops", default="lca,mlka,nn", help="comma-separated ops: lca, mlka, nn (nearest_reference)")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
     p.add_argument("--json", type=Path, help="also write one record per kernel launch as JSON")
 
@@ -83,6 +88,27 @@ def typical_launches(op: str, dtype, head_dim: int, kind: str, k_shared: bool, v
                                     *wa.kv_gradient_buffers(k, v, splits), lse, lse, (gh, gw), radius, scale,
                                     OPS[op], splits)
     return launches[:1] if kind == "dq" else launches[1:]
+
+
+def _nearest_launch(dtype, channels: int):
+    """The launch of nearest_reference's kernel at ResAD's layer-1 shape (contiguous x of 8 x 56 x 56
+    tokens, a shared ref of 4 x 56 x 56), on meta tensors. Its "rows" per loop iteration are
+    BLOCK_M reference rows, its "columns" BLOCK_N tokens."""
+    import importlib
+
+    import torch
+
+    from . import window_attention as wa
+
+    nr = importlib.import_module(f"{__package__}.nearest_reference")  # the package exports the function
+    b, n, m, c = 8, 56 * 56, 4 * 56 * 56, channels
+    cfg = nr.block_config(channels, dtype)
+    x, ref = torch.empty(b, n, c, device="meta", dtype=dtype), torch.empty(m, c, device="meta", dtype=dtype)
+    args = dict(X=x, R=ref, R_INV_NORM=torch.empty(m, device="meta"),
+                INDEX=torch.empty(b, n, device="meta", dtype=torch.int64), SIM=torch.empty(b, n, device="meta"),
+                stride_xb=n * c, stride_xn=c, stride_xc=1, stride_rb=0, stride_rm=c, stride_ib=0, N=n, M=m, C=c,
+                eps=1e-12, **wa.launch_constexprs(cfg, dtype))
+    return wa.Launch(nr._nearest_kernel, (math.ceil(n / cfg["BLOCK_N"]) * b,), args, cfg["num_warps"], 3)
 
 
 def jit_specialization(launch, arch: str):
@@ -181,11 +207,14 @@ def keys_visited_per_useful_key(cfg: dict, grid, window) -> float:
 # ------------------------------------------------------------------------------------------------
 
 def _jobs(archs, ops, dtypes, dims):
-    for arch, op, dtype, dim in itertools.product(archs, ops, dtypes, dims):
+    for arch, op, dtype, dim in itertools.product(archs, [op for op in ops if op in OPS], dtypes, dims):
         yield (arch, op, dtype, dim, "forward", None)
         yield (arch, op, dtype, dim, "dq", None)
         for layout in itertools.product((True, False), repeat=2):
             yield (arch, op, dtype, dim, "dkdv", layout)
+    if "nn" in ops:
+        for arch, dtype, channels in itertools.product(archs, dtypes, NEAREST_CHANNELS):
+            yield (arch, "nn", dtype, channels, "nearest", None)
 
 
 def _compile_one(job) -> list:
@@ -197,6 +226,14 @@ def _compile_one(job) -> list:
 
     arch, op, dtype_name, dim, kind, layout = job
     dtype = getattr(torch, DTYPES[dtype_name])
+    if kind == "nearest":
+        launch = _nearest_launch(dtype, dim)
+        a = launch.args
+        record = {"op": op, "kernel": kind, "dtype": dtype_name, "head_dim": dim, "arch": arch,
+                  "layout": "C in one chunk" if a["ONE_CHUNK"] else "C in chunks", "grads": "", "dot": a["DOT"],
+                  "tile": str(a["BLOCK_N"]), "block": f"{a['BLOCK_M']}x{a['BLOCK_C']}", "num_warps": launch.num_warps,
+                  "num_stages": launch.num_stages, "programs": launch.programs}
+        return [_compile_launch(launch, arch, record)]
     # forward and dQ: RLR's layout (LCA k, v shared; MLKA k shared, v batched)
     k_shared, v_shared = layout if layout is not None else (True, not OPS[op])
     records = []
@@ -341,7 +378,7 @@ def run(args) -> int:
         if not re.fullmatch(r"sm_\d+", a):
             raise ValueError(f"--arch takes targets like sm_80,sm_90, got {a!r}")
     dtypes = _list(args.dtypes, DTYPES, "dtype(s)")
-    ops = _list(args.ops, OPS, "op(s)")
+    ops = _list(args.ops, (*OPS, "nn"), "op(s)")
     dims = [int(d) for d in _list(args.head_dims, ("16", "32", "64", "128"), "head dim(s)")]
     jobs = list(_jobs(archs, ops, dtypes, dims))
     b, h, (gh, gw), (kh, kw) = TYPICAL["batch"], TYPICAL["heads"], TYPICAL["grid"], TYPICAL["window"]

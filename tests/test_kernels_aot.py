@@ -1,5 +1,6 @@
-"""`rlr-fast kernels`: every kernel compiles for sm_80 and sm_90 with no GPU and nothing spills;
-the report compiles what the JIT runs and reads the SASS right."""
+"""`rlr-fast kernels`: every kernel (the attention ops' and nearest_reference's) compiles for sm_80
+and sm_90 with no GPU and nothing spills; the report compiles what the JIT runs and reads the
+SASS right."""
 import itertools
 import json
 import os
@@ -24,6 +25,13 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
                             capture_output=True, text=True, env=_no_interpreter_env(), timeout=3600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())
+    nearest = [r for r in rows if r["op"] == "nn"]
+    rows = [r for r in rows if r["op"] != "nn"]
+    # nearest_reference's kernel: every arch x dtype x channel count, on tensor cores, no spills
+    assert sorted((r["arch"], r["dtype"], r["head_dim"]) for r in nearest) == sorted(itertools.product(
+        ("sm_80", "sm_90"), ("fp32", "fp16", "bf16"), (24, 64, 128, 256, 512)))
+    assert all(r["ok"] and r["spill_bytes"] == 0 and r["registers"] > 0 for r in nearest)
+    assert all(r["tensor_core"] == ("wgmma" if r["arch"] == "sm_90" else "mma") for r in nearest)
     # every arch x op x dtype x head dim x (forward, dq, dk/dv in each shared/batched layout) is there
     expected = {(arch, op, dtype, dim, kernel, layout)
                 for arch, op, dtype, dim in itertools.product(("sm_80", "sm_90"), ("lca", "mlka"),
