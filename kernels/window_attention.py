@@ -458,10 +458,14 @@ def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool 
         m, n, warps, stages, dot = _MLKA_FWD[key[1:]]
         return dict(BLOCK_M=m, BLOCK_N=n, DOT=dot, num_warps=warps, num_stages=stages)
     tile, block, warps, dot, split = _CONFIGS[key]
-    # fp32 FMA ("ieee"): ptxas left to itself keeps 64 registers and spills; a cap of 128 does not
+    # Pipeline stages: 3 in the forward, 2 in the backward, none in a split dK/dV. ptxas, left to
+    # itself, keeps the dK/dV kernels (and the fp32-FMA ones) to fewer registers than they need
+    # and spills; an explicit register budget does not (232, or 128 for those with one launch per
+    # gradient and fp32 FMA, each the budget with which every layout and arch compiled clean).
+    maxnreg = 128 if dot == "ieee" or split else (232 if kind == "dkdv" else None)
     return dict(TILE_H=tile[0], TILE_W=tile[1], BLOCK_H=block[0], BLOCK_W=block[1], DOT=dot,
-                num_warps=warps, num_stages=3 if kind == "fwd" else (1 if split else 2), split=split,
-                maxnreg=128 if dot == "ieee" else None)
+                num_warps=warps, num_stages=1 if split else (3 if kind == "fwd" else 2), split=split,
+                maxnreg=maxnreg)
 
 
 def launch_constexprs(cfg: dict, dtype: torch.dtype) -> dict:
