@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -95,6 +95,27 @@ def _hole(img, rng):
     return img, mask
 
 
+def add_defect(image: np.ndarray, rng: np.random.Generator, others: Sequence[np.ndarray],
+               kind: Optional[str] = None):
+    """One synthetic defect on a copy of ``image`` (H, W, 3) float in [0, 1]: ``(image, mask)``,
+    the mask a boolean (H, W). ``kind`` is one of DEFECTS (None: drawn from ``rng``); ``others``
+    are images of other textures, at least as large as ``image``, that a ``cut`` pastes from.
+    Training data for models that learn from anomalies (ResAD) use it on normal images."""
+    if kind is None:
+        kind = DEFECTS[int(rng.integers(0, len(DEFECTS)))]
+    if kind not in DEFECTS:
+        raise ValueError(f"unknown defect kind {kind!r}; choose from {', '.join(DEFECTS)}")
+    if kind == "scratch":
+        return _scratch(image.copy(), rng)
+    if kind == "stain":
+        return _stain(image, rng)
+    if kind == "cut":
+        if not others:
+            raise ValueError("a 'cut' defect needs at least one other image to paste from")
+        return _cut(image, rng, others[int(rng.integers(0, len(others)))])
+    return _hole(image, rng)
+
+
 def _save(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if array.dtype == bool:
@@ -135,15 +156,7 @@ def build_demo_dataset(root, classes: Sequence[str] = CLASSES, image_size: int =
             _save(root / cls / "test" / "good" / f"{i:03d}.png", normal())
         for i in range(n_test_defect):
             kind = DEFECTS[i % len(DEFECTS)]
-            img = normal()
-            if kind == "scratch":
-                img, mask = _scratch(img.copy(), rng)
-            elif kind == "stain":
-                img, mask = _stain(img, rng)
-            elif kind == "cut":
-                img, mask = _cut(img, rng, others[int(rng.integers(0, len(others)))])
-            else:
-                img, mask = _hole(img, rng)
+            img, mask = add_defect(normal(), rng, others, kind)
             _save(root / cls / "test" / kind / f"{i:03d}.png", img)
             _save(root / cls / "ground_truth" / kind / f"{i:03d}_mask.png", mask)
     root.mkdir(parents=True, exist_ok=True)
