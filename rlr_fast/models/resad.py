@@ -1,0 +1,372 @@
+"""ResAD (NeurIPS 2024): class-generalizable few-shot anomaly detection.
+
+Trained once on some classes, ResAD inspects a new class from K normal reference images with no
+retraining. Its three parts, per backbone level (the official code: github xcyao00/ResAD):
+
+1. Feature converter: each token of the frozen backbone's feature map becomes its *residual*
+   against the most cosine-similar token of the same level over all tokens of the K reference
+   images (any position), found with :func:`rlr_fast.nearest_reference`. The paper writes the
+   residual as the difference ``f - r``; the official code uses the squared difference
+   ``(f - r) ** 2``. Both are offered (``residual="difference"`` or ``"squared"``).
+2. Feature constraintor: a 3x3 conv, batch norm and ReLU (the official ``MultiScaleConv``),
+   trained with the official hypersphere loss (``hypersphere_loss``).
+3. Feature distribution estimator: a conditional normalizing flow of FrEIA ``AllInOneBlock``
+   couplings conditioned on a 2D sine-cosine positional embedding (the official ``fc_flow.py``),
+   trained by maximum likelihood on normal tokens (stage 1) plus the official boundary losses on
+   anomalous tokens (stage 2, ``flow_loss``).
+
+Anomaly map, as the official ``validate.py``: per level the token log-likelihood per dimension
+``logp``; (a) ``exp(logp - c)`` upsampled and summed over levels, turned into an anomaly score by
+negation, and (b) the probability of the abnormal centre ``softmax([logp, logp_a])[1]``
+upsampled and averaged over levels; each Gaussian-filtered (sigma 4), the map is their mean and
+the image score its maximum.
+
+Deviations from the official code, and why:
+
+- Backbone: the embedded ``tf_efficientnet_lite0`` at indices (1, 2, 3) (strides 4/8/16, as
+  WideResNet50's layers 1-3 in the paper), so that it runs offline; any timm backbone by name.
+- Training references: K images per seen class drawn once (``rlr_fast.fewshot``) instead of a
+  new random draw every batch, so the residuals are a fixed function of the image and are
+  cached like RLR's features; the reference images themselves are left out of training.
+- Normalisation constant ``c`` of (a): the official code subtracts the maximum log-likelihood
+  of the whole test set, which makes an image's score depend on the other test images. Here
+  ``c`` is a per-level running average of the batch maximum of normal training tokens
+  (``logp_max``), so a single image gets the same score alone or in a batch; shifting (a) by a
+  constant does not change any ranking.
+- Stage 1 learns from normal tokens only (the official stage 1 loads only normal images);
+  anomalous tokens of a batch are ignored until stage 2. The flow sees all tokens of a batch in
+  one step (the official code takes random chunks of 8192 tokens with one step each).
+- ResAD++'s extras (vector quantisation, ImageBind) are not part of the paper and are left out.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import EMBEDDED, FrozenBackbone
+from ..ops import nearest_reference
+from .base import AnomalyModel, AnomalyOutput
+from .layers import gaussian_blur, sincos_pos_embed_2d
+
+RESIDUALS = ("squared", "difference")
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class ResADConfig:
+    """ResADModel's configuration; defaults are the official code's unless noted."""
+
+    image_size: int = 224
+    backbone: str = EMBEDDED  # the paper: wide_resnet50_2; lite0's weights ship offline
+    backbone_weights: str = "default"
+    out_indices: Tuple[int, ...] = (1, 2, 3)  # strides 4, 8, 16
+    residual: str = "squared"  # "squared" (official code) or "difference" (paper); see README
+    shots: int = 4  # reference images per class
+    coupling_layers: int = 10
+    clamp_alpha: float = 1.9
+    pos_embed_dim: int = 256
+    first_stage: float = 0.1  # fraction of the epochs with normal tokens only (official: 10 of 100)
+    pos_beta: float = 0.05  # the normal boundary is this quantile of normal log-likelihoods
+    margin_tau: float = 0.1  # abnormal boundary = normal boundary - margin_tau
+    bgspp_lambda: float = 1.0  # weight of the boundary-guided losses
+    score_sigma: float = 4.0
+    backend: str = "auto"  # nearest_reference backend
+
+
+def _tokens(feature: torch.Tensor) -> torch.Tensor:
+    return feature.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, L, C)
+
+
+class ResidualConverter(nn.Module):
+    """Frozen backbone plus the reference bank of one class: per level, the (M, C) tokens of the
+    K reference images (M = K * H * W). ``set_reference`` must be called before ``match``."""
+
+    def __init__(self, backbone: str, out_indices, weights, image_size: int, backend: str):
+        super().__init__()
+        self.backbone = FrozenBackbone(backbone, out_indices, weights)
+        self.grids = [(math.ceil(image_size / r),) * 2 for r in self.backbone.reductions]
+        self.backend = backend
+        self.bank: Optional[List[torch.Tensor]] = None
+
+    def levels(self, images: torch.Tensor) -> List[torch.Tensor]:
+        feats = self.backbone(images)
+        for f, g in zip(feats, self.grids):
+            if tuple(f.shape[-2:]) != g:
+                raise ValueError(f"backbone gave a {tuple(f.shape[-2:])} grid, expected {g}")
+        return feats
+
+    @torch.no_grad()
+    def set_reference(self, images: torch.Tensor) -> None:
+        self.bank = [_tokens(f).reshape(-1, f.shape[1]).contiguous() for f in self.levels(images)]
+
+    @torch.no_grad()
+    def match(self, images: torch.Tensor):
+        """Per level (features (B, C, H, W), matched reference features (B, C, H, W), cosine
+        similarity (B, H, W)) of every token and its nearest reference token."""
+        if self.bank is None:
+            raise ValueError("no reference images: call set_reference(images) with K normal images "
+                             "of the class being inspected first")
+        out = []
+        for f, bank in zip(self.levels(images), self.bank):
+            bank = bank.to(f.device, f.dtype)
+            index, sim = nearest_reference(_tokens(f), bank, backend=self.backend)
+            matched = bank[index].transpose(1, 2).reshape(f.shape)  # gather the features themselves
+            out.append((f, matched, sim.view(f.shape[0], *f.shape[-2:])))
+        return out
+
+
+class _ReferenceMixin:
+    """``set_reference(images)``: the K normal images of the class to inspect."""
+
+    def set_reference(self, images: torch.Tensor):
+        self.check_images(images)
+        self.converter.set_reference(images.to(next(self.parameters()).device))
+        return self
+
+    @property
+    def has_reference(self) -> bool:
+        return self.converter.bank is not None
+
+
+def _subnet(dims_in: int, dims_out: int) -> nn.Module:
+    """The official coupling subnet: Linear(d, 2d), ReLU, Linear(2d, out)."""
+    return nn.Sequential(nn.Linear(dims_in, 2 * dims_in), nn.ReLU(), nn.Linear(2 * dims_in, dims_out))
+
+
+def conditional_flow(channels: int, cond_dim: int, coupling_layers: int, clamp: float) -> nn.Module:
+    """The official conditional flow: FrEIA AllInOneBlocks (soft permutation, softplus global
+    affine) conditioned on a ``cond_dim`` vector. Call as ``flow(x, c=[cond]) -> (z, log|det J|)``.
+    The soft permutations come from numpy's global generator (FrEIA) and live in the state dict."""
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
+    flow = Ff.SequenceINN(channels)
+    for _ in range(coupling_layers):
+        flow.append(Fm.AllInOneBlock, cond=0, cond_shape=(cond_dim,), subnet_constructor=_subnet,
+                    affine_clamping=clamp, global_affine_type="SOFTPLUS", permute_soft=True)
+    return flow
+
+
+def log_likelihoods(z: torch.Tensor, log_det: torch.Tensor):
+    """Per-dimension log-likelihood of the flow outputs z (N, C) under the normal centre N(0, I)
+    and the abnormal centre N(1, I): ``(logp, logp_a)``, each (N,)."""
+    c = z.shape[1]
+    logp = (-c * _LOG_SQRT_2PI - 0.5 * z.pow(2).sum(1) + log_det) / c
+    logp_a = (-c * _LOG_SQRT_2PI - 0.5 * (z - 1).pow(2).sum(1) + log_det) / c
+    return logp, logp_a
+
+
+def _barrier(x: torch.Tensor) -> torch.Tensor:
+    """The official log barrier of the distances x > 0 past a bound: mean(softplus(x) e^x), the
+    weight e^x without gradient; 0 for no tokens."""
+    return (F.softplus(x) * torch.exp(x).detach()).mean() if x.numel() else x.new_zeros(())
+
+
+def hypersphere_loss(features: torch.Tensor, anomalous: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The official one-class loss of the constraintor (``calculate_log_barrier_bi_occ_loss``).
+
+    features (N, C) after the constraintor, target (N, C) its input, anomalous (N,) bool. With
+    radius A = sqrt(||f|| + 1) - 1: normal tokens are pulled into the shell [r_min, r_max]
+    (r_max = min(0.9 * smallest anomalous radius, 0.4), or 0.4 without anomalies; r_min =
+    0.99 r_max); anomalous ones keep their input (MSE + 1 - cos) and are pushed past r_max + 0.1.
+    """
+    radius = torch.sqrt(features.norm(dim=1) + 1) - 1
+    normal = radius[~anomalous]
+    loss = features.new_zeros(())
+    r_max = 0.4
+    if anomalous.any():
+        r_max = min(0.9 * radius[anomalous].min().item(), 0.4)
+    r_min = 0.99 * r_max
+    if normal.numel():
+        loss = loss + _barrier(normal[normal > r_max] - r_max) + _barrier(r_min - normal[normal < r_min])
+    if anomalous.any():
+        f, t, ra = features[anomalous], target[anomalous], radius[anomalous]
+        loss = loss + F.mse_loss(f, t) + (1 - F.cosine_similarity(f, t, dim=1)).mean()
+        bound = r_max + 0.1
+        loss = loss + _barrier(bound - ra[ra < bound])
+    return loss
+
+
+def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
+    """The official focal loss of two-class probabilities (N, 2) against labels (N,) in {0, 1},
+    with label smoothing ``smooth``: mean(-(1 - p_t)^gamma log p_t)."""
+    one_hot = F.one_hot(target.long(), 2).to(probs.dtype).clamp(smooth, 1 - smooth)
+    pt = (one_hot * probs).sum(1) + smooth
+    return (-(1 - pt).pow(gamma) * pt.log()).mean()
+
+
+class ResADModel(_ReferenceMixin, AnomalyModel):
+    """ResAD with a frozen backbone. ``model.set_reference(ref_images)`` (K normal images of the
+    class, (K, 3, S, S)); then in eval mode ``model(images)`` gives ``anomaly_map`` (B, 1, S, S)
+    and ``score`` (B,). All of ResADConfig's fields are keyword arguments.
+
+    ``features(images)`` is the converter's output, the residual maps; training caches them.
+    ``loss(feats)`` takes those residuals and, optionally, one more entry: the (B, 1, S, S)
+    anomaly masks (without it every token is normal)."""
+
+    name = "resad"
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        cfg = ResADConfig(**kwargs)
+        if cfg.residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {', '.join(RESIDUALS)}, got {cfg.residual!r}")
+        if cfg.shots < 1:
+            raise ValueError(f"shots must be at least 1, got {cfg.shots}")
+        cfg.out_indices = tuple(int(i) for i in cfg.out_indices)
+        self.config = cfg
+        self.image_size = cfg.image_size
+        self.converter = ResidualConverter(cfg.backbone, cfg.out_indices, cfg.backbone_weights, cfg.image_size,
+                                           cfg.backend)
+        self.grids = self.converter.grids
+        channels = self.converter.backbone.channels
+        self.constraintor = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()) for c in channels)
+        self.flows = nn.ModuleList(
+            conditional_flow(c, cfg.pos_embed_dim, cfg.coupling_layers, cfg.clamp_alpha) for c in channels)
+        for i, g in enumerate(self.grids):
+            self.register_buffer(f"pos{i}", sincos_pos_embed_2d(g, cfg.pos_embed_dim), persistent=False)
+        levels = len(channels)
+        # Running values of training (saved, so resume and DDP see them): the normal boundary of
+        # each level (official BoundaryAverager, momentum 0.9) and the normalisation constant c.
+        self.register_buffer("boundary", torch.zeros(levels))
+        self.register_buffer("logp_max", torch.zeros(levels))
+        self.stage = 1
+
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        """Stage 1 (normal tokens only) for the first ``first_stage`` of the epochs, then stage 2."""
+        self.stage = 1 if epoch < max(1, round(self.config.first_stage * epochs)) else 2
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> List[torch.Tensor]:
+        out = []
+        for f, matched, _ in self.converter.match(images):
+            diff = f - matched
+            out.append(diff.pow(2) if self.config.residual == "squared" else diff)
+        return out
+
+    def _level_tokens(self, residual: torch.Tensor, level: int):
+        """Constraintor output e (N, C), its input (N, C) and the positional condition (N, P)."""
+        b = residual.shape[0]
+        e = _tokens(self.constraintor[level](residual)).reshape(-1, residual.shape[1])
+        pos = getattr(self, f"pos{level}").to(residual.dtype).repeat(b, 1)
+        return e, _tokens(residual).reshape(-1, residual.shape[1]), pos
+
+    def _ema(self, name: str, level: int, value: torch.Tensor, momentum: float = 0.9) -> None:
+        buf = getattr(self, name)
+        buf[level] = momentum * buf[level] + (1 - momentum) * value.detach()
+
+    def loss(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        """Per level: hypersphere loss of the constraintor plus the flow loss on its (detached)
+        output. Stage 2 adds the anomalous tokens: see ``flow_loss``."""
+        levels = len(self.flows)
+        residuals, mask = feats[:levels], (feats[levels] if len(feats) > levels else None)
+        total = 0.0
+        for level, residual in enumerate(residuals):
+            e, target, pos = self._level_tokens(residual, level)
+            if mask is None:
+                anomalous = torch.zeros(e.shape[0], dtype=torch.bool, device=e.device)
+            else:
+                m = F.interpolate(mask.float(), size=residual.shape[-2:], mode="nearest")
+                anomalous = _tokens(m).reshape(-1) > 0.5
+            keep = ~anomalous if self.stage == 1 else torch.ones_like(anomalous)
+            e, target, pos, anomalous = e[keep], target[keep], pos[keep], anomalous[keep]
+            total = total + hypersphere_loss(e, anomalous, target)
+            total = total + self.flow_loss(level, e.detach(), pos, anomalous)
+        return total
+
+    def flow_loss(self, level: int, e: torch.Tensor, pos: torch.Tensor, anomalous: torch.Tensor) -> torch.Tensor:
+        """The official flow loss (``train.py``): -log sigmoid(logp) of normal tokens; with
+        anomalies also -log sigmoid(logp_a) of anomalous ones, a focal loss on the two centres'
+        softmax, and the boundary-guided semi-push-pull losses (normal logp below the boundary
+        b_n pulled up, anomalous logp above b_a = b_n - tau pushed down)."""
+        z, log_det = self.flows[level](e, c=[pos])
+        logp, logp_a = log_likelihoods(z, log_det)
+        normal = logp[~anomalous]
+        if normal.numel():
+            k = int(normal.numel() * self.config.pos_beta)
+            self._ema("boundary", level, normal.detach().sort().values[k])
+            self._ema("logp_max", level, normal.detach().max())
+        loss = -F.logsigmoid(normal).mean() if normal.numel() else logp.new_zeros(())
+        if not anomalous.any():
+            return loss
+        loss = loss - F.logsigmoid(logp_a[anomalous]).mean()
+        loss = loss + focal_loss(torch.softmax(torch.stack([logp, logp_a], -1), -1), anomalous)
+        b_n = self.boundary[level].clone()
+        b_a = b_n - self.config.margin_tau
+        below, above = normal[normal <= b_n], logp[anomalous][logp[anomalous] >= b_a]
+        push_pull = (F.softplus(b_n - below).mean() if below.numel() else 0.0) + \
+                    (F.softplus(above - b_a).mean() if above.numel() else 0.0)
+        return loss + self.config.bgspp_lambda * push_pull
+
+    @torch.no_grad()
+    def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
+        size = (self.image_size,) * 2
+        normality, abnormal = 0.0, 0.0
+        for level, residual in enumerate(feats):
+            b, _, h, w = residual.shape
+            e, _, pos = self._level_tokens(residual, level)
+            z, log_det = self.flows[level](e, c=[pos])
+            logp, logp_a = log_likelihoods(z, log_det)
+            p_normal = torch.exp(logp - self.logp_max[level]).view(b, 1, h, w)
+            p_abnormal = torch.softmax(torch.stack([logp, logp_a], -1), -1)[:, 1].view(b, 1, h, w)
+            normality = normality + F.interpolate(p_normal, size=size, mode="bilinear", align_corners=True)
+            abnormal = abnormal + F.interpolate(p_abnormal, size=size, mode="bilinear", align_corners=True)
+        sigma = self.config.score_sigma
+        scores1 = gaussian_blur(len(feats) - normality, sigma)  # normality -> anomaly, as the official code
+        scores2 = gaussian_blur(abnormal / len(feats), sigma)
+        anomaly_map = (scores1 + scores2) / 2
+        return AnomalyOutput(anomaly_map, anomaly_map.amax(dim=(1, 2, 3)))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
+
+
+@dataclass
+class FewShotKNNConfig:
+    """The few-shot kNN baseline: ResAD's converter alone."""
+
+    image_size: int = 224
+    backbone: str = EMBEDDED
+    backbone_weights: str = "default"
+    out_indices: Tuple[int, ...] = (1, 2, 3)
+    shots: int = 4
+    score_sigma: float = 4.0
+    backend: str = "auto"
+
+
+class FewShotKNN(_ReferenceMixin, AnomalyModel):
+    """Few-shot kNN baseline on the same backbone and references as ResAD: each token's anomaly
+    is 1 - its cosine similarity to the nearest reference token; per level upsampled and averaged,
+    Gaussian-filtered (sigma 4) like ResAD's map, image score its maximum. Nothing is trained."""
+
+    name = "knn"
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        cfg = FewShotKNNConfig(**kwargs)
+        cfg.out_indices = tuple(int(i) for i in cfg.out_indices)
+        self.config = cfg
+        self.image_size = cfg.image_size
+        self.converter = ResidualConverter(cfg.backbone, cfg.out_indices, cfg.backbone_weights, cfg.image_size,
+                                           cfg.backend)
+        self.grids = self.converter.grids
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> List[torch.Tensor]:
+        return [sim.unsqueeze(1) for _, _, sim in self.converter.match(images)]
+
+    def loss(self, feats):
+        raise ValueError("the few-shot kNN baseline has nothing to train")
+
+    @torch.no_grad()
+    def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
+        size = (self.image_size,) * 2
+        maps = [F.interpolate(1 - sim, size=size, mode="bilinear", align_corners=True) for sim in feats]
+        anomaly_map = gaussian_blur(torch.stack(maps).mean(0), self.config.score_sigma)
+        return AnomalyOutput(anomaly_map, anomaly_map.amax(dim=(1, 2, 3)))
