@@ -57,6 +57,11 @@ RECIPES = {
     "paper": TrainConfig(epochs=200, batch_size=4, lr=1e-4, warmup_epochs=0, schedule="constant"),
     "uniad": TrainConfig(epochs=1000, batch_size=8, lr=1e-4, weight_decay=1e-4, warmup_epochs=0,
                          schedule="constant", grad_clip=0.1, optimizer="adamw"),
+    # ResAD's official code: Adam, lr 1e-5, weight decay 5e-4, batch 32, 100 epochs (its step decay
+    # at epochs 70 and 90 is left out); "resad-fast" is for minutes on a CPU (see the README).
+    "resad": TrainConfig(epochs=100, batch_size=32, lr=1e-5, weight_decay=5e-4, warmup_epochs=0,
+                         schedule="constant"),
+    "resad-fast": TrainConfig(epochs=8, batch_size=8, lr=1e-4, weight_decay=5e-4, warmup_epochs=1),
 }
 
 

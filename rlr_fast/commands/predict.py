@@ -42,6 +42,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-heatmaps", action="store_true", help="no heat map or mask pictures: scores only")
     p.add_argument("--overwrite", action="store_true", help="replace a previous prediction in the output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--reference", type=Path,
+                   help="ResAD: folder of normal images of the class being inspected (K of them are used)")
+    from .train import add_shot_options
+
+    add_shot_options(p, "ResAD: how many images of --reference to use (default: the K the model was trained with)")
 
 
 def output_stems(paths: Sequence[Path]) -> List[Path]:
@@ -71,9 +76,20 @@ def run(args) -> int:
     from ..io import atomic_open
     from ..training import load_model
     from ..viz import save_heatmap, save_mask
+    from .train import ignored_shot_options
 
     model = load_model(args.run, args.device)
     model.precision = args.precision
+    ignored_shot_options(args, model.name)
+    if model.name == "resad":
+        from ..fewshot import load_references, reference_paths
+
+        if args.reference is None:
+            raise ValueError("a ResAD run needs --reference DIR: normal images of the class being inspected")
+        if not args.reference.is_dir():
+            raise FileNotFoundError(f"--reference folder not found: {args.reference}")
+        refs = reference_paths(args.reference, args.shots or model.config.shots, args.shot_seed, what="--reference")
+        model.set_reference(load_references(refs, model.image_size).to(args.device))
     out = args.out or (args.run if args.run.is_dir() else args.run.parent) / "predictions"
     dataset = FolderDataset(args.images, image_size=model.image_size)
     dataset.paths = list(dict.fromkeys(Path(os.path.abspath(p)) for p in dataset.paths))  # a file given twice

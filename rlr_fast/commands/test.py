@@ -21,6 +21,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: autocast to bfloat16 where the device has it (fp32 otherwise, with a warning)")
     p.add_argument("--no-progress", action="store_true")
+    from .train import add_shot_options
+
+    add_shot_options(p, "ResAD: K reference images per class, from <class>/train/good of --data "
+                        "(default: the K the model was trained with)")
 
 
 def write_json(path: Path, obj) -> None:
@@ -35,13 +39,21 @@ def run(args) -> int:
     from ..evaluation import evaluate
     from ..metrics import format_table
     from ..training import load_model
+    from .train import ignored_shot_options
 
     run_dir = args.run if args.run.is_dir() else args.run.parent
     model = load_model(args.run, args.device)
     model.precision = args.precision
+    ignored_shot_options(args, model.name)
     overlays = args.overlays or run_dir / "overlays"
-    summary = evaluate(model, args.data, classes=args.classes, batch_size=args.batch_size, device=args.device,
-                       overlays_dir=overlays, progress=not args.no_progress)
+    common = dict(classes=args.classes, batch_size=args.batch_size, device=args.device, overlays_dir=overlays,
+                  progress=not args.no_progress)
+    if model.name == "resad":
+        from ..fewshot import evaluate_fewshot
+
+        summary = evaluate_fewshot(model, args.data, args.shots or model.config.shots, args.shot_seed, **common)
+    else:
+        summary = evaluate(model, args.data, **common)
     print(format_table(summary))
     out = args.json or run_dir / "metrics.json"
     write_json(out, {"classes": summary["classes"], "mean": summary["mean"]})

@@ -13,9 +13,12 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="MVTec-style folder (ROOT/<class>/train/good/...) or a plain folder of normal images")
     p.add_argument("--out", required=True, type=Path, help="run folder: checkpoint, config, log")
     p.add_argument("--classes", help="comma-separated class names (default: every class in --data)")
-    p.add_argument("--model", choices=("rlr", "uniad"), default="rlr")
+    p.add_argument("--model", choices=("rlr", "uniad", "resad"), default="rlr")
     p.add_argument("--recipe", choices=("fast", "paper"), default="fast",
                    help="fast: converges in minutes on a CPU (default); paper: the paper's schedule")
+    add_shot_options(p, "ResAD: K reference images per seen class, from its train/good (default 4)")
+    p.add_argument("--residual", choices=("squared", "difference"),
+                   help="ResAD's residual: (f - r)^2 as the official code (default) or f - r as the paper")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
@@ -29,6 +32,22 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_shot_options(p: argparse.ArgumentParser, shots_help: str) -> None:
+    """--shots and --shot-seed, shared by train, test and predict."""
+    p.add_argument("--shots", type=int, help=shots_help)
+    p.add_argument("--shot-seed", type=int,
+                   help="draw the K reference images with this seed (default: the first K by sorted name)")
+
+
+def ignored_shot_options(args, model_name: str) -> None:
+    """RLR and UniAD use no reference images: say so when shot options were given."""
+    given = [f"--{k.replace('_', '-')}" for k in ("shots", "shot_seed", "reference")
+             if getattr(args, k, None) is not None]
+    if given and model_name != "resad":
+        print(f"note: {' and '.join(given)} ignored: only ResAD uses reference images; "
+              f"this is a {model_name} model")
 
 
 def training_set(data: Path, classes, image_size: int):
@@ -65,19 +84,31 @@ def run(args) -> int:
             model_cfg["image_size"] = args.image_size
         if args.backbone:
             model_cfg["backbone"] = args.backbone
+        if name == "resad":
+            model_cfg.update({k: v for k, v in (("shots", args.shots), ("residual", args.residual)) if v is not None})
+    if rank == 0:
+        ignored_shot_options(args, name)
     model = build_model(name, model_cfg).to(device)
-    recipe_name = "uniad" if (name == "uniad" and args.recipe == "paper") else args.recipe
+    recipe_name = {("uniad", "paper"): "uniad", ("resad", "paper"): "resad",
+                   ("resad", "fast"): "resad-fast"}.get((name, args.recipe), args.recipe)
     cfg = recipe(recipe_name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp,
                  seed=args.seed)
-    dataset = training_set(args.data, args.classes, model.image_size)
-    classes = getattr(dataset, "classes", None)
-    say(f"training {name} on {len(dataset)} images" + (f" of {len(classes)} classes ({', '.join(classes)})"
-                                                       if classes else "") + f", {cfg}")
-    local = shard(dataset, rank, world)
-    if world > 1:
-        say(f"{world} ranks: {len(local)} images each")
-    cache_dir = args.out / "features" / (f"rank{rank}" if world > 1 else "")  # no two ranks share a file
-    cache = extract_features(model, local, device=device, cache_dir=cache_dir, progress=not args.no_progress)
+    if name == "resad":  # every rank builds the whole (small) residual cache; DDP averages the gradients
+        from ..fewshot import residual_cache
+
+        say(f"training resad, {cfg}")
+        cache = residual_cache(model, args.data, args.classes, model.config.shots, args.shot_seed,
+                               device=device, progress=not args.no_progress, log=say)
+    else:
+        dataset = training_set(args.data, args.classes, model.image_size)
+        classes = getattr(dataset, "classes", None)
+        say(f"training {name} on {len(dataset)} images" + (f" of {len(classes)} classes ({', '.join(classes)})"
+                                                           if classes else "") + f", {cfg}")
+        local = shard(dataset, rank, world)
+        if world > 1:
+            say(f"{world} ranks: {len(local)} images each")
+        cache_dir = args.out / "features" / (f"rank{rank}" if world > 1 else "")  # no two ranks share a file
+        cache = extract_features(model, local, device=device, cache_dir=cache_dir, progress=not args.no_progress)
     say(f"features cached: {len(cache)} images in {cache.seconds:.1f}s ({cache.nbytes / 2**20:.0f} MiB)"
         + (" on rank 0" if world > 1 else ""))
     t0 = time.perf_counter()

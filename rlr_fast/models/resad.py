@@ -138,10 +138,24 @@ def _subnet(dims_in: int, dims_out: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dims_in, 2 * dims_in), nn.ReLU(), nn.Linear(2 * dims_in, dims_out))
 
 
+def random_rotation(n: int) -> torch.Tensor:
+    """A uniformly random rotation (n, n) (orthogonal, determinant +1) from torch's generator:
+    QR of a Gaussian matrix with the signs of R's diagonal moved into Q, then one column
+    flipped if the determinant is -1."""
+    q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    if torch.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q.float()
+
+
 def conditional_flow(channels: int, cond_dim: int, coupling_layers: int, clamp: float) -> nn.Module:
     """The official conditional flow: FrEIA AllInOneBlocks (soft permutation, softplus global
     affine) conditioned on a ``cond_dim`` vector. Call as ``flow(x, c=[cond]) -> (z, log|det J|)``.
-    The soft permutations come from numpy's global generator (FrEIA) and live in the state dict."""
+
+    FrEIA draws each block's fixed rotation from numpy's global generator; they are redrawn here
+    from torch's, so that the same ``torch.manual_seed`` builds the same flow (as for every other
+    module of the package). They are fixed parameters and live in the state dict."""
     import FrEIA.framework as Ff
     import FrEIA.modules as Fm
 
@@ -149,6 +163,11 @@ def conditional_flow(channels: int, cond_dim: int, coupling_layers: int, clamp: 
     for _ in range(coupling_layers):
         flow.append(Fm.AllInOneBlock, cond=0, cond_shape=(cond_dim,), subnet_constructor=_subnet,
                     affine_clamping=clamp, global_affine_type="SOFTPLUS", permute_soft=True)
+    with torch.no_grad():
+        for block in flow.module_list:
+            w = random_rotation(channels)
+            block.w_perm.copy_(w.view_as(block.w_perm))
+            block.w_perm_inv.copy_(w.t().reshape(block.w_perm_inv.shape))
     return flow
 
 
