@@ -56,3 +56,50 @@ def test_module_entry_point_runs():
     assert result.returncode == 0
     for command in ("train", "test", "predict", "demo", "kernels"):
         assert command in result.stdout
+
+
+@pytest.fixture(scope="module")
+def unseen(tmp_path_factory):
+    return build_demo_dataset(tmp_path_factory.mktemp("unseen"), classes=("grass",), image_size=64, n_train=4,
+                              n_test_good=2, n_test_defect=4)
+
+
+def test_resad_train_resume_test_predict(data, unseen, tmp_path, capsys):
+    """ResAD trains on brick and gravel, then inspects grass from 2 of its normal images."""
+    run = tmp_path / "run"
+    common = ["--model", "resad", "--data", str(data), "--out", str(run), "--image-size", "64",
+              "--backbone-weights", "random", "--batch-size", "4", "--shots", "2", "--no-progress"]
+    assert main(["train", *common, "--epochs", "1"]) == 0
+    assert main(["train", *common, "--epochs", "2", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out
+    assert "brick: 2 references, 2 normal training images and 2 with a synthetic defect" in out
+
+    assert main(["test", "--data", str(unseen), "--run", str(run), "--shots", "2", "--shot-seed", "5",
+                 "--json", str(tmp_path / "m.json"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "grass: 2 reference images" in out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics["classes"]) == {"grass"}
+    assert set(metrics["mean"]) == {"image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max"}
+    assert all(0.0 <= v <= 1.0 for v in metrics["classes"]["grass"].values())
+
+    images = str(unseen / "grass" / "test" / "good")
+    assert main(["predict", "--run", str(run), images, "--reference", str(unseen / "grass" / "train" / "good"),
+                 "--out", str(tmp_path / "pred"), "--no-heatmaps"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "pred" / "scores.csv")))
+    assert len(rows) == 2
+
+    assert main(["predict", "--run", str(run), images]) == 2
+    assert "needs --reference DIR" in capsys.readouterr().err
+    assert main(["test", "--data", str(unseen), "--run", str(run), "--shots", "5", "--no-progress"]) == 2
+    assert "class 'grass' has 4 normal image(s)" in capsys.readouterr().err
+
+
+def test_rlr_says_it_ignores_shots(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--image-size", "64", "--backbone-weights",
+                 "random", "--epochs", "1", "--batch-size", "4", "--shots", "4", "--no-progress"]) == 0
+    assert "--shots ignored: only ResAD uses reference images; this is a rlr model" in capsys.readouterr().out
+    assert main(["test", "--data", str(data), "--run", str(run), "--shot-seed", "1", "--no-progress"]) == 0
+    assert "--shot-seed ignored" in capsys.readouterr().out

@@ -132,3 +132,42 @@ def test_rank_device_is_cuda_local_rank_under_torchrun(monkeypatch):
     assert rank_device("cuda", 2) == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
     assert rank_device("cpu", 2) == torch.device("cpu")
     assert rank_device("cuda", 1) == torch.device("cuda")  # a single process keeps what it was given
+
+
+RESAD_TINY = dict(image_size=64, backbone_weights="random", coupling_layers=2, pos_embed_dim=16, shots=2,
+                  first_stage=0.5)
+
+
+def _resad_worker(rank, world, port, out):
+    """ResAD over two gloo processes, each on its own residuals (half of them with defects)."""
+    from rlr_fast.features import FeatureCache
+    from rlr_fast.models.resad import ResADModel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    torch.manual_seed(rank)  # different initial weights per rank: DDP must synchronise them
+    model = ResADModel(**RESAD_TINY)
+    g = torch.Generator().manual_seed(10 + rank)
+    levels = [torch.rand(4, c, *grid, generator=g) for c, grid in zip(model.converter.backbone.channels, model.grids)]
+    masks = torch.zeros(4, 1, 64, 64)
+    masks[2:, :, 16:40, 16:40] = 1
+    train(model, FeatureCache(levels + [masks]), out, TrainConfig(epochs=2, batch_size=2, lr=1e-3), progress=False)
+    torch.save(dict(model.named_parameters()), os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_train_resad_to_identical_weights(tmp_path):
+    """Both stages (one epoch each); the buffers (boundaries, batch-norm statistics) are rank 0's,
+    broadcast by DDP, and rank 0 writes the checkpoint."""
+    from rlr_fast.models.resad import ResADModel
+
+    mp.spawn(_resad_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    torch.manual_seed(0)
+    init = dict(ResADModel(**RESAD_TINY).named_parameters())
+    assert any(not torch.equal(a[k], init[k]) for k in a if not k.startswith("converter"))
+    assert (tmp_path / "checkpoint.pt").is_file()
