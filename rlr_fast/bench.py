@@ -137,6 +137,20 @@ def models_table(benches) -> list:
     return lines + [""]
 
 
+def resad_table(benches) -> list:
+    """ResAD on the demo data (benchmarks/test_bench_resad.py): cache, training and test times."""
+    rows = [b for b in benches if b["extra_info"].get("kind") == "resad"]
+    if not rows:
+        return []
+    lines = ["## ResAD on the demo data", "", "| step | px | images | median s | images/s | peak MiB |",
+             "|---|---|---|---|---|---|"]
+    for b in rows:
+        e = b["extra_info"]
+        lines.append(f"| {e['mode']} | {e['image_size']} | {e['images']} | {_median_s(b):.2f} | "
+                     f"{e['images'] / _median_s(b):.1f} | {_mb(e.get('peak_bytes'))} |")
+    return lines + [""]
+
+
 def scaling_rows(benches) -> dict:
     rows = defaultdict(dict)
     for b in benches:
@@ -283,7 +297,7 @@ def plot(benches, path: Path) -> bool:
 def report(results, out: Path) -> str:
     benches = load(results)
     md = ["# rlr-fast benchmarks", ""] + _header(benches) + [""]
-    md += ops_table(benches) + nearest_table(benches) + models_table(benches) + profile_table(benches)
+    md += ops_table(benches) + nearest_table(benches) + models_table(benches) + resad_table(benches) + profile_table(benches)
     if plot_profile(benches, out / "profile.png"):
         md += ["![time per image by part](profile.png)", ""]
     md += scaling_table(benches)
