@@ -50,6 +50,7 @@ from torch import nn
 
 from ..backbone import EMBEDDED, FrozenBackbone
 from ..ops import nearest_reference
+from ..precision import full_precision
 from .base import AnomalyModel, AnomalyOutput
 from .layers import gaussian_blur, sincos_pos_embed_2d
 
@@ -325,6 +326,10 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
 
     @torch.no_grad()
     def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
+        with full_precision(feats[0].device):  # flows and score maps in float32, whatever the forward's precision
+            return self._score([f.float() for f in feats])
+
+    def _score(self, feats: List[torch.Tensor]) -> AnomalyOutput:
         size = (self.image_size,) * 2
         normality, abnormal = 0.0, 0.0
         for level, residual in enumerate(feats):
@@ -386,6 +391,7 @@ class FewShotKNN(_ReferenceMixin, AnomalyModel):
     @torch.no_grad()
     def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
         size = (self.image_size,) * 2
-        maps = [F.interpolate(1 - sim, size=size, mode="bilinear", align_corners=True) for sim in feats]
-        anomaly_map = gaussian_blur(torch.stack(maps).mean(0), self.config.score_sigma)
+        with full_precision(feats[0].device):
+            maps = [F.interpolate(1 - sim.float(), size=size, mode="bilinear", align_corners=True) for sim in feats]
+            anomaly_map = gaussian_blur(torch.stack(maps).mean(0), self.config.score_sigma)
         return AnomalyOutput(anomaly_map, anomaly_map.amax(dim=(1, 2, 3)))
