@@ -100,6 +100,6 @@ def test_rlr_says_it_ignores_shots(data, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--data", str(data), "--out", str(run), "--image-size", "64", "--backbone-weights",
                  "random", "--epochs", "1", "--batch-size", "4", "--shots", "4", "--no-progress"]) == 0
-    assert "--shots ignored: only ResAD uses reference images; this is a rlr model" in capsys.readouterr().out
+    assert "--shots ignored: only ResAD uses it (reference images); this is a rlr model" in capsys.readouterr().out
     assert main(["test", "--data", str(data), "--run", str(run), "--shot-seed", "1", "--no-progress"]) == 0
     assert "--shot-seed ignored" in capsys.readouterr().out

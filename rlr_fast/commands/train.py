@@ -42,12 +42,12 @@ def add_shot_options(p: argparse.ArgumentParser, shots_help: str) -> None:
 
 
 def ignored_shot_options(args, model_name: str) -> None:
-    """RLR and UniAD use no reference images: say so when shot options were given."""
-    given = [f"--{k.replace('_', '-')}" for k in ("shots", "shot_seed", "reference")
+    """RLR and UniAD use no reference images: say so when ResAD's options were given."""
+    given = [f"--{k.replace('_', '-')}" for k in ("shots", "shot_seed", "reference", "residual")
              if getattr(args, k, None) is not None]
     if given and model_name != "resad":
-        print(f"note: {' and '.join(given)} ignored: only ResAD uses reference images; "
-              f"this is a {model_name} model")
+        print(f"note: {' and '.join(given)} ignored: only ResAD uses {'it' if len(given) == 1 else 'them'} "
+              f"(reference images); this is a {model_name} model")
 
 
 def training_set(data: Path, classes, image_size: int):
