@@ -129,10 +129,6 @@ class _ReferenceMixin:
         self.converter.set_reference(images.to(next(self.parameters()).device))
         return self
 
-    @property
-    def has_reference(self) -> bool:
-        return self.converter.bank is not None
-
 
 def _subnet(dims_in: int, dims_out: int) -> nn.Module:
     """The official coupling subnet: Linear(d, 2d), ReLU, Linear(2d, out)."""
