@@ -297,7 +297,8 @@ def plot(benches, path: Path) -> bool:
 def report(results, out: Path) -> str:
     benches = load(results)
     md = ["# rlr-fast benchmarks", ""] + _header(benches) + [""]
-    md += ops_table(benches) + nearest_table(benches) + models_table(benches) + resad_table(benches) + profile_table(benches)
+    md += (ops_table(benches) + nearest_table(benches) + models_table(benches) + resad_table(benches)
+           + profile_table(benches))
     if plot_profile(benches, out / "profile.png"):
         md += ["![time per image by part](profile.png)", ""]
     md += scaling_table(benches)

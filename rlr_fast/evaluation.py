@@ -18,13 +18,14 @@ from .timing import clock
 
 @torch.no_grad()
 def evaluate(model, root, classes=None, batch_size: int = 8, device="cpu", overlays_dir: Optional[Path] = None,
-             max_overlays_per_class: int = 6, progress: bool = True) -> dict:
+             max_overlays_per_class: int = 6, progress: bool = True, records: Optional[dict] = None) -> dict:
     """Per-class image AUROC, pixel AUROC, pixel AUPRO and image F1-max, and their mean, and
     the F1-optimal image and pixel thresholds over all the classes evaluated ("thresholds", a
     :class:`~rlr_fast.decisions.Thresholds`: one model scores every class, so one decision rule).
 
     Writes up to `max_overlays_per_class` overlays per class (defective images first) to
-    `overlays_dir`. The summary also records the inference speed ("images_per_s")."""
+    `overlays_dir`. The summary also records the inference speed ("images_per_s"). ``records``,
+    if given, receives per class the raw "labels", "scores", "masks" and "maps"."""
     model = model.to(device).eval()
     dataset = MVTecDataset(root, classes=classes, split="test", image_size=model.image_size)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=min(2, len(dataset) // batch_size))
@@ -50,12 +51,18 @@ def evaluate(model, root, classes=None, batch_size: int = 8, device="cpu", overl
         if overlays_dir is not None:
             _overlays(Path(overlays_dir) / cls, rec, max_overlays_per_class)
     summary = summarize(results)
-    every = [per[cls] for cls in dataset.classes]
-    summary["thresholds"] = Thresholds.fit(
-        [x for r in every for x in r["labels"]], [x for r in every for x in r["scores"]],
-        np.stack([m for r in every for m in r["masks"]]), np.stack([m for r in every for m in r["maps"]]))
+    if records is not None:
+        records.update({cls: per[cls] for cls in dataset.classes})
+    summary["thresholds"] = fit_thresholds([per[cls] for cls in dataset.classes])
     summary["images_per_s"] = seen / seconds if seconds else float("nan")
     return summary
+
+
+def fit_thresholds(records) -> Thresholds:
+    """The F1-optimal image and pixel thresholds over the raw records of several classes."""
+    return Thresholds.fit(
+        [x for r in records for x in r["labels"]], [x for r in records for x in r["scores"]],
+        np.stack([m for r in records for m in r["masks"]]), np.stack([m for r in records for m in r["maps"]]))
 
 
 def _overlays(folder: Path, rec: dict, limit: int) -> None:

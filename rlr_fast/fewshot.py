@@ -128,19 +128,21 @@ def residual_cache(model, root, classes=None, shots: Optional[int] = None, shot_
 def evaluate_fewshot(model, root, shots: int, shot_seed: Optional[int] = None, classes=None, log=print,
                      **evaluate_kwargs) -> dict:
     """Per class of ``root``: set the model's reference to K images of ``<class>/train/good``, then
-    the usual evaluation of that class's test split. Same summary as ``evaluation.evaluate``."""
-    from .evaluation import evaluate
+    the usual evaluation of that class's test split. Same summary as ``evaluation.evaluate``,
+    thresholds included (fitted over all the classes evaluated, as there)."""
+    from .evaluation import evaluate, fit_thresholds
     from .metrics import summarize
 
     names = MVTecDataset(root, classes=classes, split="test", image_size=model.image_size).classes
     refs = {cls: class_references(root, cls, shots, shot_seed) for cls in names}  # all checked up front
-    per_class, images_per_s = {}, []
+    per_class, images_per_s, records = {}, [], {}
     for cls in names:
         model.set_reference(load_references(refs[cls], model.image_size))
         log(f"{cls}: {shots} reference images ({', '.join(p.name for p in refs[cls])})")
-        summary = evaluate(model, root, classes=[cls], **evaluate_kwargs)
+        summary = evaluate(model, root, classes=[cls], records=records, **evaluate_kwargs)
         per_class[cls] = summary["classes"][cls]
         images_per_s.append(summary["images_per_s"])
     summary = summarize(per_class)
+    summary["thresholds"] = fit_thresholds(list(records.values()))
     summary["images_per_s"] = float(np.mean(images_per_s))
     return summary
