@@ -315,3 +315,28 @@ def test_progress_is_written_as_lines_when_stderr_is_not_a_terminal(data, tmp_pa
     err = capsys.readouterr().err
     assert "\r" not in err
     assert "features: 8/8 img (100%)" in err and "test: 2/2 batch (100%)" in err
+
+
+def test_line_progress_writes_whole_lines_at_most_every_interval():
+    import io
+
+    from rlr_fast.progress import progress
+
+    out = io.StringIO()
+    for _ in progress(range(3), desc="features", unit="img", file=out, interval=0):
+        pass
+    lines = out.getvalue().splitlines()
+    assert [line.split(" in ")[0] for line in lines] == [
+        "features: 1/3 img (33%)", "features: 2/3 img (67%)", "features: 3/3 img (100%)"]
+    out = io.StringIO()
+    bar = progress(total=4, desc="epoch 1/2", unit="step", file=out, interval=3600)
+    bar.update(2)
+    bar.set_postfix(loss="0.5")
+    bar.update(2)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("epoch 1/2: 4/4 step (100%) in ") and lines[0].endswith(", loss=0.5")
+    out = io.StringIO()
+    for _ in progress(range(3), file=out, enabled=False, interval=0):
+        pass
+    assert out.getvalue() == ""

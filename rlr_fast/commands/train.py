@@ -178,6 +178,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     history = train(model, cache, args.out, cfg, resume=state is not None, device=device,
                     progress=not args.no_progress, log=say, extra={"classes": classes, "recipe": recipe_name})
-    say(f"trained epochs {done + 1}-{len(history)} of {cfg.epochs} in {time.perf_counter() - t0:.1f}s; "
+    epochs = f"epochs {done + 1}-{len(history)}" if len(history) > done + 1 else f"epoch {len(history)}"
+    say(f"trained {epochs} of {cfg.epochs} in {time.perf_counter() - t0:.1f}s; "
           f"final loss {history[-1]['loss']:.4f}; checkpoint {args.out / CHECKPOINT}")
     return 0
