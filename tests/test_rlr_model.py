@@ -8,6 +8,7 @@ from PIL import Image
 from scipy import ndimage
 
 from rlr_fast.backbone import FrozenBackbone
+from rlr_fast.errors import DataError
 from rlr_fast.models.layers import feature_jitter, gaussian_blur, sincos_pos_embed_2d
 from rlr_fast.models.rlr import RLRModel, default_window, default_windows
 
@@ -142,8 +143,12 @@ def test_backbone_errors(tmp_path):
         FrozenBackbone(weights=tmp_path / "missing.pth")
     bad = tmp_path / "bad.pth"
     torch.save({"conv_stem.weight": torch.zeros(1)}, bad)
-    with pytest.raises(RuntimeError, match="backbone weights lack"):
+    with pytest.raises(DataError, match=r"backbone weights file .*bad\.pth lacks"):
         FrozenBackbone(weights=bad)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"backbone weights file .*truncated\.pth is not a readable"):
+        FrozenBackbone(weights=truncated)
     with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\)"):
         FrozenBackbone(weights="random")(torch.zeros(1, 1, 32, 32))
 

@@ -206,10 +206,11 @@ def test_unreadable_checkpoint_is_one_line_naming_the_file(data, trained, tmp_pa
     assert "weights_only" not in line and "pwned" not in capsys.readouterr().out
 
 
-def test_out_pointing_to_a_file_is_refused_before_any_work(data, tmp_path, capsys):
+@pytest.mark.parametrize("out", ["afile", "afile/run"])
+def test_out_pointing_to_a_file_is_refused_before_any_work(data, tmp_path, capsys, out):
     (tmp_path / "afile").write_text("keep me")
     with pytest.raises(SystemExit):
-        main(["train", "--data", str(data), "--out", str(tmp_path / "afile"), *RANDOM])
+        main(["train", "--data", str(data), "--out", str(tmp_path / out), *RANDOM])
     assert f"argument --out: {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "afile").read_text() == "keep me"
 

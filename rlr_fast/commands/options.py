@@ -80,10 +80,12 @@ def existing_folder(text: str) -> Path:
 
 
 def output_folder(text: str) -> Path:
-    """An argparse type: a folder to write into; it may not exist yet, but must not be a file."""
+    """An argparse type: a folder to write into; it may not exist yet, but neither it nor the
+    nearest of its parents that exists may be a file."""
     path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{path} is a file, not a folder")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{existing} is a file, not a folder")
     return path
 
 

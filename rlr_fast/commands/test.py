@@ -39,7 +39,7 @@ def run(args) -> int:
     from ..data import MVTecDataset
     from ..decisions import THRESHOLDS_FILE
     from ..evaluation import evaluate
-    from ..io import atomic_write_json
+    from ..io import atomic_write_json, clean_stale_temporaries
     from ..metrics import format_table
     from ..training import model_from_checkpoint, read_checkpoint
 
@@ -55,6 +55,7 @@ def run(args) -> int:
     print(format_table(summary))
     out = args.json or run_dir / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out.parent)  # of a test killed while writing
     atomic_write_json(out, {"classes": summary["classes"], "mean": summary["mean"]})
     thresholds = summary["thresholds"]
     thresholds.save(run_dir / THRESHOLDS_FILE)  # what `rlr-fast predict` and model.predict decide with

@@ -7,6 +7,7 @@ a resumed run refuses an option that contradicts it), then the data folder.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -65,11 +66,15 @@ def training_set(data: Path, classes, image_size: int):
 
 
 def _prepare_out(args):
-    """Check --out against --resume/--force; returns the checkpoint state to resume, or None."""
+    """Check --out against --resume/--force; returns the checkpoint state to resume, or None.
+    Under torchrun only rank 0 checks and clears the folder (if it refuses, torchrun stops the
+    others); every rank reads the checkpoint it resumes."""
     from ..errors import UsageError
     from ..io import clean_stale_temporaries
     from ..training import CHECKPOINT, clear_run, read_checkpoint, run_entries
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        return read_checkpoint(args.out / CHECKPOINT) if args.resume and (args.out / CHECKPOINT).is_file() else None
     for folder in (args.out, args.out / "features"):  # left by a writer killed mid-write
         clean_stale_temporaries(folder)
     found = run_entries(args.out)
