@@ -170,7 +170,7 @@ def run(args) -> int:
         return 0
     torch.manual_seed(cfg.seed)
     model = build_model(name, model_cfg).to(device)
-    say(f"{'resuming' if state is not None else 'training'} {name} on {len(dataset)} images"
+    say(f"training {name} on {len(dataset)} images"
           + (f" of {len(classes)} classes ({', '.join(classes)})" if classes else "")
           + f", image size {model.image_size}, {cfg}")
     local = shard(dataset, rank, world)
