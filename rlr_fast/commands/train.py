@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from . import options
 
 # Options a resumed run takes from its checkpoint: (option, where the run keeps it, its key).
@@ -69,7 +70,6 @@ def _prepare_out(args):
     """Check --out against --resume/--force; returns the checkpoint state to resume, or None.
     Under torchrun only rank 0 checks and clears the folder (if it refuses, torchrun stops the
     others); every rank reads the checkpoint it resumes."""
-    from ..errors import UsageError
     from ..io import clean_stale_temporaries
     from ..training import CHECKPOINT, clear_run, read_checkpoint, run_entries
 
@@ -99,8 +99,6 @@ def _prepare_out(args):
 
 def _check_resume(args, state) -> None:
     """Refuse an option given with --resume that contradicts the run being resumed."""
-    from ..errors import UsageError
-
     extra = state.get("extra") or {}
     kept = {"run": {"model": state["model"]}, "config": state["config"], "train": state.get("train_config") or {},
             "extra": extra}
@@ -116,8 +114,6 @@ def _check_resume(args, state) -> None:
 
 def _check_resumed_classes(args, state, classes) -> None:
     """A resumed run trains on the classes it started with (--data and --classes may not change them)."""
-    from ..errors import UsageError
-
     trained = (state.get("extra") or {}).get("classes")
     if trained is not None and classes != trained:
         raise UsageError(f"the run being resumed in {args.out} trains on {','.join(trained)}, but --data/--classes "
