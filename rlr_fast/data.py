@@ -60,7 +60,7 @@ def _open(path: PathLike, mode: str, size: int, resample) -> Image.Image:
         with Image.open(path) as img:
             if img.format == "JPEG":
                 img.draft(mode, (size, size))  # let libjpeg decode at a reduced scale (fast)
-            img = _to_8_bit(img, path).convert(mode)  # forces the full decode: errors surface here
+            img = _to_8_bit(img).convert(mode)  # forces the full decode: errors surface here
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
@@ -70,24 +70,25 @@ def _open(path: PathLike, mode: str, size: int, resample) -> Image.Image:
     return img
 
 
-def _to_8_bit(img: Image.Image, path) -> Image.Image:
+def _to_8_bit(img: Image.Image) -> Image.Image:
     """16-bit grayscale scaled to 8 bits (x / 257, so 65535 -> 255); PIL's own conversion would
     clip it to 255, i.e. white. Pixels without a standard range (32-bit integer, float) are
-    refused. Other modes (8-bit, and 16-bit RGB, which PIL already reads as 8-bit) pass as they are."""
+    refused (ValueError, which :func:`_open` reports with the file). Other modes (8-bit, and
+    16-bit RGB, which PIL already reads as 8-bit) pass as they are."""
     if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):  # PNG's "I" is 16-bit
         pixels = np.asarray(img, dtype=np.float64) / 257.0
-        return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
     if img.mode in ("I", "F"):
-        raise DataError(f"cannot read image {path}: its pixels are 32-bit {'integers' if img.mode == 'I' else 'floats'}"
-                        f" with no standard range; save it as an 8- or 16-bit image")
+        kind = "integers" if img.mode == "I" else "floats"
+        raise ValueError(f"its pixels are 32-bit {kind} with no standard range; save it as an 8- or 16-bit image")
     return img
 
 
 def load_image(path: PathLike, size: int) -> torch.Tensor:
     """Read an image as a normalised float tensor (3, size, size).
 
-    Grayscale, palette and RGBA images are converted to RGB, 16-bit ones scaled to 8 bits; resizing uses PIL's antialiased
-    bicubic filter; then ``(x / 255 - IMAGENET_MEAN) / IMAGENET_STD`` per channel.
+    Grayscale, palette and RGBA images are converted to RGB (16-bit ones scaled to 8 bits);
+    resizing uses PIL's antialiased bicubic filter; then ``(x / 255 - IMAGENET_MEAN) / IMAGENET_STD`` per channel.
     """
     size = _check_size(size)
     img = _open(path, "RGB", size, Image.Resampling.BICUBIC)

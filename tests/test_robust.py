@@ -103,10 +103,10 @@ def test_16_bit_rgb_png_matches_its_8_bit_version(tmp_path):
     assert np.abs(rgb - values.astype(int) / 257).max() <= 1
 
 
-def test_32_bit_float_image_is_refused_naming_the_file(tmp_path, capsys):
+def test_32_bit_float_image_is_refused_naming_the_file(tmp_path):
     path = tmp_path / "float.tif"
     Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32)).save(path)
-    with pytest.raises(ValueError, match=r"float\.tif.*32-bit"):
+    with pytest.raises(ValueError, match=r"^cannot read image .*float\.tif: its pixels are 32-bit floats"):
         load_image(path, 16)
 
 
