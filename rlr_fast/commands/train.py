@@ -55,11 +55,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def training_set(data: Path, classes, image_size: int):
+    """The images to train on: the train split of MVTec-style class folders, or a plain folder."""
     from ..data import DataError, FolderDataset, MVTecDataset, discover_classes
 
-    if not data.is_dir():
-        raise DataError(f"data folder not found: {data}")
-    if discover_classes(data):
+    if discover_classes(data):  # raises DataError for a missing folder
         return MVTecDataset(data, classes=classes, split="train", image_size=image_size)
     if classes:
         raise DataError(f"--classes given but {data} has no class folders (<class>/train/good)")
