@@ -156,6 +156,18 @@ def test_resume_refuses_an_option_that_contradicts_the_run(data, trained, tmp_pa
     assert (run / "checkpoint.pt").read_bytes() == checkpoint
 
 
+def test_resume_without_a_checkpoint_keeps_what_the_folder_holds(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"model": "rlr"}')  # a run killed before its first checkpoint
+    assert main(["train", "--data", str(data), "--out", str(run), "--resume", "--epochs", "1", *RANDOM]) == 2
+    _one_line_error(capsys, f"cannot resume {run}: it has no checkpoint.pt (only config.json)", "--force")
+    assert (run / "config.json").read_text() == '{"model": "rlr"}'
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data), "--out", str(run), "--resume", "--force", *RANDOM])
+    assert "argument --force: not allowed with argument --resume" in capsys.readouterr().err
+
+
 def test_resume_uses_the_runs_settings_and_counts_epochs(data, trained, tmp_path, capsys):
     run = _copy(trained, tmp_path)
     capsys.readouterr()
