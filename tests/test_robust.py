@@ -242,6 +242,16 @@ def _no_model(*args, **kwargs):
     raise AssertionError("a model was built before the input was checked")
 
 
+def test_triton_backend_off_cuda_is_refused_before_a_model_is_built(data, tmp_path, capsys, monkeypatch):
+    import rlr_fast.training
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(rlr_fast.training, "build_model", _no_model)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--backend", "triton",
+                 "--device", "cpu", *RANDOM]) == 2
+    _one_line_error(capsys, "--backend triton needs --device cuda (got cpu)")
+
+
 def test_missing_data_folder_is_reported_before_a_model_is_built(tmp_path, capsys, monkeypatch):
     import rlr_fast.training
 

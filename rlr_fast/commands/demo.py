@@ -38,6 +38,7 @@ def run(args) -> int:
     from ..models.rlr import RLRModel
     from ..training import recipe, train
 
+    options.check_backend(args.backend, args.device)
     out, progress = args.out, not args.no_progress
     started = time.perf_counter()
     t0 = time.perf_counter()

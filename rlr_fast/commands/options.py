@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 import torch
+
+from ..errors import UsageError
 
 # The smallest input side every model can run: RLR's coarsest grid (stride 16) must hold more than
 # one token for MLKA to leave each query a key, and UniAD's 16-stride grid then is 2 x 2.
@@ -67,6 +70,14 @@ def device(text: str) -> str:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_backend(backend: str, device: str) -> None:
+    """The triton backend runs on CUDA, or on the CPU in Triton's interpreter: refuse it on
+    another device before any work, not at the first attention call of the training."""
+    if backend == "triton" and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError(f"--backend triton needs --device cuda (got {device}); "
+                         f"set TRITON_INTERPRET=1 to run Triton's (slow) interpreter instead")
 
 
 def existing_folder(text: str) -> Path:

@@ -151,6 +151,7 @@ def run(args) -> int:
     if state is not None:
         _check_resume(args, state)
     name, model_cfg, cfg, recipe_name = _settings(args, state)
+    options.check_backend(model_cfg.get("backend", "auto"), args.device)
     dataset = training_set(args.data, args.classes, model_cfg.get("image_size") or default_image_size(name))
     classes = getattr(dataset, "classes", None)
     if state is not None:
