@@ -80,6 +80,8 @@ class FrozenBackbone(nn.Module):
         super().__init__()
         import timm
 
+        if not timm.is_model(name):
+            raise UsageError(f"unknown backbone {name!r}: not a timm model name (the default is {EMBEDDED!r})")
         self.name, self.out_indices = name, tuple(int(i) for i in out_indices)
         self.weights = str(weights)
         if weights == "default" and name != EMBEDDED:

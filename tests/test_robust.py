@@ -242,6 +242,12 @@ def _no_model(*args, **kwargs):
     raise AssertionError("a model was built before the input was checked")
 
 
+def test_unknown_backbone_is_one_line(data, tmp_path, capsys):
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--backbone", "no_such_net",
+                 *RANDOM]) == 2
+    _one_line_error(capsys, "unknown backbone 'no_such_net': not a timm model name")
+
+
 def test_triton_backend_off_cuda_is_refused_before_a_model_is_built(data, tmp_path, capsys, monkeypatch):
     import rlr_fast.training
 
