@@ -162,13 +162,13 @@ def run(args) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     if done >= cfg.epochs:
         say(f"{args.out} has already trained {done}/{cfg.epochs} epochs: nothing to do "
-              f"(give a larger --epochs to train longer)")
+            f"(give a larger --epochs to train longer)")
         return 0
     torch.manual_seed(cfg.seed)
     model = build_model(name, model_cfg).to(device)
     say(f"training {name} on {len(dataset)} images"
-          + (f" of {len(classes)} classes ({', '.join(classes)})" if classes else "")
-          + f", image size {model.image_size}, {cfg}")
+        + (f" of {len(classes)} classes ({', '.join(classes)})" if classes else "")
+        + f", image size {model.image_size}, {cfg}")
     local = shard(dataset, rank, world)
     if world > 1:
         say(f"{world} ranks: {len(local)} images each")
@@ -181,5 +181,5 @@ def run(args) -> int:
                     progress=not args.no_progress, log=say, extra={"classes": classes, "recipe": recipe_name})
     epochs = f"epochs {done + 1}-{len(history)}" if len(history) > done + 1 else f"epoch {len(history)}"
     say(f"trained {epochs} of {cfg.epochs} in {time.perf_counter() - t0:.1f}s; "
-          f"final loss {history[-1]['loss']:.4f}; checkpoint {args.out / CHECKPOINT}")
+        f"final loss {history[-1]['loss']:.4f}; checkpoint {args.out / CHECKPOINT}")
     return 0
