@@ -366,17 +366,20 @@ def _list(value: str, allowed, what: str) -> list:
     items = [x.strip() for x in value.split(",") if x.strip()]
     unknown = [x for x in items if x not in allowed]
     if unknown or not items:
-        raise ValueError(f"unknown {what} {unknown or value!r}; choose from {', '.join(map(str, allowed))}")
+        from ..errors import UsageError
+
+        raise UsageError(f"unknown {what} {unknown or value!r}; choose from {', '.join(map(str, allowed))}")
     return items
 
 
 def run(args) -> int:
+    from ..errors import UsageError
     from ..io import atomic_write_json
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     for a in archs:
         if not re.fullmatch(r"sm_\d+", a):
-            raise ValueError(f"--arch takes targets like sm_80,sm_90, got {a!r}")
+            raise UsageError(f"--arch takes targets like sm_80,sm_90, got {a!r}")
     dtypes = _list(args.dtypes, DTYPES, "dtype(s)")
     ops = _list(args.ops, (*OPS, "nn"), "op(s)")
     dims = [int(d) for d in _list(args.head_dims, ("16", "32", "64", "128"), "head dim(s)")]

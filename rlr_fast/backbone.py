@@ -13,6 +13,8 @@ from typing import List, Sequence, Union
 import torch
 from torch import nn
 
+from .errors import DataError, UsageError
+
 EMBEDDED = "tf_efficientnet_lite0"
 # timm pretrained tags the RLR paper used, where timm's default tag differs: its
 # tf_efficientnet_b6 defaults to the noisy-student weights (ns_jft_in1k); the paper's are aa_in1k.
@@ -50,11 +52,14 @@ def _map_in_order(source: dict, target: nn.Module, what: str) -> dict:
 def _load_file(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated, empty, not a PyTorch file, or a pickle that would run code
+        raise DataError(f"backbone weights file {path} is not a readable PyTorch state dict") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict")
+        raise DataError(f"backbone weights file {path} does not hold a state dict")
     return state
 
 
@@ -75,6 +80,8 @@ class FrozenBackbone(nn.Module):
         super().__init__()
         import timm
 
+        if not timm.is_model(name):
+            raise UsageError(f"unknown backbone {name!r}: not a timm model name (the default is {EMBEDDED!r})")
         self.name, self.out_indices = name, tuple(int(i) for i in out_indices)
         self.weights = str(weights)
         if weights == "default" and name != EMBEDDED:
@@ -82,7 +89,7 @@ class FrozenBackbone(nn.Module):
                 self.model = timm.create_model(pretrained_name(name), pretrained=True, features_only=True,
                                                out_indices=self.out_indices)
             except Exception as e:
-                raise RuntimeError(
+                raise UsageError(
                     f"could not load pretrained weights {pretrained_name(name)!r} for backbone {name!r} "
                     f"({type(e).__name__}: {e}). "
                     f"Without a network, pass a local state-dict file (weights='path/to/{name}.pth', "
@@ -95,18 +102,18 @@ class FrozenBackbone(nn.Module):
                 state = _map_in_order(_embedded_lite0_state(), full, "the embedded EfficientNet-Lite0 weights")
                 self._load(state)
             elif weights != "random":
-                self._load(_load_file(Path(weights)))
+                self._load(_load_file(Path(weights)), f"backbone weights file {weights}")
         self.channels: List[int] = list(self.model.feature_info.channels())
         self.reductions: List[int] = list(self.model.feature_info.reduction())
         self.requires_grad_(False)
         self.eval()
 
-    def _load(self, state: dict) -> None:
+    def _load(self, state: dict, source: str = "the embedded backbone weights") -> None:
         # A classifier checkpoint has a head the feature extractor lacks: keep what it has.
         own = self.model.state_dict()
         missing = [k for k in own if k not in state]
         if missing:
-            raise RuntimeError(f"backbone weights lack {len(missing)} tensors of {self.name}, e.g. {missing[:3]}")
+            raise DataError(f"{source} lacks {len(missing)} tensors of {self.name}, e.g. {missing[:3]}")
         self.model.load_state_dict({k: state[k] for k in own})
 
     def train(self, mode: bool = True):

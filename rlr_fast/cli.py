@@ -2,12 +2,20 @@
 
 Each sub-command lives in the module that owns its job; this file only wires them up.
 A command module provides ``configure(parser)`` and ``run(args) -> int``.
+
+Only the package's own errors (:mod:`rlr_fast.errors`: bad options, data, checkpoints) and
+plain file-system errors (a missing file, a file where a folder should be, no permission)
+become one-line messages; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from .errors import RLRFastError
+
+USER_ERRORS = (RLRFastError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -40,7 +48,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
+    except USER_ERRORS as e:  # bad input: a clear message, no traceback
         print(f"rlr-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,7 +9,7 @@ Layout read by :class:`MVTecDataset` (VisA converted to it loads the same way)::
 Images are resized to ``image_size`` x ``image_size`` with PIL's antialiased bicubic filter and
 normalised with the ImageNet mean/std; masks are resized with nearest neighbour and binarised.
 Every problem with the data raises :class:`DataError` (a ``ValueError``) naming the file or
-folder at fault.
+folder at fault, also when DataLoader workers read the files (:class:`DataErrorLoader`).
 """
 from __future__ import annotations
 
@@ -20,10 +20,13 @@ from typing import Iterable, List, Optional, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from .errors import DataError
 
 __all__ = [
     "DataError",
+    "DataErrorLoader",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
@@ -45,10 +48,6 @@ _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 PathLike = Union[str, os.PathLike]
 
 
-class DataError(ValueError):
-    """A data file or folder is missing, empty or unreadable; the message names it."""
-
-
 def _check_size(size) -> int:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
         raise ValueError(f"image size must be a positive int, got {size!r}")
@@ -61,7 +60,7 @@ def _open(path: PathLike, mode: str, size: int, resample) -> Image.Image:
         with Image.open(path) as img:
             if img.format == "JPEG":
                 img.draft(mode, (size, size))  # let libjpeg decode at a reduced scale (fast)
-            img = img.convert(mode)  # forces the full decode: errors surface here
+            img = _to_8_bit(img).convert(mode)  # forces the full decode: errors surface here
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
@@ -71,11 +70,25 @@ def _open(path: PathLike, mode: str, size: int, resample) -> Image.Image:
     return img
 
 
+def _to_8_bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale scaled to 8 bits (x / 257, so 65535 -> 255); PIL's own conversion would
+    clip it to 255, i.e. white. Pixels without a standard range (32-bit integer, float) are
+    refused (ValueError, which :func:`_open` reports with the file). Other modes (8-bit, and
+    16-bit RGB, which PIL already reads as 8-bit) pass as they are."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):  # PNG's "I" is 16-bit
+        pixels = np.asarray(img, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
+    if img.mode in ("I", "F"):
+        kind = "integers" if img.mode == "I" else "floats"
+        raise ValueError(f"its pixels are 32-bit {kind} with no standard range; save it as an 8- or 16-bit image")
+    return img
+
+
 def load_image(path: PathLike, size: int) -> torch.Tensor:
     """Read an image as a normalised float tensor (3, size, size).
 
-    Grayscale, palette and RGBA images are converted to RGB; resizing uses PIL's antialiased
-    bicubic filter; then ``(x / 255 - IMAGENET_MEAN) / IMAGENET_STD`` per channel.
+    Grayscale, palette and RGBA images are converted to RGB (16-bit ones scaled to 8 bits);
+    resizing uses PIL's antialiased bicubic filter; then ``(x / 255 - IMAGENET_MEAN) / IMAGENET_STD`` per channel.
     """
     size = _check_size(size)
     img = _open(path, "RGB", size, Image.Resampling.BICUBIC)
@@ -258,3 +271,43 @@ class FolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
         return {"image": load_image(path, self.image_size), "path": str(path)}
+
+
+class _ErrorAsItem(Dataset):
+    """Runs inside DataLoader workers: a DataError becomes the item instead of being raised."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except DataError as exc:
+            return exc
+
+
+def _collate(items):
+    errors = [item for item in items if isinstance(item, DataError)]
+    return errors[0] if errors else default_collate(items)
+
+
+class DataErrorLoader(DataLoader):
+    """A DataLoader that raises a DataError of the data set as it is, with or without workers.
+
+    A worker's exception reaches the main process re-created from its formatted traceback, so
+    the one-line message would become a multi-line one (and differ with the number of images,
+    which decides whether workers run). Here the worker returns the error as a batch and the
+    main process raises it.
+    """
+
+    def __init__(self, dataset: Dataset, **kwargs):
+        super().__init__(_ErrorAsItem(dataset), collate_fn=_collate, **kwargs)
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, DataError):
+                raise batch
+            yield batch

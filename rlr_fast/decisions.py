@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .errors import DataError, UsageError
 from .io import atomic_write_json
 from .metrics import f1_max_threshold
 
@@ -39,7 +40,7 @@ class Threshold:
     def __post_init__(self):
         self.threshold = float(self.threshold)
         if not math.isfinite(self.threshold):
-            raise ValueError(f"a threshold must be a finite number, got {self.threshold}")
+            raise UsageError(f"a threshold must be a finite number, got {self.threshold}")
         self.min, self.max = (math.nan if v is None else float(v) for v in (self.min, self.max))
 
     @classmethod
@@ -97,7 +98,7 @@ class Thresholds:
             raw = json.loads(path.read_text())
             return cls(*(Threshold(**raw[k]) if raw.get(k) else None for k in ("image", "pixel")))
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-            raise ValueError(f"cannot read thresholds from {path}: {e}") from e
+            raise DataError(f"cannot read thresholds from {path}: {e}") from e
 
     @classmethod
     def of_run(cls, run_dir) -> Optional["Thresholds"]:

@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from .io import atomic_open, atomic_write_json
+
 CLASSES = ("brick", "grass", "gravel")
 DEFECTS = ("scratch", "stain", "cut", "hole")
 _VERSION = 1
@@ -119,9 +121,11 @@ def add_defect(image: np.ndarray, rng: np.random.Generator, others: Sequence[np.
 def _save(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if array.dtype == bool:
-        Image.fromarray(array.astype(np.uint8) * 255).save(path)
+        image = Image.fromarray(array.astype(np.uint8) * 255)
     else:
-        Image.fromarray(np.clip(array * 255 + 0.5, 0, 255).astype(np.uint8)).save(path)
+        image = Image.fromarray(np.clip(array * 255 + 0.5, 0, 255).astype(np.uint8))
+    with atomic_open(path, "wb") as fh:
+        image.save(fh, format="PNG")
 
 
 def build_demo_dataset(root, classes: Sequence[str] = CLASSES, image_size: int = 192, n_train: int = 40,
@@ -160,5 +164,5 @@ def build_demo_dataset(root, classes: Sequence[str] = CLASSES, image_size: int =
             _save(root / cls / "test" / kind / f"{i:03d}.png", img)
             _save(root / cls / "ground_truth" / kind / f"{i:03d}_mask.png", mask)
     root.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps(params, indent=2))
+    atomic_write_json(manifest, params)  # last: its presence means every file above is whole
     return root

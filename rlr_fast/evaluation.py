@@ -7,12 +7,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from .data import MVTecDataset
+from .data import DataErrorLoader, MVTecDataset
 from .decisions import Thresholds
 from .metrics import class_metrics, summarize
+from .progress import progress as progress_bar
 from .timing import clock
 
 
@@ -23,15 +22,23 @@ def evaluate(model, root, classes=None, batch_size: int = 8, device="cpu", overl
     the F1-optimal image and pixel thresholds over all the classes evaluated ("thresholds", a
     :class:`~rlr_fast.decisions.Thresholds`: one model scores every class, so one decision rule).
 
+    `root` is an MVTec-style folder or an MVTecDataset of its test split.
+
     Writes up to `max_overlays_per_class` overlays per class (defective images first) to
     `overlays_dir`. The summary also records the inference speed ("images_per_s"). ``records``,
     if given, receives per class the raw "labels", "scores", "masks" and "maps"."""
     model = model.to(device).eval()
-    dataset = MVTecDataset(root, classes=classes, split="test", image_size=model.image_size)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=min(2, len(dataset) // batch_size))
+    if isinstance(root, MVTecDataset):  # already indexed, e.g. to check the data before loading a model
+        dataset = root
+        if dataset.split != "test" or dataset.image_size != model.image_size:
+            raise ValueError(f"evaluate needs the test split at the model's size {model.image_size}, got the "
+                             f"{dataset.split} split at {dataset.image_size}")
+    else:
+        dataset = MVTecDataset(root, classes=classes, split="test", image_size=model.image_size)
+    loader = DataErrorLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=min(2, len(dataset) // batch_size))
     per = defaultdict(lambda: {"labels": [], "scores": [], "masks": [], "maps": [], "items": []})
     seconds, seen = 0.0, 0
-    for batch in tqdm(loader, desc="test", unit="batch", disable=not progress):
+    for batch in progress_bar(loader, desc="test", unit="batch", enabled=progress):
         t0 = clock(device)
         out = model(batch["image"].to(device))
         seconds += clock(device) - t0

@@ -3,7 +3,6 @@ are computed once and training reads them from memory (or from memory-mapped fil
 they do not fit)."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -11,8 +10,11 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset, Subset
+
+from .data import DataErrorLoader
+from .io import atomic_write_json
+from .progress import progress as progress_bar
 
 from .timing import clock
 
@@ -45,9 +47,9 @@ class FeatureCache:
         return out
 
 
-def _loader(dataset: Dataset, batch_size: int) -> DataLoader:
+def _loader(dataset: Dataset, batch_size: int) -> DataErrorLoader:
     workers = min(2, os.cpu_count() or 1) if len(dataset) > batch_size else 0
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    return DataErrorLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
 @torch.no_grad()
@@ -61,7 +63,7 @@ def extract_features(model, dataset: Dataset, batch_size: int = 16, device="cpu"
     n = len(dataset)
     levels = None
     offset = 0
-    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress)
+    bar = progress_bar(total=n, desc=desc, unit="img", enabled=progress)
     for batch in _loader(dataset, batch_size):
         feats = [f.float().cpu() for f in model.features(batch["image"].to(device))]
         if with_masks:
@@ -74,7 +76,7 @@ def extract_features(model, dataset: Dataset, batch_size: int = 16, device="cpu"
                 cache_dir.mkdir(parents=True, exist_ok=True)
                 levels = [np.lib.format.open_memmap(cache_dir / f"level{i}.npy", mode="w+", dtype=np.float32,
                                                     shape=s) for i, s in enumerate(shapes)]
-                (cache_dir / "shapes.json").write_text(json.dumps(shapes))
+                atomic_write_json(cache_dir / "shapes.json", shapes)
             else:
                 levels = [torch.empty(s) for s in shapes]
         for level, f in zip(levels, feats):

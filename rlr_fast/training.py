@@ -1,9 +1,9 @@
 """Training on cached features, checkpoints and resume, single process or DistributedDataParallel.
 
-A run folder holds ``checkpoint.pt`` (the latest state, written atomically at the end of every
-epoch), ``config.json`` and ``log.jsonl`` (one line per epoch). ``resume=True`` continues from
-the checkpoint with the optimizer, schedule, epoch and random state restored, so a killed run
-ends with the same weights as an uninterrupted one.
+A run folder holds ``checkpoint.pt`` (the latest state), ``config.json`` and ``log.jsonl`` (one
+line per epoch), all written atomically (:mod:`rlr_fast.io`) at the end of every epoch.
+``resume=True`` continues from the checkpoint with the optimizer, schedule, epoch and random
+state restored, so a killed run ends with the same weights as an uninterrupted one.
 
 Under torchrun each rank trains on its own shard of the data (``features.shard``) and its own
 feature cache; DistributedDataParallel keeps the weights identical, rank 0 writes the run, and an
@@ -11,9 +11,11 @@ epoch's loss and throughput are those of all ranks together.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,14 +24,19 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from .decisions import Thresholds
+from .errors import CheckpointError, UsageError
 from .features import FeatureCache
+from .io import atomic_torch_save, atomic_write_json, atomic_write_text
+from .progress import progress as progress_bar
 from .timing import clock
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "rlr-fast/1"
+# What the commands write into a run folder: `--force` removes these, and only these.
+RUN_FILES = (CHECKPOINT, "config.json", "log.jsonl", "metrics.json")
+RUN_FOLDERS = ("features", "overlays", "predictions")
 
 
 @dataclass
@@ -67,7 +74,7 @@ RECIPES = {
 
 def recipe(name: str, **overrides) -> TrainConfig:
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+        raise UsageError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -85,19 +92,36 @@ def model_class(name: str):
     if name == "resad":
         from .models.resad import ResADModel
         return ResADModel
-    raise ValueError(f"unknown model {name!r}; choose 'rlr', 'uniad' or 'resad'")
+    raise UsageError(f"unknown model {name!r}; choose 'rlr', 'uniad' or 'resad'")
 
 
 def build_model(name: str, config: dict):
     return model_class(name)(**config)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: a reader sees the old or the new file, never half of one
+def default_image_size(name: str) -> int:
+    """The input side a model is built with when no image size is given."""
+    from .models import ResADConfig, RLRConfig, UniADConfig
+
+    return {"rlr": RLRConfig, "uniad": UniADConfig, "resad": ResADConfig}[model_class(name).name]().image_size
+
+
+def run_entries(out_dir) -> list:
+    """The names of what a run left in `out_dir` (checkpoint, config, log, metrics, overlays...)."""
+    out_dir = Path(out_dir)
+    return [name for name in RUN_FILES + RUN_FOLDERS if (out_dir / name).exists()]
+
+
+def clear_run(out_dir) -> list:
+    """Remove what a run wrote in `out_dir` (and nothing else); returns the names removed."""
+    removed = run_entries(out_dir)
+    for name in removed:
+        path = Path(out_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return removed
 
 
 def save_checkpoint(path, model, optimizer=None, scheduler=None, epoch: int = 0, train_config=None,
@@ -117,7 +141,8 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, epoch: int = 0,
         "cuda_rng": _cuda_rng_state(),
         "extra": extra or {},
     }
-    _atomic_save(state, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(state, path)
 
 
 def read_checkpoint(path) -> dict:
@@ -126,26 +151,48 @@ def read_checkpoint(path) -> dict:
         path = path / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (train a model with `rlr-fast train` first)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated, empty, random bytes, or a pickle that would run code: never run it
+        raise CheckpointError(f"{path} is not a readable rlr-fast checkpoint (truncated, empty, "
+                              f"or not written by rlr-fast)") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an rlr-fast checkpoint")
+        raise CheckpointError(f"{path} is not an rlr-fast checkpoint (no {FORMAT!r} format tag)")
+    missing = [key for key in ("model", "config", "state_dict") if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a readable rlr-fast checkpoint (it lacks {', '.join(missing)})")
+    try:
+        model_class(state["model"])
+    except UsageError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return state
 
 
-def load_model(run_or_checkpoint, device="cpu"):
-    """The trained model of a run folder or checkpoint file, in eval mode on `device`, with the
-    run's decision thresholds (``model.thresholds``; None before `rlr-fast test` has run)."""
-    state = read_checkpoint(run_or_checkpoint)
+def model_from_checkpoint(state: dict, device="cpu", source="the checkpoint"):
+    """The trained model of a checkpoint read by :func:`read_checkpoint`, in eval mode on `device`;
+    `source` names the checkpoint in errors."""
     config = dict(state["config"])
     if config.get("backbone_weights") not in ("random",):
         # The checkpoint holds the backbone's weights: build it without loading them again.
         config["backbone_weights"] = "random"
     model = build_model(state["model"], config)
-    model.load_state_dict(state["state_dict"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{source}: its weights do not fit the {state['model']} model it "
+                              f"describes ({first})") from None
     model.config.backbone_weights = state["config"].get("backbone_weights", "default")
+    return model.to(device).eval()
+
+
+def load_model(run_or_checkpoint, device="cpu"):
+    """The trained model of a run folder or checkpoint file, in eval mode on `device`, with the
+    run's decision thresholds (``model.thresholds``; None before `rlr-fast test` has run)."""
+    model = model_from_checkpoint(read_checkpoint(run_or_checkpoint), device, source=run_or_checkpoint)
     run_dir = Path(run_or_checkpoint)
     model.thresholds = Thresholds.of_run(run_dir if run_dir.is_dir() else run_dir.parent)
-    return model.to(device).eval()
+    return model
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,12 +270,18 @@ def _epoch_totals(loss_sum: float, seen: int, seconds: float, world: int, device
     return float(sums[0]), int(sums[1]), float(slowest)
 
 
+def _write_log(out_dir: Path, history: list) -> None:
+    atomic_write_text(out_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+
 def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool = False, device="cpu",
-          progress: bool = True, log=print, on_epoch_end=None) -> list:
+          progress: bool = True, log=print, on_epoch_end=None, extra: Optional[dict] = None) -> list:
     """Train `model` on cached features; checkpoint every epoch into `out_dir`. Returns the history
     (one dict per epoch: epoch, loss, lr, images (of every rank), seconds, images_per_s).
     `on_epoch_end(model, record)`, if given, runs after each epoch's checkpoint (e.g. a
-    validation); the model is put back in train mode after it."""
+    validation); the model is put back in train mode after it. `extra` (e.g. the training
+    classes) goes into the checkpoint and config.json. `progress=False` hides the bars; each
+    epoch's loss line is always logged."""
     out_dir = Path(out_dir)
     rank, world = distributed_context(device)
     device = torch.device(device)
@@ -244,22 +297,23 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
     if resume and ckpt_path.is_file():
         state = read_checkpoint(ckpt_path)
         if state["model"] != model.name or state["config"] != asdict(model.config):
-            raise ValueError(f"cannot resume {ckpt_path}: it holds a different model or configuration")
+            raise UsageError(f"cannot resume {ckpt_path}: it holds a different model or configuration")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], list(state["history"])
         torch.set_rng_state(state["rng"])
         _restore_cuda_rng(state.get("cuda_rng"))
+        extra = {**state.get("extra", {}), **(extra or {})}
         if rank == 0:  # the checkpoint's history is the record: rewrite the log from it
-            (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+            _write_log(out_dir, history)
         log(f"resuming {ckpt_path} at epoch {start_epoch}/{cfg.epochs}")
     elif rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(
-            {"model": model.name, "config": asdict(model.config), "train": asdict(cfg)}, indent=2))
-    if resume is False and (out_dir / "log.jsonl").exists() and rank == 0:
-        (out_dir / "log.jsonl").unlink()
+        atomic_write_json(out_dir / "config.json", {"model": model.name, "config": asdict(model.config),
+                                                    "train": asdict(cfg), **(extra or {})})
+        with contextlib.suppress(FileNotFoundError):  # a new run starts a new log
+            (out_dir / "log.jsonl").unlink()
     runner = _LossOf(model)
     if world > 1:
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
@@ -271,8 +325,8 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
         # The order of an epoch depends only on (seed, epoch): a resumed run sees the same batches.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
         t0, total, seen = clock(device), 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                   disable=not progress or rank != 0, leave=False)
+        bar = progress_bar(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                           enabled=progress and rank == 0, leave=False)
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             feats = cache.batch(idx.numpy(), device)
@@ -294,12 +348,9 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
                   "images": seen, "seconds": round(seconds, 3), "images_per_s": round(seen / seconds, 2)}
         history.append(record)
         if rank == 0:
-            save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch + 1, cfg, history)
-            with open(out_dir / "log.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            if progress:
-                log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  "
-                    f"{record['images_per_s']:.1f} img/s")
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch + 1, cfg, history, extra)
+            _write_log(out_dir, history)
+            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  {record['images_per_s']:.1f} img/s")
         if on_epoch_end is not None:
             on_epoch_end(model, record)
             model.train()

@@ -2,7 +2,6 @@
 masks as 8-bit PNG (0 normal, 255 anomalous, as MVTec's ground truth)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +27,14 @@ def _map(m) -> np.ndarray:
 
 
 def _save(fig, path) -> None:
+    from .io import atomic_savefig
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_savefig(fig, path, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def save_overlay(path, image, gt_mask, anomaly_map, title: str = "", vmax=None) -> None:

@@ -8,6 +8,7 @@ from PIL import Image
 from scipy import ndimage
 
 from rlr_fast.backbone import FrozenBackbone
+from rlr_fast.errors import DataError, UsageError
 from rlr_fast.models.layers import feature_jitter, gaussian_blur, sincos_pos_embed_2d
 from rlr_fast.models.rlr import RLRModel, default_window, default_windows
 
@@ -142,13 +143,17 @@ def test_backbone_errors(tmp_path):
         FrozenBackbone(weights=tmp_path / "missing.pth")
     bad = tmp_path / "bad.pth"
     torch.save({"conv_stem.weight": torch.zeros(1)}, bad)
-    with pytest.raises(RuntimeError, match="backbone weights lack"):
+    with pytest.raises(DataError, match=r"backbone weights file .*bad\.pth lacks"):
         FrozenBackbone(weights=bad)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"backbone weights file .*truncated\.pth is not a readable"):
+        FrozenBackbone(weights=truncated)
     with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\)"):
         FrozenBackbone(weights="random")(torch.zeros(1, 1, 32, 32))
 
 
-def test_paper_backbone_requests_the_papers_pretrained_weights(tmp_path, monkeypatch):
+def test_paper_backbone_requests_the_papers_pretrained_weights(tmp_path, monkeypatch, capsys):
     # No network here: record what timm is asked for, and stop there (no download is attempted).
     import timm
 
@@ -163,11 +168,11 @@ def test_paper_backbone_requests_the_papers_pretrained_weights(tmp_path, monkeyp
     monkeypatch.setattr(timm, "create_model", create_model)
     (tmp_path / "images").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "images" / "a.png")
-    with pytest.raises(RuntimeError, match=r"'tf_efficientnet_b6\.aa_in1k' for backbone 'tf_efficientnet_b6'"):
-        main(["train", "--data", str(tmp_path / "images"), "--out", str(tmp_path / "run"),
-              "--backbone", "tf_efficientnet_b6", "--image-size", "64", "--no-progress"])
+    assert main(["train", "--data", str(tmp_path / "images"), "--out", str(tmp_path / "run"),
+                 "--backbone", "tf_efficientnet_b6", "--image-size", "64", "--no-progress"]) == 2
+    assert "'tf_efficientnet_b6.aa_in1k' for backbone 'tf_efficientnet_b6'" in capsys.readouterr().err
     assert asked == [("tf_efficientnet_b6.aa_in1k", True)]
     asked.clear()
-    with pytest.raises(RuntimeError):  # a tag given explicitly is kept
+    with pytest.raises(UsageError):  # a tag given explicitly is kept
         FrozenBackbone("tf_efficientnet_b6.ap_in1k")
     assert asked == [("tf_efficientnet_b6.ap_in1k", True)]

@@ -3,12 +3,13 @@ its classes, tests it and writes the metrics, overlays and a speed summary to on
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
+
+from . import options
 
 # Chosen by measurement on this data (see the README): 128 px input (grids 16 and 8), the fast
 # recipe's schedule over DEMO_EPOCHS epochs.
@@ -17,12 +18,12 @@ DEMO_EPOCHS = 20
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("results/demo"), help="results folder")
-    p.add_argument("--epochs", type=int, default=DEMO_EPOCHS)
-    p.add_argument("--image-size", type=int, default=DEMO_IMAGE_SIZE)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--out", type=options.output_folder, default=Path("results/demo"), help="results folder")
+    p.add_argument("--epochs", type=options.positive_int, default=DEMO_EPOCHS)
+    p.add_argument("--image-size", type=options.image_size, default=DEMO_IMAGE_SIZE)
+    p.add_argument("--batch-size", type=options.positive_int, default=None)
     p.add_argument("--backend", choices=("auto", "torch", "reference", "triton"), default="auto")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=options.device, default=options.default_device())
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -32,11 +33,12 @@ def run(args) -> int:
     from ..demo_data import build_demo_dataset
     from ..evaluation import evaluate
     from ..features import extract_features
+    from ..io import atomic_write_json, atomic_write_text
     from ..metrics import format_table
     from ..models.rlr import RLRModel
     from ..training import recipe, train
-    from .test import write_json
 
+    options.check_backend(args.backend, args.device)
     out, progress = args.out, not args.no_progress
     started = time.perf_counter()
     t0 = time.perf_counter()
@@ -54,9 +56,9 @@ def run(args) -> int:
     summary = evaluate(model, data, device=args.device, overlays_dir=out / "overlays", progress=progress)
     table = format_table(summary)
     print(table)
-    write_json(out / "metrics.json", {"classes": summary["classes"], "mean": summary["mean"]})
+    atomic_write_json(out / "metrics.json", {"classes": summary["classes"], "mean": summary["mean"]})
     summary["thresholds"].save(out / "run" / THRESHOLDS_FILE)  # `rlr-fast predict --run OUT/run` decides
-    (out / "metrics.txt").write_text(table + "\n")
+    atomic_write_text(out / "metrics.txt", table + "\n")
     speed = {
         "device": str(args.device), "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -68,9 +70,9 @@ def run(args) -> int:
         "inference_images_per_s": round(summary["images_per_s"], 1),
         "total_s": round(time.perf_counter() - started, 1),
     }
-    write_json(out / "speed.json", speed)
+    atomic_write_json(out / "speed.json", speed)
     lines = [f"- {k.replace('_', ' ')}: {v}" for k, v in speed.items()]
-    (out / "summary.md").write_text("# rlr-fast demo\n\n```\n" + table + "\n```\n\n## Speed\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text(out / "summary.md", "# rlr-fast demo\n\n```\n" + table + "\n```\n\n## Speed\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"results: {out} (metrics.txt, metrics.json, overlays/, speed.json, summary.md, run/)")
     return 0

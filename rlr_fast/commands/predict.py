@@ -23,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
+
 SCORES_FILE = "scores.csv"
 COLUMNS = ("path", "score", "normalized_score", "label", "heatmap", "mask")
 
@@ -62,7 +64,7 @@ def output_stems(paths: Sequence[Path]) -> List[Path]:
 
 def _check_output_folder(out: Path, overwrite: bool) -> None:
     if (out / SCORES_FILE).exists() and not overwrite:
-        raise ValueError(f"{out} already holds a prediction ({SCORES_FILE}); pass --overwrite to replace it "
+        raise UsageError(f"{out} already holds a prediction ({SCORES_FILE}); pass --overwrite to replace it "
                          f"or --out for another folder")
 
 

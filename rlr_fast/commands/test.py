@@ -3,21 +3,21 @@ the run's decision thresholds (F1-optimal on the data tested, stored as RUN/thre
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import sys
 from pathlib import Path
 
-import torch
+from . import options
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, type=Path, help="MVTec-style folder with <class>/test and ground_truth")
+    p.add_argument("--data", required=True, type=options.existing_folder,
+                   help="MVTec-style folder with <class>/test and ground_truth")
     p.add_argument("--run", required=True, type=Path, help="run folder (or checkpoint file) from `rlr-fast train`")
     p.add_argument("--classes", help="comma-separated class names (default: every class in --data)")
-    p.add_argument("--json", type=Path, help="write the metrics here (default: RUN/metrics.json)")
-    p.add_argument("--overlays", type=Path, help="overlay pictures folder (default: RUN/overlays)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=options.output_file, help="write the metrics here (default: RUN/metrics.json)")
+    p.add_argument("--overlays", type=options.output_folder, help="overlay pictures folder (default: RUN/overlays)")
+    p.add_argument("--batch-size", type=options.positive_int, default=8)
+    p.add_argument("--device", type=options.device, default=options.default_device())
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: autocast to bfloat16 where the device has it (fp32 otherwise, with a warning)")
     p.add_argument("--no-progress", action="store_true")
@@ -27,36 +27,49 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "(default: the K the model was trained with)")
 
 
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+def warn_untrained_classes(state: dict, classes) -> None:
+    """RLR and UniAD learn the normal look of the classes they were trained on: say so when asked
+    to test others (runs from before the classes were recorded are not checked)."""
+    trained = (state.get("extra") or {}).get("classes")
+    if trained is None:
+        return
+    unseen = [c for c in classes if c not in trained]
+    if unseen:
+        print(f"warning: the run was trained on {', '.join(trained)}, not on {', '.join(unseen)}: "
+              f"the model has not learned what normal looks like there, so its scores mean little", file=sys.stderr)
 
 
 def run(args) -> int:
+    from ..data import MVTecDataset
     from ..decisions import THRESHOLDS_FILE
     from ..evaluation import evaluate
+    from ..io import atomic_write_json, clean_stale_temporaries
     from ..metrics import format_table
-    from ..training import load_model
+    from ..training import model_from_checkpoint, read_checkpoint
     from .train import ignored_shot_options
 
     run_dir = args.run if args.run.is_dir() else args.run.parent
-    model = load_model(args.run, args.device)
+    state = read_checkpoint(args.run)
+    dataset = MVTecDataset(args.data, classes=args.classes, split="test", image_size=state["config"]["image_size"])
+    if state["model"] != "resad":  # ResAD is for classes it was not trained on
+        warn_untrained_classes(state, dataset.classes)
+    model = model_from_checkpoint(state, args.device, source=args.run)
     model.precision = args.precision
     ignored_shot_options(args, model.name)
     overlays = args.overlays or run_dir / "overlays"
-    common = dict(classes=args.classes, batch_size=args.batch_size, device=args.device, overlays_dir=overlays,
-                  progress=not args.no_progress)
+    common = dict(batch_size=args.batch_size, device=args.device, overlays_dir=overlays, progress=not args.no_progress)
     if model.name == "resad":
         from ..fewshot import evaluate_fewshot
 
-        summary = evaluate_fewshot(model, args.data, args.shots or model.config.shots, args.shot_seed, **common)
+        summary = evaluate_fewshot(model, args.data, args.shots or model.config.shots, args.shot_seed,
+                                   classes=dataset.classes, **common)
     else:
-        summary = evaluate(model, args.data, **common)
+        summary = evaluate(model, dataset, **common)
     print(format_table(summary))
     out = args.json or run_dir / "metrics.json"
-    write_json(out, {"classes": summary["classes"], "mean": summary["mean"]})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out.parent)  # of a test killed while writing
+    atomic_write_json(out, {"classes": summary["classes"], "mean": summary["mean"]})
     thresholds = summary["thresholds"]
     thresholds.save(run_dir / THRESHOLDS_FILE)  # what `rlr-fast predict` and model.predict decide with
     print(f"metrics: {out}\noverlays: {overlays}\nthresholds (F1-optimal on this data): image "

@@ -1,43 +1,66 @@
-"""`rlr-fast train`: train one model on every class of a data folder."""
+"""`rlr-fast train`: train one model on every class of a data folder.
+
+Everything the user gave is checked before the model is built: the options at parse time, then
+the run folder (an existing run is replaced only with --force, continued only with --resume, and
+a resumed run refuses an option that contradicts it), then the data folder.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
+from . import options
+
+# Options a resumed run takes from its checkpoint: (option, where the run keeps it, its key).
+RUN_SETTINGS = (("--model", "run", "model"), ("--image-size", "config", "image_size"),
+                ("--backbone", "config", "backbone"), ("--backbone-weights", "config", "backbone_weights"),
+                ("--backend", "config", "backend"), ("--recipe", "extra", "recipe"),
+                ("--batch-size", "train", "batch_size"), ("--lr", "train", "lr"), ("--amp", "train", "amp"),
+                ("--seed", "train", "seed"), ("--shots", "config", "shots"), ("--residual", "config", "residual"))
+
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, type=Path,
+    # Options a resumed run takes from its checkpoint default to None here, so that one given
+    # explicitly can be told from the default and refused if it contradicts the run.
+    p.add_argument("--data", required=True, type=options.existing_folder,
                    help="MVTec-style folder (ROOT/<class>/train/good/...) or a plain folder of normal images")
-    p.add_argument("--out", required=True, type=Path, help="run folder: checkpoint, config, log")
+    p.add_argument("--out", required=True, type=options.output_folder, help="run folder: checkpoint, config, log")
     p.add_argument("--classes", help="comma-separated class names (default: every class in --data)")
-    p.add_argument("--model", choices=("rlr", "uniad", "resad"), default="rlr")
-    p.add_argument("--recipe", choices=("fast", "paper"), default="fast",
+    p.add_argument("--model", choices=("rlr", "uniad", "resad"), help="model (default: rlr)")
+    p.add_argument("--recipe", choices=("fast", "paper"),
                    help="fast: converges in minutes on a CPU (default); paper: the paper's schedule")
     add_shot_options(p, "ResAD: K reference images per seen class, from its train/good (default 4)")
     p.add_argument("--residual", choices=("squared", "difference"),
                    help="ResAD's residual: (f - r)^2 as the official code (default) or f - r as the paper")
-    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
-    p.add_argument("--lr", type=float, help="override the recipe's learning rate")
-    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the model's, 256 for RLR)")
+    p.add_argument("--epochs", type=options.positive_int,
+                   help="override the recipe's epochs; with --resume, the run's new total")
+    p.add_argument("--batch-size", type=options.positive_int, help="override the recipe's batch size")
+    p.add_argument("--lr", type=options.positive_float, help="override the recipe's learning rate")
+    p.add_argument("--image-size", type=options.image_size,
+                   help=f"input side in pixels, >= {options.MIN_IMAGE_SIZE} (default: the model's, 256 for RLR)")
     p.add_argument("--backbone", help="timm model name (default: tf_efficientnet_lite0, weights shipped)")
-    p.add_argument("--backbone-weights", default="default",
-                   help="'default' (shipped or timm pretrained), 'random', or a local state-dict file")
-    p.add_argument("--backend", choices=("auto", "torch", "reference", "triton"), default="auto")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--backbone-weights",
+                   help="'default' (shipped or timm pretrained; the default), 'random', or a local state-dict file")
+    p.add_argument("--backend", choices=("auto", "torch", "reference", "triton"), help="attention backend (default: auto)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision (default: none)")
+    p.add_argument("--device", type=options.device, default=options.default_device())
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    existing.add_argument("--force", action="store_true",
+                          help="replace the run in --out (its checkpoint, config, log, metrics, overlays)")
+    p.add_argument("--seed", type=options.seed, help="random seed (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the per-epoch loss lines stay)")
 
 
 def add_shot_options(p: argparse.ArgumentParser, shots_help: str) -> None:
     """--shots and --shot-seed, shared by train, test and predict."""
-    p.add_argument("--shots", type=int, help=shots_help)
-    p.add_argument("--shot-seed", type=int,
+    p.add_argument("--shots", type=options.positive_int, help=shots_help)
+    p.add_argument("--shot-seed", type=options.seed,
                    help="draw the K reference images with this seed (default: the first K by sorted name)")
 
 
@@ -51,59 +74,132 @@ def ignored_shot_options(args, model_name: str) -> None:
 
 
 def training_set(data: Path, classes, image_size: int):
+    """The images to train on: the train split of MVTec-style class folders, or a plain folder."""
     from ..data import DataError, FolderDataset, MVTecDataset, discover_classes
 
-    if not data.is_dir():
-        raise DataError(f"data folder not found: {data}")
-    if discover_classes(data):
+    if discover_classes(data):  # raises DataError for a missing folder
         return MVTecDataset(data, classes=classes, split="train", image_size=image_size)
     if classes:
         raise DataError(f"--classes given but {data} has no class folders (<class>/train/good)")
     return FolderDataset(data, image_size=image_size)
 
 
+def _prepare_out(args):
+    """Check --out against --resume/--force; returns the checkpoint state to resume, or None.
+    Under torchrun only rank 0 checks and clears the folder (if it refuses, torchrun stops the
+    others); every rank reads the checkpoint it resumes."""
+    from ..io import clean_stale_temporaries
+    from ..training import CHECKPOINT, clear_run, read_checkpoint, run_entries
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return read_checkpoint(args.out / CHECKPOINT) if args.resume and (args.out / CHECKPOINT).is_file() else None
+    for folder in (args.out, args.out / "features"):  # left by a writer killed mid-write
+        clean_stale_temporaries(folder)
+    found = run_entries(args.out)
+    if args.resume:
+        if (args.out / CHECKPOINT).is_file():
+            state = read_checkpoint(args.out / CHECKPOINT)
+            if not state.get("train_config") or not state.get("optimizer"):
+                raise UsageError(f"cannot resume {args.out / CHECKPOINT}: it holds a model without its "
+                                 f"training state; use --force to start the run again")
+            return state
+        if found:
+            raise UsageError(f"cannot resume {args.out}: it has no {CHECKPOINT} (only {', '.join(found)}); "
+                             f"use --force to start it again")
+        print(f"no checkpoint in {args.out}: starting a new run")
+    elif found and not args.force:
+        raise UsageError(f"{args.out} already holds a run ({', '.join(found)}); add --resume to continue it "
+                         f"or --force to replace it")
+    elif found:
+        print(f"--force: removed {', '.join(clear_run(args.out))} from {args.out}")
+    return None
+
+
+def _check_resume(args, state) -> None:
+    """Refuse an option given with --resume that contradicts the run being resumed."""
+    extra = state.get("extra") or {}
+    kept = {"run": {"model": state["model"]}, "config": state["config"], "train": state.get("train_config") or {},
+            "extra": extra}
+    for option, where, key in RUN_SETTINGS:
+        given = getattr(args, option.lstrip("-").replace("-", "_"))
+        if given is not None and key in kept[where] and given != kept[where][key]:
+            raise UsageError(f"{option} {given} conflicts with the run being resumed in {args.out}, which has "
+                             f"{option} {kept[where][key]}; drop {option}, or start a new run with --force")
+    done = state["epoch"]
+    if args.epochs is not None and args.epochs < done:
+        raise UsageError(f"--epochs {args.epochs} is fewer than the {done} epochs {args.out} has already trained")
+
+
+def _check_resumed_classes(args, state, classes) -> None:
+    """A resumed run trains on the classes it started with (--data and --classes may not change them)."""
+    trained = (state.get("extra") or {}).get("classes")
+    if trained is not None and classes != trained:
+        raise UsageError(f"the run being resumed in {args.out} trains on {','.join(trained)}, but --data/--classes "
+                         f"now give {','.join(classes or ['a plain folder of images'])}")
+
+
+def _settings(args, state):
+    """(model name, model config, train config, recipe name) of the new or resumed run."""
+    from dataclasses import replace
+
+    from ..training import TrainConfig, recipe
+
+    if state is not None:
+        cfg = TrainConfig(**state["train_config"])
+        return (state["model"], dict(state["config"]), replace(cfg, epochs=args.epochs or cfg.epochs),
+                (state.get("extra") or {}).get("recipe"))
+    name = args.model or "rlr"
+    model_cfg = {"backend": args.backend or "auto", "backbone_weights": args.backbone_weights or "default"}
+    if args.image_size:
+        model_cfg["image_size"] = args.image_size
+    if args.backbone:
+        model_cfg["backbone"] = args.backbone
+    if name == "resad":
+        model_cfg.update({k: v for k, v in (("shots", args.shots), ("residual", args.residual)) if v is not None})
+    recipe_name = args.recipe or "fast"
+    # the recipe a model's --recipe names: UniAD and ResAD have their own papers' schedules
+    schedule = {("uniad", "paper"): "uniad", ("resad", "paper"): "resad",
+                ("resad", "fast"): "resad-fast"}.get((name, recipe_name), recipe_name)
+    cfg = recipe(schedule, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp, seed=args.seed)
+    return name, model_cfg, cfg, recipe_name
+
+
 def run(args) -> int:
     """Train; under torchrun (``torchrun --nproc_per_node N -m rlr_fast train ...``) every rank
     extracts and trains on its own share of the images, with its own feature cache."""
     from ..features import extract_features, shard
-    from ..training import CHECKPOINT, build_model, distributed_context, rank_device, read_checkpoint, recipe, train
+    from ..training import CHECKPOINT, build_model, default_image_size, distributed_context, rank_device, train
 
+    state = _prepare_out(args)
+    if state is not None:
+        _check_resume(args, state)
+    name, model_cfg, cfg, recipe_name = _settings(args, state)
+    options.check_backend(model_cfg.get("backend", "auto"), args.device)
+    dataset = training_set(args.data, args.classes, model_cfg.get("image_size") or default_image_size(name))
+    classes = getattr(dataset, "classes", None)
+    if state is not None:
+        _check_resumed_classes(args, state, classes)
+    done = state["epoch"] if state is not None else 0
     rank, world = distributed_context(args.device)
     device = rank_device(args.device, world)
     say = print if rank == 0 else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)
-    ckpt = args.out / CHECKPOINT
-    if args.resume and ckpt.is_file():
-        state = read_checkpoint(ckpt)  # rebuild exactly the model being resumed
-        name, model_cfg = state["model"], dict(state["config"])
-    else:
-        if args.resume:
-            say(f"no checkpoint in {args.out}: starting a new run")
-        name, model_cfg = args.model, {"backend": args.backend, "backbone_weights": args.backbone_weights}
-        if args.image_size:
-            model_cfg["image_size"] = args.image_size
-        if args.backbone:
-            model_cfg["backbone"] = args.backbone
-        if name == "resad":
-            model_cfg.update({k: v for k, v in (("shots", args.shots), ("residual", args.residual)) if v is not None})
     if rank == 0:
         ignored_shot_options(args, name)
+    if done >= cfg.epochs:
+        say(f"{args.out} has already trained {done}/{cfg.epochs} epochs: nothing to do "
+            f"(give a larger --epochs to train longer)")
+        return 0
+    torch.manual_seed(cfg.seed)
     model = build_model(name, model_cfg).to(device)
-    recipe_name = {("uniad", "paper"): "uniad", ("resad", "paper"): "resad",
-                   ("resad", "fast"): "resad-fast"}.get((name, args.recipe), args.recipe)
-    cfg = recipe(recipe_name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp,
-                 seed=args.seed)
+    say(f"training {name} on {len(dataset)} images"
+        + (f" of {len(classes)} classes ({', '.join(classes)})" if classes else "")
+        + f", image size {model.image_size}, {cfg}")
     if name == "resad":  # every rank builds the whole (small) residual cache; DDP averages the gradients
         from ..fewshot import residual_cache
 
-        say(f"training resad, {cfg}")
         cache = residual_cache(model, args.data, args.classes, model.config.shots, args.shot_seed,
                                device=device, progress=not args.no_progress, log=say)
     else:
-        dataset = training_set(args.data, args.classes, model.image_size)
-        classes = getattr(dataset, "classes", None)
-        say(f"training {name} on {len(dataset)} images" + (f" of {len(classes)} classes ({', '.join(classes)})"
-                                                           if classes else "") + f", {cfg}")
         local = shard(dataset, rank, world)
         if world > 1:
             say(f"{world} ranks: {len(local)} images each")
@@ -112,9 +208,9 @@ def run(args) -> int:
     say(f"features cached: {len(cache)} images in {cache.seconds:.1f}s ({cache.nbytes / 2**20:.0f} MiB)"
         + (" on rank 0" if world > 1 else ""))
     t0 = time.perf_counter()
-    history = train(model, cache, args.out, cfg, resume=args.resume, device=device,
-                    progress=not args.no_progress, log=say)
-    if history:
-        say(f"trained {cfg.epochs} epochs in {time.perf_counter() - t0:.1f}s; final loss "
-            f"{history[-1]['loss']:.4f}; checkpoint {ckpt}")
+    history = train(model, cache, args.out, cfg, resume=state is not None, device=device,
+                    progress=not args.no_progress, log=say, extra={"classes": classes, "recipe": recipe_name})
+    epochs = f"epochs {done + 1}-{len(history)}" if len(history) > done + 1 else f"epoch {len(history)}"
+    say(f"trained {epochs} of {cfg.epochs} in {time.perf_counter() - t0:.1f}s; "
+        f"final loss {history[-1]['loss']:.4f}; checkpoint {args.out / CHECKPOINT}")
     return 0

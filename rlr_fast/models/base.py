@@ -11,7 +11,23 @@ from typing import List, NamedTuple, Optional
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..precision import autocast, check_precision
+from ..windows import complement_is_empty
+
+
+def check_image_size(image_size: int, levels) -> None:
+    """Refuse an image size whose feature grid a masked-attention window covers entirely (its
+    central query would have no key), when the model is built rather than at the first forward,
+    and in terms of the image size the user chose. `levels`: (stride, grid, window) per level."""
+    too_small = [(stride, grid, window) for stride, grid, window in levels
+                 if complement_is_empty(tuple(grid), tuple(window))]
+    if too_small:
+        stride, grid, window = too_small[-1]
+        minimum = max(s * min(w) + 1 for s, _, w in too_small)  # a grid side larger than the window
+        raise UsageError(f"image size {image_size} is too small for this model: its stride-{stride} feature "
+                         f"grid is {grid[0]}x{grid[1]}, which the {window[0]}x{window[1]} attention window "
+                         f"covers entirely; use an image size of at least {minimum}")
 
 
 class AnomalyOutput(NamedTuple):

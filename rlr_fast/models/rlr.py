@@ -25,7 +25,7 @@ from ..backbone import EMBEDDED, FrozenBackbone
 from ..modules import LocalCrossAttention, NeighborMaskedAttention
 from ..precision import full_precision
 from ..windows import complement_is_empty
-from .base import AnomalyModel, AnomalyOutput
+from .base import AnomalyModel, AnomalyOutput, check_image_size
 from .layers import feature_jitter, gaussian_blur, sincos_pos_embed_2d
 
 # The paper's windows: 5 on a 16-grid, 7 on a 32-grid, 11 on a 64-grid.
@@ -170,6 +170,7 @@ class RLRModel(AnomalyModel):
         cfg.dims = tuple(int(d) for d in dims)
         cfg.windows = tuple(tuple(int(k) for k in ((w, w) if isinstance(w, int) else w)) for w in windows)
         cfg.out_indices = tuple(cfg.out_indices)
+        check_image_size(cfg.image_size, zip(self.backbone.reductions, grids, cfg.windows))
         self.config = cfg
         self.grids = grids
         self.pool = nn.AvgPool2d(3, stride=1, padding=1)

@@ -28,7 +28,7 @@ from torch import nn
 from ..backbone import FrozenBackbone
 from ..modules import NeighborMaskedAttention
 from ..precision import full_precision
-from .base import AnomalyModel, AnomalyOutput
+from .base import AnomalyModel, AnomalyOutput, check_image_size
 from .layers import feature_jitter
 
 
@@ -107,6 +107,7 @@ class UniADModel(AnomalyModel):
         self.image_size = cfg.image_size
         side = math.ceil(cfg.image_size / cfg.feature_stride)
         self.grid = (side, side)
+        check_image_size(cfg.image_size, [(cfg.feature_stride, self.grid, (cfg.window, cfg.window))])
         channels = sum(self.backbone.channels)
         self.input_proj = nn.Linear(channels, cfg.hidden)
         self.pos = nn.Parameter(torch.empty(side * side, cfg.hidden))  # learned positional embedding
