@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from .data import (IMAGENET_MEAN, IMAGENET_STD, DataError, FolderDataset, MVTecDataset, denormalize,
                    discover_classes, list_images, load_image)
+from .errors import UsageError
 from .features import FeatureCache, extract_features
 
 
@@ -26,7 +27,7 @@ def reference_paths(folder, shots: int, seed: Optional[int] = None, what: str = 
     draw of ``shots`` distinct images by ``numpy.random.default_rng(seed)`` (returned sorted).
     Fewer images than ``shots`` is a DataError naming the folder."""
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-        raise ValueError(f"--shots must be a positive integer, got {shots!r}")
+        raise UsageError(f"--shots must be a positive integer, got {shots!r}")
     paths = list_images(folder)
     if len(paths) < shots:
         raise DataError(f"{what or 'the reference folder'} has {len(paths)} normal image(s) in {folder} "

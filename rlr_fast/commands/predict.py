@@ -87,7 +87,7 @@ def run(args) -> int:
         from ..fewshot import load_references, reference_paths
 
         if args.reference is None:
-            raise ValueError("a ResAD run needs --reference DIR: normal images of the class being inspected")
+            raise UsageError("a ResAD run needs --reference DIR: normal images of the class being inspected")
         if not args.reference.is_dir():
             raise FileNotFoundError(f"--reference folder not found: {args.reference}")
         refs = reference_paths(args.reference, args.shots or model.config.shots, args.shot_seed, what="--reference")
