@@ -13,13 +13,14 @@ Backends:
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 
-from . import blocked, reference
+from . import blocked, custom_ops, reference, traceable
 from .windows import Grid, Window, complement_is_empty, normalize_grid, normalize_window
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -96,10 +97,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _dispatch(op: str, q, k, v, grid, window, scale, backend):
-    complement = op == "neighbor_masked_attention"
-    p = check_inputs(q, k, v, grid, window, scale, complement=complement)
-    backend = resolve_backend(backend, q.device)
+def _run(op: str, q, k, v, grid, window, scale, backend):
+    """The chosen backend's eager call on checked inputs."""
     if backend == "reference":
         fn = getattr(reference, op)
     elif backend == "torch":
@@ -107,7 +106,26 @@ def _dispatch(op: str, q, k, v, grid, window, scale, backend):
     else:
         from . import kernels  # imported lazily: triton is only needed here
         fn = getattr(kernels, op)
-    return fn(q, k, v, p.grid, p.window, p.scale)
+    return fn(q, k, v, grid, window, scale)
+
+
+# Under torch.compile the torch and triton backends run as custom ops (rlr_fast::<op>), opaque to
+# the compiler; their autograd formula is the torch backend's chunked backward.
+_CUSTOM_OPS = {
+    op: custom_ops.attention_op(op, functools.partial(_run, op), functools.partial(blocked.backward, op))
+    for op in ("local_cross_attention", "neighbor_masked_attention")
+}
+
+
+def _dispatch(op: str, q, k, v, grid, window, scale, backend):
+    complement = op == "neighbor_masked_attention"
+    p = check_inputs(q, k, v, grid, window, scale, complement=complement)
+    backend = resolve_backend(backend, q.device)
+    if traceable.tracing_for_export():  # torch.jit.trace, torch.export, the ONNX exporters
+        return getattr(traceable, op)(q, k, v, p.grid, p.window, p.scale)
+    if torch.compiler.is_compiling() and backend != "reference":
+        return _CUSTOM_OPS[op](q, k, v, list(p.grid), list(p.window), p.scale, backend)
+    return _run(op, q, k, v, p.grid, p.window, p.scale, backend)
 
 
 def local_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
