@@ -23,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..engines import ENGINES
+
 SCORES_FILE = "scores.csv"
 COLUMNS = ("path", "score", "normalized_score", "label", "heatmap", "mask")
 
@@ -42,6 +44,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-heatmaps", action="store_true", help="no heat map or mask pictures: scores only")
     p.add_argument("--overwrite", action="store_true", help="replace a previous prediction in the output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=ENGINES, default="torch",
+                   help="torch: the trained model; onnxruntime/openvino: the run's export (rlr-fast export)")
 
 
 def output_stems(paths: Sequence[Path]) -> List[Path]:
@@ -69,11 +73,10 @@ def _cell(t, i, fmt: str) -> str:
 def run(args) -> int:
     from ..data import FolderDataset
     from ..io import atomic_open
-    from ..training import load_model
+    from ..engines import load_engine
     from ..viz import save_heatmap, save_mask
 
-    model = load_model(args.run, args.device)
-    model.precision = args.precision
+    model = load_engine(args.engine, args.run, args.device, precision=args.precision)
     out = args.out or (args.run if args.run.is_dir() else args.run.parent) / "predictions"
     dataset = FolderDataset(args.images, image_size=model.image_size)
     dataset.paths = list(dict.fromkeys(Path(os.path.abspath(p)) for p in dataset.paths))  # a file given twice
@@ -83,7 +86,7 @@ def run(args) -> int:
     rows, decided = [], None
     loader = DataLoader(dataset, batch_size=args.batch_size)
     for batch in tqdm(loader, desc="predict", unit="batch", disable=args.no_progress):
-        pred = model.predict(batch["image"].to(args.device), args.threshold, args.pixel_threshold)
+        pred = model.predict(batch["image"], args.threshold, args.pixel_threshold)
         decided = pred.labels is not None
         for i, path in enumerate(batch["path"]):
             label = "" if pred.labels is None else ("anomalous" if pred.labels[i] else "normal")

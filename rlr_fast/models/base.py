@@ -44,6 +44,21 @@ class Prediction:
     masks: Optional[torch.Tensor]  # (B, 1, S, S) bool, True = anomalous pixel; None: no pixel threshold
 
 
+def decide(out: AnomalyOutput, thresholds=None, image_threshold: Optional[float] = None,
+           pixel_threshold: Optional[float] = None) -> Prediction:
+    """The Prediction of an output under ``thresholds`` (a Thresholds or None), the given
+    thresholds overriding theirs: shared by the models and the deployment engines."""
+    from ..decisions import Thresholds
+
+    chosen = (thresholds or Thresholds()).override(image_threshold, pixel_threshold)
+    image, pixel = chosen.image, chosen.pixel
+    return Prediction(
+        scores=out.score, anomaly_maps=out.anomaly_map,
+        normalized_scores=image.normalize(out.score) if image is not None and image.has_statistics else None,
+        labels=out.score >= image.threshold if image is not None else None,
+        masks=out.anomaly_map >= pixel.threshold if pixel is not None else None)
+
+
 class AnomalyModel(nn.Module):
     """Base class: ``model(images)`` is the loss in train mode and an AnomalyOutput in eval mode.
 
@@ -103,21 +118,13 @@ class AnomalyModel(nn.Module):
                 pixel_threshold: Optional[float] = None) -> Prediction:
         """Scores, maps and, where thresholds are known (fitted by ``rlr-fast test`` or given
         here, overriding those), normalised scores, labels and binary masks. Runs in eval mode."""
-        from ..decisions import Thresholds
-
         was_training = self.training
         self.eval()
         try:
             out = self(images)  # checked, in the model's precision
         finally:
             self.train(was_training)
-        decide = (self.thresholds or Thresholds()).override(image_threshold, pixel_threshold)
-        image, pixel = decide.image, decide.pixel
-        return Prediction(
-            scores=out.score, anomaly_maps=out.anomaly_map,
-            normalized_scores=image.normalize(out.score) if image is not None and image.has_statistics else None,
-            labels=out.score >= image.threshold if image is not None else None,
-            masks=out.anomaly_map >= pixel.threshold if pixel is not None else None)
+        return decide(out, self.thresholds, image_threshold, pixel_threshold)
 
     def forward(self, images: torch.Tensor):
         self.check_images(images)

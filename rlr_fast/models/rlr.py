@@ -134,7 +134,8 @@ class ReconstructionNetwork(nn.Module):
         self._cache = None
 
     def train(self, mode: bool = True):
-        self.clear_cache()
+        if mode != self.training:  # model.predict toggles eval() on an eval model: keep the cache
+            self.clear_cache()
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .float(), ...
