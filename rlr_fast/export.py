@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,7 +35,8 @@ class Deployable(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model.eval()
+        self.model = model
+        self.eval()
 
     def forward(self, images: torch.Tensor):
         out = self.model(images)
@@ -60,7 +62,9 @@ def onnx_bytes(model, batch: int = 2) -> bytes:
     module = Deployable(model)
     images = torch.randn(batch, 3, *model.input_size)  # batch 2: 1 would be specialised
     dynamic = {INPUT: {0: torch.export.Dim("batch", min=1, max=1024)}}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The geometry tables are cached with lru_cache; tracing through the cache is intended.
+        warnings.filterwarnings("ignore", message=".*lru_cache.*")
         program = torch.onnx.export(module, (images,), dynamo=True, input_names=[INPUT], output_names=list(OUTPUTS),
                                     dynamic_shapes=dynamic, opset_version=OPSET, verbose=False)
     proto = program.model_proto
