@@ -123,3 +123,29 @@ def test_rectangular_image_size():
         model(torch.randn(2, 3, 80, 48))
     with pytest.raises(ValueError, match="image_size"):
         RLRModel(**{**TINY, "image_size": (48, 80, 3)})
+
+
+def test_rectangular_image_size_uniad():
+    from rlr_fast.models.uniad import UniADModel
+
+    torch.manual_seed(0)
+    model = UniADModel(image_size=(48, 80), backbone="tf_efficientnet_lite0", backbone_weights="random", hidden=32,
+                       num_heads=4, ffn_dim=64, num_encoder_layers=1, num_decoder_layers=1, window=3).eval()
+    assert model.grid == (3, 5)
+    out = model(torch.randn(2, 3, 48, 80))
+    assert out.anomaly_map.shape == (2, 1, 48, 80) and out.score.shape == (2,)
+
+
+def test_legacy_onnx_exporter_runs_the_traceable_path(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    model, images = _model(), torch.randn(2, 3, 64, 64)
+    path = tmp_path / "legacy.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (images,), str(path), dynamo=False, input_names=["images"],
+                          output_names=["anomaly_map", "score"], dynamic_axes={"images": {0: "batch"}})
+    other = torch.randn(3, 3, 64, 64)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": other.numpy()})
+    expected = _maps(model, other)
+    torch.testing.assert_close(torch.from_numpy(got[0]), expected, rtol=1e-4, atol=1e-5)
