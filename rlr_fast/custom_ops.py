@@ -10,12 +10,13 @@ and ``torch.library.opcheck`` checks the registration.
 as ``torch.library.custom_op`` requires), a fake function and a backward function that returns
 the gradient of every tensor input from ``(grad_out, out, *inputs)``. The backward is itself a
 custom op (``<name>_backward``), so a compiled training step stays one graph too.
-``rlr_fast.ops`` registers the two attention ops with :func:`attention_op`.
+``rlr_fast.ops`` registers the two attention ops with :func:`attention_op` and
+``nearest_reference`` (no gradient) with :func:`register`.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
@@ -29,18 +30,21 @@ def _dense(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-def register(name: str, forward: Callable, fake: Callable, backward: Callable):
+def register(name: str, forward: Callable, fake: Callable, backward: Optional[Callable] = None):
     """Register ``forward`` as the custom op ``rlr_fast::<name>`` with its fake and autograd.
 
-    ``forward(*tensors, *static_args) -> Tensor`` carries type annotations; ``fake`` takes the
-    same arguments and returns an empty tensor of the output's shape, dtype and device;
-    ``backward(grad_out, out, *tensors, *static_args)`` returns one gradient per tensor input,
-    shaped as that input (a shared k or v gets a shared gradient). Returns the op.
+    ``forward(*tensors, *static_args)`` carries type annotations and returns fresh contiguous
+    tensors; ``fake`` takes the same arguments and returns empty tensors of the outputs' shapes,
+    dtypes and devices. ``backward(grad_out, out, *tensors, *static_args)``, for an op with one
+    output, returns one gradient per tensor input, shaped as that input (a shared k or v gets a
+    shared gradient); without it the op has no gradient. Returns the op.
     """
     params = list(inspect.signature(forward).parameters.values())
     n_tensors = next((i for i, p in enumerate(params) if p.annotation not in (Tensor, "Tensor")), len(params))
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", forward, mutates_args=())
     op.register_fake(fake)
+    if backward is None:
+        return op
 
     schema = torch.library.infer_schema(forward, mutates_args=())
     arguments = schema[schema.index("(") + 1: schema.rindex(") ->")]

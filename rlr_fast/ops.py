@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -194,6 +194,13 @@ def nearest_reference(x: torch.Tensor, ref: torch.Tensor, *, backend: str = "aut
     """
     check_nearest_inputs(x, ref)
     backend = resolve_backend(backend, x.device)
+    if torch.compiler.is_compiling() and backend != "reference":
+        return _NEAREST_OP(x, ref, backend)
+    return _run_nearest(x, ref, backend)
+
+
+def _run_nearest(x, ref, backend: str):
+    """The chosen backend's eager call of nearest_reference on checked inputs."""
     if backend == "reference":
         with torch.no_grad():
             return reference.nearest_reference(x, ref, NEAREST_EPS)
@@ -202,3 +209,17 @@ def nearest_reference(x: torch.Tensor, ref: torch.Tensor, *, backend: str = "aut
         return nearest.nearest_reference(x, ref, NEAREST_EPS)
     from .kernels.nearest_reference import nearest_reference as fused  # triton needed only here
     return fused(x, ref, NEAREST_EPS)
+
+
+def _nearest_forward(x: torch.Tensor, ref: torch.Tensor, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    index, similarity = _run_nearest(x, ref, backend)
+    return index.contiguous(), similarity.contiguous()
+
+
+def _nearest_fake(x, ref, backend):
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape[:2], dtype=torch.int64), x.new_empty(x.shape[:2], dtype=compute)
+
+
+# Under torch.compile: one opaque node, no gradient (as in eager).
+_NEAREST_OP = custom_ops.register("nearest_reference", _nearest_forward, _nearest_fake)

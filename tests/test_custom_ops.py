@@ -67,3 +67,17 @@ def test_compiled_op_is_one_graph_and_matches_eager(op):
     explanation = torch._dynamo.explain(call)(q, k, v)
     assert explanation.graph_break_count == 0
     assert any(f"rlr_fast.{op}" in str(node.target) for g in explanation.graphs for node in g.graph.nodes)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_nearest_reference_custom_op(shared):
+    x = torch.randn(2, 7, 5)
+    ref = torch.randn(*(() if shared else (2,)), 9, 5)
+    torch.library.opcheck(ops._NEAREST_OP, (x, ref, "torch"))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, r: ops.nearest_reference(x, r, backend="torch"), fullgraph=True,
+                             backend="aot_eager")
+    index, similarity = compiled(x, ref)
+    expected = reference.nearest_reference(x, ref, ops.NEAREST_EPS)
+    assert torch.equal(index, expected[0])
+    torch.testing.assert_close(similarity, expected[1])
