@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .export import require
 from .models.base import AnomalyOutput
 
 ENGINES = ("torch", "onnxruntime", "openvino")
@@ -67,11 +68,7 @@ class TorchEngine:
 class OnnxRuntimeEngine(_Exported):
     def __init__(self, run, device="cpu"):
         super().__init__(run)
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ImportError("--engine onnxruntime needs the onnxruntime package: "
-                              "pip install 'rlr-fast[deploy]'") from None
+        ort = require("onnxruntime", "--engine onnxruntime")
         providers = ["CPUExecutionProvider"]
         if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -88,10 +85,7 @@ class OnnxRuntimeEngine(_Exported):
 class OpenVINOEngine(_Exported):
     def __init__(self, run, device="cpu"):
         super().__init__(run)
-        try:
-            import openvino as ov
-        except ImportError:
-            raise ImportError("--engine openvino needs the openvino package: pip install 'rlr-fast[deploy]'") from None
+        ov = require("openvino", "--engine openvino")
         core = ov.Core()
         model = core.read_model(exported_model(run, "openvino"))
         # fp32 as exported: on CPUs with bf16 units OpenVINO would otherwise compute in bf16.

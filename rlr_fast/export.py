@@ -12,6 +12,7 @@ optimizer, schedule or random state), readable with ``torch.load(weights_only=Tr
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import tempfile
 import warnings
@@ -28,6 +29,19 @@ FORMATS = ("onnx", "openvino", "weights")
 SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "weights": ".pt"}
 INPUT, OUTPUTS = "images", ("anomaly_map", "score")
 OPSET = 18
+
+
+class MissingPackage(ImportError, ValueError):
+    """An optional package that a requested format or engine needs is not installed (a
+    ValueError too, so the command line reports it in one line)."""
+
+
+def require(package: str, what: str):
+    """Import ``package`` for ``what``, or raise MissingPackage saying how to install it."""
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise MissingPackage(f"{what} needs the {package} package: pip install 'rlr-fast[deploy]'") from None
 
 
 class Deployable(nn.Module):
@@ -51,12 +65,8 @@ def metadata(model) -> dict:
 
 def onnx_bytes(model, batch: int = 2) -> bytes:
     """The serialised ONNX model of ``model`` (float32, CPU) with a dynamic batch dimension."""
-    try:
-        import onnx  # noqa: F401  (torch.onnx needs it; say so here rather than deep inside)
-        import onnxscript  # noqa: F401
-    except ImportError as e:
-        raise ImportError(f"ONNX export needs the onnx and onnxscript packages ({e}): "
-                          f"pip install 'rlr-fast[deploy]'") from None
+    for package in ("onnx", "onnxscript"):  # torch.onnx needs them: say so here, not deep inside it
+        require(package, "ONNX export")
     if next(model.parameters()).dtype != torch.float32 or next(model.parameters()).device.type != "cpu":
         model = copy.deepcopy(model).float().cpu()  # the caller's model stays as it is
     module = Deployable(model)
@@ -81,10 +91,7 @@ def export_onnx(model, path) -> Path:
 
 def export_openvino(model, path) -> Path:
     """``path`` (.xml) and its weights beside it (.bin), converted from the ONNX graph."""
-    try:
-        import openvino as ov
-    except ImportError:
-        raise ImportError("--format openvino needs the openvino package: pip install 'rlr-fast[deploy]'") from None
+    ov = require("openvino", "--format openvino")
     path = Path(path)
     if path.suffix != ".xml":
         raise ValueError(f"an OpenVINO model is an .xml file (weights in a .bin beside it), got {path}")

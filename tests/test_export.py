@@ -1,6 +1,7 @@
 """Export for deployment: ONNX (onnxruntime) and OpenVINO against PyTorch, weights alone, and
 `rlr-fast predict --engine`."""
 import csv
+import sys
 
 import numpy as np
 import pytest
@@ -134,3 +135,9 @@ def test_export_and_engine_errors(run, tmp_path, capsys):
     assert main(["predict", "--run", str(empty), str(tmp_path), "--engine", "onnxruntime"]) == 2
     err = capsys.readouterr().err
     assert f"no exported model at {empty / 'model.onnx'}" in err and f"rlr-fast export --run {empty}" in err
+
+
+def test_a_missing_deploy_package_is_a_one_line_error(run, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed: importing it raises
+    assert main(["export", "--run", str(run), "--format", "openvino"]) == 2
+    assert "--format openvino needs the openvino package: pip install 'rlr-fast[deploy]'" in capsys.readouterr().err
