@@ -11,7 +11,10 @@ tests compare them with ``reference``):
   window clips at the border get an additive -inf) and attends over those kh * kw keys only:
   O(L * kh * kw) work, not O(L^2).
 - MLKA attends to every key outside the window, which is dense attention with a constant
-  additive mask: the reference implementation, unchanged.
+  mask: the reference implementation's.
+
+The geometry tables are cached as numpy arrays, never as tensors: a tensor made while an
+exporter traces is one of its fake tensors, and must not outlive the trace.
 """
 from __future__ import annotations
 
@@ -60,6 +63,16 @@ def local_cross_attention(q, k, v, grid, window, scale: float) -> torch.Tensor:
     return torch.matmul(probs, vw).squeeze(-2).to(q.dtype)
 
 
+@lru_cache(maxsize=32)
+def _outside_window(grid, window) -> np.ndarray:
+    """Dense boolean (L, L) numpy mask, True where key j lies outside the window of query i."""
+    (h, w), (kh, kw) = grid, window
+    y, x = np.divmod(np.arange(h * w), w)
+    inside = (np.abs(y[:, None] - y[None, :]) <= kh // 2) & (np.abs(x[:, None] - x[None, :]) <= kw // 2)
+    return ~inside
+
+
 def neighbor_masked_attention(q, k, v, grid, window, scale: float) -> torch.Tensor:
-    """MLKA: dense attention with the window masked out (the reference implementation)."""
-    return reference.neighbor_masked_attention(q, k, v, grid, window, scale)
+    """MLKA: dense attention with the window masked out, as the reference computes it."""
+    allowed = torch.as_tensor(_outside_window(tuple(grid), tuple(window)), device=q.device)
+    return reference.dense_masked_attention(q, k, v, allowed, scale)

@@ -4,6 +4,7 @@ import warnings
 import pytest
 import torch
 
+from rlr_fast import ops
 from rlr_fast.models.rlr import RLRModel
 
 TINY = dict(image_size=64, backbone_weights="random", num_layers=2, dims=(32, 64), num_heads=4, backend="torch")
@@ -149,3 +150,19 @@ def test_legacy_onnx_exporter_runs_the_traceable_path(tmp_path):
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": other.numpy()})
     expected = _maps(model, other)
     torch.testing.assert_close(torch.from_numpy(got[0]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_exporting_leaves_no_fake_tensor_in_a_cache():
+    """torch.export traces with fake tensors: a geometry cached as a tensor during the trace broke
+    every later eager call on that geometry (seen as jit.trace failing after an ONNX export)."""
+    model = _model(image_size=(40, 72))  # grids (5, 9) and (3, 5): geometries no other test caches
+    with torch.no_grad():
+        torch.export.export(model, (torch.randn(2, 3, 40, 72),))
+    for grid, window in zip(model.grids, model.config.windows):
+        q = torch.randn(1, 2, grid[0] * grid[1], 4)
+        for op in ("local_cross_attention", "neighbor_masked_attention"):
+            for backend in ("reference", "torch"):
+                getattr(ops, op)(q, q[0], q, grid, window, backend=backend)  # failed on a fake tensor
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.jit.trace(model, torch.randn(2, 3, 40, 72), strict=False, check_trace=False)
