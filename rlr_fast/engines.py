@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .decisions import Thresholds
 from .export import require
-from .models.base import AnomalyOutput
+from .models.base import AnomalyOutput, decide
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 EXPORTED = {"onnxruntime": "model.onnx", "openvino": "model.xml"}
