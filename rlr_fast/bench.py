@@ -151,6 +151,26 @@ def resad_table(benches) -> list:
     return lines + [""]
 
 
+def deploy_table(benches) -> list:
+    """Images/s of each deployment engine (benchmarks/test_bench_deploy.py), side by side."""
+    deploy = [b for b in benches if b["extra_info"].get("kind") == "deploy"]
+    if not deploy:
+        return []
+    engines = ("eager", "compile", "onnxruntime", "openvino")
+    lines = ["## Deployment engines (CPU, fp32)", "",
+             "Images/s of the whole model (backbone to score); in brackets, the ratio to eager PyTorch.", "",
+             "| input | batch | " + " | ".join(engines) + " |", "|---|---|" + "---|" * len(engines)]
+    groups = defaultdict(dict)
+    for b in deploy:
+        e = b["extra_info"]
+        groups[(e["image_size"], e["batch"])][e["engine"]] = e["batch"] / _median_s(b)
+    for (size, batch), row in sorted(groups.items()):
+        eager = row.get("eager")
+        cells = [f"{row[e]:.2f} ({_ratio(row[e], eager)})" if e in row else "n/a" for e in engines]
+        lines.append(f"| {size}px | {batch} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def scaling_rows(benches) -> dict:
     rows = defaultdict(dict)
     for b in benches:
@@ -297,8 +317,8 @@ def plot(benches, path: Path) -> bool:
 def report(results, out: Path) -> str:
     benches = load(results)
     md = ["# rlr-fast benchmarks", ""] + _header(benches) + [""]
-    md += (ops_table(benches) + nearest_table(benches) + models_table(benches) + resad_table(benches)
-           + profile_table(benches))
+    md += (ops_table(benches) + nearest_table(benches) + models_table(benches) + deploy_table(benches)
+           + resad_table(benches) + profile_table(benches))
     if plot_profile(benches, out / "profile.png"):
         md += ["![time per image by part](profile.png)", ""]
     md += scaling_table(benches)

@@ -531,3 +531,15 @@ def neighbor_masked_attention(q, k, v, grid, window, scale):
     if q.device.type == "cpu" and _flash_forward is not None and _flash_backward is not None:
         return _FlashComplementAttention.apply(q, k, v, plan, scale)
     return _BlockedAttention.apply(q, k, v, plan, scale)
+
+
+def backward(op: str, grad_out, out, q, k, v, grid, window, scale):
+    """(dq, dk, dv) of either op from its output, on any device: the chunked backward, which
+    needs nothing from the forward but ``out`` (the custom op's autograd formula, see
+    ``rlr_fast.custom_ops``). A shared k or v gets a shared gradient."""
+    compute = _compute_dtype(q.dtype)
+    if op == "local_cross_attention":
+        plan = _lca_plan(tuple(grid), tuple(window), q.device, compute)
+    else:
+        plan = _mlka_plan(tuple(grid), tuple(window), q.device)
+    return _backward(plan, q, k, v, out, grad_out, scale, compute)

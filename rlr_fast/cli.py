@@ -22,6 +22,7 @@ COMMANDS = {
     "train": ("rlr_fast.commands.train", "train one model on every class of a data folder"),
     "test": ("rlr_fast.commands.test", "evaluate a trained run: per-class metrics, overlays and decision thresholds"),
     "predict": ("rlr_fast.commands.predict", "decide on images with a trained run: scores, labels, heat maps and masks"),
+    "export": ("rlr_fast.commands.export", "export a trained run for deployment: ONNX, OpenVINO or weights alone"),
     "demo": ("rlr_fast.commands.demo", "build the demo data, train, test and summarise (offline)"),
     "kernels": ("rlr_fast.kernels.aot", "compile every Triton kernel ahead of time for GPU targets"),
 }

@@ -14,15 +14,16 @@ Backends:
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import blocked, reference
+from . import blocked, custom_ops, reference, traceable
 from .windows import Grid, Window, complement_is_empty, normalize_grid, normalize_window
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -134,10 +135,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
     return backend
 
 
-def _dispatch(op: str, q, k, v, grid, window, scale, backend):
-    complement = op == "neighbor_masked_attention"
-    p = check_inputs(q, k, v, grid, window, scale, complement=complement)
-    backend = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+def _run(op: str, q, k, v, grid, window, scale, backend):
+    """The chosen backend's eager call on checked inputs."""
     if backend == "reference":
         fn = getattr(reference, op)
     elif backend == "torch":
@@ -145,7 +144,26 @@ def _dispatch(op: str, q, k, v, grid, window, scale, backend):
     else:
         from . import kernels  # imported lazily: triton is only needed here
         fn = getattr(kernels, op)
-    return fn(q, k, v, p.grid, p.window, p.scale)
+    return fn(q, k, v, grid, window, scale)
+
+
+# Under torch.compile the torch and triton backends run as custom ops (rlr_fast::<op>), opaque to
+# the compiler; their autograd formula is the torch backend's chunked backward.
+_CUSTOM_OPS = {
+    op: custom_ops.attention_op(op, functools.partial(_run, op), functools.partial(blocked.backward, op))
+    for op in ("local_cross_attention", "neighbor_masked_attention")
+}
+
+
+def _dispatch(op: str, q, k, v, grid, window, scale, backend):
+    complement = op == "neighbor_masked_attention"
+    p = check_inputs(q, k, v, grid, window, scale, complement=complement)
+    backend = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    if traceable.tracing_for_export():  # torch.jit.trace, torch.export, the ONNX exporters
+        return getattr(traceable, op)(q, k, v, p.grid, p.window, p.scale)
+    if torch.compiler.is_compiling() and backend != "reference":
+        return _CUSTOM_OPS[op](q, k, v, list(p.grid), list(p.window), p.scale, backend)
+    return _run(op, q, k, v, p.grid, p.window, p.scale, backend)
 
 
 def local_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -213,7 +231,14 @@ def nearest_reference(x: torch.Tensor, ref: torch.Tensor, *, backend: str = "aut
     O(B*N + tile)), ``triton`` (one fused GPU kernel), ``auto`` (triton on CUDA, torch elsewhere).
     """
     check_nearest_inputs(x, ref)
-    backend = resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device, x.dtype)
+    if torch.compiler.is_compiling() and backend != "reference":
+        return _NEAREST_OP(x, ref, backend)
+    return _run_nearest(x, ref, backend)
+
+
+def _run_nearest(x, ref, backend: str):
+    """The chosen backend's eager call of nearest_reference on checked inputs."""
     if backend == "reference":
         with torch.no_grad():
             return reference.nearest_reference(x, ref, NEAREST_EPS)
@@ -222,3 +247,17 @@ def nearest_reference(x: torch.Tensor, ref: torch.Tensor, *, backend: str = "aut
         return nearest.nearest_reference(x, ref, NEAREST_EPS)
     from .kernels.nearest_reference import nearest_reference as fused  # triton needed only here
     return fused(x, ref, NEAREST_EPS)
+
+
+def _nearest_forward(x: torch.Tensor, ref: torch.Tensor, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    index, similarity = _run_nearest(x, ref, backend)
+    return index.contiguous(), similarity.contiguous()
+
+
+def _nearest_fake(x, ref, backend):
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape[:2], dtype=torch.int64), x.new_empty(x.shape[:2], dtype=compute)
+
+
+# Under torch.compile: one opaque node, no gradient (as in eager).
+_NEAREST_OP = custom_ops.register("nearest_reference", _nearest_forward, _nearest_fake)

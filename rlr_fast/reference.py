@@ -11,7 +11,8 @@ import torch
 from .windows import window_mask
 
 
-def _dense_masked_attention(q, k, v, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+def dense_masked_attention(q, k, v, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * q k^T) v over the keys ``allowed`` (L, L) marks for each query."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = q.to(compute), k.to(compute), v.to(compute)
     # A shared k or v is (heads, L, D); broadcasting over the batch is what makes it shared.
@@ -24,13 +25,13 @@ def _dense_masked_attention(q, k, v, allowed: torch.Tensor, scale: float) -> tor
 def local_cross_attention(q, k, v, grid, window, scale: float) -> torch.Tensor:
     """out_i = sum_{j in window(i)} softmax_j(scale * q_i . k_j) v_j, dense."""
     allowed = window_mask(grid, window, q.device)
-    return _dense_masked_attention(q, k, v, allowed, scale)
+    return dense_masked_attention(q, k, v, allowed, scale)
 
 
 def neighbor_masked_attention(q, k, v, grid, window, scale: float) -> torch.Tensor:
     """out_i = sum_{j not in window(i)} softmax_j(scale * q_i . k_j) v_j, dense."""
     allowed = ~window_mask(grid, window, q.device)
-    return _dense_masked_attention(q, k, v, allowed, scale)
+    return dense_masked_attention(q, k, v, allowed, scale)
 
 
 def nearest_reference(x, ref, eps: float):

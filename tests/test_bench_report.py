@@ -73,3 +73,17 @@ def test_naive_peak_fit_recovers_a_quadratic_and_uses_only_smaller_grids():
     assert abs(estimate - 8 * per_image(48)) <= 1e-6 * estimate
     assert how == "fitted to the measured grids 16, 32"
     assert naive_peak_estimate(16, 8, 8, 4, measured) == (analytic_naive_peak(16, 8, 8, 4), "analytic")
+
+
+def test_deploy_table(tmp_path):
+    deploy = dict(kind="deploy", image_size=256)
+    benches = [_bench(0.5, engine="eager", batch=16, **deploy), _bench(0.25, engine="onnxruntime", batch=16, **deploy),
+               _bench(0.1, engine="eager", batch=1, **deploy), _bench(0.05, engine="openvino", batch=1, **deploy)]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"benchmarks": benches}))
+    assert main(["report", str(results), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "benchmarks.md").read_text()
+    assert "| input | batch | eager | compile | onnxruntime | openvino |" in text
+    # batch 16: 32 img/s eager, 64 img/s onnxruntime; batch 1: 10 and 20 img/s (OpenVINO)
+    assert "| 256px | 16 | 32.00 (1.00x) | n/a | 64.00 (2.00x) | n/a |" in text
+    assert "| 256px | 1 | 10.00 (1.00x) | n/a | n/a | 20.00 (2.00x) |" in text

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..engines import ENGINES
 from ..errors import UsageError
 
 SCORES_FILE = "scores.csv"
@@ -44,6 +45,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-heatmaps", action="store_true", help="no heat map or mask pictures: scores only")
     p.add_argument("--overwrite", action="store_true", help="replace a previous prediction in the output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=ENGINES, default="torch",
+                   help="torch: the trained model; onnxruntime/openvino: the run's export (rlr-fast export)")
     p.add_argument("--reference", type=Path,
                    help="ResAD: folder of normal images of the class being inspected (K of them are used)")
     from .train import add_shot_options
@@ -76,22 +79,26 @@ def _cell(t, i, fmt: str) -> str:
 def run(args) -> int:
     from ..data import FolderDataset
     from ..io import atomic_open
-    from ..training import load_model
+    from ..engines import load_engine
     from ..viz import save_heatmap, save_mask
     from .train import ignored_shot_options
 
-    model = load_model(args.run, args.device)
-    model.precision = args.precision
-    ignored_shot_options(args, model.name)
-    if model.name == "resad":
+    model = load_engine(args.engine, args.run, args.device, precision=args.precision)  # the engine
+    torch_model = getattr(model, "model", None)  # the PyTorch model, with --engine torch
+    if torch_model is None and args.reference is not None:
+        raise UsageError(f"--reference is for ResAD runs, which predict with --engine torch, not {args.engine}")
+    if torch_model is not None:
+        ignored_shot_options(args, torch_model.name)
+    if torch_model is not None and torch_model.name == "resad":
         from ..fewshot import load_references, reference_paths
 
         if args.reference is None:
             raise UsageError("a ResAD run needs --reference DIR: normal images of the class being inspected")
         if not args.reference.is_dir():
             raise FileNotFoundError(f"--reference folder not found: {args.reference}")
-        refs = reference_paths(args.reference, args.shots or model.config.shots, args.shot_seed, what="--reference")
-        model.set_reference(load_references(refs, model.image_size).to(args.device))
+        refs = reference_paths(args.reference, args.shots or torch_model.config.shots, args.shot_seed,
+                               what="--reference")
+        torch_model.set_reference(load_references(refs, torch_model.image_size).to(args.device))
     out = args.out or (args.run if args.run.is_dir() else args.run.parent) / "predictions"
     dataset = FolderDataset(args.images, image_size=model.image_size)
     dataset.paths = list(dict.fromkeys(Path(os.path.abspath(p)) for p in dataset.paths))  # a file given twice
@@ -101,7 +108,7 @@ def run(args) -> int:
     rows, decided = [], None
     loader = DataLoader(dataset, batch_size=args.batch_size)
     for batch in tqdm(loader, desc="predict", unit="batch", disable=args.no_progress):
-        pred = model.predict(batch["image"].to(args.device), args.threshold, args.pixel_threshold)
+        pred = model.predict(batch["image"], args.threshold, args.pixel_threshold)
         decided = pred.labels is not None
         for i, path in enumerate(batch["path"]):
             label = "" if pred.labels is None else ("anomalous" if pred.labels[i] else "normal")

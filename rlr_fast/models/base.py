@@ -6,7 +6,7 @@ Training runs on cached backbone features, so a model is split into the frozen p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -30,6 +30,20 @@ def check_image_size(image_size: int, levels) -> None:
                          f"covers entirely; use an image size of at least {minimum}")
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def image_shape(size) -> Tuple[int, int]:
+    """The input size (H, W) of a model from ``image_size``: an int (square) or a pair of ints."""
+    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else None
+    if (pair is None or len(pair) != 2
+            or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in pair)):
+        raise ValueError(f"image_size must be a positive int or a pair (height, width) of positive ints, "
+                         f"got {size!r}")
+    return pair
+
+
 class AnomalyOutput(NamedTuple):
     anomaly_map: torch.Tensor  # (B, 1, S, S) pixel anomaly map
     score: torch.Tensor  # (B,) image anomaly score
@@ -46,6 +60,21 @@ class Prediction:
     masks: Optional[torch.Tensor]  # (B, 1, S, S) bool, True = anomalous pixel; None: no pixel threshold
 
 
+def decide(out: AnomalyOutput, thresholds=None, image_threshold: Optional[float] = None,
+           pixel_threshold: Optional[float] = None) -> Prediction:
+    """The Prediction of an output under ``thresholds`` (a Thresholds or None), the given
+    thresholds overriding theirs: shared by the models and the deployment engines."""
+    from ..decisions import Thresholds
+
+    chosen = (thresholds or Thresholds()).override(image_threshold, pixel_threshold)
+    image, pixel = chosen.image, chosen.pixel
+    return Prediction(
+        scores=out.score, anomaly_maps=out.anomaly_map,
+        normalized_scores=image.normalize(out.score) if image is not None and image.has_statistics else None,
+        labels=out.score >= image.threshold if image is not None else None,
+        masks=out.anomaly_map >= pixel.threshold if pixel is not None else None)
+
+
 class AnomalyModel(nn.Module):
     """Base class: ``model(images)`` is the loss in train mode and an AnomalyOutput in eval mode.
 
@@ -58,6 +87,7 @@ class AnomalyModel(nn.Module):
     """
 
     name = "base"
+    input_size: Tuple[int, int]  # (H, W) of the images, from image_size
     _precision = "fp32"
     thresholds = None
 
@@ -82,35 +112,35 @@ class AnomalyModel(nn.Module):
         raise NotImplementedError
 
     def check_images(self, images: torch.Tensor) -> None:
-        size = self.image_size
+        """Images must be (B, 3, H, W) at the model's input size, ImageNet-normalised floats."""
+        h, w = self.input_size
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be a (B, 3, {size}, {size}) tensor, got "
+            raise ValueError(f"images must be a (B, 3, {h}, {w}) tensor, got "
                              f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-        if tuple(images.shape[-2:]) != (size, size):
+        if tuple(images.shape[-2:]) != (h, w):
             raise ValueError(f"images are {images.shape[-2]}x{images.shape[-1]} but the model was built for "
-                             f"{size}x{size}; resize them (rlr_fast.data does) or build the model with "
-                             f"image_size={images.shape[-1]}")
+                             f"{h}x{w}; resize them (rlr_fast.data does) or build the model with "
+                             f"image_size=({images.shape[-2]}, {images.shape[-1]})")
+        expected = next(self.parameters()).dtype
+        if images.dtype != expected and not torch.is_autocast_enabled(images.device.type):
+            raise TypeError(
+                f"images must be {_name(expected)} tensors of ImageNet-normalised values ((x / 255 - mean) / std "
+                f"per channel, about -2.1 to 2.6), got {_name(images.dtype)}; rlr_fast.data.load_image reads "
+                f"files that way (for uint8 pixels in [0, 255]: images.float().div(255) then normalise with "
+                f"rlr_fast.data.IMAGENET_MEAN and IMAGENET_STD)")
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, image_threshold: Optional[float] = None,
                 pixel_threshold: Optional[float] = None) -> Prediction:
         """Scores, maps and, where thresholds are known (fitted by ``rlr-fast test`` or given
         here, overriding those), normalised scores, labels and binary masks. Runs in eval mode."""
-        from ..decisions import Thresholds
-
         was_training = self.training
         self.eval()
         try:
             out = self(images)  # checked, in the model's precision
         finally:
             self.train(was_training)
-        decide = (self.thresholds or Thresholds()).override(image_threshold, pixel_threshold)
-        image, pixel = decide.image, decide.pixel
-        return Prediction(
-            scores=out.score, anomaly_maps=out.anomaly_map,
-            normalized_scores=image.normalize(out.score) if image is not None and image.has_statistics else None,
-            labels=out.score >= image.threshold if image is not None else None,
-            masks=out.anomaly_map >= pixel.threshold if pixel is not None else None)
+        return decide(out, self.thresholds, image_threshold, pixel_threshold)
 
     def forward(self, images: torch.Tensor):
         self.check_images(images)

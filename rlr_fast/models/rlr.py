@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from ..backbone import EMBEDDED, FrozenBackbone
 from ..modules import LocalCrossAttention, NeighborMaskedAttention
 from ..precision import full_precision
 from ..windows import complement_is_empty
-from .base import AnomalyModel, AnomalyOutput, check_image_size
+from .base import AnomalyModel, AnomalyOutput, check_image_size, image_shape
 from .layers import feature_jitter, gaussian_blur, sincos_pos_embed_2d
 
 # The paper's windows: 5 on a 16-grid, 7 on a 32-grid, 11 on a 64-grid.
@@ -55,7 +55,7 @@ def default_windows(grid: Tuple[int, int]) -> Tuple[int, int]:
 class RLRConfig:
     """RLRModel's configuration; the defaults are the paper's (except the backbone, see below)."""
 
-    image_size: int = 256
+    image_size: Union[int, Tuple[int, int]] = 256  # an int (square) or (height, width)
     backbone: str = EMBEDDED  # the paper uses tf_efficientnet_b6; lite0's weights ship offline
     backbone_weights: str = "default"
     out_indices: Tuple[int, ...] = (2, 3)  # strides 8 and 16: grids 32 and 16 at 256 px
@@ -105,6 +105,12 @@ class RLRLayer(nn.Module):
         return self.norm2(z + self.ffn(z))
 
 
+class _ReferenceCache(NamedTuple):
+    key: tuple  # dtype, device, autocast enabled and dtype
+    inputs: List[torch.Tensor]  # copies of the tensors the projections were computed from
+    heads: list  # per layer, the projections (LCA k, LCA v, MLKA k)
+
+
 class ReconstructionNetwork(nn.Module):
     """One level's network: tokens F (B, L, C) -> reconstruction F^ (B, L, C)."""
 
@@ -121,19 +127,50 @@ class ReconstructionNetwork(nn.Module):
             RLRLayer(dim, num_heads, grid, window, alpha, ffn_ratio, backend) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, channels)
-        self._cache_key, self._cache = None, None
+        self._cache = None  # _ReferenceCache of the projected reference, eval mode only
+        self.register_load_state_dict_post_hook(lambda module, _: module.clear_cache())
 
-    def _parameter_state(self):
-        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def train(self, mode: bool = True):
+        if mode != self.training:  # model.predict toggles eval() on an eval model: keep the cache
+            self.clear_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .float(), ...
+        self.clear_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _reference_inputs(self) -> List[torch.Tensor]:
+        """Every tensor the projected reference depends on."""
+        tensors = [self.reference, self.pos, *self.reference_embed.parameters()]
+        for layer in self.layers:
+            for linear in (layer.lca.k_proj, layer.lca.v_proj, layer.mlka.k_proj):
+                tensors.extend(linear.parameters())
+        return tensors
 
     def reference_heads(self):
-        """Per layer, the projected reference heads; cached in eval mode until a parameter changes."""
-        if self.training or torch.is_grad_enabled():
+        """Per layer, the projected reference heads.
+
+        In eval mode without autograd they are cached, keyed on everything they depend on: the
+        dtype, device and autocast state, and the values of the parameters and buffers they are
+        computed from (compared with a copy, so an edit in place or through ``.data`` is seen;
+        the copy costs a fraction of the projections it saves). train(), to() and
+        load_state_dict() drop the cache. While tracing or compiling it is not used at all: the
+        projections are part of the graph.
+        """
+        if (self.training or torch.is_grad_enabled() or torch.jit.is_tracing()
+                or torch.compiler.is_compiling()):
             return self._project_reference()
-        key = self._parameter_state()
-        if key != self._cache_key:
-            self._cache, self._cache_key = self._project_reference(), key
-        return self._cache
+        device = self.reference.device
+        key = (self.reference.dtype, device, torch.is_autocast_enabled(device.type),
+               torch.get_autocast_dtype(device.type))
+        inputs = self._reference_inputs()
+        cache = self._cache
+        if cache is None or cache.key != key or not all(map(torch.equal, cache.inputs, inputs)):
+            cache = self._cache = _ReferenceCache(key, [t.clone() for t in inputs], self._project_reference())
+        return cache.heads
 
     def _project_reference(self):
         ref = self.reference_embed(self.reference) + self.pos  # R_h: (L, d), shared by the batch
@@ -161,8 +198,10 @@ class RLRModel(AnomalyModel):
         super().__init__()
         cfg = RLRConfig(**kwargs)
         self.backbone = FrozenBackbone(cfg.backbone, cfg.out_indices, cfg.backbone_weights)
+        self.input_size = image_shape(cfg.image_size)
+        cfg.image_size = cfg.image_size if isinstance(cfg.image_size, int) else self.input_size
         self.image_size = cfg.image_size
-        grids = [(math.ceil(cfg.image_size / r),) * 2 for r in self.backbone.reductions]
+        grids = [tuple(math.ceil(s / r) for s in self.input_size) for r in self.backbone.reductions]
         dims = cfg.dims or tuple(128 * 2 ** (i - 1) for i in cfg.out_indices)
         windows = cfg.windows or tuple(default_windows(g) for g in grids)
         if not (len(dims) == len(windows) == len(grids)):
@@ -210,7 +249,7 @@ class RLRModel(AnomalyModel):
                 target, recon = target.float(), recon.float()
                 s = (target - recon).pow(2).mean(-1) + 1 - F.cosine_similarity(target, recon, dim=-1)  # (B, L)
                 s = s.view(-1, 1, *grid)
-                maps.append(F.interpolate(s, size=(self.image_size,) * 2, mode="bilinear", align_corners=True))
+                maps.append(F.interpolate(s, size=self.input_size, mode="bilinear", align_corners=True))
             anomaly_map = torch.stack(maps).mean(0)
             score = gaussian_blur(anomaly_map, self.config.score_sigma).amax(dim=(1, 2, 3))
         return AnomalyOutput(anomaly_map, score)

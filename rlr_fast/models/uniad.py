@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import List, Tuple
+from typing import List, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch import nn
 from ..backbone import FrozenBackbone
 from ..modules import NeighborMaskedAttention
 from ..precision import full_precision
-from .base import AnomalyModel, AnomalyOutput, check_image_size
+from .base import AnomalyModel, AnomalyOutput, check_image_size, image_shape
 from .layers import feature_jitter
 
 
@@ -36,7 +36,7 @@ from .layers import feature_jitter
 class UniADConfig:
     """UniADModel's configuration; the defaults are the paper's."""
 
-    image_size: int = 224
+    image_size: Union[int, Tuple[int, int]] = 224  # an int (square) or (height, width)
     backbone: str = "efficientnet_b4"
     backbone_weights: str = "default"
     out_indices: Tuple[int, ...] = (0, 1, 2, 3)  # efficientnet_b4 stages 1-4: 24+32+56+160 = 272 channels
@@ -104,13 +104,14 @@ class UniADModel(AnomalyModel):
         cfg.out_indices = tuple(cfg.out_indices)
         self.config = cfg
         self.backbone = FrozenBackbone(cfg.backbone, cfg.out_indices, cfg.backbone_weights)
+        self.input_size = image_shape(cfg.image_size)
+        cfg.image_size = cfg.image_size if isinstance(cfg.image_size, int) else self.input_size
         self.image_size = cfg.image_size
-        side = math.ceil(cfg.image_size / cfg.feature_stride)
-        self.grid = (side, side)
+        self.grid = tuple(math.ceil(s / cfg.feature_stride) for s in self.input_size)
         check_image_size(cfg.image_size, [(cfg.feature_stride, self.grid, (cfg.window, cfg.window))])
         channels = sum(self.backbone.channels)
         self.input_proj = nn.Linear(channels, cfg.hidden)
-        self.pos = nn.Parameter(torch.empty(side * side, cfg.hidden))  # learned positional embedding
+        self.pos = nn.Parameter(torch.empty(self.grid[0] * self.grid[1], cfg.hidden))  # learned positional embedding
         nn.init.uniform_(self.pos)
         self.encoder = nn.ModuleList(EncoderLayer(cfg, self.grid) for _ in range(cfg.num_encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg, self.grid) for _ in range(cfg.num_decoder_layers))
@@ -144,8 +145,8 @@ class UniADModel(AnomalyModel):
         with full_precision(target.device):  # the score map in float32, whatever the forward's precision
             target, recon = target.float(), recon.float()
             dist = (target - recon).pow(2).sum(-1).sqrt().view(-1, 1, *self.grid)  # L2 over channels
-            anomaly_map = F.interpolate(dist, size=(self.image_size,) * 2, mode="bilinear", align_corners=True)
-            k = min(self.config.pool_size, self.image_size)
+            anomaly_map = F.interpolate(dist, size=self.input_size, mode="bilinear", align_corners=True)
+            k = min(self.config.pool_size, *self.input_size)
             score = F.avg_pool2d(anomaly_map, k, stride=1).amax(dim=(1, 2, 3))
         return AnomalyOutput(anomaly_map, score)
 

@@ -1,0 +1,38 @@
+"""`rlr-fast export`: a trained run as an ONNX graph, an OpenVINO model, or its weights alone."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_NAMES = {"onnx": "model.onnx", "openvino": "model.xml", "weights": "weights.pt"}
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, type=Path, help="run folder (or checkpoint file) from `rlr-fast train`")
+    p.add_argument("--format", required=True, choices=tuple(DEFAULT_NAMES),
+                   help="onnx: the whole model as one graph (dynamic batch); openvino: .xml + .bin "
+                        "(needs the openvino package); weights: the model alone, no optimizer state")
+    p.add_argument("--out", type=Path, help="output file (default: RUN/model.onnx, RUN/model.xml or RUN/weights.pt)")
+    p.add_argument("--image-size", type=int,
+                   help="input side of the exported graph; must be the run's (its reference and "
+                        "positional embeddings are tied to the trained feature grid); default: the run's")
+
+
+def run(args) -> int:
+    from ..export import export
+    from ..training import load_model
+
+    model = load_model(args.run, "cpu")
+    if args.image_size is not None and (args.image_size, args.image_size) != tuple(model.input_size):
+        raise ValueError(f"--image-size {args.image_size}: this run was trained at {model.image_size} px and its "
+                         f"model only takes that size (its learnable reference has one token per position of "
+                         f"the trained feature grid); resize images instead, as `rlr-fast predict` does")
+    run_dir = args.run if args.run.is_dir() else args.run.parent
+    out = args.out or run_dir / DEFAULT_NAMES[args.format]
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name (e.g. {out / DEFAULT_NAMES[args.format]})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = export(model, args.format, out)
+    extra = f" (weights in {path.with_suffix('.bin')})" if args.format == "openvino" else ""
+    print(f"exported {model.name} ({args.format}): {path}{extra}")
+    return 0
