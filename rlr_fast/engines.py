@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .decisions import Thresholds
+from .errors import UsageError
 from .export import require
 from .models.base import AnomalyOutput, decide
 
@@ -107,10 +108,10 @@ def load_engine(engine: str, run, device="cpu", precision: str = "fp32"):
     graphs run in float32."""
     kinds = {"torch": TorchEngine, "onnxruntime": OnnxRuntimeEngine, "openvino": OpenVINOEngine}
     if engine not in kinds:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        raise UsageError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "torch":
         return TorchEngine(run, device, precision)
     if precision != "fp32":
-        raise ValueError(f"precision {precision!r} is for the torch engine; the {engine} engine runs the "
+        raise UsageError(f"precision {precision!r} is for the torch engine; the {engine} engine runs the "
                          f"exported float32 graph")
     return kinds[engine](run, device)

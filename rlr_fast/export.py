@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .io import atomic_torch_save, atomic_write_bytes
 from .training import FORMAT
 
@@ -31,7 +32,7 @@ INPUT, OUTPUTS = "images", ("anomaly_map", "score")
 OPSET = 18
 
 
-class MissingPackage(ImportError, ValueError):
+class MissingPackage(ImportError, UsageError):
     """An optional package that a requested format or engine needs is not installed (a
     ValueError too, so the command line reports it in one line)."""
 
@@ -94,7 +95,7 @@ def export_openvino(model, path) -> Path:
     ov = require("openvino", "--format openvino")
     path = Path(path)
     if path.suffix != ".xml":
-        raise ValueError(f"an OpenVINO model is an .xml file (weights in a .bin beside it), got {path}")
+        raise UsageError(f"an OpenVINO model is an .xml file (weights in a .bin beside it), got {path}")
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         onnx_path.write_bytes(onnx_bytes(model))
@@ -119,5 +120,5 @@ def export_weights(model, path) -> Path:
 def export(model, fmt: str, path) -> Path:
     """Write ``model`` in format ``fmt`` (one of FORMATS) to ``path``."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return {"onnx": export_onnx, "openvino": export_openvino, "weights": export_weights}[fmt](model, path)

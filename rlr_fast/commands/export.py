@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import UsageError
+
 DEFAULT_NAMES = {"onnx": "model.onnx", "openvino": "model.xml", "weights": "weights.pt"}
 
 
@@ -24,13 +26,13 @@ def run(args) -> int:
 
     model = load_model(args.run, "cpu")
     if args.image_size is not None and (args.image_size, args.image_size) != tuple(model.input_size):
-        raise ValueError(f"--image-size {args.image_size}: this run was trained at {model.image_size} px and its "
+        raise UsageError(f"--image-size {args.image_size}: this run was trained at {model.image_size} px and its "
                          f"model only takes that size (its learnable reference has one token per position of "
                          f"the trained feature grid); resize images instead, as `rlr-fast predict` does")
     run_dir = args.run if args.run.is_dir() else args.run.parent
     out = args.out or run_dir / DEFAULT_NAMES[args.format]
     if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name (e.g. {out / DEFAULT_NAMES[args.format]})")
+        raise UsageError(f"--out {out} is a folder; give a file name (e.g. {out / DEFAULT_NAMES[args.format]})")
     out.parent.mkdir(parents=True, exist_ok=True)
     path = export(model, args.format, out)
     extra = f" (weights in {path.with_suffix('.bin')})" if args.format == "openvino" else ""

@@ -237,6 +237,7 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
         cfg.out_indices = tuple(int(i) for i in cfg.out_indices)
         self.config = cfg
         self.image_size = cfg.image_size
+        self.input_size = (cfg.image_size, cfg.image_size)  # square inputs (the references are resized alike)
         self.converter = ResidualConverter(cfg.backbone, cfg.out_indices, cfg.backbone_weights, cfg.image_size,
                                            cfg.backend)
         self.grids = self.converter.grids
@@ -373,6 +374,7 @@ class FewShotKNN(_ReferenceMixin, AnomalyModel):
         cfg.out_indices = tuple(int(i) for i in cfg.out_indices)
         self.config = cfg
         self.image_size = cfg.image_size
+        self.input_size = (cfg.image_size, cfg.image_size)  # square inputs (the references are resized alike)
         self.converter = ResidualConverter(cfg.backbone, cfg.out_indices, cfg.backbone_weights, cfg.image_size,
                                            cfg.backend)
         self.grids = self.converter.grids
