@@ -52,8 +52,10 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
     # every product on tensor cores, but where the config asks for fp32 FMA ("ieee": fp32 at head dim 128)
     assert all(r["tensor_core"] in ("mma", "wgmma") for r in rows if r["dot"] != "ieee")
     assert {(r["dtype"], r["head_dim"]) for r in rows if r["dot"] == "ieee"} <= {("fp32", 128)}
+    # MLKA's 16-bit forward (64-query tiles) runs on Hopper's wgmma; LCA's folds batch elements into
+    # tiles of 32 rows at head dim 128 (fewer keys visited), below wgmma's 64: mma there
     assert all(r["tensor_core"] == "wgmma" for r in rows if r["arch"] == "sm_90" and r["dtype"] != "fp32"
-               and r["kernel"] == "forward")
+               and r["kernel"] == "forward" and (r["op"] == "mlka" or r["head_dim"] < 128))
     assert "spilling registers" in result.stdout and "ins/sc" in result.stdout
 
 
