@@ -216,6 +216,16 @@ def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, sm
     return (-(1 - pt).pow(gamma) * pt.log()).mean()
 
 
+def _attach_converter(model, cfg) -> None:
+    """The feature converter both few-shot models share, and the sizes it fixes: square inputs
+    (the references are resized alike) and one token grid per level."""
+    model.image_size = cfg.image_size
+    model.input_size = (cfg.image_size, cfg.image_size)
+    model.converter = ResidualConverter(cfg.backbone, cfg.out_indices, cfg.backbone_weights, cfg.image_size,
+                                        cfg.backend)
+    model.grids = model.converter.grids
+
+
 class ResADModel(_ReferenceMixin, AnomalyModel):
     """ResAD with a frozen backbone. ``model.set_reference(ref_images)`` (K normal images of the
     class, (K, 3, S, S)); then in eval mode ``model(images)`` gives ``anomaly_map`` (B, 1, S, S)
@@ -236,11 +246,7 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
             raise ValueError(f"shots must be at least 1, got {cfg.shots}")
         cfg.out_indices = tuple(int(i) for i in cfg.out_indices)
         self.config = cfg
-        self.image_size = cfg.image_size
-        self.input_size = (cfg.image_size, cfg.image_size)  # square inputs (the references are resized alike)
-        self.converter = ResidualConverter(cfg.backbone, cfg.out_indices, cfg.backbone_weights, cfg.image_size,
-                                           cfg.backend)
-        self.grids = self.converter.grids
+        _attach_converter(self, cfg)
         channels = self.converter.backbone.channels
         self.constraintor = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()) for c in channels)
@@ -373,11 +379,7 @@ class FewShotKNN(_ReferenceMixin, AnomalyModel):
         cfg = FewShotKNNConfig(**kwargs)
         cfg.out_indices = tuple(int(i) for i in cfg.out_indices)
         self.config = cfg
-        self.image_size = cfg.image_size
-        self.input_size = (cfg.image_size, cfg.image_size)  # square inputs (the references are resized alike)
-        self.converter = ResidualConverter(cfg.backbone, cfg.out_indices, cfg.backbone_weights, cfg.image_size,
-                                           cfg.backend)
-        self.grids = self.converter.grids
+        _attach_converter(self, cfg)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> List[torch.Tensor]:
