@@ -8,6 +8,9 @@ the faster of the two SDPA providers.
 RLR's layouts: LCA with k and v shared (the reference), MLKA with k shared and v batched.
 FLOPs counted: 4 * B * heads * D * (allowed query-key pairs), the useful work of the masked
 problem (QK^T and PV); forward+backward counts 3.5 times that (backward = 2.5 forwards).
+
+Each case runs in float32 and in bfloat16 (inputs in bf16, as a bf16 model passes them; on a CPU
+without native bf16 the bf16 cases are skipped), except the reference backend, timed in float32.
 """
 import time
 
@@ -16,12 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from rlr_fast import local_cross_attention, neighbor_masked_attention
+from rlr_fast.precision import bf16_supported
 from rlr_fast.windows import window_mask
 
 FULL = [(16, 5, 8), (32, 7, 8), (64, 11, 2)]  # (grid, window, batch)
 SMALL = [(8, 3, 2)]
 HEADS, DIM = 8, 32
 PROVIDERS = ["triton", "torch", "reference", "sdpa", "sdpa_float", "eager"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CASES = [(provider, dtype) for dtype in DTYPES for provider in PROVIDERS
+         if not (provider == "reference" and dtype == "bf16")]  # the reference is timed in fp32
 
 
 def _additive_mask(allowed, dtype):
@@ -34,12 +41,13 @@ def _eager(q, k, v, allowed):
     return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias, -1) @ v
 
 
-def _case(op, grid, window, batch, provider, device):
+def _case(op, grid, window, batch, provider, device, dtype=torch.float32):
     length = grid * grid
     torch.manual_seed(0)
-    q = torch.randn(batch, HEADS, length, DIM, device=device, requires_grad=True)
-    k = torch.randn(HEADS, length, DIM, device=device, requires_grad=True)
-    v = torch.randn(*((batch,) if op == "mlka" else ()), HEADS, length, DIM, device=device, requires_grad=True)
+    q = torch.randn(batch, HEADS, length, DIM, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(HEADS, length, DIM, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(*((batch,) if op == "mlka" else ()), HEADS, length, DIM, device=device, dtype=dtype,
+                    requires_grad=True)
     allowed = window_mask((grid, grid), (window, window), device)
     allowed = allowed if op == "lca" else ~allowed
     expand = lambda t: t.expand(batch, *t.shape[-3:]) if t.dim() == 3 else t  # noqa: E731
@@ -53,15 +61,14 @@ def _case(op, grid, window, batch, provider, device):
         call = lambda: F.scaled_dot_product_attention(q, expand(k), expand(v), attn_mask=bias)  # noqa: E731
     else:
         call = lambda: _eager(q, expand(k), expand(v), allowed)  # noqa: E731
-    grad = torch.randn(batch, HEADS, length, DIM, device=device)
+    grad = torch.randn(batch, HEADS, length, DIM, device=device, dtype=dtype)
     flops = 4 * batch * HEADS * DIM * int(allowed.sum())
     return call, (q, k, v), grad, flops
 
 
-@pytest.fixture(scope="module")
-def matmul_peak_gflops(device):
-    """This machine's fp32 matmul rate, measured in the same run (best of 5, 2048^3)."""
-    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+def _matmul_gflops(device, dtype):
+    """This machine's matmul rate in `dtype`, measured in the same run (best of 5, 2048^3)."""
+    a, b = (torch.randn(2048, 2048, device=device, dtype=dtype) for _ in range(2))
     a @ b
     best = float("inf")
     for _ in range(5):
@@ -75,6 +82,11 @@ def matmul_peak_gflops(device):
     return 2 * 2048 ** 3 / best / 1e9
 
 
+@pytest.fixture(scope="module")
+def matmul_peak_gflops(device):
+    return {name: _matmul_gflops(device, dtype) for name, dtype in DTYPES.items()}
+
+
 def pytest_generate_tests(metafunc):
     if "size" in metafunc.fixturenames:
         sizes = FULL if metafunc.config.getoption("--benchmark") else SMALL
@@ -82,13 +94,15 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.mark.parametrize("mode", ["inference", "fwd+bwd"])
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider,dtype", CASES)
 @pytest.mark.parametrize("op", ["lca", "mlka"])
-def test_op(benchmark, measure, device, full, matmul_peak_gflops, op, provider, mode, size):
+def test_op(benchmark, measure, device, full, matmul_peak_gflops, op, provider, mode, size, dtype):
     grid, window, batch = size
     if provider == "triton" and device.type != "cuda":
         pytest.skip("triton runs on CUDA (its CPU interpreter checks correctness, not speed)")
-    call, inputs, grad, flops = _case(op, grid, window, batch, provider, device)
+    if dtype == "bf16" and not bf16_supported(device):
+        pytest.skip(f"this {device.type} has no native bf16")
+    call, inputs, grad, flops = _case(op, grid, window, batch, provider, device, DTYPES[dtype])
     if mode == "inference":
         def fn():
             with torch.no_grad():
@@ -98,7 +112,8 @@ def test_op(benchmark, measure, device, full, matmul_peak_gflops, op, provider, 
 
         def fn():
             torch.autograd.grad(call(), inputs, grad)
-    benchmark.group = f"{op} grid {grid} window {window} batch {batch} {mode}"
+    benchmark.group = f"{op} grid {grid} window {window} batch {batch} {mode} {dtype}"
     rounds = 5 if full else 2  # the torch and SDPA cells differ by 0-25%: medians of 5 to see it
     measure(fn, rounds, kind="op", op=op, provider=provider, mode=mode, grid=grid, window=window, batch=batch,
-            heads=HEADS, head_dim=DIM, flops=flops, matmul_peak_gflops=round(matmul_peak_gflops, 1))
+            heads=HEADS, head_dim=DIM, dtype=dtype, flops=flops,
+            matmul_peak_gflops=round(matmul_peak_gflops[dtype], 1))

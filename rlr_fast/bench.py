@@ -57,17 +57,23 @@ def ops_table(benches) -> list:
              "measured in the same run. SDPA gets the dense mask as a boolean (`sdpa`) and as a prebuilt "
              "additive float mask (`sdpa_float`); `vs SDPA` compares with the faster of the two in each row "
              "group (its name in `SDPA baseline`); GFLOP/s counts the useful FLOPs of the masked "
-             "problem and `% peak` compares them with this machine's fp32 matmul rate in the same run.", "",
-             "| op | grid | window | batch | mode | provider | ms | vs SDPA | SDPA baseline | vs reference | GFLOP/s "
-             "| % peak | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    groups = defaultdict(dict)
+             "problem and `% peak` compares them with this machine's matmul rate in the row's dtype, same run. "
+             "bf16 rows take bf16 inputs and compare with SDPA in bf16; `vs reference` is against the "
+             "reference backend in fp32.", "",
+             "| op | grid | window | batch | mode | dtype | provider | ms | vs SDPA | SDPA baseline | vs reference "
+             "| GFLOP/s | % peak | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups, references = defaultdict(dict), {}
     for b in ops:
         e = b["extra_info"]
-        groups[(e["op"], e["grid"], e["window"], e["batch"], e["mode"])][e["provider"]] = b
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[4])):
+        dtype = e.get("dtype", "fp32")
+        groups[(e["op"], e["grid"], e["window"], e["batch"], e["mode"], dtype)][e["provider"]] = b
+        if e["provider"] == "reference" and dtype == "fp32":
+            references[(e["op"], e["grid"], e["window"], e["batch"], e["mode"])] = b
+    order = {"fp32": 0, "bf16": 1}
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[4], order.get(k[5], 9))):
         row = groups[key]
-        sdpa, ref = best_sdpa(row), row.get("reference")
+        sdpa, ref = best_sdpa(row), references.get(key[:5])
         for provider in PROVIDERS:
             b = row.get(provider)
             if b is None:
@@ -75,15 +81,21 @@ def ops_table(benches) -> list:
             e, t = b["extra_info"], _median_s(b)
             gflops = e["flops"] / t / 1e9
             peak = e.get("matmul_peak_gflops")
-            cells = [key[0], key[1], key[2], key[3], key[4], provider, f"{t * 1e3:.1f}",
+            cells = [*key, provider, f"{t * 1e3:.1f}",
                      _ratio(_median_s(sdpa), t) if sdpa else "n/a",
                      sdpa["extra_info"]["provider"] if sdpa else "n/a",
                      _ratio(_median_s(ref), t) if ref else "n/a",
                      f"{gflops:.1f}", f"{100 * gflops / peak:.0f}%" if peak else "n/a", _mb(e.get("peak_bytes"))]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    peak = next((b["extra_info"].get("matmul_peak_gflops") for b in ops), None)
-    if peak:
-        lines += ["", f"fp32 matmul rate of this machine in the same run: {peak:.0f} GFLOP/s."]
+    peaks = {}
+    for b in ops:
+        e = b["extra_info"]
+        if e.get("matmul_peak_gflops"):
+            peaks.setdefault(e.get("dtype", "fp32"), e["matmul_peak_gflops"])
+    if peaks:
+        lines += ["", "Matmul rate of this machine in the same run: "
+                  + ", ".join(f"{dtype} {rate:.0f} GFLOP/s" for dtype, rate in sorted(
+                      peaks.items(), key=lambda kv: order.get(kv[0], 9))) + "."]
     return lines + [""]
 
 

@@ -9,6 +9,7 @@ bf16 runs fp32 and says so once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import torch
@@ -23,11 +24,16 @@ def bf16_supported(device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
+        return _cpu_bf16_supported()
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_bf16_supported() -> bool:  # asked on every MLKA call in 16 bits: asked of the CPU once
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def check_precision(precision: str) -> str:

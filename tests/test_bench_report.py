@@ -18,6 +18,8 @@ def test_report(tmp_path, capsys):
         _bench(0.060, provider="sdpa", peak_bytes=40 << 20, **op),
         _bench(0.050, provider="sdpa_float", peak_bytes=30 << 20, **op),
         _bench(0.200, provider="reference", peak_bytes=400 << 20, **op),
+        _bench(0.005, provider="torch", peak_bytes=5 << 20, **{**op, "dtype": "bf16", "matmul_peak_gflops": 400.0}),
+        _bench(0.020, provider="sdpa", peak_bytes=20 << 20, **{**op, "dtype": "bf16", "matmul_peak_gflops": 400.0}),
         _bench(0.020, kind="nearest", provider="torch", batch=8, tokens=3136, refs=12544, channels=24,
                flops=2e9, peak_bytes=10 << 20),
         _bench(0.080, kind="nearest", provider="dense", batch=8, tokens=3136, refs=12544, channels=24,
@@ -41,8 +43,13 @@ def test_report(tmp_path, capsys):
     assert "Device: cpu-x, torch 2.x, 2 threads" in text
     # torch: 10 ms, 5x faster than the faster SDPA (float mask, 50 ms; boolean 60 ms), 20x than the
     # reference, 200 GFLOP/s = 200% of 100
-    assert "| lca | 32 | 7 | 8 | inference | torch | 10.0 | 5.00x | sdpa_float | 20.00x | 200.0 | 200% | 10 |" in text
-    assert "| lca | 32 | 7 | 8 | inference | sdpa | 60.0 | 0.83x | sdpa_float |" in text
+    # (records without a dtype are fp32)
+    assert "| lca | 32 | 7 | 8 | inference | fp32 | torch | 10.0 | 5.00x | sdpa_float | 20.00x | 200.0 | 200% | 10 |" in text
+    assert "| lca | 32 | 7 | 8 | inference | fp32 | sdpa | 60.0 | 0.83x | sdpa_float |" in text
+    # bf16: against SDPA in bf16 (20 ms), against the fp32 reference (200 ms), % of the bf16 rate
+    assert "| lca | 32 | 7 | 8 | inference | bf16 | torch | 5.0 | 4.00x | sdpa | 40.00x | 400.0 | 100% | 5 |" in text
+    assert "Matmul rate of this machine in the same run: fp32 100 GFLOP/s, bf16 400 GFLOP/s." in text
+    assert text.index("| inference | fp32 | torch |") < text.index("| inference | bf16 | torch |")
     # nearest: 20 ms against 80 ms dense, 10 MiB against 1000 MiB, 2 GFLOP in 20 ms
     assert "| 8 | 3136 | 12544 | 24 | torch | 20.0 | 4.00x | 10 | 100.00x | 100.0 |" in text
     # 16 images / 0.5 s = 32 img/s against 8 img/s: 4x, memory 8x
