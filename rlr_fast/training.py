@@ -29,6 +29,7 @@ from .decisions import Thresholds
 from .errors import CheckpointError, UsageError
 from .features import FeatureCache
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
+from .precision import effective_precision
 from .progress import progress as progress_bar
 from .timing import clock
 
@@ -317,7 +318,8 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
     runner = _LossOf(model)
     if world > 1:
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    amp = "none" if cfg.amp == "bf16" and effective_precision("bf16", device) == "fp32" else cfg.amp  # says so
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(model, "begin_epoch"):  # a model whose loss changes over training (ResAD's stages)

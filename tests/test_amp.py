@@ -80,3 +80,26 @@ def test_train_with_bf16_amp_end_to_end(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert log[-1]["loss"] < log[0]["loss"]
     assert main(["test", "--data", str(data), "--run", str(run), "--no-progress"]) == 0
+
+
+def test_bf16_amp_without_native_bf16_trains_fp32_and_says_so(tmp_path, monkeypatch):
+    import rlr_fast.precision as prec
+    from rlr_fast.models.rlr import RLRModel
+
+    data = build_demo_dataset(tmp_path / "data", classes=("brick",), image_size=64, n_train=2, n_test_good=1,
+                              n_test_defect=1)
+    monkeypatch.setattr(prec, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(prec, "_warned", set())
+    states = []
+    original = RLRModel.loss
+
+    def recording(self, *args, **kwargs):  # was the loss computed under autocast?
+        states.append(torch.is_autocast_enabled("cpu"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RLRModel, "loss", recording)
+    with pytest.warns(UserWarning, match="no native bfloat16 .*running fp32"):
+        assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--image-size", "64",
+                     "--backbone-weights", "random", "--epochs", "1", "--batch-size", "2", "--amp", "bf16",
+                     "--no-progress"]) == 0
+    assert states == [False]
