@@ -17,11 +17,16 @@ maximum, and a later tile replaces the running best only when strictly greater.
 
 Channels: when C fits one BLOCK_C chunk (ONE_CHUNK) the x tile stays in registers for the whole
 sweep; otherwise each ref tile's scores are accumulated over BLOCK_C chunks of x and ref.
+
+Autotuned (see ``tuning.py``) over BLOCK_N, BLOCK_M, num_warps and num_stages, keyed on the
+tokens, reference rows and channels (and the dtype, in Triton's key already); BLOCK_C and
+ONE_CHUNK follow from C and the dtype. The kernel writes its outputs, so re-runs are harmless.
 """
 import triton
 import triton.language as tl
 
-from .window_attention import _mm, launch_constexprs
+from . import tuning
+from .window_attention import _mm, product_precision
 
 
 @triton.jit
@@ -31,6 +36,16 @@ def _load_tile(base, rows, rows_ok, stride_row, cols, cols_ok, stride_col):
     return tl.load(base + offsets, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
 
 
+# The default (128 tokens a program, 64 reference rows a step, 8 warps, 3 stages), then 64 tokens
+# against 128 rows, and two pipeline stages instead of three.
+NEAREST_CONFIGS = [
+    triton.Config(dict(BLOCK_N=128, BLOCK_M=64), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_N=64, BLOCK_M=128), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_N=128, BLOCK_M=64), num_warps=8, num_stages=2),
+]
+
+
+@tuning.autotuned("nearest", NEAREST_CONFIGS, ["N", "M", "C"], lambda args: candidates(args))
 @triton.jit
 def _nearest_kernel(X, R, R_INV_NORM, INDEX, SIM,
                     stride_xb, stride_xn, stride_xc,
@@ -127,7 +142,36 @@ def block_config(channels: int, dtype: torch.dtype) -> dict:
     one_chunk = block_c <= _CONFIGS[(family, "one chunk")][2]
     block_n, block_m, max_c, warps, dot = _CONFIGS[(family, "one chunk" if one_chunk else "chunks")]
     return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_C=min(block_c, max_c), ONE_CHUNK=one_chunk,
-                DOT=dot, num_warps=warps)
+                DOT=dot, num_warps=warps, num_stages=3)
+
+
+def candidates(args: dict) -> list:
+    """NEAREST_CONFIGS as a call with these arguments runs them (`tuning.Candidate`): the default
+    of `block_config`, and why each other config does not fit (tiles larger than N or M need,
+    more work per warp than the default, too many stages for shared memory)."""
+    cfg = block_config(args["C"], args["X"].dtype)
+    default = triton.Config(dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"]), num_warps=cfg["num_warps"],
+                            num_stages=cfg["num_stages"])
+    depth, element_bytes = args["BLOCK_C"], args["X"].element_size()
+    default_pressure = tuning.work_per_warp(default.kwargs["BLOCK_N"], default.kwargs["BLOCK_M"], depth,
+                                            default.num_warps)
+    out = []
+    for config in NEAREST_CONFIGS:
+        rows, cols = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_M"]
+        reason = None if config == default else tuning.misfit(
+            [(rows, args["N"]), (cols, args["M"])], rows, cols, depth, element_bytes, config, default_pressure)
+        out.append(tuning.Candidate(config, config == default, reason))
+    return out
+
+
+def launch_arguments(x, ref, inv_norm, index, sim, shared: bool, eps: float) -> dict:
+    """Every argument of the kernel by name but the tuned ones (checked x, ref of unit channel stride)."""
+    b, n, c = x.shape
+    cfg = block_config(c, x.dtype)
+    return dict(X=x, R=ref, R_INV_NORM=inv_norm, INDEX=index, SIM=sim, stride_xb=x.stride(0), stride_xn=x.stride(1),
+                stride_xc=x.stride(2), stride_rb=0 if shared else ref.stride(0), stride_rm=ref.stride(-2),
+                stride_ib=0 if shared else inv_norm.stride(0), N=n, M=ref.shape[-2], C=c, eps=eps,
+                BLOCK_C=cfg["BLOCK_C"], ONE_CHUNK=cfg["ONE_CHUNK"], DOT=product_precision(cfg["DOT"], x.dtype))
 
 
 def _check(x: torch.Tensor) -> None:
@@ -144,7 +188,6 @@ def nearest_reference(x: torch.Tensor, ref: torch.Tensor, eps: float):
     program repeats, so they must vectorise): a ref without one is copied once, O(M*C)."""
     _check(x)
     b, n, c = x.shape
-    m = ref.shape[-2]
     if ref.stride(-1) != 1:
         ref = ref.contiguous()
     # 1 / max(||r||, eps) per reference row in fp32, without an fp32 copy of ref
@@ -154,11 +197,7 @@ def nearest_reference(x: torch.Tensor, ref: torch.Tensor, eps: float):
     sim = torch.empty(b, n, dtype=torch.float32, device=x.device)
     if b * n == 0:
         return index, sim
-    cfg = block_config(c, x.dtype)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]) * b,)
+    args = launch_arguments(x, ref, inv_norm, index, sim, shared, eps)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _nearest_kernel[grid](
-            x, ref, inv_norm, index, sim, *x.stride(), 0 if shared else ref.stride(0), ref.stride(-2),
-            0 if shared else inv_norm.stride(0), n, m, c, eps,
-            **launch_constexprs(cfg, x.dtype), num_warps=cfg["num_warps"])
+        _nearest_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * b,)](**args)
     return index, sim

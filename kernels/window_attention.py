@@ -20,11 +20,31 @@ other side is swept in *blocks*, BLOCK_H x BLOCK_W tokens each:
 
 The forward and dQ kernels own query tiles and sweep key blocks; the dK/dV kernel owns a key
 tile and sweeps query blocks. Masks are computed from grid coordinates, never loaded.
+
+Autotuning. Each kernel is autotuned (``tuning.autotuned``) over the small config space defined
+next to it: tile and block sizes, num_warps and num_stages. The space holds every default of
+`block_config` (the largest tiles that compile without spills, per dtype and head dim) and a few
+alternatives; the key is the grid, the window and the head dim (plus the flags that select a
+variant of the kernel), the dtype being in Triton's autotuning key already. Every kernel writes
+its outputs rather than accumulating into them, so the autotuner may run any config any number
+of times on the same buffers: no ``reset_to_zero`` or ``restore_value`` is needed.
 """
 import triton
 import triton.language as tl
 
+from . import tuning
+
 LOG2E = 1.4426950408889634
+
+# What every kernel's tuning key holds: the grid, the window (its radii) and the head dim.
+_KEY = ["GRID_H", "GRID_W", "RY", "RX", "HEAD_DIM"]
+
+
+def _tile_config(tile, block, num_warps, num_stages):
+    """A config of a 2D-tile kernel: the TILE_H x TILE_W tokens a program owns and the
+    BLOCK_H x BLOCK_W tokens of the other side it takes per step."""
+    return triton.Config(dict(TILE_H=tile[0], TILE_W=tile[1], BLOCK_H=block[0], BLOCK_W=block[1]),
+                         num_warps=num_warps, num_stages=num_stages)
 
 
 @triton.jit
@@ -143,6 +163,19 @@ def _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, visible, MASKED: tl.constexp
     return m_new, l_i, acc
 
 
+# LCA forward: the defaults, then 8 x 8 blocks on 8 warps (fewer, larger steps over the patch).
+# FOLD > 1 shrinks each config's tile as `fold_tile` says (the rows per product stay the same).
+LCA_FWD_CONFIGS = [
+    _tile_config((8, 8), (4, 8), 4, 3),  # 16-bit, head dim <= 64
+    _tile_config((4, 8), (4, 8), 4, 3),  # 16-bit, head dim 128
+    _tile_config((4, 4), (4, 8), 4, 3),  # fp32, head dim 16
+    _tile_config((4, 4), (4, 4), 4, 3),  # fp32, head dim 32
+    _tile_config((4, 4), (4, 4), 8, 3),  # fp32, head dim 64 and 128
+    _tile_config((8, 8), (8, 8), 8, 3),
+]
+
+
+@tuning.autotuned("lca_fwd", LCA_FWD_CONFIGS, _KEY + ["FOLD"], lambda args: forward_candidates(args, False))
 @triton.jit
 def _lca_fwd_kernel(Q, K, V, O, LSE,
                     stride_qb, stride_qh, stride_ql,
@@ -196,6 +229,19 @@ def _lca_fwd_kernel(Q, K, V, O, LSE,
     tl.store(LSE + _lse_row(bb, h, H, GRID_H, GRID_W) + q_idx, m_i + tl.math.log2(l_i), mask=q_ok)
 
 
+# MLKA forward: runs of BLOCK_M queries x BLOCK_N keys; the defaults, then 128-query runs on 8
+# warps (FlashAttention's Hopper tile).
+MLKA_FWD_CONFIGS = [
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),  # 16-bit, head dim <= 64
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=2),  # 16-bit, head dim 128
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=1),  # fp32, head dim 16
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=2),  # fp32, head dim 32 and 64
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=32), num_warps=8, num_stages=2),  # fp32, head dim 128
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
+]
+
+
+@tuning.autotuned("mlka_fwd", MLKA_FWD_CONFIGS, _KEY, lambda args: forward_candidates(args, True))
 @triton.jit
 def _mlka_fwd_kernel(Q, K, V, O, LSE,
                      stride_qb, stride_qh, stride_ql,
@@ -256,6 +302,18 @@ def _mlka_fwd_kernel(Q, K, V, O, LSE,
     tl.store(LSE + _lse_row(b, h, H, GRID_H, GRID_W) + q_idx, m_i + tl.math.log2(l_i), mask=q_ok)
 
 
+# dQ: the defaults, then 8 x 8 blocks on 8 warps.
+DQ_CONFIGS = [
+    _tile_config((8, 8), (4, 8), 4, 2),  # 16-bit, head dim <= 64
+    _tile_config((4, 4), (4, 8), 4, 2),  # 16-bit, head dim 128
+    _tile_config((4, 8), (4, 8), 4, 2),  # fp32, head dim 16
+    _tile_config((4, 4), (4, 4), 4, 2),  # fp32, head dim 32 and 64
+    _tile_config((4, 4), (4, 4), 8, 2),  # fp32, head dim 128
+    _tile_config((8, 8), (8, 8), 8, 2),
+]
+
+
+@tuning.autotuned("dq", DQ_CONFIGS, _KEY + ["COMPLEMENT"], lambda args: backward_candidates(args, "dq"))
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                    stride_qb, stride_qh, stride_ql,
@@ -299,6 +357,20 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
 
 
+# dK/dV (both gradients in one launch, or one per launch, and the batch-split reduction of a
+# shared k or v): the defaults, each an alternative to the others at its dtype and head dim.
+DKDV_CONFIGS = [
+    _tile_config((4, 4), (4, 4), 8, 2),  # fp32, head dim <= 64
+    _tile_config((4, 4), (4, 4), 8, 1),  # fp32, head dim 128 (one launch per gradient)
+    _tile_config((4, 8), (4, 8), 4, 2),  # 16-bit, head dim 16
+    _tile_config((4, 8), (4, 4), 4, 2),  # 16-bit, head dim 32
+    _tile_config((4, 4), (4, 8), 4, 2),  # 16-bit, head dim 64
+    _tile_config((4, 4), (4, 8), 8, 1),  # 16-bit, head dim 128 (one launch per gradient)
+]
+
+
+@tuning.autotuned("dkdv", DKDV_CONFIGS, _KEY + ["COMPLEMENT", "K_SHARED", "V_SHARED", "WITH_DK", "WITH_DV"],
+                  lambda args: backward_candidates(args, "dkdv"))
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                      stride_qb, stride_qh, stride_ql,
@@ -384,9 +456,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
 
 import contextlib  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import Optional  # noqa: E402
+from typing import Callable, Optional  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -394,8 +465,9 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-# Tiles, blocks (in tokens), warps, product precision and whether dK/dV take one launch each,
-# per kernel, dtype ("fp32", or "16" for fp16/bf16) and head dim. Chosen by compiling every kernel
+# The defaults (the config the interpreter runs, and the first the autotuner tries): tiles,
+# blocks (in tokens), warps, product precision and whether dK/dV take one launch each, per
+# kernel, dtype ("fp32", or "16" for fp16/bf16) and head dim. Chosen by compiling every kernel
 # for sm_80 and sm_90 (`rlr-fast kernels`) and keeping the largest tiles with which none spills
 # registers. fp32 tiles are small (a tf32x3 product keeps three operand splits live) and the
 # backward keeps more tiles live than the forward. At head dim 128 the fp32 backward multiplies
@@ -430,8 +502,8 @@ _CONFIGS = {
 # The blocks above hug LCA's key patch (a 4 x 8 block wastes fewer keys around it than 8 x 8).
 
 
-# MLKA's forward (_mlka_fwd_kernel): runs of BLOCK_M queries x BLOCK_N keys, warps, pipeline
-# stages, per dtype and head dim; the largest tiles that compile with no spills.
+# MLKA's forward (_mlka_fwd_kernel), defaults: runs of BLOCK_M queries x BLOCK_N keys, warps,
+# pipeline stages, per dtype and head dim; the largest tiles that compile with no spills.
 _MLKA_FWD = {
     #  dtype  D      M    N   warps stages DOT
     ("fp32", 16): (32, 32, 4, 1, "tf32x3"),
@@ -446,7 +518,7 @@ _MLKA_FWD = {
 
 
 def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool = False) -> dict:
-    """Configuration of a kernel ("fwd", "dq" or "dkdv") for a head dim, dtype and op (MLKA if
+    """Default configuration of a kernel ("fwd", "dq" or "dkdv") for a head dim, dtype and op (MLKA if
     `complement`): its constexprs
     TILE_H/TILE_W (the tile a program owns), BLOCK_H/BLOCK_W (the blocks it sweeps) and DOT, plus
     num_warps and, for dK/dV, ``split`` (one launch per gradient).
@@ -468,13 +540,83 @@ def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool 
                 maxnreg=maxnreg)
 
 
-def launch_constexprs(cfg: dict, dtype: torch.dtype) -> dict:
-    """The kernel's constexprs of a block config. Triton's CPU interpreter computes bf16 products
-    wrongly, so there (testing only) bf16 tiles are multiplied in fp32."""
-    out = {name: value for name, value in cfg.items() if name not in ("num_warps", "num_stages", "split", "maxnreg")}
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        out["DOT"] = "ieee"
+def product_precision(dot: str, dtype: torch.dtype) -> str:
+    """The DOT constexpr a launch passes for a config's product precision. Triton's CPU
+    interpreter computes bf16 products wrongly, so there (testing only) bf16 tiles are
+    multiplied in fp32."""
+    if dtype == torch.bfloat16 and tuning.interpreting():
+        return "ieee"
+    return dot
+
+
+_TUNED = ("TILE_H", "TILE_W", "BLOCK_H", "BLOCK_W", "BLOCK_M", "BLOCK_N")
+
+
+def as_config(cfg: dict) -> triton.Config:
+    """A `block_config` as the autotuner's config: its tuned constexprs, num_warps and num_stages."""
+    return triton.Config({name: cfg[name] for name in _TUNED if name in cfg}, num_warps=cfg["num_warps"],
+                         num_stages=cfg["num_stages"])
+
+
+def tile_rows(args) -> int:
+    """Queries (or, for dK/dV, keys) a program owns: a 2D tile (times FOLD) or a run of BLOCK_M tokens."""
+    return args["BLOCK_M"] if "BLOCK_M" in args else args.get("FOLD", 1) * args["TILE_H"] * args["TILE_W"]
+
+
+def tile_cols(args) -> int:
+    """Keys (for dK/dV, queries) per iteration of its loop: a 2D block or a run of BLOCK_N tokens."""
+    return args["BLOCK_N"] if "BLOCK_N" in args else args["BLOCK_H"] * args["BLOCK_W"]
+
+
+def _candidates(space: list, default: triton.Config, args: dict, complement: bool, fold: int = 1) -> list:
+    """`space` as a call with these arguments runs it (tiles shrunk for `fold` batch elements),
+    each config with the reason it does not fit the call: a tile or block larger than the grid,
+    or than LCA's key patch, needs; more work per warp than the default; or too many pipeline
+    stages for shared memory."""
+    gh, gw, ry, rx, d = (args[name] for name in ("GRID_H", "GRID_W", "RY", "RX", "HEAD_DIM"))
+    element_bytes = args["Q"].element_size()
+
+    def folded(config):
+        if fold == 1 or "TILE_H" not in config.kwargs:
+            return config
+        th, tw = fold_tile(config.kwargs["TILE_H"], config.kwargs["TILE_W"], fold)
+        return triton.Config({**config.kwargs, "TILE_H": th, "TILE_W": tw}, num_warps=config.num_warps,
+                             num_stages=config.num_stages)
+
+    def sides(kw):
+        if "BLOCK_M" in kw:
+            return [(kw["BLOCK_M"], gh * gw), (kw["BLOCK_N"], gh * gw)]
+        # LCA's blocks cover the key patch of a tile, MLKA's the whole grid
+        patch_h, patch_w = (gh, gw) if complement else (kw["TILE_H"] + 2 * ry, kw["TILE_W"] + 2 * rx)
+        return [(kw["TILE_H"], gh), (kw["TILE_W"], gw), (kw["BLOCK_H"], min(gh, patch_h)),
+                (kw["BLOCK_W"], min(gw, patch_w))]
+
+    def pressure(config):
+        kw = {**config.kwargs, "FOLD": fold}
+        return tuning.work_per_warp(tile_rows(kw), tile_cols(kw), d, config.num_warps)
+
+    out = []
+    for config in space:
+        is_default = config == default
+        config = folded(config)
+        kw = {**config.kwargs, "FOLD": fold}
+        reason = None if is_default else tuning.misfit(sides(kw), tile_rows(kw), tile_cols(kw), d, element_bytes,
+                                                       config, pressure(default))
+        out.append(tuning.Candidate(config, is_default, reason))
     return out
+
+
+def forward_candidates(args: dict, complement: bool) -> list:
+    """The forward kernel's config space for a call (MLKA's if `complement`, else LCA's)."""
+    default = as_config(block_config("fwd", args["HEAD_DIM"], args["Q"].dtype, complement))
+    space = MLKA_FWD_CONFIGS if complement else LCA_FWD_CONFIGS
+    return _candidates(space, default, args, complement, 1 if complement else args["FOLD"])
+
+
+def backward_candidates(args: dict, kind: str) -> list:
+    """The dQ (`kind` "dq") or dK/dV ("dkdv") kernel's config space for a call."""
+    default = as_config(block_config(kind, args["HEAD_DIM"], args["Q"].dtype, args["COMPLEMENT"]))
+    return _candidates(DQ_CONFIGS if kind == "dq" else DKDV_CONFIGS, default, args, args["COMPLEMENT"])
 
 
 def _tiles(grid, cfg) -> int:
@@ -513,28 +655,49 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Launch:
-    """One kernel launch: the kernel, its grid of programs, every argument by name (constexprs
-    too) and the launch options. The autograd Function runs it; `rlr-fast kernels` compiles the
-    same arguments ahead of time, so the report describes the kernel that runs."""
-    kernel: object
-    grid: tuple
+    """One launch of an autotuned kernel (by its name in ``tuning.KERNELS``): its grid of programs
+    as a function of the config, every argument by name but the tuned ones, and the register
+    budget. The autograd Function runs it (the autotuner picks the config); `rlr-fast kernels`
+    compiles every config of it ahead of time with the same arguments, so the report describes
+    the kernels that run."""
+    name: str
+    grid: Callable
     args: dict
-    num_warps: int
-    num_stages: int
     maxnreg: Optional[int] = None
 
     @property
-    def options(self) -> dict:
-        """Compiler options of the launch."""
+    def kernel(self):
+        """The autotuner."""
+        return tuning.KERNELS[self.name].kernel
+
+    def candidates(self) -> list:
+        """Every config of the kernel's space as this launch runs it (`tuning.Candidate`)."""
+        return tuning.KERNELS[self.name].candidates(self.args)
+
+    @property
+    def default(self) -> triton.Config:
+        return self.candidates()[tuning.default_index(self.candidates())].config
+
+    def arguments(self, config: triton.Config) -> dict:
+        """Every argument of the kernel by name, constexprs too, with `config`'s."""
+        return {**self.args, **config.kwargs}
+
+    def options(self, config: triton.Config) -> dict:
+        """Compiler options of the launch with `config`."""
         extra = {} if self.maxnreg is None else dict(maxnreg=self.maxnreg)
-        return dict(num_warps=self.num_warps, num_stages=self.num_stages, **extra)
+        return dict(num_warps=config.num_warps, num_stages=config.num_stages, **extra)
+
+    def programs_with(self, config: triton.Config) -> int:
+        return math.prod(self.grid(config.kwargs))
 
     @property
     def programs(self) -> int:
-        return math.prod(self.grid)
+        """Programs launched with the default config."""
+        return self.programs_with(self.default)
 
     def __call__(self):
-        self.kernel[self.grid](**self.args, **self.options)
+        extra = {} if self.maxnreg is None else dict(maxnreg=self.maxnreg)
+        self.kernel[self.grid](**self.args, **extra)
 
 
 def _named(kernel, *args, **constexprs) -> dict:
@@ -545,14 +708,16 @@ def _named(kernel, *args, **constexprs) -> dict:
 def forward_launch(q, k, v, o, lse, grid, radius, scale, complement: bool) -> Launch:
     """The forward launch of one op (MLKA if `complement`) on checked, unit-last tensors."""
     b, h, _, d = q.shape
-    cfg = block_config("fwd", d, q.dtype, complement)
-    kernel, groups = _mlka_fwd_kernel, b
-    if not complement:
-        cfg = fold_batch(cfg, lca_fold(b, k, v))
-        kernel, groups = _lca_fwd_kernel, triton.cdiv(b, cfg["FOLD"])
+    dot = product_precision(block_config("fwd", d, q.dtype, complement)["DOT"], q.dtype)
+    extra = {}
+    if complement:
+        name, kernel, groups = "mlka_fwd", _mlka_fwd_kernel, b
+    else:
+        fold = lca_fold(b, k, v)
+        name, kernel, groups, extra = "lca_fwd", _lca_fwd_kernel, triton.cdiv(b, fold), dict(FOLD=fold)
     args = _named(kernel, q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                  b, h, *grid, *radius, scale * LOG2E, HEAD_DIM=d, **launch_constexprs(cfg, q.dtype))
-    return Launch(kernel, (_tiles(grid, cfg) * groups, h), args, cfg["num_warps"], cfg["num_stages"])
+                  b, h, *grid, *radius, scale * LOG2E, HEAD_DIM=d, DOT=dot, **extra)
+    return Launch(name, lambda meta: (_tiles(grid, meta) * groups, h), args)
 
 
 def lca_fold(batch: int, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -564,16 +729,15 @@ def lca_fold(batch: int, k: torch.Tensor, v: torch.Tensor) -> int:
     return min(8, 1 << (batch - 1).bit_length())
 
 
-def fold_batch(cfg: dict, fold: int) -> dict:
-    """`cfg` with `fold` batch elements per tile: the tile shrinks by as much (halving its
+def fold_tile(tile_h: int, tile_w: int, fold: int):
+    """The tile of `fold` batch elements per program: it shrinks by as much (halving its
     height, then its width, then its height) so that the rows per product stay the same."""
-    th, tw = cfg["TILE_H"], cfg["TILE_W"]
     for step in range(fold.bit_length() - 1):
         if step % 2 == 0:
-            th //= 2
+            tile_h //= 2
         else:
-            tw //= 2
-    return {**cfg, "FOLD": fold, "TILE_H": max(th, 1), "TILE_W": max(tw, 1)}
+            tile_w //= 2
+    return max(tile_h, 1), max(tile_w, 1)
 
 
 # Programs the dK/dV launch of a shared k/v aims at: 4 per SM of an H100 (132 SMs), so that the
@@ -584,8 +748,9 @@ _DKDV_PROGRAMS = 4 * 132
 def dkdv_splits(batch: int, grid, heads: int, head_dim: int, dtype: torch.dtype, complement: bool,
                 shared: bool) -> int:
     """Runs of the batch the dK/dV launch splits a shared k/v's reduction into (1 if neither
-    is shared: then every batch element has its own programs). Depends on shapes only, so the
-    sum is the same from run to run."""
+    is shared: then every batch element has its own programs), from the default config's tiles
+    whatever config the autotuner picks. Depends on shapes only, so the sum is the same from
+    run to run."""
     if not shared:
         return 1
     programs = _tiles(grid, block_config("dkdv", head_dim, dtype, complement)) * heads
@@ -609,20 +774,19 @@ def backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, 
     b, h, _, d = q.shape
     cfg = block_config("dq", d, q.dtype, complement)
     common = (b, h, *grid, *radius, scale * LOG2E, scale)
-    launches = [Launch(_bwd_dq_kernel, (_tiles(grid, cfg) * b, h), _named(
+    launches = [Launch("dq", lambda meta: (_tiles(grid, meta) * b, h), _named(
         _bwd_dq_kernel, q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dq), *common, COMPLEMENT=complement, HEAD_DIM=d, **launch_constexprs(cfg, q.dtype)),
-        cfg["num_warps"], cfg["num_stages"], cfg["maxnreg"])]
+        *_strides(dq), *common, COMPLEMENT=complement, HEAD_DIM=d, DOT=product_precision(cfg["DOT"], q.dtype)),
+        cfg["maxnreg"])]
     k_shared, v_shared = k.dim() == 3, v.dim() == 3
     per_tile = splits if (k_shared or v_shared) else b  # a shared k/v: a program sums a run of the batch
     cfg = block_config("dkdv", d, q.dtype, complement)
     for with_dk, with_dv in ((True, False), (False, True)) if cfg["split"] else ((True, True),):
-        launches.append(Launch(_bwd_dkdv_kernel, (_tiles(grid, cfg) * per_tile, h), _named(
+        launches.append(Launch("dkdv", lambda meta: (_tiles(grid, meta) * per_tile, h), _named(
             _bwd_dkdv_kernel, q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v),
             *_strides(do), *_strides(dk), *_strides(dv), *common, splits,
             K_SHARED=k_shared, V_SHARED=v_shared, WITH_DK=with_dk, WITH_DV=with_dv,
-            COMPLEMENT=complement, HEAD_DIM=d, **launch_constexprs(cfg, q.dtype)), cfg["num_warps"],
-            cfg["num_stages"], cfg["maxnreg"]))
+            COMPLEMENT=complement, HEAD_DIM=d, DOT=product_precision(cfg["DOT"], q.dtype)), cfg["maxnreg"]))
     return launches
 
 
