@@ -2,7 +2,9 @@
 report what the compiled code says about its speed.
 
 Each kernel (forward, dQ and dK/dV, for each op, dtype, head dim and, for dK/dV, shared/batched
-layout; dK/dV as the one or two launches its configuration makes) is compiled from the launch
+layout; dK/dV as the one or two launches its configuration makes), in every config of its
+autotuning space (one row each, the default marked; a config that does not fit the call is
+reported with the reason and not compiled; ``--default-only``: the defaults alone), is compiled from the launch
 the autograd Function makes for a typical call (RLR at a 32 x 32 grid: B=8, 8 heads, window 7),
 specialised exactly as Triton's JIT specialises that call at run time (pointers 16-byte aligned
 and integers that are multiples of 16 marked divisible by 16, integers equal to 1 made
@@ -19,7 +21,9 @@ report would describe another kernel. From the cubin:
 - programs: the launch size of the typical call; for LCA, keys visited per useful key.
 
 Exits non-zero if any kernel fails to compile or spills. ``--json FILE`` writes one record per
-kernel launch.
+kernel launch and config (its ``config``: block sizes, num_warps, num_stages; ``default``: whether
+it is the config the interpreter runs and the autotuner tries first; ``pruned``: why it does not
+fit, or null).
 """
 from __future__ import annotations
 
@@ -56,7 +60,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dims", default="16,32,64,128", help="comma-separated head dims (default: all supported)")
     p.add_argument("--ops", default="lca,mlka,nn", help="comma-separated ops: lca, mlka, nn (nearest_reference)")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
-    p.add_argument("--json", type=Path, help="also write one record per kernel launch as JSON")
+    p.add_argument("--default-only", action="store_true",
+                   help="compile each kernel's default config only, not its whole autotuning space")
+    p.add_argument("--json", type=Path, help="also write one record per kernel launch and config as JSON")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -102,25 +108,22 @@ def _nearest_launch(dtype, channels: int):
 
     nr = importlib.import_module(f"{__package__}.nearest_reference")  # the package exports the function
     b, n, m, c = 8, 56 * 56, 4 * 56 * 56, channels
-    cfg = nr.block_config(channels, dtype)
     x, ref = torch.empty(b, n, c, device="meta", dtype=dtype), torch.empty(m, c, device="meta", dtype=dtype)
-    args = dict(X=x, R=ref, R_INV_NORM=torch.empty(m, device="meta"),
-                INDEX=torch.empty(b, n, device="meta", dtype=torch.int64), SIM=torch.empty(b, n, device="meta"),
-                stride_xb=n * c, stride_xn=c, stride_xc=1, stride_rb=0, stride_rm=c, stride_ib=0, N=n, M=m, C=c,
-                eps=1e-12, **wa.launch_constexprs(cfg, dtype))
-    return wa.Launch(nr._nearest_kernel, (math.ceil(n / cfg["BLOCK_N"]) * b,), args, cfg["num_warps"], 3)
+    args = nr.launch_arguments(x, ref, torch.empty(m, device="meta"), torch.empty(b, n, device="meta", dtype=torch.int64),
+                               torch.empty(b, n, device="meta"), True, 1e-12)
+    return wa.Launch("nearest", lambda meta: (math.ceil(n / meta["BLOCK_N"]) * b,), args)
 
 
-def jit_specialization(launch, arch: str):
-    """(signature, constexprs, attrs) of `launch` for ``ASTSource`` on `arch`, as Triton's JIT
-    derives them from the arguments at run time (its own specialisation function and the
-    target backend's attributes, per parameter)."""
+def jit_specialization(kernel, args: dict, arch: str):
+    """(signature, constexprs, attrs) of a call of the jitted `kernel` with `args` (every argument
+    by name) for ``ASTSource`` on `arch`, as Triton's JIT derives them from the arguments at run
+    time (its own specialisation function and the target backend's attributes, per parameter)."""
     from triton._C.libtriton import native_specialize_impl
 
     backend = _backend(arch)
     signature, constexprs, attrs = {}, {}, {}
-    for i, param in enumerate(launch.kernel.params):
-        value = launch.args[param.name]
+    for i, param in enumerate(kernel.params):
+        value = args[param.name]
         if param.is_constexpr:
             ty, spec = "constexpr", value
         else:
@@ -206,58 +209,57 @@ def keys_visited_per_useful_key(cfg: dict, grid, window) -> float:
 # Compiling
 # ------------------------------------------------------------------------------------------------
 
-def _jobs(archs, ops, dtypes, dims):
+def _jobs(archs, ops, dtypes, dims, default_only: bool):
     for arch, op, dtype, dim in itertools.product(archs, [op for op in ops if op in OPS], dtypes, dims):
-        yield (arch, op, dtype, dim, "forward", None)
-        yield (arch, op, dtype, dim, "dq", None)
+        yield (arch, op, dtype, dim, "forward", None, default_only)
+        yield (arch, op, dtype, dim, "dq", None, default_only)
         for layout in itertools.product((True, False), repeat=2):
-            yield (arch, op, dtype, dim, "dkdv", layout)
+            yield (arch, op, dtype, dim, "dkdv", layout, default_only)
     if "nn" in ops:
         for arch, dtype, channels in itertools.product(archs, dtypes, NEAREST_CHANNELS):
-            yield (arch, "nn", dtype, channels, "nearest", None)
+            yield (arch, "nn", dtype, channels, "nearest", None, default_only)
 
 
 def _compile_one(job) -> list:
-    """Compile one kernel configuration (a worker process): a record per launch it makes."""
+    """Compile one kernel configuration (a worker process): a record per launch and config of its
+    space (the default's alone if `default_only`)."""
     os.environ.pop("TRITON_INTERPRET", None)  # the interpreter replaces kernels: compile the real ones
     import torch
 
-    from . import window_attention as wa
-
-    arch, op, dtype_name, dim, kind, layout = job
+    arch, op, dtype_name, dim, kind, layout, default_only = job
     dtype = getattr(torch, DTYPES[dtype_name])
     if kind == "nearest":
-        launch = _nearest_launch(dtype, dim)
-        a = launch.args
-        record = {"op": op, "kernel": kind, "dtype": dtype_name, "head_dim": dim, "arch": arch,
-                  "layout": "C in one chunk" if a["ONE_CHUNK"] else "C in chunks", "grads": "", "dot": a["DOT"],
-                  "tile": str(a["BLOCK_N"]), "block": f"{a['BLOCK_M']}x{a['BLOCK_C']}", "num_warps": launch.num_warps,
-                  "num_stages": launch.num_stages, "programs": launch.programs}
-        return [_compile_launch(launch, arch, record)]
-    # forward and dQ: RLR's layout (LCA k, v shared; MLKA k shared, v batched)
-    k_shared, v_shared = layout if layout is not None else (True, not OPS[op])
+        launches, layout, k_shared = [_nearest_launch(dtype, dim)], None, None
+    else:  # forward and dQ: RLR's layout (LCA k, v shared; MLKA k shared, v batched)
+        k_shared, v_shared = layout if layout is not None else (True, not OPS[op])
+        launches = typical_launches(op, dtype, dim, kind, k_shared, v_shared)
     records = []
-    for launch in typical_launches(op, dtype, dim, kind, k_shared, v_shared):
-        a = launch.args
-        record = {"op": op, "kernel": kind, "dtype": dtype_name, "head_dim": dim, "arch": arch,
-                  "layout": _layout_name(layout), "grads": _grads_name(a), "dot": a["DOT"],
-                  "tile": _tile_name(a), "block": _block_name(a),
-                  "num_warps": launch.num_warps, "num_stages": launch.num_stages, "programs": launch.programs}
-        if op == "lca":  # (a folded tile visits the same keys for each of its batch elements)
-            record["keys_visited_per_useful_key"] = round(
-                keys_visited_per_useful_key(a, TYPICAL["grid"], TYPICAL["window"]), 3)
-        records.append(_compile_launch(launch, arch, record))
+    for launch in launches:
+        for index, candidate in enumerate(launch.candidates()):
+            if default_only and not candidate.default:
+                continue
+            a = launch.arguments(candidate.config)
+            record = {"op": op, "kernel": kind, "dtype": dtype_name, "head_dim": dim, "arch": arch,
+                      "config_index": index, "default": candidate.default, "config": _config_record(candidate.config),
+                      "pruned": candidate.reason, "dot": a["DOT"], "num_warps": candidate.config.num_warps,
+                      "num_stages": candidate.config.num_stages, "programs": launch.programs_with(candidate.config)}
+            if kind == "nearest":
+                record.update(layout="C in one chunk" if a["ONE_CHUNK"] else "C in chunks", grads="",
+                              tile=str(a["BLOCK_N"]), block=f"{a['BLOCK_M']}x{a['BLOCK_C']}")
+            else:
+                record.update(layout=_layout_name(layout), grads=_grads_name(a), tile=_tile_name(a),
+                              block=_block_name(a))
+            if op == "lca":  # (a folded tile visits the same keys for each of its batch elements)
+                record["keys_visited_per_useful_key"] = round(
+                    keys_visited_per_useful_key(a, TYPICAL["grid"], TYPICAL["window"]), 3)
+            records.append({**record, "ok": True} if candidate.reason else
+                           _compile_launch(launch, candidate.config, arch, record))
     return records
 
 
-def _rows(args) -> int:
-    """Queries (or, for dK/dV, keys) a program owns: a 2D tile or a run of BLOCK_M tokens."""
-    return args["BLOCK_M"] if "BLOCK_M" in args else args.get("FOLD", 1) * args["TILE_H"] * args["TILE_W"]
-
-
-def _cols(args) -> int:
-    """Keys (for dK/dV, queries) per iteration of its loop: a 2D block or a run of BLOCK_N tokens."""
-    return args["BLOCK_N"] if "BLOCK_N" in args else args["BLOCK_H"] * args["BLOCK_W"]
+def _config_record(config) -> dict:
+    """A config as JSON: its block sizes, num_warps and num_stages."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 def _tile_name(args) -> str:
@@ -283,16 +285,19 @@ def _grads_name(args) -> str:
     return "+".join(name for name, on in (("dK", args["WITH_DK"]), ("dV", args["WITH_DV"])) if on)
 
 
-def _compile_launch(launch, arch, record) -> dict:
-    """Compile one launch for `arch` with the JIT's specialisation: `record` with what the
-    compiled code says, or with the error."""
+def _compile_launch(launch, config, arch, record) -> dict:
+    """Compile one launch with `config` for `arch` with the JIT's specialisation: `record` with
+    what the compiled code says, or with the error."""
     import triton
     from triton.compiler import ASTSource
 
-    signature, constexprs, attrs = jit_specialization(launch, arch)
+    from .window_attention import tile_cols, tile_rows
+
+    a = launch.arguments(config)
+    signature, constexprs, attrs = jit_specialization(launch.kernel.fn, a, arch)
     try:
-        compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=_target(arch),
-                                  options=launch.options)
+        compiled = triton.compile(ASTSource(launch.kernel.fn, signature, constexprs, attrs), target=_target(arch),
+                                  options=launch.options(config))
     except Exception as e:  # reported in the table, and the command fails
         return {**record, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     ptx = compiled.asm["ptx"]
@@ -318,11 +323,11 @@ def _compile_launch(launch, arch, record) -> dict:
     if int(ptxas_regs.group(1)) != int(regs.group(1)):
         return {**record, "ok": False, "error": f"ptxas -v used {ptxas_regs.group(1)} registers, the cubin "
                                                 f"{regs.group(1)}: not the same compile"}
-    a, warps = launch.args, launch.num_warps
+    warps = config.num_warps
     smem = int(compiled.metadata.shared)
     blocks = blocks_per_sm(int(regs.group(1)), smem, warps)
     loop = main_loop_instructions(sass)
-    scores = _rows(a) * _cols(a)
+    scores = tile_rows(a) * tile_cols(a)
     return {**record, "ok": True, "registers": int(regs.group(1)),
             "spill_bytes": int(spills.group(1)) + int(spills.group(2)), "smem_bytes": smem,
             "blocks_per_sm": blocks, "occupancy": round(blocks * warps / H100["warps"], 3),
@@ -337,17 +342,20 @@ def _compile_launch(launch, arch, record) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 _COLUMNS = [("op", "<5"), ("kernel", "<7"), ("arch", "<6"), ("dtype", "<5"), ("head_dim", ">4"), ("layout", "<24"),
-            ("grads", "<6"), ("dot", "<7"), ("tile", ">5"), ("block", ">5"), ("num_warps", ">5"),
+            ("grads", "<6"), ("config_index", ">4"), ("dot", "<7"), ("tile", ">5"), ("block", ">5"), ("num_warps", ">5"),
+            ("num_stages", ">3"),
             ("registers", ">4"), ("spill_bytes", ">6"), ("smem_bytes", ">6"), ("blocks_per_sm", ">3"),
             ("occupancy", ">5"), ("tensor_core", "<5"), ("loop_instructions", ">5"),
             ("instructions_per_score", ">6"), ("programs", ">6"), ("keys_visited_per_useful_key", ">5")]
-_HEADS = {"head_dim": "D", "num_warps": "warps", "registers": "regs", "spill_bytes": "spills", "smem_bytes": "smem",
+_HEADS = {"head_dim": "D", "config_index": "cfg", "num_stages": "stg", "num_warps": "warps", "registers": "regs", "spill_bytes": "spills", "smem_bytes": "smem",
           "blocks_per_sm": "blk", "occupancy": "occ", "tensor_core": "tc", "loop_instructions": "loop",
           "instructions_per_score": "ins/sc", "programs": "progs", "keys_visited_per_useful_key": "kv/u"}
 
 
 def _cell(record, name, fmt) -> str:
     value = record.get(name)
+    if name == "config_index":  # the default marked with a star
+        value = f"{value}{'*' if record['default'] else ''}"
     return format("" if value is None else value, fmt)
 
 
@@ -355,10 +363,11 @@ def _table(records) -> str:
     head = " ".join(format(_HEADS.get(name, name), fmt) for name, fmt in _COLUMNS)
     lines = [head, "-" * len(head)]
     for r in records:
-        if r["ok"]:
+        if r["ok"] and not r["pruned"]:
             lines.append(" ".join(_cell(r, name, fmt) for name, fmt in _COLUMNS))
         else:
-            lines.append(" ".join(_cell(r, name, fmt) for name, fmt in _COLUMNS[:11]) + f" FAILED: {r['error']}")
+            what = f"pruned: {r['pruned']}" if r["ok"] else f"FAILED: {r['error']}"
+            lines.append(" ".join(_cell(r, name, fmt) for name, fmt in _COLUMNS[:13]) + f" {what}")
     return "\n".join(lines)
 
 
@@ -383,9 +392,9 @@ def run(args) -> int:
     dtypes = _list(args.dtypes, DTYPES, "dtype(s)")
     ops = _list(args.ops, (*OPS, "nn"), "op(s)")
     dims = [int(d) for d in _list(args.head_dims, ("16", "32", "64", "128"), "head dim(s)")]
-    jobs = list(_jobs(archs, ops, dtypes, dims))
+    jobs = list(_jobs(archs, ops, dtypes, dims, args.default_only))
     b, h, (gh, gw), (kh, kw) = TYPICAL["batch"], TYPICAL["heads"], TYPICAL["grid"], TYPICAL["window"]
-    print(f"compiling {len(jobs)} kernel configurations for {', '.join(archs)} ({args.jobs} at a time), "
+    print(f"compiling {len(jobs)} kernels ({'default configs' if args.default_only else 'every config'}) for {', '.join(archs)} ({args.jobs} at a time), "
           f"specialised for B={b}, {h} heads, {gh}x{gw} grid, window {kh}x{kw} ...", flush=True)
     import multiprocessing
 
@@ -393,9 +402,11 @@ def run(args) -> int:
         records = [r for rs in pool.map(_compile_one, jobs) for r in rs]
     print(_table(records))
     failed = [r for r in records if not r["ok"]]
-    spilled = [r for r in records if r["ok"] and r["spill_bytes"] > 0]
-    print(f"\n{len(records) - len(failed)}/{len(records)} compiled, {len(spilled)} spilling registers. "
-          f"blk: blocks per H100 SM, occ: occupancy, loop: instructions in the main loop body (SASS), "
+    spilled = [r for r in records if r["ok"] and not r["pruned"] and r["spill_bytes"] > 0]
+    pruned = sum(1 for r in records if r["pruned"])
+    print(f"\n{len(records) - len(failed) - pruned}/{len(records) - pruned} compiled ({pruned} configs pruned), "
+          f"{len(spilled)} spilling registers. cfg: config in the kernel's autotuning space (* the default), "
+          f"stg: pipeline stages, blk: blocks per H100 SM, occ: occupancy, loop: instructions in the main loop body (SASS), "
           f"ins/sc: per score, progs: programs at B={b}, {h} heads, {gh}x{gw}, kv/u: LCA keys visited per useful key")
     if args.json:
         atomic_write_json(args.json, records)

@@ -1,0 +1,251 @@
+"""Autotuning of the Triton kernels (kernels/tuning.py), in Triton's interpreter when there is no GPU
+(conftest sets TRITON_INTERPRET=1): every config of every kernel's space against the reference
+backend, the pruning rules, pinning a config, and re-runs on the same buffers (what the autotuner
+does while it times configs on a GPU) leaving the outputs right."""
+import importlib
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton
+
+from rlr_fast import local_cross_attention, neighbor_masked_attention
+from rlr_fast.kernels import aot, tuning
+from rlr_fast.kernels import window_attention as wa
+from rlr_fast.ops import nearest_reference
+from test_nearest import agree
+
+nr = importlib.import_module("rlr_fast.kernels.nearest_reference")  # the package exports the function
+
+OPS = {"lca": local_cross_attention, "mlka": neighbor_masked_attention}
+SPACES = {"lca_fwd": wa.LCA_FWD_CONFIGS, "mlka_fwd": wa.MLKA_FWD_CONFIGS, "dq": wa.DQ_CONFIGS,
+          "dkdv": wa.DKDV_CONFIGS, "nearest": nr.NEAREST_CONFIGS}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+# 18 x 14 tokens, window 3: several 2D tiles and blocks of every size in the spaces (up to 8 x 8),
+# the last ones partial; for MLKA's runs of up to 128 queries, a band of masked key blocks, an
+# unmasked one before it and a partial last block.
+GRID, WINDOW = (18, 14), 3
+
+
+@pytest.fixture
+def pin():
+    """pin(name, index) for the test's duration; every pin is lifted afterwards."""
+    pinned = []
+
+    def _pin(name, index):
+        tuning.pin_config(name, index)
+        pinned.append(name)
+
+    yield _pin
+    for name in pinned:
+        tuning.pin_config(name, None)
+
+
+def _inputs(op, dtype, batch=2):
+    """q, k, v, grad in RLR's layouts (LCA: k and v shared, MLKA: k shared, v batched)."""
+    g = torch.Generator().manual_seed(0)
+    length = GRID[0] * GRID[1]
+    q = torch.randn(batch, 1, length, 16, generator=g)
+    k = torch.randn(1, length, 16, generator=g)
+    v = torch.randn(1, length, 16, generator=g) if op == "lca" else torch.randn(batch, 1, length, 16, generator=g)
+    grad = torch.randn(q.shape, generator=g)
+    return [t.to(DEVICE, dtype) for t in (q, k, v, grad)]
+
+
+def _run(op, q, k, v, grad, backend):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = OPS[op](q, k, v, GRID, WINDOW, backend=backend)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+
+def _chosen(name):
+    """The config the autotuner ran last for kernel `name`."""
+    return tuning.KERNELS[name].kernel.best_config
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("op", ["lca", "mlka"])
+@pytest.mark.parametrize("index", range(6))
+def test_every_config_matches_the_reference(index, op, dtype, pin):
+    """Config `index` of the op's forward and of dQ and dK/dV (the batch-split reduction of the
+    shared k) pinned: forward and gradients against the reference backend in fp64."""
+    fwd = f"{op}_fwd"
+    for name in (fwd, "dq", "dkdv"):
+        pin(name, index)
+    q, k, v, grad = _inputs(op, dtype)
+    got = _run(op, q, k, v, grad, "triton")
+    oracle = _run(op, q.double(), k.double(), v.double(), grad.double(), "reference")
+    for name in ("dq", "dkdv", fwd):
+        space, chosen = SPACES[name][index], _chosen(name)
+        assert (chosen.num_warps, chosen.num_stages) == (space.num_warps, space.num_stages), name
+        tile = (space.kwargs.get("TILE_H"), space.kwargs.get("TILE_W"))
+        if name == "lca_fwd" and dtype == torch.float16:  # k and v shared: 2 batch elements folded into the tile
+            tile = wa.fold_tile(*tile, 2)
+        assert {**space.kwargs, "TILE_H": tile[0], "TILE_W": tile[1]} == {"TILE_H": None, "TILE_W": None,
+                                                                          **chosen.kwargs}, name
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, g, o in zip(("out", "dq", "dk", "dv"), got, oracle):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), o, rtol=tol, atol=tol, msg=f"{op} config {index} {name}")
+
+
+@pytest.mark.parametrize("channels", [24, 200])  # x in one channel chunk / in several
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("index", range(len(nr.NEAREST_CONFIGS)))
+def test_every_nearest_config_matches_the_reference(index, dtype, channels, pin):
+    pin("nearest", index)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 150, channels, generator=g).to(dtype)  # 150 tokens, 150 rows: partial tiles of 64 and 128
+    ref = torch.randn(150, channels, generator=g).to(dtype)
+    index_, sim = (t.cpu() for t in nearest_reference(x.to(DEVICE), ref.to(DEVICE), backend="triton"))
+    assert _chosen("nearest") == nr.NEAREST_CONFIGS[index]
+    oi, osim = nearest_reference(x.double(), ref.double(), backend="reference")
+    agree(x, ref, index_, sim, oi, osim, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["lca", "mlka"])
+def test_reruns_on_the_same_buffers_leave_the_outputs_right(op, pin):
+    """On a GPU the autotuner runs every config, several times, on the call's own buffers before
+    the chosen one. Outputs that start as NaN and see every config of every kernel in turn end
+    as the reference's: the kernels write every output element, none accumulates into them."""
+    dtype = torch.float16
+    q, k, v, grad = _inputs(op, dtype, batch=3)
+    oracle = _run(op, q.double(), k.double(), v.double(), grad.double(), "reference")
+    radius, scale, complement = (WINDOW // 2, WINDOW // 2), 16 ** -0.5, op == "mlka"
+    o = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    lse = torch.full((q.numel() // 16,), float("nan"), device=DEVICE)
+    forward = wa.forward_launch(q, k, v, o, lse, GRID, radius, scale, complement)
+    splits = wa.dkdv_splits(3, GRID, 1, 16, dtype, complement, True)
+    assert splits > 1  # the batch-split partial sums of the shared k (and v) are among the outputs
+    dq = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    dk, dv = (t.fill_(float("nan")) for t in wa.kv_gradient_buffers(k, v, splits))
+    for index in range(6):
+        for name in (f"{op}_fwd", "dq", "dkdv"):
+            pin(name, index)
+        forward()
+        delta = (o.float() * grad.float()).sum(-1).reshape(-1)
+        for launch in wa.backward_launches(q, k, v, grad, dq, dk, dv, lse, delta, GRID, radius, scale,
+                                           complement, splits):
+            launch()
+    dk, dv = (g.sum(0).to(t.dtype) if t.dim() == 3 else g for g, t in ((dk, k), (dv, v)))
+    for name, g, ref in zip(("out", "dq", "dk", "dv"), (o, dq, dk, dv), oracle):
+        torch.testing.assert_close(g.double(), ref, rtol=2e-2, atol=2e-2, msg=f"{op} {name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Which configs a call runs: the default, pruning, pinning
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,dim", list(itertools.product((torch.float32, torch.float16), (16, 32, 64, 128))))
+def test_the_default_is_in_the_space_and_is_block_configs(dtype, dim):
+    """Every kernel's space holds its default (`block_config`) at every dtype and head dim, and
+    under the interpreter a call runs that config and nothing else."""
+    for op, kind, layout in itertools.product(aot.OPS, aot.KINDS, ((True, True), (True, False), (False, False))):
+        for launch in aot.typical_launches(op, dtype, dim, kind, *layout):
+            cfg = wa.block_config("fwd" if kind == "forward" else kind, dim, dtype, aot.OPS[op])
+            expected = wa.as_config(cfg)
+            if "FOLD" in launch.args:
+                expected.kwargs["TILE_H"], expected.kwargs["TILE_W"] = wa.fold_tile(
+                    cfg["TILE_H"], cfg["TILE_W"], launch.args["FOLD"])
+            assert launch.default == expected, (op, kind, layout)
+            assert tuning._prune(launch.name, launch.args) == [expected]
+    for channels in aot.NEAREST_CHANNELS:
+        launch = aot._nearest_launch(dtype, channels)
+        assert tuning._prune("nearest", launch.args) == [launch.default] == [nr.NEAREST_CONFIGS[0]]
+
+
+def _mlka_forward(grid, dtype, dim):
+    q = torch.empty(8, 8, grid[0] * grid[1], dim, device="meta", dtype=dtype)
+    lse = torch.empty(q.numel() // dim, device="meta")
+    return wa.forward_launch(q, q[0], q, q, lse, grid, (3, 3), 1.0, True)
+
+
+def test_on_a_gpu_the_default_comes_first_then_the_configs_that_fit(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # what _prune sees on a GPU (the kernels stay interpreted)
+    launch = _mlka_forward((32, 32), torch.float16, 32)
+    assert all(c.reason is None for c in launch.candidates())  # RLR's 32 x 32 level: every config fits
+    assert tuning._prune("mlka_fwd", launch.args) == wa.MLKA_FWD_CONFIGS  # the default is the first already
+    # fp32 at head dim 64: the default is config 3 (32 x 32 runs); the 64-query runs of 16 bits and
+    # the 128-query ones do more work per warp; config 4 (8 warps) and 2 (1 stage) fit
+    launch = _mlka_forward((32, 32), torch.float32, 64)
+    candidates = launch.candidates()
+    assert [c.default for c in candidates] == [False, False, False, True, False, False]
+    assert [c.reason is None for c in candidates] == [False, False, True, True, True, False]
+    assert all(candidates[i].reason.startswith("more work per warp") for i in (0, 1, 5))
+    assert tuning._prune("mlka_fwd", launch.args) == [wa.MLKA_FWD_CONFIGS[i] for i in (3, 2, 4)]
+
+
+def _dq(radius, complement):
+    """The dQ launch of a 16-bit call at head dim 16 on a 32 x 32 grid."""
+    q = torch.empty(8, 8, 32 * 32, 16, device="meta", dtype=torch.float16)
+    lse = torch.empty(q.numel() // 16, device="meta")
+    return wa.backward_launches(q, q[0], q, q, q, q[0], q, lse, lse, (32, 32), radius, 1.0, complement)[0]
+
+
+def test_tiles_larger_than_the_grid_or_key_patch_needs_are_pruned(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    too_large = "tile larger than the grid (or key patch) needs"
+    # a 4 x 4 grid (16 tokens): 128-query runs are pruned, the default's 64 still runs
+    launch = _mlka_forward((4, 4), torch.float16, 32)
+    reasons = [c.reason for c in launch.candidates()]
+    assert reasons[0] is None and reasons[5] == too_large
+    assert wa.MLKA_FWD_CONFIGS[5] not in tuning._prune("mlka_fwd", launch.args)
+    # LCA's key blocks cover a tile's key patch: with window 1 the 4 x 4 tile of dQ's config 1 has a
+    # 4 x 4 patch, narrower than its 4 x 8 blocks; with window 3 a 6 x 6 one (8 wide, rounded up).
+    # MLKA's blocks sweep the whole grid: no patch to exceed.
+    assert _dq((0, 0), False).candidates()[1].reason == too_large
+    assert _dq((1, 1), False).candidates()[1].reason is None
+    assert _dq((0, 0), True).candidates()[1].reason is None
+
+
+def test_pipeline_stages_beyond_shared_memory_are_pruned():
+    config = triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3)
+    # 3 stages x 64 keys x head dim 128 x (k and v): 96 KB in 16 bits, 192 KB in fp32
+    assert tuning.misfit([], 128, 64, 128, 2, config, 1e9) is None
+    assert tuning.misfit([], 128, 64, 128, 4, config, 1e9) == \
+        "pipeline stages need more shared memory than an sm_80 SM has"
+
+
+def test_pinned_config_is_the_only_one(pin, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    launch = _mlka_forward((4, 4), torch.float16, 32)
+    pin("mlka_fwd", 5)  # pruned for this grid, but pinned: runs anyway
+    assert tuning._prune("mlka_fwd", launch.args) == [wa.MLKA_FWD_CONFIGS[5]]
+    pin("mlka_fwd", 6)
+    with pytest.raises(ValueError, match="mlka_fwd has configs 0 to 5, 6 is pinned"):
+        tuning._prune("mlka_fwd", launch.args)
+    with pytest.raises(ValueError, match="unknown kernel 'mlka'"):
+        tuning.pin_config("mlka", 0)
+
+
+def test_pins_from_the_environment():
+    assert tuning._parse_pins(" mlka_fwd=5, dkdv=0 ") == {"mlka_fwd": 5, "dkdv": 0}
+    assert tuning._parse_pins("") == {}
+    for bad in ("mlka=1", "dq=fast", "dq"):
+        with pytest.raises(ValueError, match="RLR_FAST_KERNEL_CONFIG: expected name=index"):
+            tuning._parse_pins(bad)
+
+
+_PINNED_RUN = """
+import torch
+from rlr_fast import neighbor_masked_attention
+from rlr_fast.kernels import tuning, window_attention as wa
+q = torch.randn(2, 1, 16 * 12, 16)
+out = neighbor_masked_attention(q, q[0], q, (16, 12), 3, backend="triton")
+ref = neighbor_masked_attention(q, q[0], q, (16, 12), 3, backend="reference")
+torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+print(wa.MLKA_FWD_CONFIGS.index(tuning.KERNELS["mlka_fwd"].kernel.best_config))
+"""
+
+
+def test_pin_through_the_environment_variable():
+    """RLR_FAST_KERNEL_CONFIG, set before the import, pins the config a call runs (not the default, 2)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", tuning.PIN_ENV: "mlka_fwd=5"}
+    result = subprocess.run([sys.executable, "-c", _PINNED_RUN], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "5"
