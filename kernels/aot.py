@@ -109,8 +109,8 @@ def _nearest_launch(dtype, channels: int):
     nr = importlib.import_module(f"{__package__}.nearest_reference")  # the package exports the function
     b, n, m, c = 8, 56 * 56, 4 * 56 * 56, channels
     x, ref = torch.empty(b, n, c, device="meta", dtype=dtype), torch.empty(m, c, device="meta", dtype=dtype)
-    args = nr.launch_arguments(x, ref, torch.empty(m, device="meta"), torch.empty(b, n, device="meta", dtype=torch.int64),
-                               torch.empty(b, n, device="meta"), True, 1e-12)
+    index, sim = torch.empty(b, n, device="meta", dtype=torch.int64), torch.empty(b, n, device="meta")
+    args = nr.launch_arguments(x, ref, torch.empty(m, device="meta"), index, sim, True, 1e-12)
     return wa.Launch("nearest", lambda meta: (math.ceil(n / meta["BLOCK_N"]) * b,), args)
 
 
@@ -342,12 +342,13 @@ def _compile_launch(launch, config, arch, record) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 _COLUMNS = [("op", "<5"), ("kernel", "<7"), ("arch", "<6"), ("dtype", "<5"), ("head_dim", ">4"), ("layout", "<24"),
-            ("grads", "<6"), ("config_index", ">4"), ("dot", "<7"), ("tile", ">5"), ("block", ">5"), ("num_warps", ">5"),
-            ("num_stages", ">3"),
+            ("grads", "<6"), ("config_index", ">4"), ("dot", "<7"), ("tile", ">5"), ("block", ">5"),
+            ("num_warps", ">5"), ("num_stages", ">3"),
             ("registers", ">4"), ("spill_bytes", ">6"), ("smem_bytes", ">6"), ("blocks_per_sm", ">3"),
             ("occupancy", ">5"), ("tensor_core", "<5"), ("loop_instructions", ">5"),
             ("instructions_per_score", ">6"), ("programs", ">6"), ("keys_visited_per_useful_key", ">5")]
-_HEADS = {"head_dim": "D", "config_index": "cfg", "num_stages": "stg", "num_warps": "warps", "registers": "regs", "spill_bytes": "spills", "smem_bytes": "smem",
+_HEADS = {"head_dim": "D", "config_index": "cfg", "num_stages": "stg", "num_warps": "warps", "registers": "regs",
+          "spill_bytes": "spills", "smem_bytes": "smem",
           "blocks_per_sm": "blk", "occupancy": "occ", "tensor_core": "tc", "loop_instructions": "loop",
           "instructions_per_score": "ins/sc", "programs": "progs", "keys_visited_per_useful_key": "kv/u"}
 
@@ -394,7 +395,8 @@ def run(args) -> int:
     dims = [int(d) for d in _list(args.head_dims, ("16", "32", "64", "128"), "head dim(s)")]
     jobs = list(_jobs(archs, ops, dtypes, dims, args.default_only))
     b, h, (gh, gw), (kh, kw) = TYPICAL["batch"], TYPICAL["heads"], TYPICAL["grid"], TYPICAL["window"]
-    print(f"compiling {len(jobs)} kernels ({'default configs' if args.default_only else 'every config'}) for {', '.join(archs)} ({args.jobs} at a time), "
+    which = "default configs" if args.default_only else "every config"
+    print(f"compiling {len(jobs)} kernels ({which}) for {', '.join(archs)} ({args.jobs} at a time), "
           f"specialised for B={b}, {h} heads, {gh}x{gw} grid, window {kh}x{kw} ...", flush=True)
     import multiprocessing
 
@@ -406,7 +408,8 @@ def run(args) -> int:
     pruned = sum(1 for r in records if r["pruned"])
     print(f"\n{len(records) - len(failed) - pruned}/{len(records) - pruned} compiled ({pruned} configs pruned), "
           f"{len(spilled)} spilling registers. cfg: config in the kernel's autotuning space (* the default), "
-          f"stg: pipeline stages, blk: blocks per H100 SM, occ: occupancy, loop: instructions in the main loop body (SASS), "
+          f"stg: pipeline stages, blk: blocks per H100 SM, occ: occupancy, "
+          f"loop: instructions in the main loop body (SASS), "
           f"ins/sc: per score, progs: programs at B={b}, {h} heads, {gh}x{gw}, kv/u: LCA keys visited per useful key")
     if args.json:
         atomic_write_json(args.json, records)

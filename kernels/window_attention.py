@@ -676,7 +676,9 @@ class Launch:
 
     @property
     def default(self) -> triton.Config:
-        return self.candidates()[tuning.default_index(self.candidates())].config
+        """The config the interpreter runs and the autotuner tries first."""
+        candidates = self.candidates()
+        return candidates[tuning.default_index(candidates)].config
 
     def arguments(self, config: triton.Config) -> dict:
         """Every argument of the kernel by name, constexprs too, with `config`'s."""

@@ -1,6 +1,7 @@
 """`rlr-fast kernels`: every kernel (the attention ops' and nearest_reference's) compiles for sm_80
-and sm_90 with no GPU and nothing spills; the report compiles what the JIT runs and reads the
-SASS right."""
+and sm_90 with no GPU and nothing spills, in its default config and (sm_90, fp16, head dim 32:
+the whole matrix of configs would take several times the defaults' compile time) in every config
+of its autotuning space; the report compiles what the JIT runs and reads the SASS right."""
 import itertools
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 from rlr_fast.kernels import aot
 
 FIELDS = {"op", "kernel", "dtype", "head_dim", "arch", "registers", "spill_bytes", "smem_bytes", "blocks_per_sm",
-          "tensor_core", "loop_instructions", "instructions_per_score", "programs"}
+          "tensor_core", "loop_instructions", "instructions_per_score", "programs", "config", "default", "pruned"}
 
 
 def _no_interpreter_env():
@@ -21,10 +22,11 @@ def _no_interpreter_env():
 
 def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
     out = tmp_path / "kernels.json"
-    result = subprocess.run([sys.executable, "-m", "rlr_fast", "kernels", "--arch", "sm_80,sm_90", "--json", str(out)],
-                            capture_output=True, text=True, env=_no_interpreter_env(), timeout=3600)
+    result = subprocess.run([sys.executable, "-m", "rlr_fast", "kernels", "--arch", "sm_80,sm_90", "--default-only",
+                             "--json", str(out)], capture_output=True, text=True, env=_no_interpreter_env(), timeout=3600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())
+    assert all(r["default"] and r["pruned"] is None for r in rows)
     nearest = [r for r in rows if r["op"] == "nn"]
     rows = [r for r in rows if r["op"] != "nn"]
     # nearest_reference's kernel: every arch x dtype x channel count, on tensor cores, no spills
@@ -71,12 +73,12 @@ for op, dtype, dim, kind, layout in [("lca", torch.float16, 32, "forward", (True
                                      ("mlka", torch.float32, 16, "dkdv", (True, False)),
                                      ("lca", torch.float16, 128, "dkdv", (False, False))]:
     for launch in aot.typical_launches(op, dtype, dim, kind, *layout):
-        kernel = launch.kernel
+        kernel, config = launch.kernel.fn, launch.default
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound, specialization, options = binder(**launch.args, num_warps=launch.num_warps)
-        _, jit_sig, jit_const, jit_attrs = kernel._pack_args(backend, {"num_warps": launch.num_warps}, bound,
+        bound, specialization, options = binder(**launch.arguments(config), num_warps=config.num_warps)
+        _, jit_sig, jit_const, jit_attrs = kernel._pack_args(backend, {"num_warps": config.num_warps}, bound,
                                                              specialization, options)
-        sig, const, attrs = aot.jit_specialization(launch, "sm_90")
+        sig, const, attrs = aot.jit_specialization(kernel, launch.arguments(config), "sm_90")
         assert sig == jit_sig, (sig, jit_sig)
         assert const == jit_const, (const, jit_const)
         assert attrs == jit_attrs, (attrs, jit_attrs)
@@ -165,8 +167,8 @@ def test_shared_kv_backward_fills_an_h100():
 _TARGETS = """
 import json
 from rlr_fast.kernels import aot
-mlka = aot._compile_one(("sm_90", "mlka", "fp16", 32, "forward", None))
-lca = aot._compile_one(("sm_90", "lca", "bf16", 64, "forward", None))
+mlka = aot._compile_one(("sm_90", "mlka", "fp16", 32, "forward", None, True))
+lca = aot._compile_one(("sm_90", "lca", "bf16", 64, "forward", None, True))
 print(json.dumps(mlka + lca))
 """
 
@@ -181,3 +183,40 @@ def test_sm90_targets_of_the_redesign():
     assert mlka["ok"] and mlka["spill_bytes"] == 0 and mlka["tensor_core"] == "wgmma", mlka
     assert mlka["instructions_per_score"] <= 12, mlka
     assert lca["ok"] and lca["spill_bytes"] == 0 and lca["keys_visited_per_useful_key"] <= 3, lca
+
+
+def test_every_config_compiles_for_sm90_without_spills_or_is_pruned_with_a_reason(tmp_path):
+    """Every config of every kernel's autotuning space, at fp16 and head dim 32 (nearest_reference
+    at each of its channel counts), compiles for sm_90 with no spills, or is reported as pruned
+    for the typical call with its reason; one row per config, the default marked once per launch."""
+    import importlib
+
+    from rlr_fast.kernels import window_attention as wa
+
+    nr = importlib.import_module("rlr_fast.kernels.nearest_reference")  # the package exports the function
+    sizes = {("lca", "forward"): len(wa.LCA_FWD_CONFIGS), ("mlka", "forward"): len(wa.MLKA_FWD_CONFIGS),
+             ("lca", "dq"): len(wa.DQ_CONFIGS), ("mlka", "dq"): len(wa.DQ_CONFIGS),
+             ("lca", "dkdv"): len(wa.DKDV_CONFIGS), ("mlka", "dkdv"): len(wa.DKDV_CONFIGS),
+             ("nn", "nearest"): len(nr.NEAREST_CONFIGS)}
+    out = tmp_path / "kernels.json"
+    result = subprocess.run([sys.executable, "-m", "rlr_fast", "kernels", "--arch", "sm_90", "--dtypes", "fp16",
+                             "--head-dims", "32", "--json", str(out)],
+                            capture_output=True, text=True, env=_no_interpreter_env(), timeout=3600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    launches = {}
+    for r in rows:
+        launches.setdefault((r["op"], r["kernel"], r["layout"], r["grads"], r["head_dim"]), []).append(r)
+    assert len(launches) == 2 * (2 + 4) + len(aot.NEAREST_CHANNELS)
+    for key, configs in launches.items():
+        assert [r["config_index"] for r in configs] == list(range(sizes[key[:2]])), key
+        assert sum(r["default"] for r in configs) == 1, key
+        for r in configs:
+            assert {"num_warps", "num_stages"} <= set(r["config"])
+            assert any(name.startswith("BLOCK") for name in r["config"])
+            if r["pruned"]:
+                assert not r["default"] and r["pruned"].strip(), (key, r)
+            else:
+                assert r["ok"] and r["spill_bytes"] == 0 and r["registers"] > 0, (key, r)
+    assert sum(1 for r in rows if not r["pruned"]) > len(launches)  # alternatives compiled, not only defaults
+    assert "(* the default)" in result.stdout and "pruned" in result.stdout
