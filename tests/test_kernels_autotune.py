@@ -46,10 +46,10 @@ def pin():
         tuning.pin_config(name, None)
 
 
-def _inputs(op, dtype, batch=2):
+def _inputs(op, dtype, batch=2, grid=GRID):
     """q, k, v, grad in RLR's layouts (LCA: k and v shared, MLKA: k shared, v batched)."""
     g = torch.Generator().manual_seed(0)
-    length = GRID[0] * GRID[1]
+    length = grid[0] * grid[1]
     q = torch.randn(batch, 1, length, 16, generator=g)
     k = torch.randn(1, length, 16, generator=g)
     v = torch.randn(1, length, 16, generator=g) if op == "lca" else torch.randn(batch, 1, length, 16, generator=g)
@@ -57,9 +57,9 @@ def _inputs(op, dtype, batch=2):
     return [t.to(DEVICE, dtype) for t in (q, k, v, grad)]
 
 
-def _run(op, q, k, v, grad, backend):
+def _run(op, q, k, v, grad, backend, grid=GRID):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = OPS[op](q, k, v, GRID, WINDOW, backend=backend)
+    out = OPS[op](q, k, v, grid, WINDOW, backend=backend)
     return (out, *torch.autograd.grad(out, (q, k, v), grad))
 
 
@@ -113,14 +113,14 @@ def test_reruns_on_the_same_buffers_leave_the_outputs_right(op, pin):
     """On a GPU the autotuner runs every config, several times, on the call's own buffers before
     the chosen one. Outputs that start as NaN and see every config of every kernel in turn end
     as the reference's: the kernels write every output element, none accumulates into them."""
-    dtype = torch.float16
-    q, k, v, grad = _inputs(op, dtype, batch=3)
-    oracle = _run(op, q.double(), k.double(), v.double(), grad.double(), "reference")
+    dtype, grid = torch.float16, (9, 10)
+    q, k, v, grad = _inputs(op, dtype, batch=3, grid=grid)
+    oracle = _run(op, q.double(), k.double(), v.double(), grad.double(), "reference", grid)
     radius, scale, complement = (WINDOW // 2, WINDOW // 2), 16 ** -0.5, op == "mlka"
     o = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
     lse = torch.full((q.numel() // 16,), float("nan"), device=DEVICE)
-    forward = wa.forward_launch(q, k, v, o, lse, GRID, radius, scale, complement)
-    splits = wa.dkdv_splits(3, GRID, 1, 16, dtype, complement, True)
+    forward = wa.forward_launch(q, k, v, o, lse, grid, radius, scale, complement)
+    splits = wa.dkdv_splits(3, grid, 1, 16, dtype, complement, True)
     assert splits > 1  # the batch-split partial sums of the shared k (and v) are among the outputs
     dq = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
     dk, dv = (t.fill_(float("nan")) for t in wa.kv_gradient_buffers(k, v, splits))
@@ -129,7 +129,7 @@ def test_reruns_on_the_same_buffers_leave_the_outputs_right(op, pin):
             pin(name, index)
         forward()
         delta = (o.float() * grad.float()).sum(-1).reshape(-1)
-        for launch in wa.backward_launches(q, k, v, grad, dq, dk, dv, lse, delta, GRID, radius, scale,
+        for launch in wa.backward_launches(q, k, v, grad, dq, dk, dv, lse, delta, grid, radius, scale,
                                            complement, splits):
             launch()
     dk, dv = (g.sum(0).to(t.dtype) if t.dim() == 3 else g for g, t in ((dk, k), (dv, v)))
