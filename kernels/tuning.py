@@ -36,9 +36,8 @@ class Candidate:
 
 @dataclass
 class Tuned:
-    """A kernel under ``triton.autotune``: its name, the autotuner, and ``candidates(args)``: every
-    config of its space for a call with these arguments (by name), in the order of the space."""
-    name: str
+    """A kernel under ``triton.autotune``: the autotuner, and ``candidates(args)``: every config of
+    its space for a call with these arguments (by name), in the order of the space."""
     kernel: object
     candidates: Callable
 
@@ -84,7 +83,7 @@ def autotuned(name: str, configs: list, key: list, candidates: Callable):
     def wrap(fn):
         kernel = triton.autotune(configs=configs, key=key, prune_configs_by={
             "early_config_prune": lambda configs, named_args, **kwargs: _prune(name, {**named_args, **kwargs})})(fn)
-        KERNELS[name] = Tuned(name, kernel, candidates)
+        KERNELS[name] = Tuned(kernel, candidates)
         return kernel
     return wrap
 
