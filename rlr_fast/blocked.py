@@ -476,12 +476,14 @@ class _FlashComplementAttention(torch.autograd.Function):
 # or AMX. So in bfloat16 MLKA is computed as plain attention on bands of query rows of one batch
 # element: S = scale Q K^T + mask (one baddbmm, the mask an additive bias over the band's rows), P =
 # softmax(S), O = P V, each product in bfloat16 with float32 accumulation inside oneDNN, as autocast
-# computes attention. The scores of a band stay in the cache. Backward recomputes P band by band; dS
-# = P (dP - rowsum(O dO)) is formed in float32 (a difference of near values) and multiplied in
-# bfloat16; dK and dV accumulate in float32.
+# computes attention. The scores of a band stay in the cache. Backward recomputes P band by band;
+# dS = P (dP - rowsum(O dO)) is formed in bfloat16 (dP arrives rounded to bfloat16 from its product,
+# so a float32 difference would add only passes over the band, not accuracy); dK and dV accumulate
+# in float32.
 
-# Query rows per band: 8 rows of a 32-wide grid; more leave the cache, fewer make smaller products.
-LOW_PRECISION_BAND_QUERIES = 256
+# Scores per head in a band (queries x L): 256 queries (8 rows) of a 32x32 grid, 64 (one row) of a
+# 64x64 grid, measured best on this project's CPU; more leave the cache, fewer make smaller products.
+LOW_PRECISION_BAND_SCORES = 1 << 18
 LOW_PRECISION_DTYPES = (torch.bfloat16,)
 
 
@@ -500,7 +502,7 @@ def _dense_bands(plan: "MLKAPlan", dtype) -> Tuple[Tuple[slice, torch.Tensor], .
     """(query tokens, additive mask (band queries, L)) per band of query rows, built once per dtype."""
     key = (dtype, "dense")
     if key not in plan.flash_cache:
-        rows = max(1, LOW_PRECISION_BAND_QUERIES // plan.W)
+        rows = max(1, LOW_PRECISION_BAND_SCORES // (plan.W * plan.H * plan.W))
         bands = []
         for chunk in plan.band_chunks(rows):
             near_y = (plan.y[chunk, None] - plan.y[None, :]).abs() <= plan.ry  # (band rows, H)
@@ -544,7 +546,8 @@ class _DenseLowPrecisionAttention(torch.autograd.Function):
         plan, scale = ctx.plan, ctx.scale
         bands = _dense_bands(plan, q.dtype)
         grad_out = grad_out.to(q.dtype)
-        delta = (out.float() * grad_out.float()).sum(-1, keepdim=True)  # rowsum(O dO), (B, h, L, 1)
+        # rowsum(O dO), (B, h, L, 1), summed in float32 and rounded once, as dP is
+        delta = (out.float() * grad_out.float()).sum(-1, keepdim=True).to(q.dtype)
         dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -555,8 +558,8 @@ class _DenseLowPrecisionAttention(torch.autograd.Function):
                 q_band, do_band = q[b, :, rows], grad_out[b, :, rows]
                 p = _band_probabilities(q_band, k_b.transpose(-1, -2), mask, scale)  # (h, M, L)
                 dv_b += torch.bmm(p.transpose(-1, -2), do_band)  # dV = P^T dO
-                ds = torch.bmm(do_band, v_b.transpose(-1, -2)).float()  # dP = dO V^T
-                ds = ds.sub_(delta[b, :, rows]).mul_(p).to(q.dtype)  # dS = P (dP - delta)
+                ds = torch.bmm(do_band, v_b.transpose(-1, -2))  # dP = dO V^T
+                ds = ds.sub_(delta[b, :, rows]).mul_(p)  # dS = P (dP - delta)
                 dk_b += torch.bmm(ds.transpose(-1, -2), q_band).mul_(scale)  # dK = scale dS^T Q
                 dq[b, :, rows] = torch.bmm(ds, k_b).mul_(scale)  # dQ = scale dS K
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None

@@ -29,7 +29,7 @@ def _run(inputs, grad_out, dtype, backend, autocast=False):
 @pytest.fixture
 def dense_calls(monkeypatch):
     """Counts the calls of the dense 16-bit path; bands of 2 grid rows (several per grid)."""
-    monkeypatch.setattr(blocked, "LOW_PRECISION_BAND_QUERIES", 2 * GRID[1])
+    monkeypatch.setattr(blocked, "LOW_PRECISION_BAND_SCORES", 2 * GRID[1] * GRID[0] * GRID[1])
     calls = []
     original = blocked._DenseLowPrecisionAttention.forward
 
