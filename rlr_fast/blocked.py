@@ -311,6 +311,15 @@ class _Band(NamedTuple):
     ranges: Tuple[_Range, ...]
 
 
+def _window_bias(plan: "MLKAPlan", query_rows: slice, key_rows: slice, dtype):
+    """Which (query, key) pairs of these grid rows lie in the query's window, (queries, keys)
+    booleans, and the additive mask that removes them (-inf there, 0 elsewhere)."""
+    near_y = (plan.y[query_rows, None] - plan.y[None, key_rows]).abs() <= plan.ry  # (query rows, key rows)
+    inside = near_y[:, None, :, None] & plan.near_x[None, :, None, :]  # (qy, qx, ky, kx)
+    inside = inside.reshape(near_y.shape[0] * plan.W, near_y.shape[1] * plan.W)
+    return inside, torch.zeros(inside.shape, dtype=dtype, device=inside.device).masked_fill_(inside, float("-inf"))
+
+
 def _flash_bands(plan: "MLKAPlan", dtype, of: str) -> Tuple[_Band, ...]:
     """Bands of grid rows of the queries (``of="queries"``) or of the keys (``of="keys"``), each
     with its ranges of the other side, built once per plan and dtype.
@@ -331,11 +340,8 @@ def _flash_bands(plan: "MLKAPlan", dtype, of: str) -> Tuple[_Band, ...]:
         o0, o1 = max(0, chunk.start - plan.ry), min(plan.H, chunk.stop + plan.ry)
         key = (chunk.stop - chunk.start, o0 - chunk.start, o1 - chunk.start)
         if key not in masks:
-            near_y = (plan.y[chunk, None] - plan.y[None, o0:o1]).abs() <= plan.ry  # (band rows, other rows)
-            near_y = near_y if of == "queries" else near_y.T  # (query rows, key rows)
-            inside = near_y[:, None, :, None] & plan.near_x[None, :, None, :]  # (qy, qx, ky, kx)
-            inside = inside.reshape(near_y.shape[0] * w, near_y.shape[1] * w)
-            mask = torch.zeros(inside.shape, dtype=dtype, device=inside.device).masked_fill_(inside, float("-inf"))
+            others = slice(o0, o1)
+            inside, mask = _window_bias(plan, *((chunk, others) if of == "queries" else (others, chunk)), dtype)
             empty = inside.all(-1)
             masks[key] = (mask, empty if bool(empty.any()) else None)
         ranges = [_Range(slice(o0 * w, o1 * w), *masks[key])]  # the rows the windows touch: masked
@@ -505,11 +511,7 @@ def _dense_bands(plan: "MLKAPlan", dtype) -> Tuple[Tuple[slice, torch.Tensor], .
         rows = max(1, LOW_PRECISION_BAND_SCORES // (plan.W * plan.H * plan.W))
         bands = []
         for chunk in plan.band_chunks(rows):
-            near_y = (plan.y[chunk, None] - plan.y[None, :]).abs() <= plan.ry  # (band rows, H)
-            inside = (near_y[:, None, :, None] & plan.near_x[None, :, None, :]).reshape(
-                (chunk.stop - chunk.start) * plan.W, plan.H * plan.W)
-            mask = torch.zeros(inside.shape, dtype=dtype, device=inside.device).masked_fill_(inside, float("-inf"))
-            bands.append((plan._tokens(chunk), mask))
+            bands.append((plan._tokens(chunk), _window_bias(plan, chunk, slice(0, plan.H), dtype)[1]))
         plan.flash_cache[key] = tuple(bands)
     return plan.flash_cache[key]
 
