@@ -21,3 +21,8 @@ class DataError(RLRFastError):
 
 class CheckpointError(DataError):
     """A file is not a readable rlr-fast checkpoint (truncated, empty, foreign, or unsafe)."""
+
+
+class TrainingDiverged(RLRFastError):
+    """The training loss became non-finite: the run stopped; the message names the epoch, the step,
+    the last finite checkpoint and what to change."""

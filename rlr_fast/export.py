@@ -24,6 +24,7 @@ from torch import nn
 
 from .errors import UsageError
 from .io import atomic_torch_save, atomic_write_bytes
+from .backbone import input_norm_of
 from .training import FORMAT
 
 FORMATS = ("onnx", "openvino", "weights")
@@ -112,7 +113,7 @@ def export_openvino(model, path) -> Path:
 def export_weights(model, path) -> Path:
     """The model alone, as ``load_model`` reads it: format, model name, config and state dict."""
     state = {"format": FORMAT, "model": model.name, "config": asdict(model.config),
-             "state_dict": model.state_dict()}
+             "state_dict": model.state_dict(), "input_norm": input_norm_of(model)}
     atomic_torch_save(state, path)
     return Path(path)
 

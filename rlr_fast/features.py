@@ -98,3 +98,31 @@ def shard(dataset: Dataset, rank: int, world: int) -> Dataset:
     per_rank = -(-len(dataset) // world)
     indices = [(rank + world * i) % len(dataset) for i in range(per_rank)]
     return Subset(dataset, indices)
+
+
+def hold_out(dataset: Dataset, fraction: float, seed: int = 0, min_per_group: int = 10):
+    """Split a training set into (train, held out): ``fraction`` of the images of each class
+    (of the whole set for a plain folder), drawn with ``seed``, for a validation loss that uses
+    training data only. A class with fewer than ``min_per_group`` images keeps all of them;
+    a class that gives images gives at least one. Returns (dataset, None) when nothing is held out."""
+    if fraction <= 0:
+        return dataset, None
+    if not 0 < fraction < 1:
+        raise ValueError(f"the held-out fraction must be in [0, 1), got {fraction}")
+    samples = getattr(dataset, "samples", None)
+    groups = {}
+    for i in range(len(dataset)):
+        groups.setdefault(samples[i][3] if samples is not None else "", []).append(i)
+    rng = np.random.default_rng(seed)
+    held = []
+    for key in sorted(groups):
+        members = groups[key]
+        if len(members) < min_per_group:
+            continue
+        count = max(1, int(round(fraction * len(members))))
+        held.extend(members[j] for j in sorted(rng.choice(len(members), size=count, replace=False)))
+    if not held:
+        return dataset, None
+    held_set = set(held)
+    kept = [i for i in range(len(dataset)) if i not in held_set]
+    return Subset(dataset, kept), Subset(dataset, sorted(held))

@@ -21,28 +21,33 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .backbone import input_norm_of, set_input_norm
 from .decisions import Thresholds
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, TrainingDiverged, UsageError
 from .features import FeatureCache
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
-from .precision import effective_precision
+from .precision import bf16_supported, effective_precision
 from .progress import progress as progress_bar
 from .timing import clock
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.pt"  # the latest state: model, optimizer, schedule, RNG (what --resume reads)
+BEST = "best.pt"  # the model of the best epoch by a criterion on training data (what load_model reads)
 FORMAT = "rlr-fast/1"
 # What the commands write into a run folder: `--force` removes these, and only these.
-RUN_FILES = (CHECKPOINT, "config.json", "log.jsonl", "metrics.json")
+RUN_FILES = (CHECKPOINT, BEST, "config.json", "log.jsonl", "metrics.json")
+# An epoch loss above this multiple of the best epoch's (after warm-up) is reported as a rise.
+RISE_FACTOR = 1.25
 RUN_FOLDERS = ("features", "overlays", "predictions")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -50,8 +55,11 @@ class TrainConfig:
     schedule: str = "cosine"  # "cosine" (after warm-up) or "constant"
     grad_clip: float = 0.0  # 0: none
     optimizer: str = "adam"  # "adam" or "adamw"
-    amp: str = "none"  # "none", "bf16", "fp16"
+    amp: str = "auto"  # "auto" (bf16 where the device has it natively, else none), "none", "bf16", "fp16"
     seed: int = 0
+    # the share of each class's training images held out for the validation loss that picks the
+    # best epoch (RLR and UniAD; 0: none, the training loss picks it)
+    val_fraction: float = 0.1
 
 
 # "fast" converges in minutes on a CPU with a few dozen images per class. Measured on the demo data
@@ -141,12 +149,14 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, epoch: int = 0,
         "rng": torch.get_rng_state(),
         "cuda_rng": _cuda_rng_state(),
         "extra": extra or {},
+        "input_norm": input_norm_of(model),
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(state, path)
 
 
 def read_checkpoint(path) -> dict:
+    """A checkpoint file, or a run folder's latest checkpoint (``checkpoint.pt``)."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
@@ -172,7 +182,7 @@ def read_checkpoint(path) -> dict:
 def model_from_checkpoint(state: dict, device="cpu", source="the checkpoint"):
     """The trained model of a checkpoint read by :func:`read_checkpoint`, in eval mode on `device`;
     `source` names the checkpoint in errors."""
-    config = dict(state["config"])
+    config = {**model_class(state["model"]).legacy_config, **state["config"]}
     if config.get("backbone_weights") not in ("random",):
         # The checkpoint holds the backbone's weights: build it without loading them again.
         config["backbone_weights"] = "random"
@@ -184,14 +194,32 @@ def model_from_checkpoint(state: dict, device="cpu", source="the checkpoint"):
         raise CheckpointError(f"{source}: its weights do not fit the {state['model']} model it "
                               f"describes ({first})") from None
     model.config.backbone_weights = state["config"].get("backbone_weights", "default")
+    set_input_norm(model, checkpoint_input_norm(state))
     return model.to(device).eval()
 
 
+def checkpoint_input_norm(state: dict) -> str:
+    """What the checkpoint's backbone was fed: checkpoints written before backbones got their own
+    normalisation lack the key and were fed the ImageNet normalisation (see rlr_fast.backbone)."""
+    return state.get("input_norm", "imagenet")
+
+
+def model_file(run_or_checkpoint) -> Path:
+    """The file that holds a run's model: ``best.pt`` (its best epoch) when the run has one, else
+    its latest ``checkpoint.pt``; a file is itself."""
+    path = Path(run_or_checkpoint)
+    if path.is_dir():
+        return path / BEST if (path / BEST).is_file() else path / CHECKPOINT
+    return path
+
+
 def load_model(run_or_checkpoint, device="cpu"):
-    """The trained model of a run folder or checkpoint file, in eval mode on `device`, with the
-    run's decision thresholds (``model.thresholds``; None before `rlr-fast test` has run)."""
-    model = model_from_checkpoint(read_checkpoint(run_or_checkpoint), device, source=run_or_checkpoint)
+    """The trained model of a run folder (its best epoch's, ``best.pt``, when the run has one) or
+    of a checkpoint file, in eval mode on `device`, with the run's decision thresholds
+    (``model.thresholds``; None before `rlr-fast test` has run)."""
     run_dir = Path(run_or_checkpoint)
+    path = model_file(run_or_checkpoint)
+    model = model_from_checkpoint(read_checkpoint(path), device, source=path)
     model.thresholds = Thresholds.of_run(run_dir if run_dir.is_dir() else run_dir.parent)
     return model
 
@@ -275,10 +303,84 @@ def _write_log(out_dir: Path, history: list) -> None:
     atomic_write_text(out_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
 
+def resolve_amp(amp: str, device) -> str:
+    """The mixed precision a run trains with: "auto" is bf16 where the device computes it natively
+    (CPUs with AVX-512 BF16 or AMX, recent GPUs) and none elsewhere; "bf16" on a device without
+    it trains fp32 and says so (emulated bf16 is slower than fp32)."""
+    if amp == "auto":
+        return "bf16" if bf16_supported(device) else "none"
+    return "none" if amp == "bf16" and effective_precision("bf16", device) == "fp32" else amp
+
+
+def validation_loss(model, cache: FeatureCache, device, amp_dtype=None, batch_size: int = 16) -> float:
+    """The model's loss on held-out training images, in eval mode (RLR and UniAD: no jitter), as
+    the mean over images."""
+    was_training = model.training
+    model.eval()
+    total, seen = 0.0, 0
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        for start in range(0, len(cache), batch_size):
+            idx = np.arange(start, min(len(cache), start + batch_size))
+            total += float(model.loss(cache.batch(idx, device))) * len(idx)
+            seen += len(idx)
+    model.train(was_training)
+    return total / max(1, seen)
+
+
+def selection_loss(record: dict) -> float:
+    """What picks the best epoch: the held-out loss when there is one, else the training loss."""
+    return record.get("val_loss", record["loss"])
+
+
+def save_best(path, model, record: dict, extra=None) -> None:
+    """The model of the best epoch so far (no optimizer: ``load_model`` reads it)."""
+    atomic_torch_save({"format": FORMAT, "model": model.name, "config": asdict(model.config),
+                       "state_dict": model.state_dict(), "epoch": record["epoch"], "record": record,
+                       "extra": extra or {}, "input_norm": input_norm_of(model)}, path)
+
+
+def _check_finite(value: float, epoch: int, step: int, world: int, device, out_dir: Path, lr: float,
+                  what: str = "loss") -> None:
+    """Stop the run on a non-finite loss or gradient norm (on every rank when any rank has one),
+    before the optimizer step, so the last checkpoint keeps finite weights."""
+    bad = not math.isfinite(value)
+    if world > 1:
+        flag = torch.tensor([float(bad)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item())
+    if bad:
+        kept = (f"the last checkpoint, {out_dir / CHECKPOINT}, holds epoch {epoch - 1}" if epoch > 1
+                else "no checkpoint was written")
+        raise TrainingDiverged(f"training diverged: the {what} became {value} at epoch {epoch}, step {step + 1}; "
+                               f"{kept}. Train again with a lower --lr (this run's was {lr:g}) or --force "
+                               f"a new run")
+
+
+def _rise_warning(history: list, record: dict, cfg: TrainConfig) -> Optional[str]:
+    """A training loss well above the best epoch's after warm-up: the sign of a collapse."""
+    if record["epoch"] <= cfg.warmup_epochs or not history:
+        return None
+    best = min(history, key=lambda r: r["loss"])
+    if record["loss"] > RISE_FACTOR * best["loss"]:
+        return (f"loss {record['loss']:.4g} is {record['loss'] / best['loss']:.2f}x its best "
+                f"({best['loss']:.4g} at epoch {best['epoch']}): the training may be diverging; "
+                f"try a lower --lr")
+    return None
+
+
 def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool = False, device="cpu",
-          progress: bool = True, log=print, on_epoch_end=None, extra: Optional[dict] = None) -> list:
+          progress: bool = True, log=print, on_epoch_end=None, extra: Optional[dict] = None,
+          val_cache: Optional[FeatureCache] = None) -> list:
     """Train `model` on cached features; checkpoint every epoch into `out_dir`. Returns the history
-    (one dict per epoch: epoch, loss, lr, images (of every rank), seconds, images_per_s).
+    (one dict per epoch: epoch, loss, lr, grad_norm (mean over the epoch's steps, before any
+    clipping), images (of every rank), seconds, images_per_s; val_loss with a `val_cache`;
+    warning when the loss rose well above its best).
+
+    The run keeps two files: ``checkpoint.pt``, the latest state (for --resume), and
+    ``best.pt``, the model of the best epoch by the held-out loss on `val_cache` (images held
+    out of the training set, never the test set), or by the training loss without one;
+    ``load_model`` reads ``best.pt``. A non-finite loss stops the run with
+    :class:`~rlr_fast.errors.TrainingDiverged` before the weights are touched.
     `on_epoch_end(model, record)`, if given, runs after each epoch's checkpoint (e.g. a
     validation); the model is put back in train mode after it. `extra` (e.g. the training
     classes) goes into the checkpoint and config.json. `progress=False` hides the bars; each
@@ -287,6 +389,9 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
     rank, world = distributed_context(device)
     device = torch.device(device)
     model.to(device).train()
+    ckpt_path = out_dir / CHECKPOINT
+    if not (resume and ckpt_path.is_file()):  # a resumed run has what prepare() fits in its checkpoint
+        model.prepare(cache)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -294,11 +399,14 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
     steps_per_epoch = max(1, n // cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
     history, start_epoch = [], 0
-    ckpt_path = out_dir / CHECKPOINT
     if resume and ckpt_path.is_file():
         state = read_checkpoint(ckpt_path)
-        if state["model"] != model.name or state["config"] != asdict(model.config):
+        if state["model"] != model.name or {**model.legacy_config, **state["config"]} != asdict(model.config):
             raise UsageError(f"cannot resume {ckpt_path}: it holds a different model or configuration")
+        if checkpoint_input_norm(state) != input_norm_of(model):
+            raise UsageError(f"cannot resume {ckpt_path}: it was trained on features of a backbone fed the "
+                             f"{checkpoint_input_norm(state)!r} normalisation, this model's is fed "
+                             f"{input_norm_of(model)!r}; start a new run with --force")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -318,7 +426,7 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
     runner = _LossOf(model)
     if world > 1:
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
-    amp = "none" if cfg.amp == "bf16" and effective_precision("bf16", device) == "fp32" else cfg.amp  # says so
+    amp = resolve_amp(cfg.amp, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     for epoch in range(start_epoch, cfg.epochs):
@@ -329,30 +437,47 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
         t0, total, seen = clock(device), 0.0, 0
         bar = progress_bar(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                            enabled=progress and rank == 0, leave=False)
+        grad_norms = []
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             feats = cache.batch(idx.numpy(), device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = runner(feats)
+            value = loss.item()
+            _check_finite(value, epoch + 1, step, world, device, out_dir, cfg.lr)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.unscale_(optimizer)  # the gradient norm is logged in the loss's own scale
+            grad_norms.append(float(nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)))
+            if not scaler.is_enabled():  # (fp16's scaler skips the steps whose gradients overflow)
+                _check_finite(grad_norms[-1], epoch + 1, step, world, device, out_dir, cfg.lr, what="gradient norm")
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            total += loss.item() * len(idx)
+            total += value * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}", img_per_s=f"{seen * world / (time.perf_counter() - t0):.1f}")
         total, seen, seconds = _epoch_totals(total, seen, clock(device) - t0, world, device)
+        finite_norms = [g for g in grad_norms if math.isfinite(g)]  # fp16 scaler steps it skipped are inf
         record = {"epoch": epoch + 1, "loss": total / max(1, seen), "lr": optimizer.param_groups[0]["lr"],
+                  "grad_norm": round(sum(finite_norms) / max(1, len(finite_norms)), 4),
                   "images": seen, "seconds": round(seconds, 3), "images_per_s": round(seen / seconds, 2)}
+        if val_cache is not None:
+            record["val_loss"] = validation_loss(model, val_cache, device, amp_dtype)
+        warning = _rise_warning(history, record, cfg)
+        if warning:
+            record["warning"] = warning
+        best = min(history, key=selection_loss) if history else None
         history.append(record)
         if rank == 0:
             save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch + 1, cfg, history, extra)
+            if model.select_best_epoch and (best is None or selection_loss(record) <= selection_loss(best)
+                                            or not (out_dir / BEST).is_file()):
+                save_best(out_dir / BEST, model, record, extra)
             _write_log(out_dir, history)
-            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  {record['images_per_s']:.1f} img/s")
+            val = f"  held-out {record['val_loss']:.4f}" if "val_loss" in record else ""
+            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}{val}  {record['images_per_s']:.1f} img/s"
+                + (f"  warning: {warning}" if warning else ""))
         if on_epoch_end is not None:
             on_epoch_end(model, record)
             model.train()

@@ -98,7 +98,7 @@ def test_weights_export_is_the_model_alone(run, images):
     assert main(["export", "--run", str(run), "--format", "weights", "--out", str(run / "w" / "weights.pt")]) == 0
     path = run / "w" / "weights.pt"
     state = torch.load(path, weights_only=True)
-    assert "optimizer" not in state and set(state) == {"format", "model", "config", "state_dict"}
+    assert "optimizer" not in state and set(state) == {"format", "model", "config", "state_dict", "input_norm"}
     assert path.stat().st_size < (run / "checkpoint.pt").stat().st_size
     with torch.no_grad():
         torch.testing.assert_close(load_model(path)(images).anomaly_map, load_model(run)(images).anomaly_map)

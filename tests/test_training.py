@@ -168,3 +168,84 @@ def test_clock_waits_for_the_gpu_before_reading_the_time(monkeypatch):
     assert events == [("sync", torch.device("cuda", 1)), ("clock", None)]
     events.clear()
     assert clock("cpu") == 42.0 and events == [("clock", None)]
+
+
+def _val_images(n):
+    class Held(_Images):
+        def __init__(self, n):
+            g = torch.Generator().manual_seed(1)  # other images than the training ones
+            self.x = torch.randn(n, 3, 64, 64, generator=g)
+    return Held(n)
+
+
+def test_a_short_training_lowers_the_loss_and_keeps_the_best_epoch(tmp_path):
+    from rlr_fast.training import BEST
+
+    cache = extract_features(_model(), _Images(16), progress=False)
+    val = extract_features(_model(), _val_images(4), progress=False)
+    history = train(_model(), cache, tmp_path, TrainConfig(epochs=6, batch_size=4, lr=1e-3, warmup_epochs=1,
+                                                           amp="none"),
+                    progress=False, log=lambda msg: None, val_cache=val)
+    losses, held = [r["loss"] for r in history], [r["val_loss"] for r in history]
+    assert losses[-1] < 0.6 * losses[0] and held[-1] < held[0]
+    assert all(r["grad_norm"] > 0 and "warning" not in r for r in history)
+    best = min(history, key=lambda r: r["val_loss"])
+    saved = torch.load(tmp_path / BEST, weights_only=True)
+    assert saved["epoch"] == best["epoch"] and saved["record"]["val_loss"] == best["val_loss"]
+    # load_model reads the best epoch's weights: its held-out loss is the one recorded for that epoch
+    from rlr_fast.training import validation_loss
+
+    assert validation_loss(load_model(tmp_path), val, torch.device("cpu")) == pytest.approx(best["val_loss"], rel=1e-5)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in log] == held
+
+
+def test_a_non_finite_loss_stops_the_run_before_the_weights_are_touched(tmp_path):
+    from rlr_fast.errors import TrainingDiverged
+
+    cache = extract_features(_model(), _Images(16), progress=False)
+    # a forced learning rate: the gradients blow up in the second epoch
+    with pytest.raises(TrainingDiverged, match=r"the gradient norm became (inf|nan) at epoch 2, step 2; the "
+                                               r"last checkpoint.*holds epoch 1\. Train again with a lower --lr "
+                                               r"\(this run's was 3\)"):
+        train(_model(), cache, tmp_path, TrainConfig(epochs=6, batch_size=4, lr=3.0, warmup_epochs=1, amp="none"),
+              progress=False, log=lambda msg: None)
+    state = read_checkpoint(tmp_path)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["state_dict"].values() if t.is_floating_point())
+
+
+def test_a_loss_that_rises_after_warm_up_is_reported(tmp_path):
+    cache = extract_features(_model(), _Images(16), progress=False)
+    lines = []
+    # a forced learning rate: the loss of epoch 2, the first after warm-up, rises ~2x above epoch 1's
+    history = train(_model(), cache, tmp_path, TrainConfig(epochs=3, batch_size=4, lr=1.0, warmup_epochs=1,
+                                                           val_fraction=0, amp="none"),
+                    progress=False, log=lines.append)
+    assert "warning" not in history[0] and "warning" not in history[2]
+    ratio = history[1]["loss"] / history[0]["loss"]
+    assert ratio > 1.25 and history[2]["loss"] < 1.25 * history[0]["loss"]
+    assert history[1]["warning"].startswith(f"loss {history[1]['loss']:.4g} is {ratio:.2f}x its best "
+                                            f"({history[0]['loss']:.4g} at epoch 1)")
+    assert "warning: loss" in lines[1] and "warning" not in lines[0]
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[1]["warning"] == history[1]["warning"]
+
+
+def test_held_out_images_are_drawn_per_class_and_reproducibly():
+    from rlr_fast.features import hold_out
+
+    class Classes(torch.utils.data.Dataset):
+        samples = [(f"{c}{i}", None, 0, c, "good") for c, n in (("a", 20), ("b", 10), ("c", 9)) for i in range(n)]
+
+        def __len__(self):
+            return len(self.samples)
+
+    data = Classes()
+    kept, held = hold_out(data, 0.1, seed=0)
+    classes = [data.samples[i][3] for i in held.indices]
+    assert classes.count("a") == 2 and classes.count("b") == 1 and "c" not in classes  # c has too few
+    assert sorted(kept.indices + held.indices) == list(range(len(data)))
+    assert hold_out(data, 0.1, seed=0)[1].indices == held.indices
+    assert hold_out(data, 0.1, seed=1)[1].indices != held.indices
+    assert hold_out(data, 0.0)[1] is None

@@ -45,15 +45,16 @@ def run(args) -> int:
     from ..evaluation import evaluate
     from ..io import atomic_write_json, clean_stale_temporaries
     from ..metrics import format_table
-    from ..training import model_from_checkpoint, read_checkpoint
+    from ..training import model_file, model_from_checkpoint, read_checkpoint
     from .train import ignored_shot_options
 
     run_dir = args.run if args.run.is_dir() else args.run.parent
-    state = read_checkpoint(args.run)
+    source = model_file(args.run)  # the run's best epoch, when it has one
+    state = read_checkpoint(source)
     dataset = MVTecDataset(args.data, classes=args.classes, split="test", image_size=state["config"]["image_size"])
     if state["model"] != "resad":  # ResAD is for classes it was not trained on
         warn_untrained_classes(state, dataset.classes)
-    model = model_from_checkpoint(state, args.device, source=args.run)
+    model = model_from_checkpoint(state, args.device, source=source)
     model.precision = args.precision
     ignored_shot_options(args, model.name)
     overlays = args.overlays or run_dir / "overlays"

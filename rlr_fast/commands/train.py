@@ -21,7 +21,9 @@ RUN_SETTINGS = (("--model", "run", "model"), ("--image-size", "config", "image_s
                 ("--backbone", "config", "backbone"), ("--backbone-weights", "config", "backbone_weights"),
                 ("--backend", "config", "backend"), ("--recipe", "extra", "recipe"),
                 ("--batch-size", "train", "batch_size"), ("--lr", "train", "lr"), ("--amp", "train", "amp"),
-                ("--seed", "train", "seed"), ("--shots", "config", "shots"), ("--residual", "config", "residual"))
+                ("--seed", "train", "seed"), ("--val-fraction", "train", "val_fraction"),
+                ("--feature-norm", "config", "feature_norm"),
+                ("--shots", "config", "shots"), ("--residual", "config", "residual"))
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -47,13 +49,20 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone-weights",
                    help="'default' (shipped or timm pretrained; the default), 'random', or a local state-dict file")
     p.add_argument("--backend", choices=("auto", "torch", "reference", "triton"), help="attention backend (default: auto)")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision (default: none)")
+    p.add_argument("--feature-norm", choices=("channel", "none"),
+                   help="RLR: standardise each level's features per channel for the network (default: channel), "
+                        "or none, as the paper's code")
+    p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"),
+                   help="mixed precision (default: the recipe's; auto: bf16 where the device computes it natively)")
     p.add_argument("--device", type=options.device, default=options.default_device())
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     existing.add_argument("--force", action="store_true",
                           help="replace the run in --out (its checkpoint, config, log, metrics, overlays)")
     p.add_argument("--seed", type=options.seed, help="random seed (default: 0)")
+    p.add_argument("--val-fraction", type=options.fraction,
+                   help="share of each class's training images held out for the validation loss that picks "
+                        "the best epoch (default 0.1; 0: none, the training loss picks it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the per-epoch loss lines stay)")
 
 
@@ -142,11 +151,12 @@ def _settings(args, state):
     """(model name, model config, train config, recipe name) of the new or resumed run."""
     from dataclasses import replace
 
-    from ..training import TrainConfig, recipe
+    from ..training import TrainConfig, model_class, recipe
 
     if state is not None:
         cfg = TrainConfig(**state["train_config"])
-        return (state["model"], dict(state["config"]), replace(cfg, epochs=args.epochs or cfg.epochs),
+        config = {**model_class(state["model"]).legacy_config, **state["config"]}
+        return (state["model"], config, replace(cfg, epochs=args.epochs or cfg.epochs),
                 (state.get("extra") or {}).get("recipe"))
     name = args.model or "rlr"
     model_cfg = {"backend": args.backend or "auto", "backbone_weights": args.backbone_weights or "default"}
@@ -156,19 +166,25 @@ def _settings(args, state):
         model_cfg["backbone"] = args.backbone
     if name == "resad":
         model_cfg.update({k: v for k, v in (("shots", args.shots), ("residual", args.residual)) if v is not None})
+    if args.feature_norm is not None:
+        if name != "rlr":
+            raise UsageError(f"--feature-norm is an option of the rlr model, not of {name}")
+        model_cfg["feature_norm"] = args.feature_norm
     recipe_name = args.recipe or "fast"
     # the recipe a model's --recipe names: UniAD and ResAD have their own papers' schedules
     schedule = {("uniad", "paper"): "uniad", ("resad", "paper"): "resad",
                 ("resad", "fast"): "resad-fast"}.get((name, recipe_name), recipe_name)
-    cfg = recipe(schedule, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp, seed=args.seed)
+    cfg = recipe(schedule, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp, seed=args.seed,
+                 val_fraction=args.val_fraction)
     return name, model_cfg, cfg, recipe_name
 
 
 def run(args) -> int:
     """Train; under torchrun (``torchrun --nproc_per_node N -m rlr_fast train ...``) every rank
     extracts and trains on its own share of the images, with its own feature cache."""
-    from ..features import extract_features, shard
-    from ..training import CHECKPOINT, build_model, default_image_size, distributed_context, rank_device, train
+    from ..features import extract_features, hold_out, shard
+    from ..training import (BEST, CHECKPOINT, build_model, default_image_size, distributed_context, rank_device,
+                            selection_loss, train)
 
     state = _prepare_out(args)
     if state is not None:
@@ -199,18 +215,33 @@ def run(args) -> int:
 
         cache = residual_cache(model, args.data, args.classes, model.config.shots, args.shot_seed,
                                device=device, progress=not args.no_progress, log=say)
+        val_cache = None
     else:
+        # Images held out of training for the validation loss that picks the best epoch (the
+        # same split on every rank and on resume: it depends only on the seed and the fraction).
+        dataset, held_out = hold_out(dataset, cfg.val_fraction, seed=cfg.seed)
         local = shard(dataset, rank, world)
         if world > 1:
             say(f"{world} ranks: {len(local)} images each")
         cache_dir = args.out / "features" / (f"rank{rank}" if world > 1 else "")  # no two ranks share a file
         cache = extract_features(model, local, device=device, cache_dir=cache_dir, progress=not args.no_progress)
+        val_cache = None
+        if held_out is not None:
+            val_cache = extract_features(model, held_out, device=device, desc="held-out features",
+                                         progress=not args.no_progress)
+            say(f"held out {len(held_out)} training images for the validation loss that picks the best epoch")
     say(f"features cached: {len(cache)} images in {cache.seconds:.1f}s ({cache.nbytes / 2**20:.0f} MiB)"
         + (" on rank 0" if world > 1 else ""))
     t0 = time.perf_counter()
     history = train(model, cache, args.out, cfg, resume=state is not None, device=device,
-                    progress=not args.no_progress, log=say, extra={"classes": classes, "recipe": recipe_name})
+                    progress=not args.no_progress, log=say, extra={"classes": classes, "recipe": recipe_name},
+                    val_cache=val_cache)
     epochs = f"epochs {done + 1}-{len(history)}" if len(history) > done + 1 else f"epoch {len(history)}"
+    kept = f"checkpoint {args.out / CHECKPOINT}"
+    if model.select_best_epoch:
+        best = min(history, key=selection_loss)
+        kept = (f"best epoch {best['epoch']} ({'held-out' if 'val_loss' in best else 'training'} loss "
+                f"{selection_loss(best):.4f}): {args.out / BEST}")
     say(f"trained {epochs} of {cfg.epochs} in {time.perf_counter() - t0:.1f}s; "
-        f"final loss {history[-1]['loss']:.4f}; checkpoint {args.out / CHECKPOINT}")
+        f"final loss {history[-1]['loss']:.4f}; {kept}")
     return 0

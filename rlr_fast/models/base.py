@@ -107,6 +107,17 @@ class AnomalyModel(nn.Module):
         """Training loss on (cached) features; feature jitter applies in train mode."""
         raise NotImplementedError
 
+    def prepare(self, cache) -> None:
+        """Fit what the model derives from its training features, before the first epoch of a new
+        run (the training loop calls it; a resumed run has it in its checkpoint). Default: nothing."""
+
+    # Values of configuration fields for checkpoints written before the field existed (what
+    # those runs did); model_from_checkpoint fills them in.
+    legacy_config: dict = {}
+    # Whether a run keeps the model of its best epoch (best.pt, by the held-out loss): False for a
+    # model whose loss changes meaning during training (ResAD's stages), whose run is its last epoch.
+    select_best_epoch: bool = True
+
     def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
         """Anomaly map and score from features."""
         raise NotImplementedError

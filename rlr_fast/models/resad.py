@@ -235,6 +235,8 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
     ``loss(feats)`` takes those residuals and, optionally, one more entry: the (B, 1, S, S)
     anomaly masks (without it every token is normal)."""
 
+    select_best_epoch = False  # the loss of stage 2 is not that of stage 1: the run is its last epoch
+
     name = "resad"
 
     def __init__(self, **kwargs):

@@ -25,6 +25,7 @@ from ..backbone import EMBEDDED, FrozenBackbone
 from ..modules import LocalCrossAttention, NeighborMaskedAttention
 from ..precision import full_precision
 from ..windows import complement_is_empty
+from ..errors import UsageError
 from .base import AnomalyModel, AnomalyOutput, check_image_size, image_shape
 from .layers import feature_jitter, gaussian_blur, sincos_pos_embed_2d
 
@@ -69,6 +70,10 @@ class RLRConfig:
     jitter_prob: float = 1.0
     score_sigma: float = 4.0
     backend: str = "auto"
+    # "channel": each level's network sees its tokens standardised per channel with the training
+    # features' mean and std, and its reconstruction is mapped back (see ReconstructionNetwork);
+    # "none": raw tokens, as the paper's code. Loss and score are the paper's either way.
+    feature_norm: str = "channel"
 
 
 def _init_embedding(linear: nn.Linear) -> nn.Linear:
@@ -112,11 +117,24 @@ class _ReferenceCache(NamedTuple):
 
 
 class ReconstructionNetwork(nn.Module):
-    """One level's network: tokens F (B, L, C) -> reconstruction F^ (B, L, C)."""
+    """One level's network: tokens F (B, L, C) -> reconstruction F^ (B, L, C).
+
+    With ``standardize``, the network works on standardised tokens, (F - mu) / sigma with the
+    per-channel mean and std of the training features (buffers, set by ``set_statistics``), and
+    maps its output back: F^ = head(...) * sigma + mu. Backbone features are far from unit scale
+    (Lite0's stride-8 level: std 4.4, channel stds 1.9-6.3, channel means away from zero); a head
+    on LayerNorm-ed states must otherwise learn that scale and offset through Adam's bounded steps,
+    which a few hundred steps of a small data set do not allow. The loss and the anomaly score
+    stay the paper's, in the backbone's units.
+    """
 
     def __init__(self, channels: int, dim: int, grid, window, num_layers: int = 4, num_heads: int = 8,
-                 alpha: float = 2.0, ffn_ratio: int = 4, backend: str = "auto"):
+                 alpha: float = 2.0, ffn_ratio: int = 4, backend: str = "auto", standardize: bool = False):
         super().__init__()
+        self.standardize = standardize
+        if standardize:  # identity until set_statistics
+            self.register_buffer("token_mean", torch.zeros(channels))
+            self.register_buffer("token_std", torch.ones(channels))
         self.grid, self.window = tuple(grid), tuple(window)
         length = grid[0] * grid[1]
         self.embed = _init_embedding(nn.Linear(channels, dim))
@@ -176,11 +194,20 @@ class ReconstructionNetwork(nn.Module):
         ref = self.reference_embed(self.reference) + self.pos  # R_h: (L, d), shared by the batch
         return [layer.reference_heads(ref) for layer in self.layers]
 
+    @torch.no_grad()
+    def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The per-channel mean and std (C,) of the training tokens, for ``standardize``."""
+        self.token_mean.copy_(mean)
+        self.token_std.copy_(std.clamp_min(1e-6))
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.standardize:
+            tokens = (tokens - self.token_mean) / self.token_std
         y = self.embed(tokens) + self.pos
         for layer, heads in zip(self.layers, self.reference_heads()):
             y = layer(y, heads)
-        return self.head(self.norm(y))
+        out = self.head(self.norm(y))
+        return out * self.token_std + self.token_mean if self.standardize else out
 
 
 def _flatten(feature: torch.Tensor) -> torch.Tensor:
@@ -213,8 +240,11 @@ class RLRModel(AnomalyModel):
         self.config = cfg
         self.grids = grids
         self.pool = nn.AvgPool2d(3, stride=1, padding=1)
+        if cfg.feature_norm not in ("channel", "none"):
+            raise UsageError(f"unknown feature_norm {cfg.feature_norm!r}; choose 'channel' or 'none'")
         self.levels = nn.ModuleList(
-            ReconstructionNetwork(c, d, g, w, cfg.num_layers, cfg.num_heads, cfg.alpha, cfg.ffn_ratio, cfg.backend)
+            ReconstructionNetwork(c, d, g, w, cfg.num_layers, cfg.num_heads, cfg.alpha, cfg.ffn_ratio, cfg.backend,
+                                  standardize=cfg.feature_norm == "channel")
             for c, d, g, w in zip(self.backbone.channels, cfg.dims, grids, cfg.windows))
 
     @torch.no_grad()
@@ -224,6 +254,34 @@ class RLRModel(AnomalyModel):
             if tuple(f.shape[-2:]) != g:
                 raise ValueError(f"backbone gave a {tuple(f.shape[-2:])} grid, expected {g}")
         return [self.pool(f) for f in feats]
+
+    legacy_config = {"feature_norm": "none"}  # runs made before feature_norm existed used raw tokens
+
+    @torch.no_grad()
+    def prepare(self, cache) -> None:
+        """Per level, the per-channel mean and std of the training tokens (pooled features, as the
+        networks see them), summed in float64 over the whole cache in batches and, under
+        torchrun, over every rank's share."""
+        if self.config.feature_norm != "channel":
+            return
+        device = self.levels[0].token_mean.device
+        sums = [torch.zeros(2, net.token_mean.numel(), dtype=torch.float64, device=device) for net in self.levels]
+        count = torch.zeros(1, dtype=torch.float64, device=device)
+        for start in range(0, len(cache), 32):
+            for total, level in zip(sums, cache.batch(range(start, min(len(cache), start + 32)), device)):
+                tokens = _flatten(level).reshape(-1, level.shape[1]).double()
+                total[0] += tokens.sum(0)
+                total[1] += tokens.pow(2).sum(0)
+            count += min(len(cache), start + 32) - start
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for total in sums:
+                torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(count)
+        for net, total, level in zip(self.levels, sums, cache.levels):
+            n = count * level.shape[2] * level.shape[3]  # tokens
+            mean = total[0] / n
+            var = (total[1] / n - mean.pow(2)).clamp_min(0) * n / (n - 1).clamp_min(1)
+            net.set_statistics(mean.float(), var.sqrt().float())
 
     def reconstruct(self, feats: List[torch.Tensor], jitter: bool = False):
         """[(F, F^)] per level, tokens (B, L, C); jitter perturbs the input only."""
