@@ -417,6 +417,8 @@ def build_benchmark_dataset(root, classes: Sequence[str] = BENCHMARK_CLASSES, im
     exact mask; 'cut', 'perlin' and 'foreign' paste from the other fourteen photographs.
     Each image has its own random stream (seed, class, split, index), so a class's images do not
     depend on which other classes are built, and a smaller count gives a prefix of a larger one.
+    A rebuild removes every benchmark class folder under ``root`` first (also of classes no
+    longer asked for), so that the folder holds exactly the classes of its manifest.
     """
     root = Path(root)
     classes, defects = list(classes), list(defects)

@@ -40,6 +40,11 @@ def test_build_is_deterministic_and_reused(tmp_path):
     d = build_benchmark_dataset(tmp_path / "d", **{**kw, "classes": ("coffee",)})
     assert (d / "coffee/test/blur/006.png").read_bytes() == (a / "coffee/test/blur/006.png").read_bytes()
     assert not (d / "gravel").exists()
+    e = build_benchmark_dataset(tmp_path / "e", **{**kw, "n_train": 1, "n_test_defect": 4})  # fewer: a prefix
+    assert sorted(p.relative_to(e) for p in e.rglob("*.png")) == [
+        f for f in files if int(f.stem[:3]) < (1 if f.parts[1] == "train" else 4)]  # test/good has 1 anyway
+    for f in sorted(p.relative_to(e) for p in e.rglob("*.png")):
+        assert (e / f).read_bytes() == (a / f).read_bytes(), f
 
 
 @pytest.mark.parametrize("cls", ["grass", "coins", "chelsea"])  # a texture, a grayscale and a colour object
