@@ -5,6 +5,11 @@ Normal images are random crops (and flips) of a photograph; defective ones add o
 four kinds, each with its ground-truth mask: ``scratch`` (a thin bright or dark curve),
 ``stain`` (a blurred, tinted blob), ``cut`` (a patch of another texture pasted in) and ``hole``
 (a dark, shaded ellipse). The same parameters always give the same files.
+
+``build_benchmark_dataset`` makes the accuracy benchmark's larger data set the same way from
+fifteen of scikit-image's photographs (textures as crops, objects as one aligned view with small
+nuisance variation) with four more defect kinds (BENCHMARK_DEFECTS); ``build_demo_dataset`` and
+its files are unchanged by it.
 """
 from __future__ import annotations
 
