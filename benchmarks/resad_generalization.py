@@ -41,9 +41,10 @@ def run(out: Path, epochs: int, shots: int, image_size: int, lr: float, seed: in
             model = ResADModel(image_size=image_size, shots=shots, residual=residual)
             cache = residual_cache(model, data, classes=seen, progress=False)
             cfg = recipe("resad-fast", epochs=epochs, lr=lr, seed=seed)
-            train(model, cache, out / f"run_{unseen}_{residual}", cfg, progress=False)
+            history = train(model, cache, out / f"run_{unseen}_{residual}", cfg, progress=False)
             row[f"resad_{residual}"] = evaluate_fewshot(model, data, shots, classes=[unseen],
                                                         progress=False)["classes"][unseen]
+            row[f"resad_{residual}"]["history"] = history
         results[unseen] = {"seen": seen, **row}
         print(json.dumps({unseen: results[unseen]}, indent=1), flush=True)
     return results

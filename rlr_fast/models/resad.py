@@ -183,8 +183,9 @@ def _barrier(x: torch.Tensor) -> torch.Tensor:
     return (F.softplus(x) * torch.exp(x).detach()).mean() if x.numel() else x.new_zeros(())
 
 
-def hypersphere_loss(features: torch.Tensor, anomalous: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The official one-class loss of the constraintor (``calculate_log_barrier_bi_occ_loss``).
+def hypersphere_terms(features: torch.Tensor, anomalous: torch.Tensor, target: torch.Tensor) -> dict:
+    """The official one-class loss of the constraintor (``calculate_log_barrier_bi_occ_loss``), by
+    term: ``shell`` (normal tokens), ``invariance`` and ``push_out`` (anomalous tokens).
 
     features (N, C) after the constraintor, target (N, C) its input, anomalous (N,) bool. With
     radius A = sqrt(||f|| + 1) - 1: normal tokens are pulled into the shell [r_min, r_max]
@@ -193,19 +194,25 @@ def hypersphere_loss(features: torch.Tensor, anomalous: torch.Tensor, target: to
     """
     radius = torch.sqrt(features.norm(dim=1) + 1) - 1
     normal = radius[~anomalous]
-    loss = features.new_zeros(())
+    zero = features.new_zeros(())
+    terms = {"shell": zero, "invariance": zero, "push_out": zero}
     r_max = 0.4
     if anomalous.any():
         r_max = min(0.9 * radius[anomalous].min().item(), 0.4)
     r_min = 0.99 * r_max
     if normal.numel():
-        loss = loss + _barrier(normal[normal > r_max] - r_max) + _barrier(r_min - normal[normal < r_min])
+        terms["shell"] = _barrier(normal[normal > r_max] - r_max) + _barrier(r_min - normal[normal < r_min])
     if anomalous.any():
         f, t, ra = features[anomalous], target[anomalous], radius[anomalous]
-        loss = loss + F.mse_loss(f, t) + (1 - F.cosine_similarity(f, t, dim=1)).mean()
+        terms["invariance"] = F.mse_loss(f, t) + (1 - F.cosine_similarity(f, t, dim=1)).mean()
         bound = r_max + 0.1
-        loss = loss + _barrier(bound - ra[ra < bound])
-    return loss
+        terms["push_out"] = _barrier(bound - ra[ra < bound])
+    return terms
+
+
+def hypersphere_loss(features: torch.Tensor, anomalous: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The sum of :func:`hypersphere_terms`."""
+    return sum(hypersphere_terms(features, anomalous, target).values())
 
 
 def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
@@ -286,10 +293,11 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
 
     def loss(self, feats: List[torch.Tensor]) -> torch.Tensor:
         """Per level: hypersphere loss of the constraintor plus the flow loss on its (detached)
-        output. Stage 2 adds the anomalous tokens: see ``flow_loss``."""
+        output. Stage 2 adds the anomalous tokens: see ``flow_terms``. Each named term, summed
+        over the levels, is left in ``self.last_terms`` (floats) for the training log."""
         levels = len(self.flows)
         residuals, mask = feats[:levels], (feats[levels] if len(feats) > levels else None)
-        total = 0.0
+        terms = {}
         for level, residual in enumerate(residuals):
             e, target, pos = self._level_tokens(residual, level)
             if mask is None:
@@ -299,33 +307,44 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
                 anomalous = _tokens(m).reshape(-1) > 0.5
             keep = ~anomalous if self.stage == 1 else torch.ones_like(anomalous)
             e, target, pos, anomalous = e[keep], target[keep], pos[keep], anomalous[keep]
-            total = total + hypersphere_loss(e, anomalous, target)
-            total = total + self.flow_loss(level, e.detach(), pos, anomalous)
-        return total
+            level_terms = {f"constraint_{k}": v for k, v in hypersphere_terms(e, anomalous, target).items()}
+            level_terms.update(self.flow_terms(level, e.detach(), pos, anomalous))
+            for k, v in level_terms.items():
+                terms[k] = terms.get(k, 0.0) + v
+        self.last_terms = {k: float(v) for k, v in terms.items()}
+        return sum(terms.values())
 
     def flow_loss(self, level: int, e: torch.Tensor, pos: torch.Tensor, anomalous: torch.Tensor) -> torch.Tensor:
-        """The official flow loss (``train.py``): -log sigmoid(logp) of normal tokens; with
-        anomalies also -log sigmoid(logp_a) of anomalous ones, a focal loss on the two centres'
-        softmax, and the boundary-guided semi-push-pull losses (normal logp below the boundary
-        b_n pulled up, anomalous logp above b_a = b_n - tau pushed down)."""
+        """The sum of :func:`flow_terms`."""
+        return sum(self.flow_terms(level, e, pos, anomalous).values())
+
+    def flow_terms(self, level: int, e: torch.Tensor, pos: torch.Tensor, anomalous: torch.Tensor) -> dict:
+        """The official flow loss (``train.py``), by term: ``nll_normal``, -log sigmoid(logp) of
+        normal tokens; with anomalies also ``nll_anomalous``, -log sigmoid(logp_a) of anomalous
+        ones, ``focal``, a focal loss on the two centres' softmax, and ``boundary``, the
+        boundary-guided semi-push-pull losses (normal logp below the boundary b_n pulled up,
+        anomalous logp above b_a = b_n - tau pushed down) times ``bgspp_lambda``."""
         z, log_det = self.flows[level](e, c=[pos])
         logp, logp_a = log_likelihoods(z, log_det)
         normal = logp[~anomalous]
+        zero = logp.new_zeros(())
         if normal.numel():
             k = int(normal.numel() * self.config.pos_beta)
             self._ema("boundary", level, normal.detach().sort().values[k])
             self._ema("logp_max", level, normal.detach().max())
-        loss = -F.logsigmoid(normal).mean() if normal.numel() else logp.new_zeros(())
+        terms = {"nll_normal": -F.logsigmoid(normal).mean() if normal.numel() else zero,
+                 "nll_anomalous": zero, "focal": zero, "boundary": zero}
         if not anomalous.any():
-            return loss
-        loss = loss - F.logsigmoid(logp_a[anomalous]).mean()
-        loss = loss + focal_loss(torch.softmax(torch.stack([logp, logp_a], -1), -1), anomalous)
+            return terms
+        terms["nll_anomalous"] = -F.logsigmoid(logp_a[anomalous]).mean()
+        terms["focal"] = focal_loss(torch.softmax(torch.stack([logp, logp_a], -1), -1), anomalous)
         b_n = self.boundary[level].clone()
         b_a = b_n - self.config.margin_tau
         below, above = normal[normal <= b_n], logp[anomalous][logp[anomalous] >= b_a]
-        push_pull = (F.softplus(b_n - below).mean() if below.numel() else 0.0) + \
-                    (F.softplus(above - b_a).mean() if above.numel() else 0.0)
-        return loss + self.config.bgspp_lambda * push_pull
+        push_pull = (F.softplus(b_n - below).mean() if below.numel() else zero) + \
+                    (F.softplus(above - b_a).mean() if above.numel() else zero)
+        terms["boundary"] = self.config.bgspp_lambda * push_pull
+        return terms
 
     @torch.no_grad()
     def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
