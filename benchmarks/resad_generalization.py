@@ -28,7 +28,8 @@ from rlr_fast.training import recipe, train
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 
 
-def run(out: Path, epochs: int, shots: int, image_size: int, lr: float, seed: int, unseen_classes=CLASSES) -> dict:
+def run(out: Path, epochs: int, shots: int, image_size: int, lr: float, seed: int, unseen_classes=CLASSES,
+        residuals=RESIDUALS) -> dict:
     data = build_demo_dataset(out / "data")
     results = {}
     for unseen in unseen_classes:
@@ -36,7 +37,7 @@ def run(out: Path, epochs: int, shots: int, image_size: int, lr: float, seed: in
         row = {}
         knn = FewShotKNN(image_size=image_size, shots=shots)
         row["knn"] = evaluate_fewshot(knn, data, shots, classes=[unseen], progress=False)["classes"][unseen]
-        for residual in RESIDUALS:
+        for residual in residuals:
             torch.manual_seed(seed)
             model = ResADModel(image_size=image_size, shots=shots, residual=residual)
             cache = residual_cache(model, data, classes=seen, progress=False)
@@ -76,14 +77,18 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None, help="override the resad-fast recipe's learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unseen", default=",".join(CLASSES), help="the held-out classes to run (comma-separated)")
+    p.add_argument("--residuals", default=",".join(RESIDUALS), help="ResAD's residual forms to run (comma-separated)")
     args = p.parse_args(argv)
     unseen = [c for c in args.unseen.split(",") if c]
     unknown = [c for c in unseen if c not in CLASSES]
     if unknown:
         p.error(f"unknown demo class(es) {', '.join(unknown)}; choose from {', '.join(CLASSES)}")
-    results = run(args.out, args.epochs, args.shots, args.image_size, args.lr, args.seed, unseen)
+    residuals = [r for r in args.residuals.split(",") if r]
+    if any(r not in RESIDUALS for r in residuals):
+        p.error(f"--residuals: choose from {', '.join(RESIDUALS)}")
+    results = run(args.out, args.epochs, args.shots, args.image_size, args.lr, args.seed, unseen, residuals)
     config = {"unseen": unseen, "epochs": args.epochs, "shots": args.shots, "image_size": args.image_size, "lr": args.lr,
-              "seed": args.seed}
+              "seed": args.seed, "residuals": residuals}
     atomic_write_json(args.out / "results.json", {"config": config, "results": results})
     text = table(results)
     atomic_write_text(args.out / "results.md", text + "\n")

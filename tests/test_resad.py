@@ -36,9 +36,9 @@ def _brute_force_match(feature, refs):
     return out
 
 
-@pytest.mark.parametrize("residual", ["squared", "difference"])
-def test_residuals_use_the_nearest_reference_token_of_any_position(residual):
-    model = _model(residual=residual).eval()
+@pytest.mark.parametrize("residual,normalize", [("squared", "none"), ("difference", "none"), ("squared", "token")])
+def test_residuals_use_the_nearest_reference_token_of_any_position(residual, normalize):
+    model = _model(residual=residual, normalize=normalize).eval()
     refs, images = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
     model.set_reference(refs)
     got = model.features(images)
@@ -46,7 +46,12 @@ def test_residuals_use_the_nearest_reference_token_of_any_position(residual):
     for level in (0, 2):  # the largest and the smallest grid
         for b in range(2):
             matched = _brute_force_match(feats[level][b], ref_feats[level])
-            diff = feats[level][b].double() - matched
+            f = feats[level][b].double()
+            if normalize == "token":  # each token (channel vector) scaled to norm sqrt(C)
+                c = f.shape[0]
+                f = f / f.norm(dim=0, keepdim=True) * math.sqrt(c)
+                matched = matched / matched.norm(dim=0, keepdim=True) * math.sqrt(c)
+            diff = f - matched
             want = diff.pow(2) if residual == "squared" else diff
             torch.testing.assert_close(got[level][b].double(), want, atol=1e-5, rtol=1e-5)
 
@@ -248,7 +253,7 @@ def test_stage_two_learns_to_separate_anomalous_tokens(tmp_path):
     under the normal tokens' (the boundary losses' purpose)."""
     n = 8
     g = torch.Generator().manual_seed(1)
-    model = _model(first_stage=0.2)
+    model = _model(first_stage=0.2, match_alpha=0.0)
     masks = torch.zeros(n, 1, 64, 64)
     masks[n // 2:, :, 16:48, 16:48] = 1
     levels = []

@@ -67,6 +67,9 @@ class ResADConfig:
     backbone_weights: str = "default"
     out_indices: Tuple[int, ...] = (1, 2, 3)  # strides 4, 8, 16
     residual: str = "squared"  # "squared" (official code) or "difference" (paper); see README
+    # Scale of the features before the residual: "token" (each token L2-normalised, times sqrt(C):
+    # residual elements of order 1 whatever the backbone, as the official WideResNet50's), or "none"
+    normalize: str = "token"
     shots: int = 4  # reference images per class
     coupling_layers: int = 10
     clamp_alpha: float = 1.9
@@ -76,7 +79,16 @@ class ResADConfig:
     margin_tau: float = 0.1  # abnormal boundary = normal boundary - margin_tau
     bgspp_lambda: float = 1.0  # weight of the boundary-guided losses
     score_sigma: float = 4.0
+    # Test-time feature matching: the map is (1 - match_alpha) ResAD's + match_alpha the kNN map
+    # (1 - nearest-reference cosine similarity, levels averaged, blurred alike); 0 turns it off
+    match_alpha: float = 0.4
+    # Normalise each level's log-likelihood by its maximum over the K references' own tokens, each
+    # reference against the other K - 1 (with K = 1: the running maximum of training, logp_max)
+    calibrate: bool = True
     backend: str = "auto"  # nearest_reference backend
+
+
+NORMALIZATIONS = ("token", "none")
 
 
 def _tokens(feature: torch.Tensor) -> torch.Tensor:
@@ -112,13 +124,30 @@ class ResidualConverter(nn.Module):
         if self.bank is None:
             raise ValueError("no reference images: call set_reference(images) with K normal images "
                              "of the class being inspected first")
-        out = []
-        for f, bank in zip(self.levels(images), self.bank):
-            bank = bank.to(f.device, f.dtype)
-            index, sim = nearest_reference(_tokens(f), bank, backend=self.backend)
-            matched = bank[index].transpose(1, 2).reshape(f.shape)  # gather the features themselves
-            out.append((f, matched, sim.view(f.shape[0], *f.shape[-2:])))
-        return out
+        return [(f, *match_level(f, bank, self.backend)) for f, bank in zip(self.levels(images), self.bank)]
+
+
+@torch.no_grad()
+def match_level(f: torch.Tensor, bank: torch.Tensor, backend: str = "auto"):
+    """Features f (B, C, H, W) against a bank of reference tokens (M, C): (the nearest reference
+    token of each, by cosine similarity, (B, C, H, W); that similarity (B, H, W))."""
+    bank = bank.to(f.device, f.dtype)
+    index, sim = nearest_reference(_tokens(f), bank, backend=backend)
+    matched = bank[index].transpose(1, 2).reshape(f.shape)  # gather the features themselves
+    return matched, sim.view(f.shape[0], *f.shape[-2:])
+
+
+def residual_of(f: torch.Tensor, matched: torch.Tensor, residual: str = "squared",
+                normalize: str = "token") -> torch.Tensor:
+    """The residual (B, C, H, W) of features f and their matched reference features. With
+    ``normalize="token"`` both are first scaled to norm sqrt(C) per token, so the residual's
+    scale no longer depends on the backbone's (the embedded Lite0's squared residuals reach 1e3
+    per element, the official WideResNet50's are of order 1); the match is by cosine, unchanged."""
+    if normalize == "token":
+        scale = math.sqrt(f.shape[1])
+        f, matched = F.normalize(f, dim=1) * scale, F.normalize(matched, dim=1) * scale
+    diff = f - matched
+    return diff.pow(2) if residual == "squared" else diff
 
 
 class _ReferenceMixin:
@@ -126,7 +155,10 @@ class _ReferenceMixin:
 
     def set_reference(self, images: torch.Tensor):
         self.check_images(images)
-        self.converter.set_reference(images.to(next(self.parameters()).device))
+        images = images.to(next(self.parameters()).device)
+        self.converter.set_reference(images)
+        if hasattr(self, "calibrate_to_references"):
+            self.calibrate_to_references(images)
         return self
 
 
@@ -223,6 +255,13 @@ def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, sm
     return (-(1 - pt).pow(gamma) * pt.log()).mean()
 
 
+def matching_map(sims: List[torch.Tensor], size, sigma: float) -> torch.Tensor:
+    """The few-shot matching map (B, 1, S, S): per level 1 - the nearest-reference cosine
+    similarity (B, 1, H, W), upsampled, averaged over levels, Gaussian-filtered."""
+    maps = [F.interpolate(1 - sim, size=size, mode="bilinear", align_corners=True) for sim in sims]
+    return gaussian_blur(torch.stack(maps).mean(0), sigma)
+
+
 def _attach_converter(model, cfg) -> None:
     """The feature converter both few-shot models share, and the sizes it fixes: square inputs
     (the references are resized alike) and one token grid per level."""
@@ -251,6 +290,10 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
             raise ValueError(f"residual must be one of {', '.join(RESIDUALS)}, got {cfg.residual!r}")
         if cfg.shots < 1:
             raise ValueError(f"shots must be at least 1, got {cfg.shots}")
+        if cfg.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {cfg.normalize!r}")
+        if not 0 <= cfg.match_alpha <= 1:
+            raise ValueError(f"match_alpha must be in [0, 1], got {cfg.match_alpha}")
         cfg.out_indices = tuple(int(i) for i in cfg.out_indices)
         self.config = cfg
         _attach_converter(self, cfg)
@@ -266,6 +309,9 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
         # each level (official BoundaryAverager, momentum 0.9) and the normalisation constant c.
         self.register_buffer("boundary", torch.zeros(levels))
         self.register_buffer("logp_max", torch.zeros(levels))
+        # The normalisation constant of the current references (calibrate_to_references); not
+        # saved: it belongs to the class being inspected, not to the trained model.
+        self.register_buffer("logp_ref", torch.full((levels,), float("nan")), persistent=False)
         self.stage = 1
 
     def begin_epoch(self, epoch: int, epochs: int) -> None:
@@ -274,11 +320,46 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> List[torch.Tensor]:
-        out = []
-        for f, matched, _ in self.converter.match(images):
-            diff = f - matched
-            out.append(diff.pow(2) if self.config.residual == "squared" else diff)
-        return out
+        """Per level the residual maps (B, C, H, W), then per level the nearest-reference cosine
+        similarity (B, 1, H, W) (test-time matching); ``loss`` and training use the residuals."""
+        matches = self.converter.match(images)
+        return [self.residual(f, matched) for f, matched, _ in matches] + [sim.unsqueeze(1) for _, _, sim in matches]
+
+    def residual(self, f: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
+        return residual_of(f, matched, self.config.residual, self.config.normalize)
+
+    @torch.no_grad()
+    def calibrate_to_references(self, images: torch.Tensor) -> None:
+        """``logp_ref``: per level, the maximum log-likelihood of the K reference images' tokens,
+        each reference's residuals taken against the other K - 1 (leave one reference out), in
+        eval mode. With one reference there is no other: NaN, and scoring falls back to the
+        running maximum of training (``logp_max``)."""
+        self.logp_ref.fill_(float("nan"))
+        k = images.shape[0]
+        if k < 2:
+            return
+        was_training = self.training
+        self.eval()
+        try:
+            with full_precision(images.device):
+                feats = [f.float() for f in self.converter.levels(images)]
+                for level, f in enumerate(feats):
+                    best = -float("inf")
+                    for i in range(k):
+                        others = torch.cat([f[:i], f[i + 1:]])
+                        bank = _tokens(others).reshape(-1, f.shape[1])
+                        matched, _ = match_level(f[i:i + 1], bank, self.config.backend)
+                        logp, _ = self._level_logp(self.residual(f[i:i + 1], matched), level)
+                        best = max(best, logp.max().item())
+                    self.logp_ref[level] = best
+        finally:
+            self.train(was_training)
+
+    def _level_logp(self, residual: torch.Tensor, level: int):
+        """(logp, logp_a), each (B * H * W,), of a level's residual maps (B, C, H, W)."""
+        e, _, pos = self._level_tokens(residual, level)
+        z, log_det = self.flows[level](e, c=[pos])
+        return log_likelihoods(z, log_det)
 
     def _level_tokens(self, residual: torch.Tensor, level: int):
         """Constraintor output e (N, C), its input (N, C) and the positional condition (N, P)."""
@@ -296,7 +377,17 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
         output. Stage 2 adds the anomalous tokens: see ``flow_terms``. Each named term, summed
         over the levels, is left in ``self.last_terms`` (floats) for the training log."""
         levels = len(self.flows)
-        residuals, mask = feats[:levels], (feats[levels] if len(feats) > levels else None)
+        # feats: L residual maps, then optionally L similarity maps (features()), then the mask
+        residuals = feats[:levels]
+        mask = feats[-1] if len(feats) in (levels + 1, 2 * levels + 1) else None
+        if self.stage == 1 and mask is not None:
+            # Stage 1 sees normal images only (as the official stage 1, whose loader has no
+            # anomalies), so that anomalous tokens reach neither a loss nor the batch norm's statistics.
+            normal = mask.flatten(1).amax(1) <= 0.5
+            if not normal.any():  # nothing to learn from: a zero that still has a graph
+                self.last_terms = {}
+                return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            residuals, mask = [r[normal] for r in residuals], mask[normal]
         terms = {}
         for level, residual in enumerate(residuals):
             e, target, pos = self._level_tokens(residual, level)
@@ -311,7 +402,7 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
             level_terms.update(self.flow_terms(level, e.detach(), pos, anomalous))
             for k, v in level_terms.items():
                 terms[k] = terms.get(k, 0.0) + v
-        self.last_terms = {k: float(v) for k, v in terms.items()}
+        self.last_terms = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
         return sum(terms.values())
 
     def flow_loss(self, level: int, e: torch.Tensor, pos: torch.Tensor, anomalous: torch.Tensor) -> torch.Tensor:
@@ -351,22 +442,36 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
         with full_precision(feats[0].device):  # flows and score maps in float32, whatever the forward's precision
             return self._score([f.float() for f in feats])
 
+    def normalizer(self) -> torch.Tensor:
+        """Per level the constant c of exp(logp - c): the references' (``logp_ref``) when
+        ``calibrate`` and they have one, else the running maximum of training (``logp_max``)."""
+        if self.config.calibrate and not torch.isnan(self.logp_ref).any():
+            return self.logp_ref
+        return self.logp_max
+
     def _score(self, feats: List[torch.Tensor]) -> AnomalyOutput:
         size = (self.image_size,) * 2
+        levels = len(self.flows)
+        residuals, sims = feats[:levels], feats[levels:2 * levels]
         normality, abnormal = 0.0, 0.0
-        for level, residual in enumerate(feats):
+        c = self.normalizer()
+        for level, residual in enumerate(residuals):
             b, _, h, w = residual.shape
-            e, _, pos = self._level_tokens(residual, level)
-            z, log_det = self.flows[level](e, c=[pos])
-            logp, logp_a = log_likelihoods(z, log_det)
-            p_normal = torch.exp(logp - self.logp_max[level]).view(b, 1, h, w)
+            logp, logp_a = self._level_logp(residual, level)
+            p_normal = torch.exp(logp - c[level]).view(b, 1, h, w)
             p_abnormal = torch.softmax(torch.stack([logp, logp_a], -1), -1)[:, 1].view(b, 1, h, w)
             normality = normality + F.interpolate(p_normal, size=size, mode="bilinear", align_corners=True)
             abnormal = abnormal + F.interpolate(p_abnormal, size=size, mode="bilinear", align_corners=True)
         sigma = self.config.score_sigma
-        scores1 = gaussian_blur(len(feats) - normality, sigma)  # normality -> anomaly, as the official code
-        scores2 = gaussian_blur(abnormal / len(feats), sigma)
+        scores1 = gaussian_blur(levels - normality, sigma)  # normality -> anomaly, as the official code
+        scores2 = gaussian_blur(abnormal / levels, sigma)
         anomaly_map = (scores1 + scores2) / 2
+        alpha = self.config.match_alpha
+        if alpha > 0:
+            if len(sims) != levels:
+                raise ValueError(f"test-time matching (match_alpha {alpha}) needs the {levels} similarity maps "
+                                 f"that features() returns after the residuals; got {len(feats)} maps")
+            anomaly_map = (1 - alpha) * anomaly_map + alpha * matching_map(sims, size, sigma)
         return AnomalyOutput(anomaly_map, anomaly_map.amax(dim=(1, 2, 3)))
 
     def extra_repr(self) -> str:
@@ -411,6 +516,5 @@ class FewShotKNN(_ReferenceMixin, AnomalyModel):
     def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
         size = (self.image_size,) * 2
         with full_precision(feats[0].device):
-            maps = [F.interpolate(1 - sim.float(), size=size, mode="bilinear", align_corners=True) for sim in feats]
-            anomaly_map = gaussian_blur(torch.stack(maps).mean(0), self.config.score_sigma)
+            anomaly_map = matching_map([sim.float() for sim in feats], size, self.config.score_sigma)
         return AnomalyOutput(anomaly_map, anomaly_map.amax(dim=(1, 2, 3)))
