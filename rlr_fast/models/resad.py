@@ -7,7 +7,8 @@ retraining. Its three parts, per backbone level (the official code: github xcyao
    against the most cosine-similar token of the same level over all tokens of the K reference
    images (any position), found with :func:`rlr_fast.nearest_reference`. The paper writes the
    residual as the difference ``f - r``; the official code uses the squared difference
-   ``(f - r) ** 2``. Both are offered (``residual="difference"`` or ``"squared"``).
+   ``(f - r) ** 2``. Both are offered (``residual="difference"`` or ``"squared"``), of the
+   features scaled to norm sqrt(C) per token (``normalize="token"``, see below).
 2. Feature constraintor: a 3x3 conv, batch norm and ReLU (the official ``MultiScaleConv``),
    trained with the official hypersphere loss (``hypersphere_loss``).
 3. Feature distribution estimator: a conditional normalizing flow of FrEIA ``AllInOneBlock``
@@ -19,23 +20,39 @@ Anomaly map, as the official ``validate.py``: per level the token log-likelihood
 ``logp``; (a) ``exp(logp - c)`` upsampled and summed over levels, turned into an anomaly score by
 negation, and (b) the probability of the abnormal centre ``softmax([logp, logp_a])[1]``
 upsampled and averaged over levels; each Gaussian-filtered (sigma 4), the map is their mean and
-the image score its maximum.
+the image score its maximum. Test-time matching (``match_alpha``, 0.4 by default): the map is
+then ``(1 - alpha) * map + alpha * knn``, ``knn`` the few-shot matching map of the similarities
+the converter found (1 - cosine, levels averaged, filtered alike), as ``FewShotKNN``'s.
 
 Deviations from the official code, and why:
 
 - Backbone: the embedded ``tf_efficientnet_lite0`` at indices (1, 2, 3) (strides 4/8/16, as
   WideResNet50's layers 1-3 in the paper), so that it runs offline; any timm backbone by name.
-- Training references: K images per seen class drawn once (``rlr_fast.fewshot``) instead of a
-  new random draw every batch, so the residuals are a fixed function of the image and are
-  cached like RLR's features; the reference images themselves are left out of training.
+- Feature scale (``normalize="token"``): each token's features and its match are scaled to
+  norm sqrt(C) before the residual. The embedded Lite0's features are unnormalised (token norms
+  of about 300), so their squared residuals reached 1e3 per element and the constraintor's
+  invariance term (MSE of its output to its input on anomalous tokens) held the stage-2 loss at
+  about 5e4, a target no batch-normalised output can reach; scaled, residuals are of order 1
+  like the official WideResNet50's. The match (by cosine) is unchanged.
+- Training references: K images drawn anew per batch from each class's normal images, as the
+  official training, but from cached backbone features (``rlr_fast.fewshot.ReferencePoolCache``:
+  the residuals are recomputed per batch, the backbone is not), leaving out the batch's own
+  images (the official draw may pick them).
 - Normalisation constant ``c`` of (a): the official code subtracts the maximum log-likelihood
   of the whole test set, which makes an image's score depend on the other test images. Here
-  ``c`` is a per-level running average of the batch maximum of normal training tokens
-  (``logp_max``), so a single image gets the same score alone or in a batch; shifting (a) by a
-  constant does not change any ranking.
-- Stage 1 learns from normal tokens only (the official stage 1 loads only normal images);
-  anomalous tokens of a batch are ignored until stage 2. The flow sees all tokens of a batch in
-  one step (the official code takes random chunks of 8192 tokens with one step each).
+  ``c`` is per level the maximum log-likelihood of the K reference images' own tokens, each
+  against the other K - 1 (``calibrate``, set by ``set_reference``), so it fits the class being
+  inspected and a single image gets the same score alone or in a batch; with K = 1, and with
+  ``calibrate=False``, the running maximum of normal training tokens (``logp_max``). A constant
+  per level matters: the levels are summed, and (a) is averaged with (b).
+- Test-time matching: the official code's ``fdm_alpha`` 0.4 is ResAD++'s feature distribution
+  matching of the residuals towards their vector-quantised codes (sorted values moved 60% of
+  the way), which needs the quantiser; here the same weight blends the nearest-reference
+  similarity, which the converter computes anyway, into the map (``match_alpha``).
+- Stage 1 learns from the normal images of a batch only (the official stage 1 loads only normal
+  images), so anomalous tokens reach neither its losses nor the batch norm's statistics. The
+  flow sees all tokens of a batch in one step (the official code takes random chunks of 8192
+  tokens with one step each).
 - ResAD++'s extras (vector quantisation, ImageBind) are not part of the paper and are left out.
 """
 from __future__ import annotations
