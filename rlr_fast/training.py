@@ -69,7 +69,7 @@ RECIPES = {
     # at epochs 70 and 90 is left out); "resad-fast" is for minutes on a CPU (see the README).
     "resad": TrainConfig(epochs=100, batch_size=32, lr=1e-5, weight_decay=5e-4, warmup_epochs=0,
                          schedule="constant"),
-    "resad-fast": TrainConfig(epochs=8, batch_size=8, lr=1e-4, weight_decay=5e-4, warmup_epochs=1),
+    "resad-fast": TrainConfig(epochs=8, batch_size=8, lr=1e-3, weight_decay=5e-4, warmup_epochs=1),
 }
 
 
