@@ -2,10 +2,11 @@
 
 ResAD inspects a class from K normal reference images of it. ``reference_paths`` picks them from
 ``<root>/<class>/train/good`` (the first K by sorted name, or a seeded draw). Training on seen
-classes uses, per class, its K references (for the residuals) and its other normal images, each
-also with one synthetic defect from the demo data's generator (``SyntheticDefects``) for the
-second training stage; every image's residuals against its class's references are computed
-once and cached (``residual_cache``), as RLR caches its features.
+classes uses, per class, its normal images and copies of them with a synthetic defect from the
+demo data's generator (``SyntheticDefects``) for the second training stage; their backbone
+features are cached once (``residual_cache``), and each batch's residuals are taken against K
+references drawn anew from the class's normal images (``ReferencePoolCache``), as the official
+training does.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset
 from .data import (IMAGENET_MEAN, IMAGENET_STD, DataError, FolderDataset, MVTecDataset, denormalize,
                    discover_classes, list_images, load_image)
 from .errors import UsageError
-from .features import FeatureCache, extract_features
+from .features import extract_features
 
 
 def reference_paths(folder, shots: int, seed: Optional[int] = None, what: str = "") -> List[Path]:
@@ -54,11 +55,19 @@ _STD = np.asarray(IMAGENET_STD, dtype=np.float32)
 class SyntheticDefects(Dataset):
     """Normal images, each with one synthetic defect (``rlr_fast.demo_data.add_defect``) and its
     mask. The same (paths, seed) always give the same images. ``others``: images of other
-    classes that a 'cut' defect pastes from (the item's own image, rotated, when empty)."""
+    classes that a 'cut' defect pastes from (the item's own image, rotated, when empty).
+    ``kinds``: the defect kinds to draw from (None: all of the generator's)."""
 
-    def __init__(self, paths: Sequence[Path], image_size: int, others: Sequence[Path] = (), seed: int = 0):
+    def __init__(self, paths: Sequence[Path], image_size: int, others: Sequence[Path] = (), seed: int = 0,
+                 kinds: Optional[Sequence[str]] = None):
+        from .demo_data import DEFECTS
+
         self.paths, self.image_size, self.seed = list(paths), image_size, seed
         self.others = list(others)
+        self.kinds = list(kinds) if kinds is not None else None
+        unknown = [k for k in self.kinds or () if k not in DEFECTS]
+        if unknown or self.kinds == []:
+            raise UsageError(f"defect kinds must be some of {', '.join(DEFECTS)}, got {', '.join(self.kinds) or 'none'}")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -72,31 +81,92 @@ class SyntheticDefects(Dataset):
         rng = np.random.default_rng([self.seed, index])
         image = self._rgb(self.paths[index])
         others = [self._rgb(p) for p in self.others] or [np.ascontiguousarray(np.rot90(image))]
-        image, mask = add_defect(image, rng, others)
+        kind = None if self.kinds is None else self.kinds[int(rng.integers(0, len(self.kinds)))]
+        image, mask = add_defect(image, rng, others, kind=kind)
         x = torch.from_numpy(((np.clip(image, 0, 1) - _MEAN) / _STD).transpose(2, 0, 1).copy())
         return {"image": x.float(), "mask": torch.from_numpy(mask[None].astype(np.float32)),
                 "path": str(self.paths[index])}
 
 
-class _WithMask(Dataset):
-    """A dataset of normal images with an all-zero mask."""
+class _Backbone:
+    """``extract_features``'s view of a few-shot model: its backbone levels as the features."""
 
-    def __init__(self, dataset: Dataset, image_size: int):
-        self.dataset, self.size = dataset, image_size
+    def __init__(self, model):
+        self.model = model
+
+    def features(self, images: torch.Tensor) -> List[torch.Tensor]:
+        return self.model.converter.levels(images)
+
+
+class ReferencePoolCache:
+    """ResAD's training set, cached as backbone features, with the residuals computed per batch.
+
+    Per seen class a pool of normal images; the training items are those images and synthetic-
+    defect copies of them. For each batch and each class in it, K references are drawn from the
+    class's pool (``torch``'s global generator, whose state the checkpoints keep, so a resumed run
+    draws the same), leaving out the images the batch's items come from (unless fewer than K
+    would remain), and each item's residual is taken against the tokens of those K images, as the
+    official training draws K new references per batch. With ``fixed`` (class -> K pool
+    positions) the references never change (and are not training items).
+
+    ``batch(indices, device)`` gives the model's residual maps per level, then the (B, 1, S, S)
+    masks: what ``ResADModel.loss`` takes, like a FeatureCache of residuals."""
+
+    def __init__(self, model, feats: List[torch.Tensor], masks: torch.Tensor, items: torch.Tensor,
+                 item_class: torch.Tensor, item_source: torch.Tensor, pools: List[torch.Tensor], shots: int,
+                 fixed: Optional[List[torch.Tensor]] = None, seconds: float = 0.0):
+        self.residual, self.backend = model.residual, model.config.backend
+        self.feats, self.masks = feats, masks  # per level (N, C, H, W); (N, 1, S, S)
+        self.items, self.item_class, self.item_source = items, item_class, item_source  # (I,) each
+        self.pools, self.shots, self.fixed, self.seconds = pools, shots, fixed, seconds  # pools[c]: feature rows
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.items)
 
-    def __getitem__(self, index: int) -> dict:
-        return {**self.dataset[index], "mask": torch.zeros(1, self.size, self.size)}
+    @property
+    def nbytes(self) -> int:
+        return sum(f.numel() * 4 for f in self.feats) + self.masks.numel() * 4
+
+    def draw(self, cls: int, sources: torch.Tensor) -> torch.Tensor:
+        """K positions in class ``cls``'s pool, none of ``sources`` where the pool allows."""
+        if self.fixed is not None:
+            return self.fixed[cls]
+        allowed = torch.ones(len(self.pools[cls]), dtype=torch.bool)
+        allowed[sources] = False
+        candidates = allowed.nonzero().flatten()
+        if len(candidates) < self.shots:
+            candidates = torch.arange(len(self.pools[cls]))
+        return candidates[torch.randperm(len(candidates))[:self.shots]].sort().values
+
+    @torch.no_grad()
+    def batch(self, indices, device="cpu") -> List[torch.Tensor]:
+        from .models.resad import match_level
+
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        rows, classes, sources = self.items[idx], self.item_class[idx], self.item_source[idx]
+        out = [torch.empty(len(idx), *f.shape[1:], device=device) for f in self.feats]
+        for cls in classes.unique().tolist():
+            picked = (classes == cls).nonzero().flatten()
+            refs = self.pools[cls][self.draw(cls, sources[picked])]
+            for level, f in enumerate(self.feats):
+                x = f[rows[picked]].to(device)
+                bank = f[refs].to(device).flatten(2).transpose(1, 2).reshape(-1, f.shape[1])  # (K * H * W, C)
+                matched, _ = match_level(x, bank, self.backend)
+                out[level][picked.to(device)] = self.residual(x, matched)
+        return out + [self.masks[rows].to(device)]
 
 
 def residual_cache(model, root, classes=None, shots: Optional[int] = None, shot_seed: Optional[int] = None,
-                   anomalies: bool = True, device="cpu", progress: bool = True, log=print) -> FeatureCache:
-    """ResAD's training cache over the seen classes of an MVTec-style ``root``: per class, the
-    residuals of its normal training images (its K references left out) against those references,
-    and, with ``anomalies``, of the same images with a synthetic defect each, with their masks.
-    Levels: the model's residual maps, then the (N, 1, S, S) masks."""
+                   anomalies: bool = True, device="cpu", progress: bool = True, log=print, redraw: bool = True,
+                   defect_kinds: Optional[Sequence[str]] = None, defect_copies: int = 1) -> ReferencePoolCache:
+    """ResAD's training set over the seen classes of an MVTec-style ``root``
+    (:class:`ReferencePoolCache`): per class, the backbone features of its normal training images
+    (the pool) and, with ``anomalies``, of ``defect_copies`` copies of each with a synthetic defect
+    of ``defect_kinds`` (None: every kind of ``rlr_fast.demo_data.add_defect``), with masks.
+
+    ``redraw`` (default): K references are drawn anew for every batch from the class's pool,
+    other than the batch's own images. ``redraw=False``: K fixed references per class (the first K
+    by name, or drawn with ``shot_seed``), left out of training."""
     shots = shots or model.config.shots
     root = Path(root)
     if not root.is_dir():
@@ -104,26 +174,57 @@ def residual_cache(model, root, classes=None, shots: Optional[int] = None, shot_
     if not discover_classes(root):
         raise DataError(f"ResAD trains on the classes of an MVTec-style folder (<class>/train/good); "
                         f"{root} has none")
+    if defect_copies < 1:
+        raise UsageError(f"defect_copies must be at least 1, got {defect_copies}")
     classes = MVTecDataset(root, classes=classes, split="train", image_size=model.image_size).classes
-    caches = []
+    backbone, size = _Backbone(model), model.image_size
+    feats, masks, seconds = [], [], 0.0
+    items, item_class, item_source, pools, fixed = [], [], [], [], []
+    offset = 0
+
+    def add(cache, with_masks: bool):
+        nonlocal offset, seconds
+        levels = [torch.as_tensor(level) for level in cache.levels]
+        n = len(levels[0])
+        feats.append(levels[:-1] if with_masks else levels)
+        masks.append(levels[-1] if with_masks else torch.zeros(n, 1, size, size))
+        seconds += cache.seconds
+        offset += n
+        return torch.arange(offset - n, offset)
+
     for ci, cls in enumerate(classes):
-        refs = class_references(root, cls, shots, shot_seed)
-        rest = [p for p in list_images(root / cls / "train" / "good") if p not in refs]
-        if not rest:
-            raise DataError(f"class {cls!r} has only its {shots} reference images in {root / cls / 'train' / 'good'}: "
-                            f"ResAD needs more normal images to train on")
-        model.set_reference(load_references(refs, model.image_size))
-        parts = [_WithMask(FolderDataset(rest, image_size=model.image_size), model.image_size)]
+        pool_paths = list_images(root / cls / "train" / "good")
+        refs = class_references(root, cls, shots, None if redraw else shot_seed)
+        if redraw:
+            train_at = list(range(len(pool_paths)))
+            if len(pool_paths) < shots + 1:
+                raise DataError(f"class {cls!r} has {len(pool_paths)} normal image(s) in {root / cls / 'train' / 'good'}: "
+                                f"ResAD needs more than the {shots} references to train on")
+        else:
+            train_at = [i for i, p in enumerate(pool_paths) if p not in refs]
+            if not train_at:
+                raise DataError(f"class {cls!r} has only its {shots} reference images in "
+                                f"{root / cls / 'train' / 'good'}: ResAD needs more normal images to train on")
+            fixed.append(torch.tensor([pool_paths.index(p) for p in refs]))
+        pool_rows = add(extract_features(backbone, FolderDataset(pool_paths, image_size=size), device=device,
+                                         progress=progress, desc=f"features {cls}"), False)
+        pools.append(pool_rows)
+        at = torch.tensor(train_at)
+        items.append(pool_rows[at]), item_class.append(torch.full((len(at),), ci)), item_source.append(at)
         if anomalies:
             others = [list_images(root / c / "train" / "good")[0] for c in classes if c != cls]
-            parts.append(SyntheticDefects(rest, model.image_size, others, seed=ci))
-        for part in parts:
-            caches.append(extract_features(model, part, device=device, progress=progress, desc=f"residuals {cls}",
-                                           with_masks=True))
-        log(f"{cls}: {len(refs)} references, {len(rest)} normal training images"
-            + (f" and {len(rest)} with a synthetic defect" if anomalies else ""))
-    levels = [torch.cat([torch.as_tensor(c.levels[i]) for c in caches]) for i in range(len(caches[0].levels))]
-    return FeatureCache(levels, sum(c.seconds for c in caches))
+            defective = SyntheticDefects([pool_paths[i] for i in train_at] * defect_copies, size, others, seed=ci,
+                                         kinds=defect_kinds)
+            rows = add(extract_features(backbone, defective, device=device, progress=progress,
+                                        desc=f"defects {cls}", with_masks=True), True)
+            items.append(rows), item_class.append(torch.full((len(rows),), ci))
+            item_source.append(at.repeat(defect_copies))
+        log(f"{cls}: {len(pool_paths)} normal images, "
+            + (f"{shots} references redrawn per batch" if redraw else f"{shots} fixed references, {len(train_at)} to train on")
+            + (f", {len(train_at) * defect_copies} with a synthetic defect" if anomalies else ""))
+    levels = [torch.cat([f[i] for f in feats]) for i in range(len(feats[0]))]
+    return ReferencePoolCache(model, levels, torch.cat(masks), torch.cat(items), torch.cat(item_class),
+                              torch.cat(item_source), pools, shots, fixed if not redraw else None, seconds)
 
 
 def evaluate_fewshot(model, root, shots: int, shot_seed: Optional[int] = None, classes=None, log=print,

@@ -75,7 +75,7 @@ RECIPES = {
     # at epochs 70 and 90 is left out); "resad-fast" is for minutes on a CPU (see the README).
     "resad": TrainConfig(epochs=100, batch_size=32, lr=1e-5, weight_decay=5e-4, warmup_epochs=0,
                          schedule="constant", amp="none"),
-    "resad-fast": TrainConfig(epochs=8, batch_size=8, lr=1e-4, weight_decay=5e-4, warmup_epochs=1, amp="none"),
+    "resad-fast": TrainConfig(epochs=8, batch_size=8, lr=1e-3, weight_decay=5e-4, warmup_epochs=1, amp="none"),
 }
 
 
@@ -285,16 +285,25 @@ def _restore_cuda_rng(states) -> None:
             torch.cuda.set_rng_state(state, index)
 
 
-def _epoch_totals(loss_sum: float, seen: int, seconds: float, world: int, device):
-    """(loss sum, images, seconds) of the epoch over every rank: images summed, the time of the
-    slowest rank, so images / seconds is the throughput of the whole job."""
+def _epoch_totals(loss_sum: float, seen: int, seconds: float, world: int, device, terms=None):
+    """(loss sum, images, seconds, term sums) of the epoch over every rank: images and sums
+    summed, the time of the slowest rank, so images / seconds is the throughput of the whole job.
+    ``terms``: the model's named loss terms, each summed over the epoch's images (or None)."""
+    terms = dict(terms or {})
     if world == 1:
-        return loss_sum, seen, seconds
-    sums = torch.tensor([loss_sum, seen], dtype=torch.float64, device=device)
+        return loss_sum, seen, seconds, terms
+    sums = torch.tensor([loss_sum, seen, *terms.values()], dtype=torch.float64, device=device)
     slowest = torch.tensor([seconds], dtype=torch.float64, device=device)
     dist.all_reduce(sums)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return float(sums[0]), int(sums[1]), float(slowest)
+    return float(sums[0]), int(sums[1]), float(slowest), dict(zip(terms, sums[2:].tolist()))
+
+
+def _add_terms(sums: dict, model, images: int) -> None:
+    """Add a model's named loss terms of the last step (``model.last_terms``: name -> float, set
+    by its ``loss``; absent for a model with a single term) to ``sums``, weighted by images."""
+    for name, value in (getattr(model, "last_terms", None) or {}).items():
+        sums[name] = sums.get(name, 0.0) + float(value) * images
 
 
 def _write_log(out_dir: Path, history: list) -> None:
@@ -371,7 +380,8 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
           val_cache: Optional[FeatureCache] = None) -> list:
     """Train `model` on cached features; checkpoint every epoch into `out_dir`. Returns the history
     (one dict per epoch: epoch, loss, lr, grad_norm (mean over the epoch's steps, before any
-    clipping), images (of every rank), seconds, images_per_s; val_loss with a `val_cache`;
+    clipping), images (of every rank), seconds, images_per_s; ``terms``, the epoch means of the
+    model's named loss terms when its loss sets ``last_terms``; val_loss with a `val_cache`;
     warning when the loss rose well above its best).
 
     The run keeps two files: ``checkpoint.pt``, the latest state (for --resume), and
@@ -432,7 +442,7 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
             model.begin_epoch(epoch, cfg.epochs)
         # The order of an epoch depends only on (seed, epoch): a resumed run sees the same batches.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        t0, total, seen = clock(device), 0.0, 0
+        t0, total, seen, term_sums = clock(device), 0.0, 0, {}
         bar = progress_bar(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                            enabled=progress and rank == 0, leave=False)
         grad_norms = []
@@ -453,13 +463,16 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
             scaler.update()
             scheduler.step()
             total += value * len(idx)
+            _add_terms(term_sums, model, len(idx))
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}", img_per_s=f"{seen * world / (time.perf_counter() - t0):.1f}")
-        total, seen, seconds = _epoch_totals(total, seen, clock(device) - t0, world, device)
+        total, seen, seconds, term_sums = _epoch_totals(total, seen, clock(device) - t0, world, device, term_sums)
         finite_norms = [g for g in grad_norms if math.isfinite(g)]  # fp16 scaler steps it skipped are inf
         record = {"epoch": epoch + 1, "loss": total / max(1, seen), "lr": optimizer.param_groups[0]["lr"],
                   "grad_norm": round(sum(finite_norms) / max(1, len(finite_norms)), 4),
                   "images": seen, "seconds": round(seconds, 3), "images_per_s": round(seen / seconds, 2)}
+        if term_sums:
+            record["terms"] = {k: v / max(1, seen) for k, v in term_sums.items()}
         if val_cache is not None:
             record["val_loss"] = validation_loss(model, val_cache, device, amp_dtype)
         warning = _rise_warning(history, record, cfg)
@@ -473,9 +486,10 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
                                             or not (out_dir / BEST).is_file()):
                 save_best(out_dir / BEST, model, record, extra)
             _write_log(out_dir, history)
+            terms = "".join(f"  {k} {v:.4g}" for k, v in record.get("terms", {}).items())
             val = f"  held-out {record['val_loss']:.4f}" if "val_loss" in record else ""
-            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}{val}  {record['images_per_s']:.1f} img/s"
-                + (f"  warning: {warning}" if warning else ""))
+            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}{terms}{val}  "
+                f"{record['images_per_s']:.1f} img/s" + (f"  warning: {warning}" if warning else ""))
         if on_epoch_end is not None:
             on_epoch_end(model, record)
             model.train()

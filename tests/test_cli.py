@@ -73,7 +73,7 @@ def test_resad_train_resume_test_predict(data, unseen, tmp_path, capsys):
     assert main(["train", *common, "--epochs", "2", "--resume"]) == 0
     out = capsys.readouterr().out
     assert "resuming" in out
-    assert "brick: 2 references, 2 normal training images and 2 with a synthetic defect" in out
+    assert "brick: 4 normal images, 2 references redrawn per batch, 4 with a synthetic defect" in out
 
     assert main(["test", "--data", str(unseen), "--run", str(run), "--shots", "2", "--shot-seed", "5",
                  "--json", str(tmp_path / "m.json"), "--no-progress"]) == 0

@@ -36,9 +36,9 @@ def _brute_force_match(feature, refs):
     return out
 
 
-@pytest.mark.parametrize("residual", ["squared", "difference"])
-def test_residuals_use_the_nearest_reference_token_of_any_position(residual):
-    model = _model(residual=residual).eval()
+@pytest.mark.parametrize("residual,normalize", [("squared", "none"), ("difference", "none"), ("squared", "token")])
+def test_residuals_use_the_nearest_reference_token_of_any_position(residual, normalize):
+    model = _model(residual=residual, normalize=normalize).eval()
     refs, images = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
     model.set_reference(refs)
     got = model.features(images)
@@ -46,7 +46,12 @@ def test_residuals_use_the_nearest_reference_token_of_any_position(residual):
     for level in (0, 2):  # the largest and the smallest grid
         for b in range(2):
             matched = _brute_force_match(feats[level][b], ref_feats[level])
-            diff = feats[level][b].double() - matched
+            f = feats[level][b].double()
+            if normalize == "token":  # each token (channel vector) scaled to norm sqrt(C)
+                c = f.shape[0]
+                f = f / f.norm(dim=0, keepdim=True) * math.sqrt(c)
+                matched = matched / matched.norm(dim=0, keepdim=True) * math.sqrt(c)
+            diff = f - matched
             want = diff.pow(2) if residual == "squared" else diff
             torch.testing.assert_close(got[level][b].double(), want, atol=1e-5, rtol=1e-5)
 
@@ -248,7 +253,7 @@ def test_stage_two_learns_to_separate_anomalous_tokens(tmp_path):
     under the normal tokens' (the boundary losses' purpose)."""
     n = 8
     g = torch.Generator().manual_seed(1)
-    model = _model(first_stage=0.2)
+    model = _model(first_stage=0.2, match_alpha=0.0)
     masks = torch.zeros(n, 1, 64, 64)
     masks[n // 2:, :, 16:48, 16:48] = 1
     levels = []
@@ -277,3 +282,177 @@ def test_the_same_seed_builds_the_same_model():
         torch.testing.assert_close(w @ w.t(), torch.eye(len(w), dtype=torch.float64), atol=1e-6, rtol=0)
         assert torch.linalg.det(w).item() == pytest.approx(1.0, abs=1e-5)
         torch.testing.assert_close(block.w_perm_inv.view(w.shape).double(), w.t())
+
+
+# ------------------------------------------------------------------------------------------------
+# Test-time matching, reference calibration, redrawn references, stage 1, per-term log, export
+# ------------------------------------------------------------------------------------------------
+
+def _flow_logp(model, residual, level):
+    """logp (N,) of residual maps (B, C, H, W) through the constraintor and flow, by hand."""
+    e = model.constraintor[level](residual).permute(0, 2, 3, 1).reshape(-1, residual.shape[1])
+    pos = getattr(model, f"pos{level}").repeat(residual.shape[0], 1)
+    z, log_det = model.flows[level](e, c=[pos])
+    return log_likelihoods(z, log_det)[0]
+
+
+def test_calibration_is_the_leave_one_reference_out_maximum():
+    model = _model(shots=3).eval()
+    refs = torch.randn(3, 3, 64, 64)
+    model.set_reference(refs)
+    other = _model(shots=3).eval()  # the same weights; its own converter, set to K - 1 references
+    other.load_state_dict(model.state_dict())
+    want = torch.full((3,), -float("inf"))
+    with torch.no_grad():
+        for i in range(3):
+            other.converter.set_reference(torch.cat([refs[:i], refs[i + 1:]]))
+            residuals = other.features(refs[i:i + 1])[:3]
+            for level in range(3):
+                want[level] = max(want[level], _flow_logp(model, residuals[level], level).max())
+    torch.testing.assert_close(model.logp_ref, want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(model.normalizer(), want, atol=1e-4, rtol=1e-5)
+    model.logp_max.fill_(-3.0)  # one reference: no other to score it against, training's maximum
+    model.set_reference(refs[:1])
+    assert torch.isnan(model.logp_ref).all() and torch.equal(model.normalizer(), model.logp_max)
+    model.config.calibrate = False
+    model.set_reference(refs)
+    assert torch.equal(model.normalizer(), model.logp_max)
+
+
+def test_calibration_leaves_the_training_state_alone():
+    model = _model(shots=2).train()
+    running = [m.running_mean.clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    model.set_reference(torch.randn(2, 3, 64, 64))
+    assert model.training
+    after = [m.running_mean for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(running, after))
+
+
+def test_test_time_matching_blends_the_nearest_reference_map():
+    """map(alpha) = (1 - alpha) map(0) + alpha * blur(mean over levels of 1 - best cosine)."""
+    from rlr_fast.models.layers import gaussian_blur
+
+    alpha = 0.4
+    model = _model(match_alpha=alpha).eval()
+    plain = _model(match_alpha=0.0).eval()
+    model.logp_max.fill_(-1.0)
+    plain.logp_max.fill_(-1.0)
+    refs, images = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    model.set_reference(refs)
+    plain.set_reference(refs)
+    with torch.no_grad():
+        got, base = model(images), plain(images)
+        maps = []
+        for f, bank in zip(model.converter.levels(images), model.converter.bank):
+            tokens = f.flatten(2).transpose(1, 2)  # (B, HW, C)
+            best = (F.normalize(tokens, dim=2) @ F.normalize(bank, dim=1).t()).amax(2)
+            sim = best.view(f.shape[0], 1, *f.shape[-2:])
+            maps.append(F.interpolate(1 - sim, size=(64, 64), mode="bilinear", align_corners=True))
+        knn = gaussian_blur(torch.stack(maps).mean(0), model.config.score_sigma)
+    want = (1 - alpha) * base.anomaly_map + alpha * knn
+    torch.testing.assert_close(got.anomaly_map, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.score, want.amax(dim=(1, 2, 3)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="match_alpha"):
+        _model(match_alpha=1.5)
+
+
+def _seen_classes(root, classes=("aa", "bb"), n=6, size=64):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for ci, cls in enumerate(classes):
+        for i in range(n):
+            folder = root / cls / "train" / "good"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (torch.rand(size, size, 3, generator=g) * 255).byte().numpy()
+            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
+def test_training_references_are_redrawn_per_batch_and_give_the_converters_residuals(tmp_path):
+    from rlr_fast.fewshot import load_references, residual_cache
+    from rlr_fast.data import list_images
+
+    root = _seen_classes(tmp_path)
+    model = _model(shots=2).eval()
+    cache = residual_cache(model, root, shots=2, anomalies=False, progress=False, log=lambda *a: None)
+    assert len(cache) == 12  # every normal image trains, and is a reference of the others
+    items = [0, 1, 7]  # class aa's images 0 and 1, class bb's image 1
+    torch.manual_seed(5)
+    got = cache.batch(items)
+    torch.manual_seed(5)  # the same draws, by hand: class by class, the batch's own images left out
+    drawn = {0: cache.draw(0, torch.tensor([0, 1])), 1: cache.draw(1, torch.tensor([1]))}
+    assert not {0, 1} & set(drawn[0].tolist()) and 1 not in drawn[1].tolist() and len(drawn[0]) == 2
+    for row, (cls, index) in zip(range(3), [("aa", 0), ("aa", 1), ("bb", 1)]):
+        paths = list_images(root / cls / "train" / "good")
+        model.set_reference(load_references([paths[i] for i in drawn[0 if cls == "aa" else 1]], 64))
+        want = model.features(load_references([paths[index]], 64))[:3]
+        for level in range(3):
+            torch.testing.assert_close(got[level][row:row + 1], want[level], atol=1e-4, rtol=1e-4)
+    assert got[3].shape == (3, 1, 64, 64) and got[3].abs().sum() == 0  # normal images: empty masks
+    draws = {tuple(cache.draw(0, torch.tensor([0])).tolist()) for _ in range(20)}
+    assert len(draws) > 1  # redrawn, not fixed
+    fixed = residual_cache(model, root, shots=2, anomalies=True, progress=False, log=lambda *a: None,
+                           redraw=False, defect_kinds=["hole"], defect_copies=2)
+    assert len(fixed) == 2 * (4 + 4 * 2)  # per class 4 non-reference images, each twice with a defect
+    assert all(torch.equal(fixed.draw(c, torch.tensor([2])), torch.tensor([0, 1])) for c in (0, 1))
+    masks = fixed.batch(range(len(fixed)))[3]
+    assert (masks.flatten(1).amax(1) > 0).sum() == 16
+    with pytest.raises(ValueError, match="defect kinds"):
+        residual_cache(model, root, shots=2, progress=False, log=lambda *a: None, defect_kinds=["dent"])
+
+
+def test_stage_one_keeps_anomalous_images_out_of_the_batch_norm_statistics():
+    """One stage-1 step on a batch of two normal and two defective images moves the batch norm's
+    running statistics exactly as the two normal images alone do."""
+    cache = _cache(n=4)  # images 2 and 3 have a defect
+    feats = cache.batch([0, 1, 2, 3])
+    a, b = _model().train(), _model().train()
+    a.stage = b.stage = 1
+    a.loss(feats)
+    b.loss([f[:2] for f in feats])
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        if "running" in name:
+            assert torch.equal(x, y), name
+    untouched = _model().state_dict()
+    assert not torch.equal(a.constraintor[0][1].running_mean, untouched["constraintor.0.1.running_mean"])
+
+
+def test_short_training_lowers_each_term_that_should_fall(tmp_path):
+    """Residual-like maps with larger anomalous tokens: over a short training the likelihood and
+    constraintor terms of stage 2 fall (the boundary term chases a moving boundary and is not
+    asked to); every term is logged per epoch in log.jsonl."""
+    n = 16
+    g = torch.Generator().manual_seed(2)
+    model = _model(first_stage=0.1, match_alpha=0.0)
+    masks = torch.zeros(n, 1, 64, 64)
+    masks[n // 2:, :, 8:40, 16:48] = 1
+    levels = []
+    for c, grid in zip(model.converter.backbone.channels, model.grids):
+        m = F.interpolate(masks, size=grid, mode="nearest")
+        levels.append(0.2 * torch.rand(n, c, *grid, generator=g) + 2.0 * m * torch.rand(n, c, *grid, generator=g))
+    train(model, FeatureCache(levels + [masks]), tmp_path, TrainConfig(epochs=8, batch_size=8, lr=3e-3, amp="none"),
+          progress=False, log=lambda m: None)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    names = {"nll_normal", "nll_anomalous", "focal", "boundary", "constraint_shell", "constraint_invariance",
+             "constraint_push_out"}
+    assert all(set(r["terms"]) == names for r in log)
+    for r in log:  # the terms add up to the loss
+        assert sum(r["terms"].values()) == pytest.approx(r["loss"], rel=1e-5)
+    first, last = log[1]["terms"], log[-1]["terms"]  # the first and last stage-2 epochs
+    for name in ("nll_normal", "nll_anomalous", "focal", "constraint_shell", "constraint_invariance"):
+        assert last[name] < first[name], (name, first[name], last[name])
+
+
+def test_export_of_a_resad_run_is_a_one_line_error(tmp_path, capsys):
+    from rlr_fast.cli import main
+
+    model = _model()
+    save_checkpoint(tmp_path / "checkpoint.pt", model)
+    for fmt in ("onnx", "openvino"):
+        code = main(["export", "--run", str(tmp_path), "--format", fmt])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and "resad" in err.lower() and "weights" in err and "Traceback" not in err
+        assert len(err.splitlines()) == 1
+    assert main(["export", "--run", str(tmp_path), "--format", "weights"]) == 0
+    assert load_model(tmp_path / "weights.pt").name == "resad"

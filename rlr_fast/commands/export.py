@@ -25,6 +25,12 @@ def run(args) -> int:
     from ..training import load_model
 
     model = load_model(args.run, "cpu")
+    if model.name == "resad" and args.format != "weights":
+        # Not exported: its graph would hold the reference features of one class (or take them as
+        # inputs) and FrEIA's flows and the nearest-reference search, none of them traced yet.
+        raise UsageError(f"--format {args.format}: ResAD runs cannot be exported as a graph yet (its reference "
+                         f"images change per class); use --format weights, or predict with `rlr-fast predict "
+                         f"--reference`")
     if args.image_size is not None and (args.image_size, args.image_size) != tuple(model.input_size):
         raise UsageError(f"--image-size {args.image_size}: this run was trained at {model.image_size} px and its "
                          f"model only takes that size (its learnable reference has one token per position of "

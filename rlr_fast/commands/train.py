@@ -36,7 +36,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=("rlr", "uniad", "resad"), help="model (default: rlr)")
     p.add_argument("--recipe", choices=("fast", "paper"),
                    help="fast: converges in minutes on a CPU (default); paper: the paper's schedule")
-    add_shot_options(p, "ResAD: K reference images per seen class, from its train/good (default 4)")
+    add_shot_options(p, "ResAD: K reference images per seen class, drawn anew for every batch from its train/good "
+                        "(default 4); with --shot-seed, K fixed ones drawn with that seed, left out of training")
     p.add_argument("--residual", choices=("squared", "difference"),
                    help="ResAD's residual: (f - r)^2 as the official code (default) or f - r as the paper")
     p.add_argument("--epochs", type=options.positive_int,
@@ -214,7 +215,7 @@ def run(args) -> int:
         from ..fewshot import residual_cache
 
         cache = residual_cache(model, args.data, args.classes, model.config.shots, args.shot_seed,
-                               device=device, progress=not args.no_progress, log=say)
+                               device=device, progress=not args.no_progress, log=say, redraw=args.shot_seed is None)
         val_cache = None
     else:
         # Images held out of training for the validation loss that picks the best epoch (the

@@ -7,7 +7,8 @@ retraining. Its three parts, per backbone level (the official code: github xcyao
    against the most cosine-similar token of the same level over all tokens of the K reference
    images (any position), found with :func:`rlr_fast.nearest_reference`. The paper writes the
    residual as the difference ``f - r``; the official code uses the squared difference
-   ``(f - r) ** 2``. Both are offered (``residual="difference"`` or ``"squared"``).
+   ``(f - r) ** 2``. Both are offered (``residual="difference"`` or ``"squared"``), of the
+   features scaled to norm sqrt(C) per token (``normalize="token"``, see below).
 2. Feature constraintor: a 3x3 conv, batch norm and ReLU (the official ``MultiScaleConv``),
    trained with the official hypersphere loss (``hypersphere_loss``).
 3. Feature distribution estimator: a conditional normalizing flow of FrEIA ``AllInOneBlock``
@@ -19,23 +20,39 @@ Anomaly map, as the official ``validate.py``: per level the token log-likelihood
 ``logp``; (a) ``exp(logp - c)`` upsampled and summed over levels, turned into an anomaly score by
 negation, and (b) the probability of the abnormal centre ``softmax([logp, logp_a])[1]``
 upsampled and averaged over levels; each Gaussian-filtered (sigma 4), the map is their mean and
-the image score its maximum.
+the image score its maximum. Test-time matching (``match_alpha``, 0.4 by default): the map is
+then ``(1 - alpha) * map + alpha * knn``, ``knn`` the few-shot matching map of the similarities
+the converter found (1 - cosine, levels averaged, filtered alike), as ``FewShotKNN``'s.
 
 Deviations from the official code, and why:
 
 - Backbone: the embedded ``tf_efficientnet_lite0`` at indices (1, 2, 3) (strides 4/8/16, as
   WideResNet50's layers 1-3 in the paper), so that it runs offline; any timm backbone by name.
-- Training references: K images per seen class drawn once (``rlr_fast.fewshot``) instead of a
-  new random draw every batch, so the residuals are a fixed function of the image and are
-  cached like RLR's features; the reference images themselves are left out of training.
+- Feature scale (``normalize="token"``): each token's features and its match are scaled to
+  norm sqrt(C) before the residual. The embedded Lite0's features are unnormalised (token norms
+  of about 300), so their squared residuals reached 1e3 per element and the constraintor's
+  invariance term (MSE of its output to its input on anomalous tokens) held the stage-2 loss at
+  about 5e4, a target no batch-normalised output can reach; scaled, residuals are of order 1
+  like the official WideResNet50's. The match (by cosine) is unchanged.
+- Training references: K images drawn anew per batch from each class's normal images, as the
+  official training, but from cached backbone features (``rlr_fast.fewshot.ReferencePoolCache``:
+  the residuals are recomputed per batch, the backbone is not), leaving out the batch's own
+  images (the official draw may pick them).
 - Normalisation constant ``c`` of (a): the official code subtracts the maximum log-likelihood
   of the whole test set, which makes an image's score depend on the other test images. Here
-  ``c`` is a per-level running average of the batch maximum of normal training tokens
-  (``logp_max``), so a single image gets the same score alone or in a batch; shifting (a) by a
-  constant does not change any ranking.
-- Stage 1 learns from normal tokens only (the official stage 1 loads only normal images);
-  anomalous tokens of a batch are ignored until stage 2. The flow sees all tokens of a batch in
-  one step (the official code takes random chunks of 8192 tokens with one step each).
+  ``c`` is per level the maximum log-likelihood of the K reference images' own tokens, each
+  against the other K - 1 (``calibrate``, set by ``set_reference``), so it fits the class being
+  inspected and a single image gets the same score alone or in a batch; with K = 1, and with
+  ``calibrate=False``, the running maximum of normal training tokens (``logp_max``). A constant
+  per level matters: the levels are summed, and (a) is averaged with (b).
+- Test-time matching: the official code's ``fdm_alpha`` 0.4 is ResAD++'s feature distribution
+  matching of the residuals towards their vector-quantised codes (sorted values moved 60% of
+  the way), which needs the quantiser; here the same weight blends the nearest-reference
+  similarity, which the converter computes anyway, into the map (``match_alpha``).
+- Stage 1 learns from the normal images of a batch only (the official stage 1 loads only normal
+  images), so anomalous tokens reach neither its losses nor the batch norm's statistics. The
+  flow sees all tokens of a batch in one step (the official code takes random chunks of 8192
+  tokens with one step each).
 - ResAD++'s extras (vector quantisation, ImageBind) are not part of the paper and are left out.
 """
 from __future__ import annotations
@@ -67,6 +84,9 @@ class ResADConfig:
     backbone_weights: str = "default"
     out_indices: Tuple[int, ...] = (1, 2, 3)  # strides 4, 8, 16
     residual: str = "squared"  # "squared" (official code) or "difference" (paper); see README
+    # Scale of the features before the residual: "token" (each token L2-normalised, times sqrt(C):
+    # residual elements of order 1 whatever the backbone, as the official WideResNet50's), or "none"
+    normalize: str = "token"
     shots: int = 4  # reference images per class
     coupling_layers: int = 10
     clamp_alpha: float = 1.9
@@ -76,7 +96,16 @@ class ResADConfig:
     margin_tau: float = 0.1  # abnormal boundary = normal boundary - margin_tau
     bgspp_lambda: float = 1.0  # weight of the boundary-guided losses
     score_sigma: float = 4.0
+    # Test-time feature matching: the map is (1 - match_alpha) ResAD's + match_alpha the kNN map
+    # (1 - nearest-reference cosine similarity, levels averaged, blurred alike); 0 turns it off
+    match_alpha: float = 0.4
+    # Normalise each level's log-likelihood by its maximum over the K references' own tokens, each
+    # reference against the other K - 1 (with K = 1: the running maximum of training, logp_max)
+    calibrate: bool = True
     backend: str = "auto"  # nearest_reference backend
+
+
+NORMALIZATIONS = ("token", "none")
 
 
 def _tokens(feature: torch.Tensor) -> torch.Tensor:
@@ -112,13 +141,30 @@ class ResidualConverter(nn.Module):
         if self.bank is None:
             raise ValueError("no reference images: call set_reference(images) with K normal images "
                              "of the class being inspected first")
-        out = []
-        for f, bank in zip(self.levels(images), self.bank):
-            bank = bank.to(f.device, f.dtype)
-            index, sim = nearest_reference(_tokens(f), bank, backend=self.backend)
-            matched = bank[index].transpose(1, 2).reshape(f.shape)  # gather the features themselves
-            out.append((f, matched, sim.view(f.shape[0], *f.shape[-2:])))
-        return out
+        return [(f, *match_level(f, bank, self.backend)) for f, bank in zip(self.levels(images), self.bank)]
+
+
+@torch.no_grad()
+def match_level(f: torch.Tensor, bank: torch.Tensor, backend: str = "auto"):
+    """Features f (B, C, H, W) against a bank of reference tokens (M, C): (the nearest reference
+    token of each, by cosine similarity, (B, C, H, W); that similarity (B, H, W))."""
+    bank = bank.to(f.device, f.dtype)
+    index, sim = nearest_reference(_tokens(f), bank, backend=backend)
+    matched = bank[index].transpose(1, 2).reshape(f.shape)  # gather the features themselves
+    return matched, sim.view(f.shape[0], *f.shape[-2:])
+
+
+def residual_of(f: torch.Tensor, matched: torch.Tensor, residual: str = "squared",
+                normalize: str = "token") -> torch.Tensor:
+    """The residual (B, C, H, W) of features f and their matched reference features. With
+    ``normalize="token"`` both are first scaled to norm sqrt(C) per token, so the residual's
+    scale no longer depends on the backbone's (the embedded Lite0's squared residuals reach 1e3
+    per element, the official WideResNet50's are of order 1); the match is by cosine, unchanged."""
+    if normalize == "token":
+        scale = math.sqrt(f.shape[1])
+        f, matched = F.normalize(f, dim=1) * scale, F.normalize(matched, dim=1) * scale
+    diff = f - matched
+    return diff.pow(2) if residual == "squared" else diff
 
 
 class _ReferenceMixin:
@@ -126,7 +172,10 @@ class _ReferenceMixin:
 
     def set_reference(self, images: torch.Tensor):
         self.check_images(images)
-        self.converter.set_reference(images.to(next(self.parameters()).device))
+        images = images.to(next(self.parameters()).device)
+        self.converter.set_reference(images)
+        if hasattr(self, "calibrate_to_references"):
+            self.calibrate_to_references(images)
         return self
 
 
@@ -183,8 +232,9 @@ def _barrier(x: torch.Tensor) -> torch.Tensor:
     return (F.softplus(x) * torch.exp(x).detach()).mean() if x.numel() else x.new_zeros(())
 
 
-def hypersphere_loss(features: torch.Tensor, anomalous: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The official one-class loss of the constraintor (``calculate_log_barrier_bi_occ_loss``).
+def hypersphere_terms(features: torch.Tensor, anomalous: torch.Tensor, target: torch.Tensor) -> dict:
+    """The official one-class loss of the constraintor (``calculate_log_barrier_bi_occ_loss``), by
+    term: ``shell`` (normal tokens), ``invariance`` and ``push_out`` (anomalous tokens).
 
     features (N, C) after the constraintor, target (N, C) its input, anomalous (N,) bool. With
     radius A = sqrt(||f|| + 1) - 1: normal tokens are pulled into the shell [r_min, r_max]
@@ -193,19 +243,25 @@ def hypersphere_loss(features: torch.Tensor, anomalous: torch.Tensor, target: to
     """
     radius = torch.sqrt(features.norm(dim=1) + 1) - 1
     normal = radius[~anomalous]
-    loss = features.new_zeros(())
+    zero = features.new_zeros(())
+    terms = {"shell": zero, "invariance": zero, "push_out": zero}
     r_max = 0.4
     if anomalous.any():
         r_max = min(0.9 * radius[anomalous].min().item(), 0.4)
     r_min = 0.99 * r_max
     if normal.numel():
-        loss = loss + _barrier(normal[normal > r_max] - r_max) + _barrier(r_min - normal[normal < r_min])
+        terms["shell"] = _barrier(normal[normal > r_max] - r_max) + _barrier(r_min - normal[normal < r_min])
     if anomalous.any():
         f, t, ra = features[anomalous], target[anomalous], radius[anomalous]
-        loss = loss + F.mse_loss(f, t) + (1 - F.cosine_similarity(f, t, dim=1)).mean()
+        terms["invariance"] = F.mse_loss(f, t) + (1 - F.cosine_similarity(f, t, dim=1)).mean()
         bound = r_max + 0.1
-        loss = loss + _barrier(bound - ra[ra < bound])
-    return loss
+        terms["push_out"] = _barrier(bound - ra[ra < bound])
+    return terms
+
+
+def hypersphere_loss(features: torch.Tensor, anomalous: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The sum of :func:`hypersphere_terms`."""
+    return sum(hypersphere_terms(features, anomalous, target).values())
 
 
 def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
@@ -214,6 +270,13 @@ def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, sm
     one_hot = F.one_hot(target.long(), 2).to(probs.dtype).clamp(smooth, 1 - smooth)
     pt = (one_hot * probs).sum(1) + smooth
     return (-(1 - pt).pow(gamma) * pt.log()).mean()
+
+
+def matching_map(sims: List[torch.Tensor], size, sigma: float) -> torch.Tensor:
+    """The few-shot matching map (B, 1, S, S): per level 1 - the nearest-reference cosine
+    similarity (B, 1, H, W), upsampled, averaged over levels, Gaussian-filtered."""
+    maps = [F.interpolate(1 - sim, size=size, mode="bilinear", align_corners=True) for sim in sims]
+    return gaussian_blur(torch.stack(maps).mean(0), sigma)
 
 
 def _attach_converter(model, cfg) -> None:
@@ -246,6 +309,10 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
             raise ValueError(f"residual must be one of {', '.join(RESIDUALS)}, got {cfg.residual!r}")
         if cfg.shots < 1:
             raise ValueError(f"shots must be at least 1, got {cfg.shots}")
+        if cfg.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {cfg.normalize!r}")
+        if not 0 <= cfg.match_alpha <= 1:
+            raise ValueError(f"match_alpha must be in [0, 1], got {cfg.match_alpha}")
         cfg.out_indices = tuple(int(i) for i in cfg.out_indices)
         self.config = cfg
         _attach_converter(self, cfg)
@@ -261,6 +328,9 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
         # each level (official BoundaryAverager, momentum 0.9) and the normalisation constant c.
         self.register_buffer("boundary", torch.zeros(levels))
         self.register_buffer("logp_max", torch.zeros(levels))
+        # The normalisation constant of the current references (calibrate_to_references); not
+        # saved: it belongs to the class being inspected, not to the trained model.
+        self.register_buffer("logp_ref", torch.full((levels,), float("nan")), persistent=False)
         self.stage = 1
 
     def begin_epoch(self, epoch: int, epochs: int) -> None:
@@ -269,11 +339,46 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> List[torch.Tensor]:
-        out = []
-        for f, matched, _ in self.converter.match(images):
-            diff = f - matched
-            out.append(diff.pow(2) if self.config.residual == "squared" else diff)
-        return out
+        """Per level the residual maps (B, C, H, W), then per level the nearest-reference cosine
+        similarity (B, 1, H, W) (test-time matching); ``loss`` and training use the residuals."""
+        matches = self.converter.match(images)
+        return [self.residual(f, matched) for f, matched, _ in matches] + [sim.unsqueeze(1) for _, _, sim in matches]
+
+    def residual(self, f: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
+        return residual_of(f, matched, self.config.residual, self.config.normalize)
+
+    @torch.no_grad()
+    def calibrate_to_references(self, images: torch.Tensor) -> None:
+        """``logp_ref``: per level, the maximum log-likelihood of the K reference images' tokens,
+        each reference's residuals taken against the other K - 1 (leave one reference out), in
+        eval mode. With one reference there is no other: NaN, and scoring falls back to the
+        running maximum of training (``logp_max``)."""
+        self.logp_ref.fill_(float("nan"))
+        k = images.shape[0]
+        if k < 2:
+            return
+        was_training = self.training
+        self.eval()
+        try:
+            with full_precision(images.device):
+                feats = [f.float() for f in self.converter.levels(images)]
+                for level, f in enumerate(feats):
+                    best = -float("inf")
+                    for i in range(k):
+                        others = torch.cat([f[:i], f[i + 1:]])
+                        bank = _tokens(others).reshape(-1, f.shape[1])
+                        matched, _ = match_level(f[i:i + 1], bank, self.config.backend)
+                        logp, _ = self._level_logp(self.residual(f[i:i + 1], matched), level)
+                        best = max(best, logp.max().item())
+                    self.logp_ref[level] = best
+        finally:
+            self.train(was_training)
+
+    def _level_logp(self, residual: torch.Tensor, level: int):
+        """(logp, logp_a), each (B * H * W,), of a level's residual maps (B, C, H, W)."""
+        e, _, pos = self._level_tokens(residual, level)
+        z, log_det = self.flows[level](e, c=[pos])
+        return log_likelihoods(z, log_det)
 
     def _level_tokens(self, residual: torch.Tensor, level: int):
         """Constraintor output e (N, C), its input (N, C) and the positional condition (N, P)."""
@@ -288,10 +393,21 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
 
     def loss(self, feats: List[torch.Tensor]) -> torch.Tensor:
         """Per level: hypersphere loss of the constraintor plus the flow loss on its (detached)
-        output. Stage 2 adds the anomalous tokens: see ``flow_loss``."""
+        output. Stage 2 adds the anomalous tokens: see ``flow_terms``. Each named term, summed
+        over the levels, is left in ``self.last_terms`` (floats) for the training log."""
         levels = len(self.flows)
-        residuals, mask = feats[:levels], (feats[levels] if len(feats) > levels else None)
-        total = 0.0
+        # feats: L residual maps, then optionally L similarity maps (features()), then the mask
+        residuals = feats[:levels]
+        mask = feats[-1] if len(feats) in (levels + 1, 2 * levels + 1) else None
+        if self.stage == 1 and mask is not None:
+            # Stage 1 sees normal images only (as the official stage 1, whose loader has no
+            # anomalies), so that anomalous tokens reach neither a loss nor the batch norm's statistics.
+            normal = mask.flatten(1).amax(1) <= 0.5
+            if not normal.any():  # nothing to learn from: a zero that still has a graph
+                self.last_terms = {}
+                return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            residuals, mask = [r[normal] for r in residuals], mask[normal]
+        terms = {}
         for level, residual in enumerate(residuals):
             e, target, pos = self._level_tokens(residual, level)
             if mask is None:
@@ -301,55 +417,80 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
                 anomalous = _tokens(m).reshape(-1) > 0.5
             keep = ~anomalous if self.stage == 1 else torch.ones_like(anomalous)
             e, target, pos, anomalous = e[keep], target[keep], pos[keep], anomalous[keep]
-            total = total + hypersphere_loss(e, anomalous, target)
-            total = total + self.flow_loss(level, e.detach(), pos, anomalous)
-        return total
+            level_terms = {f"constraint_{k}": v for k, v in hypersphere_terms(e, anomalous, target).items()}
+            level_terms.update(self.flow_terms(level, e.detach(), pos, anomalous))
+            for k, v in level_terms.items():
+                terms[k] = terms.get(k, 0.0) + v
+        self.last_terms = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
+        return sum(terms.values())
 
     def flow_loss(self, level: int, e: torch.Tensor, pos: torch.Tensor, anomalous: torch.Tensor) -> torch.Tensor:
-        """The official flow loss (``train.py``): -log sigmoid(logp) of normal tokens; with
-        anomalies also -log sigmoid(logp_a) of anomalous ones, a focal loss on the two centres'
-        softmax, and the boundary-guided semi-push-pull losses (normal logp below the boundary
-        b_n pulled up, anomalous logp above b_a = b_n - tau pushed down)."""
+        """The sum of :func:`flow_terms`."""
+        return sum(self.flow_terms(level, e, pos, anomalous).values())
+
+    def flow_terms(self, level: int, e: torch.Tensor, pos: torch.Tensor, anomalous: torch.Tensor) -> dict:
+        """The official flow loss (``train.py``), by term: ``nll_normal``, -log sigmoid(logp) of
+        normal tokens; with anomalies also ``nll_anomalous``, -log sigmoid(logp_a) of anomalous
+        ones, ``focal``, a focal loss on the two centres' softmax, and ``boundary``, the
+        boundary-guided semi-push-pull losses (normal logp below the boundary b_n pulled up,
+        anomalous logp above b_a = b_n - tau pushed down) times ``bgspp_lambda``."""
         z, log_det = self.flows[level](e, c=[pos])
         logp, logp_a = log_likelihoods(z, log_det)
         normal = logp[~anomalous]
+        zero = logp.new_zeros(())
         if normal.numel():
             k = int(normal.numel() * self.config.pos_beta)
             self._ema("boundary", level, normal.detach().sort().values[k])
             self._ema("logp_max", level, normal.detach().max())
-        loss = -F.logsigmoid(normal).mean() if normal.numel() else logp.new_zeros(())
+        terms = {"nll_normal": -F.logsigmoid(normal).mean() if normal.numel() else zero,
+                 "nll_anomalous": zero, "focal": zero, "boundary": zero}
         if not anomalous.any():
-            return loss
-        loss = loss - F.logsigmoid(logp_a[anomalous]).mean()
-        loss = loss + focal_loss(torch.softmax(torch.stack([logp, logp_a], -1), -1), anomalous)
+            return terms
+        terms["nll_anomalous"] = -F.logsigmoid(logp_a[anomalous]).mean()
+        terms["focal"] = focal_loss(torch.softmax(torch.stack([logp, logp_a], -1), -1), anomalous)
         b_n = self.boundary[level].clone()
         b_a = b_n - self.config.margin_tau
         below, above = normal[normal <= b_n], logp[anomalous][logp[anomalous] >= b_a]
-        push_pull = (F.softplus(b_n - below).mean() if below.numel() else 0.0) + \
-                    (F.softplus(above - b_a).mean() if above.numel() else 0.0)
-        return loss + self.config.bgspp_lambda * push_pull
+        push_pull = (F.softplus(b_n - below).mean() if below.numel() else zero) + \
+                    (F.softplus(above - b_a).mean() if above.numel() else zero)
+        terms["boundary"] = self.config.bgspp_lambda * push_pull
+        return terms
 
     @torch.no_grad()
     def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
         with full_precision(feats[0].device):  # flows and score maps in float32, whatever the forward's precision
             return self._score([f.float() for f in feats])
 
+    def normalizer(self) -> torch.Tensor:
+        """Per level the constant c of exp(logp - c): the references' (``logp_ref``) when
+        ``calibrate`` and they have one, else the running maximum of training (``logp_max``)."""
+        if self.config.calibrate and not torch.isnan(self.logp_ref).any():
+            return self.logp_ref
+        return self.logp_max
+
     def _score(self, feats: List[torch.Tensor]) -> AnomalyOutput:
         size = (self.image_size,) * 2
+        levels = len(self.flows)
+        residuals, sims = feats[:levels], feats[levels:2 * levels]
         normality, abnormal = 0.0, 0.0
-        for level, residual in enumerate(feats):
+        c = self.normalizer()
+        for level, residual in enumerate(residuals):
             b, _, h, w = residual.shape
-            e, _, pos = self._level_tokens(residual, level)
-            z, log_det = self.flows[level](e, c=[pos])
-            logp, logp_a = log_likelihoods(z, log_det)
-            p_normal = torch.exp(logp - self.logp_max[level]).view(b, 1, h, w)
+            logp, logp_a = self._level_logp(residual, level)
+            p_normal = torch.exp(logp - c[level]).view(b, 1, h, w)
             p_abnormal = torch.softmax(torch.stack([logp, logp_a], -1), -1)[:, 1].view(b, 1, h, w)
             normality = normality + F.interpolate(p_normal, size=size, mode="bilinear", align_corners=True)
             abnormal = abnormal + F.interpolate(p_abnormal, size=size, mode="bilinear", align_corners=True)
         sigma = self.config.score_sigma
-        scores1 = gaussian_blur(len(feats) - normality, sigma)  # normality -> anomaly, as the official code
-        scores2 = gaussian_blur(abnormal / len(feats), sigma)
+        scores1 = gaussian_blur(levels - normality, sigma)  # normality -> anomaly, as the official code
+        scores2 = gaussian_blur(abnormal / levels, sigma)
         anomaly_map = (scores1 + scores2) / 2
+        alpha = self.config.match_alpha
+        if alpha > 0:
+            if len(sims) != levels:
+                raise ValueError(f"test-time matching (match_alpha {alpha}) needs the {levels} similarity maps "
+                                 f"that features() returns after the residuals; got {len(feats)} maps")
+            anomaly_map = (1 - alpha) * anomaly_map + alpha * matching_map(sims, size, sigma)
         return AnomalyOutput(anomaly_map, anomaly_map.amax(dim=(1, 2, 3)))
 
     def extra_repr(self) -> str:
@@ -394,6 +535,5 @@ class FewShotKNN(_ReferenceMixin, AnomalyModel):
     def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
         size = (self.image_size,) * 2
         with full_precision(feats[0].device):
-            maps = [F.interpolate(1 - sim.float(), size=size, mode="bilinear", align_corners=True) for sim in feats]
-            anomaly_map = gaussian_blur(torch.stack(maps).mean(0), self.config.score_sigma)
+            anomaly_map = matching_map([sim.float() for sim in feats], size, self.config.score_sigma)
         return AnomalyOutput(anomaly_map, anomaly_map.amax(dim=(1, 2, 3)))

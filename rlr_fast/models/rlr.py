@@ -294,9 +294,13 @@ class RLRModel(AnomalyModel):
 
     def loss(self, feats: List[torch.Tensor]) -> torch.Tensor:
         """Sum over levels of MSE(F^, F) + mean(1 - cos(F^, F)) (cosine over channels)."""
-        total = 0.0
-        for target, recon in self.reconstruct(feats, jitter=self.training):
-            total = total + F.mse_loss(recon, target) + (1 - F.cosine_similarity(recon, target, dim=-1)).mean()
+        total, terms = 0.0, {}
+        for level, (target, recon) in enumerate(self.reconstruct(feats, jitter=self.training)):
+            mse = F.mse_loss(recon, target)
+            cos = (1 - F.cosine_similarity(recon, target, dim=-1)).mean()
+            terms[f"level{level}_mse"], terms[f"level{level}_cos"] = mse.detach(), cos.detach()
+            total = total + mse + cos
+        self.last_terms = terms  # per level and term: the training log's "terms"
         return total
 
     def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
