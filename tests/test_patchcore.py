@@ -250,15 +250,31 @@ def test_cli_notes_and_refuses_coreset_ratio(data, tmp_path, capsys):
     assert "--coreset-ratio ignored: only PatchCore uses it" in capsys.readouterr().out
 
 
-def test_onnx_export_matches_eager(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+@pytest.fixture(scope="module")
+def exported(data, tmp_path_factory):
+    """A fitted run (random backbone, gravel's training images, ratio 0.5) exported once as ONNX,
+    OpenVINO and weights with `rlr-fast export`."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    torch.manual_seed(0)
     model = PatchCoreModel(**TINY, coreset_ratio=0.5)
-    model.fit(model.features(torch.randn(3, 3, 64, 64)))
-    save_checkpoint(tmp_path / "checkpoint.pt", model)
-    assert main(["export", "--run", str(tmp_path), "--format", "onnx"]) == 0
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = torch.stack([item["image"] for item in MVTecDataset(data, classes=["gravel"], split="train",
+                                                                    image_size=64)])
+    model.fit(model.features(images))
+    run = tmp_path_factory.mktemp("exported") / "run"
+    save_checkpoint(run / "checkpoint.pt", model)
+    for fmt in ("onnx", "openvino", "weights"):
+        assert main(["export", "--run", str(run), "--format", fmt]) == 0
+    return run, model
+
+
+def test_onnx_export_matches_eager(exported):
+    import onnxruntime as ort
+
+    run, _ = exported
+    session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == ["batch", 3, 64, 64]
-    eager = load_model(tmp_path)
+    eager = load_model(run)
     for batch in (1, 4):
         images = torch.randn(batch, 3, 64, 64)
         got = session.run(None, {"images": images.numpy()})
@@ -267,3 +283,20 @@ def test_onnx_export_matches_eager(tmp_path):
         for g, e in zip(got, (out.anomaly_map.numpy(), out.score.numpy())):
             scale = float(np.abs(e).max())
             assert float(np.abs(g - e).max()) <= 1e-4 * scale
+
+
+def test_predict_with_exported_engines_matches_torch(data, exported, tmp_path):
+    """`rlr-fast predict --engine onnxruntime|openvino` on the same images as `--engine torch`:
+    the same scores; the weights file loads the same bank."""
+    run, model = exported
+    assert torch.equal(load_model(run / "weights.pt").memory_bank, model.memory_bank)
+    folder = str(data / "gravel" / "test" / "good")
+    scores = {}
+    for engine in ("torch", "onnxruntime", "openvino"):
+        out = tmp_path / engine
+        assert main(["predict", "--run", str(run), folder, "--engine", engine, "--out", str(out), "--no-heatmaps",
+                     "--threshold", "1.0"]) == 0
+        scores[engine] = [float(r["score"]) for r in csv.DictReader(open(out / "scores.csv"))]
+    assert len(scores["torch"]) == 2
+    for engine in ("onnxruntime", "openvino"):
+        np.testing.assert_allclose(scores[engine], scores["torch"], rtol=1e-4)

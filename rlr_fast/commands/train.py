@@ -53,7 +53,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", help="timm model name (default: tf_efficientnet_lite0, weights shipped)")
     p.add_argument("--backbone-weights",
                    help="'default' (shipped or timm pretrained; the default), 'random', or a local state-dict file")
-    p.add_argument("--backend", choices=("auto", "torch", "reference", "triton"), help="attention backend (default: auto)")
+    p.add_argument("--backend", choices=("auto", "torch", "reference", "triton"), help="attention backend (PatchCore: nearest-neighbour search backend; default: auto)")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision (default: none)")
     p.add_argument("--device", type=options.device, default=options.default_device())
     existing = p.add_mutually_exclusive_group()
