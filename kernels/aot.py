@@ -45,6 +45,7 @@ OPS = {"lca": False, "mlka": True}  # op -> COMPLEMENT
 # the D column, specialised as the JIT specialises a call at ResAD's layer-1 shape (8 images of
 # 56 x 56 tokens against a shared ref of 4 x 56 x 56)
 NEAREST_CHANNELS = (24, 64, 128, 256, 512)
+NEAREST_METRICS = ("cosine", "l2")  # each a variant of the kernel (its constexpr L2)
 KINDS = ("forward", "dq", "dkdv")
 # The call the report describes: RLR's 32 x 32 level (d 256, 8 heads, window 7), batch 8.
 TYPICAL = dict(batch=8, heads=8, grid=(32, 32), window=(7, 7))
@@ -96,9 +97,10 @@ def typical_launches(op: str, dtype, head_dim: int, kind: str, k_shared: bool, v
     return launches[:1] if kind == "dq" else launches[1:]
 
 
-def _nearest_launch(dtype, channels: int):
-    """The launch of nearest_reference's kernel at ResAD's layer-1 shape (contiguous x of 8 x 56 x 56
-    tokens, a shared ref of 4 x 56 x 56), on meta tensors. Its "rows" per loop iteration are
+def _nearest_launch(dtype, channels: int, metric: str = "cosine"):
+    """The launch of nearest_reference's kernel for `metric` ("cosine" or "l2", PatchCore's) at
+    ResAD's layer-1 shape (contiguous x of 8 x 56 x 56 tokens, a shared ref of 4 x 56 x 56), on
+    meta tensors. Its "rows" per loop iteration are
     BLOCK_M reference rows, its "columns" BLOCK_N tokens."""
     import importlib
 
@@ -110,7 +112,8 @@ def _nearest_launch(dtype, channels: int):
     b, n, m, c = 8, 56 * 56, 4 * 56 * 56, channels
     x, ref = torch.empty(b, n, c, device="meta", dtype=dtype), torch.empty(m, c, device="meta", dtype=dtype)
     index, sim = torch.empty(b, n, device="meta", dtype=torch.int64), torch.empty(b, n, device="meta")
-    args = nr.launch_arguments(x, ref, torch.empty(m, device="meta"), index, sim, True, 1e-12)
+    row = torch.empty(m, device="meta")  # the per-row scale and offset
+    args = nr.launch_arguments(x, ref, row, torch.empty_like(row), index, sim, True, 1e-12, metric == "l2")
     return wa.Launch("nearest", lambda meta: (math.ceil(n / meta["BLOCK_N"]) * b,), args)
 
 
@@ -216,8 +219,8 @@ def _jobs(archs, ops, dtypes, dims, default_only: bool):
         for layout in itertools.product((True, False), repeat=2):
             yield (arch, op, dtype, dim, "dkdv", layout, default_only)
     if "nn" in ops:
-        for arch, dtype, channels in itertools.product(archs, dtypes, NEAREST_CHANNELS):
-            yield (arch, "nn", dtype, channels, "nearest", None, default_only)
+        for arch, dtype, channels, metric in itertools.product(archs, dtypes, NEAREST_CHANNELS, NEAREST_METRICS):
+            yield (arch, "nn", dtype, channels, "nearest", metric, default_only)
 
 
 def _compile_one(job) -> list:
@@ -229,7 +232,7 @@ def _compile_one(job) -> list:
     arch, op, dtype_name, dim, kind, layout, default_only = job
     dtype = getattr(torch, DTYPES[dtype_name])
     if kind == "nearest":
-        launches, layout, k_shared = [_nearest_launch(dtype, dim)], None, None
+        launches, metric, k_shared = [_nearest_launch(dtype, dim, layout)], layout, None
     else:  # forward and dQ: RLR's layout (LCA k, v shared; MLKA k shared, v batched)
         k_shared, v_shared = layout if layout is not None else (True, not OPS[op])
         launches = typical_launches(op, dtype, dim, kind, k_shared, v_shared)
@@ -244,7 +247,8 @@ def _compile_one(job) -> list:
                       "pruned": candidate.reason, "dot": a["DOT"], "num_warps": candidate.config.num_warps,
                       "num_stages": candidate.config.num_stages, "programs": launch.programs_with(candidate.config)}
             if kind == "nearest":
-                record.update(layout="C in one chunk" if a["ONE_CHUNK"] else "C in chunks", grads="",
+                record.update(layout=f"{metric}, C in {'one chunk' if a['ONE_CHUNK'] else 'chunks'}", grads="",
+                              metric=metric,
                               tile=str(a["BLOCK_N"]), block=f"{a['BLOCK_M']}x{a['BLOCK_C']}")
             else:
                 record.update(layout=_layout_name(layout), grads=_grads_name(a), tile=_tile_name(a),

@@ -1,16 +1,20 @@
 """``nearest_reference`` on the GPU: one fused kernel, nothing of size N x M in memory.
 
 For each token of x (B, N, C), the index of its most cosine-similar row of ref ((M, C) shared by
-the batch, or (B, M, C)) and that similarity. A program owns BLOCK_N consecutive tokens of one
+the batch, or (B, M, C)) and that similarity; or (``metric="l2"``) the index of the row at the
+smallest Euclidean distance and that distance. A program owns BLOCK_N consecutive tokens of one
 batch element and streams ref in tiles of BLOCK_M rows; each tile's dot products run on tensor
 cores and are reduced at once to a running maximum and argmax in registers.
 
-Norms. The argmax needs each reference row's norm, not the token's (the token's norm scales its
-whole row of scores by one positive number). The reference rows' inverse norms,
-``1 / max(||r||, eps)``, come from one cheap torch op before the launch (M floats, B*M if
-batched): computed in the kernel they would be recomputed by every program, (B*N / BLOCK_N) times
-over, on CUDA cores rather than tensor cores. The token's norm is computed in the kernel from the
-x tile it loads anyway, and divides the best score at the end.
+Norms. Both metrics are an argmax over rows m of ``a_m (x . r_m) + b_m`` with constants per
+reference row: cosine ``a_m = 1 / max(||r_m||, eps)``, ``b_m = 0`` (the token's norm scales its
+whole row of scores by one positive number, so the argmax does not need it); l2 ``a_m = 1``,
+``b_m = -||r_m||^2 / 2`` (``||x - r||^2 = ||x||^2 - 2 (x . r - ||r||^2 / 2)``). The per-row scale
+and offset come from one cheap torch op before the launch (M floats each, B*M if batched):
+computed in the kernel they would be recomputed by every program, (B*N / BLOCK_N) times over, on
+CUDA cores rather than tensor cores. The token's squared norm is computed in the kernel from the
+x tile it loads anyway, and turns the best score into the output at the end: cosine
+``best / max(||x||, eps)``, l2 ``sqrt(max(||x||^2 - 2 best, 0))`` (the constexpr L2).
 
 Ties go to the lowest index: within a tile the lowest column among those equal to the tile's
 maximum, and a later tile replaces the running best only when strictly greater.
@@ -47,15 +51,17 @@ NEAREST_CONFIGS = [
 
 @tuning.autotuned("nearest", NEAREST_CONFIGS, ["N", "M", "C"], lambda args: candidates(args))
 @triton.jit
-def _nearest_kernel(X, R, R_INV_NORM, INDEX, SIM,
+def _nearest_kernel(X, R, R_SCALE, R_OFFSET, INDEX, SIM,
                     stride_xb, stride_xn, stride_xc,
                     stride_rb, stride_rm, stride_ib,
                     N, M, C, eps,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                    ONE_CHUNK: tl.constexpr, DOT: tl.constexpr):
-    """Index and similarity of the nearest ref row for BLOCK_N tokens of one batch element.
+                    ONE_CHUNK: tl.constexpr, DOT: tl.constexpr, L2: tl.constexpr):
+    """Index and similarity (distance if L2) of the nearest ref row for BLOCK_N tokens of one
+    batch element.
 
-    R has unit channel stride; a shared ref (and its inverse norms) is passed with batch stride 0.
+    R has unit channel stride; a shared ref (and its per-row scale and offset, contiguous, of one
+    layout) is passed with batch stride 0.
     Programs are numbered batch element first, so those reading the same batched ref run together."""
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -65,7 +71,8 @@ def _nearest_kernel(X, R, R_INV_NORM, INDEX, SIM,
     offs_c = tl.arange(0, BLOCK_C)
     x_base = X + b * stride_xb
     r_base = R + b * stride_rb
-    inv_base = R_INV_NORM + b * stride_ib
+    scale_base = R_SCALE + b * stride_ib
+    offset_base = R_OFFSET + b * stride_ib
 
     # the token's squared norm (fp32), and with one chunk the x tile itself, kept for the sweep
     if ONE_CHUNK:
@@ -92,8 +99,9 @@ def _nearest_kernel(X, R, R_INV_NORM, INDEX, SIM,
                 xc = _load_tile(x_base, offs_n, n_ok, stride_xn, c0 + offs_c, c_ok, stride_xc)
                 r = _load_tile(r_base, offs_m, m_ok, stride_rm, c0 + offs_c, c_ok, 1)
                 dots += _mm(xc, tl.trans(r), DOT)
-        inv = tl.load(inv_base + offs_m, mask=m_ok, other=0.0)
-        scores = tl.where(m_ok[None, :], dots * inv[None, :], float("-inf"))
+        scale = tl.load(scale_base + offs_m, mask=m_ok, other=0.0)
+        offset = tl.load(offset_base + offs_m, mask=m_ok, other=0.0)
+        scores = tl.where(m_ok[None, :], dots * scale[None, :] + offset[None, :], float("-inf"))
         tile_best = tl.max(scores, 1)
         # the lowest column holding the tile's maximum (M where none: cannot happen, m0 < M)
         tile_idx = tl.min(tl.where(scores == tile_best[:, None], offs_m[None, :], M), 1)
@@ -101,7 +109,10 @@ def _nearest_kernel(X, R, R_INV_NORM, INDEX, SIM,
         best_idx = tl.where(better, tile_idx, best_idx)
         best = tl.where(better, tile_best, best)
 
-    sim = best / tl.maximum(tl.sqrt(x_sq), eps)
+    if L2:
+        sim = tl.sqrt(tl.maximum(x_sq - 2.0 * best, 0.0))
+    else:
+        sim = best / tl.maximum(tl.sqrt(x_sq), eps)
     out = b * N + offs_n
     tl.store(INDEX + out, best_idx.to(tl.int64), mask=n_ok)
     tl.store(SIM + out, sim, mask=n_ok)
@@ -164,14 +175,25 @@ def candidates(args: dict) -> list:
     return out
 
 
-def launch_arguments(x, ref, inv_norm, index, sim, shared: bool, eps: float) -> dict:
-    """Every argument of the kernel by name but the tuned ones (checked x, ref of unit channel stride)."""
+def launch_arguments(x, ref, scale, offset, index, sim, shared: bool, eps: float, l2: bool = False) -> dict:
+    """Every argument of the kernel by name but the tuned ones (checked x, ref of unit channel
+    stride, per-row `scale` and `offset` contiguous, (M,) or (B, M))."""
     b, n, c = x.shape
     cfg = block_config(c, x.dtype)
-    return dict(X=x, R=ref, R_INV_NORM=inv_norm, INDEX=index, SIM=sim, stride_xb=x.stride(0), stride_xn=x.stride(1),
-                stride_xc=x.stride(2), stride_rb=0 if shared else ref.stride(0), stride_rm=ref.stride(-2),
-                stride_ib=0 if shared else inv_norm.stride(0), N=n, M=ref.shape[-2], C=c, eps=eps,
-                BLOCK_C=cfg["BLOCK_C"], ONE_CHUNK=cfg["ONE_CHUNK"], DOT=product_precision(cfg["DOT"], x.dtype))
+    return dict(X=x, R=ref, R_SCALE=scale, R_OFFSET=offset, INDEX=index, SIM=sim, stride_xb=x.stride(0),
+                stride_xn=x.stride(1), stride_xc=x.stride(2), stride_rb=0 if shared else ref.stride(0),
+                stride_rm=ref.stride(-2), stride_ib=0 if shared else scale.stride(0), N=n, M=ref.shape[-2], C=c,
+                eps=eps, BLOCK_C=cfg["BLOCK_C"], ONE_CHUNK=cfg["ONE_CHUNK"],
+                DOT=product_precision(cfg["DOT"], x.dtype), L2=l2)
+
+
+def row_constants(ref: torch.Tensor, eps: float, l2: bool):
+    """(scale, offset) per reference row in fp32, (M,) or (B, M), without an fp32 copy of ref:
+    cosine (1 / max(||r||, eps), 0), l2 (1, -||r||^2 / 2)."""
+    norm = torch.linalg.vector_norm(ref, dim=-1, dtype=torch.float32)
+    if l2:
+        return torch.ones_like(norm), norm.square_().mul_(-0.5)
+    return norm.clamp_min_(eps).reciprocal_(), torch.zeros_like(norm)
 
 
 def _check(x: torch.Tensor) -> None:
@@ -181,8 +203,9 @@ def _check(x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def nearest_reference(x: torch.Tensor, ref: torch.Tensor, eps: float):
-    """``(index, similarity)`` (B, N) of checked inputs (see ``rlr_fast.ops``), one kernel launch.
+def nearest_reference(x: torch.Tensor, ref: torch.Tensor, eps: float, metric: str = "cosine"):
+    """``(index, similarity)`` (``(index, distance)`` for metric "l2"), each (B, N), of checked
+    inputs (see ``rlr_fast.ops``), one kernel launch.
 
     x may have any strides. ref is read with unit channel stride (its tiles are the loads every
     program repeats, so they must vectorise): a ref without one is copied once, O(M*C)."""
@@ -190,14 +213,14 @@ def nearest_reference(x: torch.Tensor, ref: torch.Tensor, eps: float):
     b, n, c = x.shape
     if ref.stride(-1) != 1:
         ref = ref.contiguous()
-    # 1 / max(||r||, eps) per reference row in fp32, without an fp32 copy of ref
-    inv_norm = torch.linalg.vector_norm(ref, dim=-1, dtype=torch.float32).clamp_min_(eps).reciprocal_()
+    l2 = metric == "l2"
+    scale, offset = row_constants(ref, eps, l2)
     shared = ref.dim() == 2
     index = torch.empty(b, n, dtype=torch.int64, device=x.device)
     sim = torch.empty(b, n, dtype=torch.float32, device=x.device)
     if b * n == 0:
         return index, sim
-    args = launch_arguments(x, ref, inv_norm, index, sim, shared, eps)
+    args = launch_arguments(x, ref, scale, offset, index, sim, shared, eps, l2)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _nearest_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * b,)](**args)
     return index, sim

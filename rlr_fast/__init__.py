@@ -29,12 +29,13 @@ __all__ = [
     "RLRModel",
     "UniADModel",
     "ResADModel",
+    "PatchCoreModel",
     "AnomalyOutput",
     "Prediction",
     "__version__",
 ]
 
-_MODELS = ("RLRModel", "UniADModel", "ResADModel", "AnomalyOutput", "Prediction")
+_MODELS = ("RLRModel", "UniADModel", "ResADModel", "PatchCoreModel", "AnomalyOutput", "Prediction")
 
 
 def __getattr__(name):

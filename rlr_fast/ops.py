@@ -190,10 +190,13 @@ def neighbor_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 NEAREST_EPS = 1e-12
+NEAREST_METRICS = ("cosine", "l2")
 
 
-def check_nearest_inputs(x, ref) -> None:
+def check_nearest_inputs(x, ref, metric: str = "cosine") -> None:
     """Validate a :func:`nearest_reference` call; raises ValueError/TypeError naming the problem."""
+    if metric not in NEAREST_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(NEAREST_METRICS)}")
     for name, t, dims in (("x", x, (3,)), ("ref", ref, (2, 3))):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -214,50 +217,64 @@ def check_nearest_inputs(x, ref) -> None:
     if ref.shape[-2] == 0:
         raise ValueError("ref has no tokens (M = 0): there is nothing to be nearest to")
     if x.shape[-1] == 0:
-        raise ValueError("x and ref have no channels (C = 0): cosine similarity is undefined")
+        raise ValueError("x and ref have no channels (C = 0): there is nothing to compare")
 
 
-def nearest_reference(x: torch.Tensor, ref: torch.Tensor, *, backend: str = "auto"):
-    """Each token's most cosine-similar reference token: ``(index, similarity)``, each (B, N).
+def nearest_reference(x: torch.Tensor, ref: torch.Tensor, *, metric: str = "cosine", backend: str = "auto"):
+    """Each token's nearest reference token: ``(index, similarity)`` for ``metric="cosine"`` (the
+    most cosine-similar row), ``(index, distance)`` for ``metric="l2"`` (the row at the smallest
+    Euclidean distance); each (B, N).
 
     ``x`` is (B, N, C); ``ref`` is (M, C), shared by the batch and never copied B times, or
     batched (B, M, C). ``index`` (int64) points into ref's M tokens; ties go to the lowest index
-    in every backend. ``similarity`` is float32 (float64 for float64 inputs): products and
-    accumulation run in float32 whatever the input dtype. Rows are normalised as
-    ``v / max(||v||, 1e-12)``, so an all-zero token or reference row has similarity 0 with
-    everything (an all-zero token therefore gets index 0). The outputs carry no gradient.
+    in every backend. The similarity or distance is float32 (float64 for float64 inputs):
+    products and accumulation run in float32 whatever the input dtype. Cosine: rows are
+    normalised as ``v / max(||v||, 1e-12)``, so an all-zero token or reference row has
+    similarity 0 with everything (an all-zero token therefore gets index 0). L2: both metrics are
+    the argmax over rows m of ``a_m (x . r_m) + b_m`` (cosine: ``a_m = 1 / ||r_m||``, ``b_m = 0``;
+    l2: ``a_m = 1``, ``b_m = -||r_m||^2 / 2``), and the distance is
+    ``sqrt(max(||x||^2 - 2 max, 0))``: float32 rounding of that difference leaves a token that
+    equals a reference row at a distance of about ``sqrt(eps_fp32) * ||x||`` rather than 0.
+    The outputs carry no gradient.
 
     Backends: ``reference`` (dense B x N x M scores, the oracle), ``torch`` (chunked, memory
     O(B*N + tile)), ``triton`` (one fused GPU kernel), ``auto`` (triton on CUDA, torch elsewhere).
+    While a model is traced for export, the search runs as plain tensor operations over chunks of
+    the reference rows (``rlr_fast.traceable``).
     """
-    check_nearest_inputs(x, ref)
+    check_nearest_inputs(x, ref, metric)
     backend = resolve_backend(backend, x.device, x.dtype)
+    if traceable.tracing_for_export():  # torch.jit.trace, torch.export, the ONNX exporters
+        with torch.no_grad():
+            return traceable.nearest_reference(x, ref, NEAREST_EPS, metric)
     if torch.compiler.is_compiling() and backend != "reference":
-        return _NEAREST_OP(x, ref, backend)
-    return _run_nearest(x, ref, backend)
+        return _NEAREST_OP(x, ref, backend, metric)
+    return _run_nearest(x, ref, metric, backend)
 
 
-def _run_nearest(x, ref, backend: str):
+def _run_nearest(x, ref, metric: str, backend: str):
     """The chosen backend's eager call of nearest_reference on checked inputs."""
     if backend == "reference":
         with torch.no_grad():
-            return reference.nearest_reference(x, ref, NEAREST_EPS)
+            return reference.nearest_reference(x, ref, NEAREST_EPS, metric)
     if backend == "torch":
         from . import nearest
-        return nearest.nearest_reference(x, ref, NEAREST_EPS)
+        return nearest.nearest_reference(x, ref, NEAREST_EPS, metric)
     from .kernels.nearest_reference import nearest_reference as fused  # triton needed only here
-    return fused(x, ref, NEAREST_EPS)
+    return fused(x, ref, NEAREST_EPS, metric)
 
 
-def _nearest_forward(x: torch.Tensor, ref: torch.Tensor, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    index, similarity = _run_nearest(x, ref, backend)
-    return index.contiguous(), similarity.contiguous()
+def _nearest_forward(x: torch.Tensor, ref: torch.Tensor, backend: str,
+                     metric: str = "cosine") -> Tuple[torch.Tensor, torch.Tensor]:
+    index, value = _run_nearest(x, ref, metric, backend)
+    return index.contiguous(), value.contiguous()
 
 
-def _nearest_fake(x, ref, backend):
+def _nearest_fake(x, ref, backend, metric="cosine"):
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty(x.shape[:2], dtype=torch.int64), x.new_empty(x.shape[:2], dtype=compute)
 
 
-# Under torch.compile: one opaque node, no gradient (as in eager).
+# Under torch.compile: one opaque node, no gradient (as in eager). The metric comes last, with
+# its default, so the op's schema of before the metric existed still calls it.
 _NEAREST_OP = custom_ops.register("nearest_reference", _nearest_forward, _nearest_fake)

@@ -34,16 +34,25 @@ def neighbor_masked_attention(q, k, v, grid, window, scale: float) -> torch.Tens
     return dense_masked_attention(q, k, v, allowed, scale)
 
 
-def nearest_reference(x, ref, eps: float):
-    """Index and cosine similarity of each token's most similar reference token, dense.
+def nearest_reference(x, ref, eps: float, metric: str = "cosine"):
+    """Index and cosine similarity (``metric="cosine"``) or Euclidean distance (``"l2"``) of each
+    token's nearest reference token, dense.
 
-    Materialises every (B, N, M) similarity. Rows are normalised as ``x / max(||x||, eps)``;
-    ties go to the lowest reference index.
+    Materialises every (B, N, M) score. Cosine: rows are normalised as ``x / max(||x||, eps)``.
+    L2: the nearest row maximises ``x . r - ||r||^2 / 2`` (the squared distance less the token's
+    own ``||x||^2``, halved), and the distance is ``sqrt(max(||x||^2 - 2 max, 0))``. Ties go to
+    the lowest reference index.
     """
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xn = torch.nn.functional.normalize(x.to(compute), dim=-1, eps=eps)
-    rn = torch.nn.functional.normalize(ref.to(compute), dim=-1, eps=eps)
-    sims = torch.matmul(xn, rn.transpose(-1, -2))  # (B, N, M); a shared ref broadcasts
-    best = sims.amax(dim=-1)
-    index = (sims == best.unsqueeze(-1)).to(torch.uint8).argmax(dim=-1)  # the first maximum
+    if metric == "l2":
+        xf, rf = x.to(compute), ref.to(compute)
+        scores = torch.matmul(xf, rf.transpose(-1, -2)) - 0.5 * rf.pow(2).sum(-1).unsqueeze(-2)  # (B, N, M)
+    else:
+        xn = torch.nn.functional.normalize(x.to(compute), dim=-1, eps=eps)
+        rn = torch.nn.functional.normalize(ref.to(compute), dim=-1, eps=eps)
+        scores = torch.matmul(xn, rn.transpose(-1, -2))  # (B, N, M); a shared ref broadcasts
+    best = scores.amax(dim=-1)
+    index = (scores == best.unsqueeze(-1)).to(torch.uint8).argmax(dim=-1)  # the first maximum
+    if metric == "l2":
+        best = (xf.pow(2).sum(-1) - 2 * best).clamp_min(0).sqrt()
     return index, best

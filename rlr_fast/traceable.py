@@ -12,6 +12,8 @@ tests compare them with ``reference``):
   O(L * kh * kw) work, not O(L^2).
 - MLKA attends to every key outside the window, which is dense attention with a constant
   mask: the reference implementation's.
+- ``nearest_reference`` scores the tokens against fixed chunks of the reference rows and keeps
+  a running best: memory O(B * N * chunk), never B x N x M at once.
 
 The geometry tables are cached as numpy arrays, never as tensors: a tensor made while an
 exporter traces is one of its fake tensors, and must not outlive the trace.
@@ -76,3 +78,38 @@ def neighbor_masked_attention(q, k, v, grid, window, scale: float) -> torch.Tens
     """MLKA: dense attention with the window masked out, as the reference computes it."""
     allowed = torch.as_tensor(_outside_window(tuple(grid), tuple(window)), device=q.device)
     return reference.dense_masked_attention(q, k, v, allowed, scale)
+
+
+# Reference rows per step of the traced nearest search: the graph holds one (B*N, chunk) score
+# tile at a time, whatever the batch the exported model is run with.
+NEAREST_CHUNK = 4096
+
+
+def nearest_reference(x, ref, eps: float, metric: str = "cosine"):
+    """``nearest_reference`` as plain tensor operations: the reference rows in fixed chunks (M is
+    known when tracing, the batch is not), each reduced to its maximum and first argmax and merged
+    into a running best that a later chunk replaces only where strictly greater (ties to the
+    lowest index, as every backend). Scores and outputs as the torch backend's."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf, rf = x.to(compute), ref.to(compute)
+    if metric == "l2":
+        offset = rf.pow(2).sum(-1).mul(-0.5)  # (M,) or (B, M)
+    else:
+        rf = torch.nn.functional.normalize(rf, dim=-1, eps=eps)
+        offset = None
+    best = index = None
+    m = ref.shape[-2]
+    for start in range(0, m, NEAREST_CHUNK):
+        scores = torch.matmul(xf, rf[..., start:start + NEAREST_CHUNK, :].transpose(-1, -2))  # (B, N, chunk)
+        if offset is not None:
+            scores = scores + offset[..., start:start + NEAREST_CHUNK].unsqueeze(-2)
+        top, arg = scores.max(dim=-1)
+        arg = arg + start
+        if best is None:
+            best, index = top, arg
+        else:
+            better = top > best
+            best, index = torch.where(better, top, best), torch.where(better, arg, index)
+    if metric == "l2":
+        return index, (xf.pow(2).sum(-1) - 2 * best).clamp_min(0).sqrt()
+    return index, best / xf.norm(dim=-1).clamp_min(eps)

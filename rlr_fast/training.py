@@ -99,7 +99,10 @@ def model_class(name: str):
     if name == "resad":
         from .models.resad import ResADModel
         return ResADModel
-    raise UsageError(f"unknown model {name!r}; choose 'rlr', 'uniad' or 'resad'")
+    if name == "patchcore":
+        from .models.patchcore import PatchCoreModel
+        return PatchCoreModel
+    raise UsageError(f"unknown model {name!r}; choose 'rlr', 'uniad', 'resad' or 'patchcore'")
 
 
 def build_model(name: str, config: dict):
@@ -108,9 +111,10 @@ def build_model(name: str, config: dict):
 
 def default_image_size(name: str) -> int:
     """The input side a model is built with when no image size is given."""
-    from .models import ResADConfig, RLRConfig, UniADConfig
+    from .models import PatchCoreConfig, ResADConfig, RLRConfig, UniADConfig
 
-    return {"rlr": RLRConfig, "uniad": UniADConfig, "resad": ResADConfig}[model_class(name).name]().image_size
+    configs = {"rlr": RLRConfig, "uniad": UniADConfig, "resad": ResADConfig, "patchcore": PatchCoreConfig}
+    return configs[model_class(name).name]().image_size
 
 
 def run_entries(out_dir) -> list:
@@ -392,7 +396,12 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
     `on_epoch_end(model, record)`, if given, runs after each epoch's checkpoint (e.g. a
     validation); the model is put back in train mode after it. `extra` (e.g. the training
     classes) goes into the checkpoint and config.json. `progress=False` hides the bars; each
-    epoch's loss line is always logged."""
+    epoch's loss line is always logged.
+
+    A training-free model (``model.training_free``, PatchCore) is fitted instead, in one pass
+    over the cached features: see :func:`fit`."""
+    if getattr(model, "training_free", False):
+        return fit(model, cache, out_dir, cfg, device=device, progress=progress, log=log, extra=extra)
     out_dir = Path(out_dir)
     rank, world = distributed_context(device)
     device = torch.device(device)
@@ -494,4 +503,32 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
             on_epoch_end(model, record)
             model.train()
     model.eval()
+    return history
+
+
+def fit(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, device="cpu", progress: bool = True, log=print,
+        extra: Optional[dict] = None) -> list:
+    """Fit a training-free model (PatchCore: its memory bank) on cached features, with no
+    gradient step, and write the run as a training does: ``config.json``, ``log.jsonl`` (one
+    record) and ``checkpoint.pt`` (no optimizer state, so it cannot be resumed, only redone with
+    --force). ``cfg.seed`` seeds the model's random choices (the coreset's start and projection);
+    the rest of the recipe does not apply. Returns the history, one record: the epoch (1), the
+    training tokens, the bank size, the coreset ratio, images and seconds."""
+    out_dir = Path(out_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(f"{model.name} is fitted in one pass over every training image: run it in one process, "
+                         f"not under torchrun")
+    device = torch.device(device)
+    model.to(device).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "config.json", {"model": model.name, "config": asdict(model.config),
+                                                "train": asdict(cfg), **(extra or {})})
+    with contextlib.suppress(FileNotFoundError):  # a new run starts a new log
+        (out_dir / "log.jsonl").unlink()
+    t0 = clock(device)
+    info = model.fit(cache, seed=cfg.seed, progress=progress, log=log)
+    seconds = clock(device) - t0
+    history = [{"epoch": 1, **info, "images": len(cache), "seconds": round(seconds, 3)}]
+    save_checkpoint(out_dir / CHECKPOINT, model, None, None, 1, cfg, history, extra)
+    _write_log(out_dir, history)
     return history

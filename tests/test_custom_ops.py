@@ -81,3 +81,19 @@ def test_nearest_reference_custom_op(shared):
     expected = reference.nearest_reference(x, ref, ops.NEAREST_EPS)
     assert torch.equal(index, expected[0])
     torch.testing.assert_close(similarity, expected[1])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_nearest_reference_l2_custom_op(shared):
+    """The metric passes through the custom op (after the backend, with its default)."""
+    x = torch.randn(2, 7, 5)
+    ref = torch.randn(*(() if shared else (2,)), 9, 5)
+    torch.library.opcheck(ops._NEAREST_OP, (x, ref, "torch", "l2"))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, r: ops.nearest_reference(x, r, metric="l2", backend="torch"), fullgraph=True,
+                             backend="aot_eager")
+    index, distance = compiled(x, ref)
+    expected = reference.nearest_reference(x, ref, ops.NEAREST_EPS, "l2")
+    assert torch.equal(index, expected[0])
+    torch.testing.assert_close(distance, expected[1])
+    assert not torch.equal(index, reference.nearest_reference(x, ref, ops.NEAREST_EPS)[0])  # not cosine's

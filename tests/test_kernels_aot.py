@@ -29,9 +29,9 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
     assert all(r["default"] and r["pruned"] is None for r in rows)
     nearest = [r for r in rows if r["op"] == "nn"]
     rows = [r for r in rows if r["op"] != "nn"]
-    # nearest_reference's kernel: every arch x dtype x channel count, on tensor cores, no spills
-    assert sorted((r["arch"], r["dtype"], r["head_dim"]) for r in nearest) == sorted(itertools.product(
-        ("sm_80", "sm_90"), ("fp32", "fp16", "bf16"), (24, 64, 128, 256, 512)))
+    # nearest_reference's kernel: every arch x dtype x channel count x metric, on tensor cores, no spills
+    assert sorted((r["arch"], r["dtype"], r["head_dim"], r["metric"]) for r in nearest) == sorted(itertools.product(
+        ("sm_80", "sm_90"), ("fp32", "fp16", "bf16"), (24, 64, 128, 256, 512), ("cosine", "l2")))
     assert all(r["ok"] and r["spill_bytes"] == 0 and r["registers"] > 0 for r in nearest)
     assert all(r["tensor_core"] == ("wgmma" if r["arch"] == "sm_90" else "mma") for r in nearest)
     # every arch x op x dtype x head dim x (forward, dq, dk/dv in each shared/batched layout) is there
@@ -207,7 +207,7 @@ def test_every_config_compiles_for_sm90_without_spills_or_is_pruned_with_a_reaso
     launches = {}
     for r in rows:
         launches.setdefault((r["op"], r["kernel"], r["layout"], r["grads"], r["head_dim"]), []).append(r)
-    assert len(launches) == 2 * (2 + 4) + len(aot.NEAREST_CHANNELS)
+    assert len(launches) == 2 * (2 + 4) + len(aot.NEAREST_CHANNELS) * len(aot.NEAREST_METRICS)
     for key, configs in launches.items():
         assert [r["config_index"] for r in configs] == list(range(sizes[key[:2]])), key
         assert sum(r["default"] for r in configs) == 1, key

@@ -121,3 +121,115 @@ def test_channels_first_features_are_read_in_place(backend, monkeypatch):
     index, sim = nearest_reference(x, ref, backend=backend)
     oi, osim = nearest_reference(x.contiguous().double(), ref.double(), backend="reference")
     agree(x, ref, index, sim, oi, osim, 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# metric="l2": the nearest row by Euclidean distance, and that distance
+# ------------------------------------------------------------------------------------------------
+
+def cdist_oracle(x, ref):
+    """torch.cdist in float64 with the explicit (x - r)^2 sum (no matrix-product expansion)."""
+    r = ref.double().expand(x.shape[0], *ref.shape[-2:])
+    dist = torch.cdist(x.double(), r, compute_mode="donot_use_mm_for_euclid_dist")  # (B, N, M)
+    best, index = dist.min(dim=-1)  # the first minimum
+    return index, best, dist
+
+
+def agree_l2(x, ref, index, dist, atol):
+    """Distances equal to the oracle's; indices too, except where two rows are within rounding
+    of the same distance (then the chosen row's true distance must be the smallest one)."""
+    oracle_index, oracle_dist, all_dist = cdist_oracle(x, ref)
+    assert index.dtype == torch.int64 and index.shape == x.shape[:2]
+    torch.testing.assert_close(dist.double(), oracle_dist, atol=atol, rtol=1e-5)
+    differ = index != oracle_index
+    if differ.any():
+        chosen = all_dist.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(chosen[differ], oracle_dist[differ], atol=atol, rtol=1e-5)
+        assert differ.float().mean() < 0.01
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_l2_matches_cdist_exactly_in_float64(backend):
+    x, ref = torch.randn(2, 9, 5, dtype=torch.float64), torch.randn(13, 5, dtype=torch.float64)
+    index, dist = nearest_reference(x, ref, metric="l2", backend=backend)
+    oi, od, _ = cdist_oracle(x, ref)
+    assert torch.equal(index, oi) and dist.dtype == torch.float64
+    torch.testing.assert_close(dist, od, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-4),
+                                        (torch.float16, 1e-4), (torch.bfloat16, 1e-4)])
+def test_l2_backends_agree_with_cdist(backend, shared, dtype, atol, monkeypatch):
+    monkeypatch.setattr(nearest, "TILE_SCORES", 1000)  # many tiles, M not a multiple of any
+    x = torch.randn(3, 150, 24).to(dtype)
+    ref = (torch.randn(301, 24) if shared else torch.randn(3, 301, 24)).to(dtype) * 1.5 + 0.3  # norms differ
+    index, dist = nearest_reference(x, ref, metric="l2", backend=backend)
+    assert dist.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    agree_l2(x, ref, index, dist, atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_l2_is_not_cosine(backend):
+    """A row in the token's direction but far away loses to a nearer row at an angle."""
+    ref = torch.tensor([[10.0, 0.0], [0.9, 0.5]])
+    x = torch.tensor([[[1.0, 0.0]]])
+    assert nearest_reference(x, ref, backend=backend)[0].item() == 0
+    index, dist = nearest_reference(x, ref, metric="l2", backend=backend)
+    assert index.item() == 1
+    torch.testing.assert_close(dist, torch.tensor([[(0.1 ** 2 + 0.5 ** 2) ** 0.5]]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_l2_ties_go_to_the_lowest_index_and_an_exact_match_is_near_zero(backend, monkeypatch):
+    monkeypatch.setattr(nearest, "TILE_SCORES", 64)
+    ref = torch.randn(40, 8)
+    ref[33] = ref[6]          # the same row twice, in different tiles: 6 must win
+    ref[20] = ref[6]
+    x = torch.randn(2, 5, 8)
+    x[0, 1] = ref[6]
+    x[1, 4] = ref[33]
+    x[1, 2] = ref[39]
+    index, dist = nearest_reference(x, ref, metric="l2", backend=backend)
+    assert index[0, 1] == 6 and index[1, 4] == 6 and index[1, 2] == 39
+    # ||x||^2 - 2 (x.r - ||r||^2/2) cancels to rounding: sqrt of a few fp32 ulps of ||x||^2
+    assert dist[0, 1] < 1e-2 and dist[1, 4] < 1e-2 and dist[1, 2] < 1e-2
+
+
+def test_unknown_metric_is_named():
+    with pytest.raises(ValueError, match="unknown metric 'manhattan'; choose one of cosine, l2"):
+        nearest_reference(torch.randn(1, 4, 3), torch.randn(5, 3), metric="manhattan")
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_traceable_formulation_agrees(metric, shared, monkeypatch):
+    """What runs while a model is traced for export: chunks of the reference rows with a running
+    best (chunks of 64 here, so ties and maxima cross chunk borders)."""
+    from rlr_fast import traceable
+
+    monkeypatch.setattr(traceable, "NEAREST_CHUNK", 64)
+    x = torch.randn(2, 50, 12)
+    ref = torch.randn(*(() if shared else (2,)), 200, 12)
+    ref[..., 150, :] = ref[..., 10, :]
+    x[:, 3] = ref[..., 10, :] * (2.0 if metric == "cosine" else 1.0)
+    index, value = traceable.nearest_reference(x, ref, 1e-12, metric)
+    oi, ov = nearest_reference(x.double(), ref.double(), metric=metric, backend="reference")
+    assert (index[:, 3] == 10).all()
+    assert torch.equal(index, oi)
+    rest = torch.arange(50) != 3  # token 3 equals row 10: fp32 cancellation leaves sqrt(ulps) in l2
+    torch.testing.assert_close(value.double()[:, rest], ov[:, rest], atol=1e-4, rtol=1e-5)
+    assert (value[:, 3] - ov[:, 3]).abs().max() < (1e-2 if metric == "l2" else 1e-5)
+
+
+def test_traced_nearest_matches_eager():
+    """Under torch.jit.trace (as the ONNX exporters trace), ops.nearest_reference takes the
+    traceable path and records a graph that computes the same for another batch size."""
+    ref = torch.randn(100, 6)
+    traced = torch.jit.trace(lambda x: nearest_reference(x, ref, metric="l2"), torch.randn(2, 10, 6))
+    x = torch.randn(3, 10, 6)
+    index, dist = traced(x)
+    ei, ed = nearest_reference(x, ref, metric="l2", backend="torch")
+    assert torch.equal(index, ei)
+    torch.testing.assert_close(dist, ed, atol=1e-4, rtol=1e-5)

@@ -113,3 +113,38 @@ def test_float64_is_a_clear_error():
     x = torch.randn(1, 4, 8, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="float32, float16 and bfloat16, not torch.float64; use backend='torch'"):
         nearest_reference(x, x[0], backend="triton")
+
+
+# metric="l2": the same kernel with a per-row offset, against the explicit-difference cdist oracle
+from test_nearest import agree_l2, cdist_oracle  # noqa: E402
+
+
+def _triton_l2(x, ref):
+    index, dist = nearest_reference(x.to(DEVICE), ref.to(DEVICE), metric="l2", backend="triton")
+    return index.cpu(), dist.cpu()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "batched"])
+@pytest.mark.parametrize("channels", [24, 200])  # one channel chunk / several, the last partial
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_l2_agrees_with_cdist(dtype, channels, shared):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, N, channels, generator=g).to(dtype)
+    ref = (torch.randn(*(() if shared else (2,)), M, channels, generator=g) * 1.5 + 0.3).to(dtype)
+    index, dist = _triton_l2(x, ref)
+    assert index.shape == dist.shape == (2, N) and dist.dtype == torch.float32
+    agree_l2(x, ref, index, dist, atol=1e-3)  # fp32 ||x||^2 - 2 max: absolute rounding ~ ulp(||x||^2)
+
+
+def test_triton_l2_matches_cdist_index_and_ties():
+    ref = torch.randn(150, 16)
+    ref[100] = ref[6]          # second tile: 6 must win
+    ref[130] = ref[70]         # third tile: 70
+    x = torch.randn(2, 30, 16)
+    x[0, 1] = ref[100]
+    x[1, 4] = ref[130]
+    index, dist = _triton_l2(x, ref)
+    oi, od, _ = cdist_oracle(x, ref)
+    assert index[0, 1] == 6 and index[1, 4] == 70
+    assert torch.equal(index, oi)
+    torch.testing.assert_close(dist.double(), od, atol=2e-3, rtol=1e-5)

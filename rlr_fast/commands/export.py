@@ -32,9 +32,10 @@ def run(args) -> int:
                          f"images change per class); use --format weights, or predict with `rlr-fast predict "
                          f"--reference`")
     if args.image_size is not None and (args.image_size, args.image_size) != tuple(model.input_size):
+        why = ("its memory bank holds the features of images of that size" if model.name == "patchcore" else
+               "its learnable reference has one token per position of the trained feature grid")
         raise UsageError(f"--image-size {args.image_size}: this run was trained at {model.image_size} px and its "
-                         f"model only takes that size (its learnable reference has one token per position of "
-                         f"the trained feature grid); resize images instead, as `rlr-fast predict` does")
+                         f"model only takes that size ({why}); resize images instead, as `rlr-fast predict` does")
     run_dir = args.run if args.run.is_dir() else args.run.parent
     out = args.out or run_dir / DEFAULT_NAMES[args.format]
     if out.is_dir():

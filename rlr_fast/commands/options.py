@@ -61,6 +61,17 @@ def fraction(text: str) -> float:
     return value
 
 
+def unit_fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1] (e.g. the fraction of tokens a coreset keeps)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
+    return value
+
+
 def device(text: str) -> str:
     """An argparse type: a torch device that exists on this machine (cpu, cuda, cuda:1, mps)."""
     try:

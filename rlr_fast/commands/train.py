@@ -23,7 +23,10 @@ RUN_SETTINGS = (("--model", "run", "model"), ("--image-size", "config", "image_s
                 ("--batch-size", "train", "batch_size"), ("--lr", "train", "lr"), ("--amp", "train", "amp"),
                 ("--seed", "train", "seed"), ("--val-fraction", "train", "val_fraction"),
                 ("--feature-norm", "config", "feature_norm"),
-                ("--shots", "config", "shots"), ("--residual", "config", "residual"))
+                ("--shots", "config", "shots"), ("--residual", "config", "residual"),
+                ("--coreset-ratio", "config", "coreset_ratio"))
+# Options of the gradient training, which a training-free model (PatchCore) does not run.
+GRADIENT_OPTIONS = ("recipe", "epochs", "batch_size", "lr", "amp", "val_fraction")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -33,13 +36,17 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="MVTec-style folder (ROOT/<class>/train/good/...) or a plain folder of normal images")
     p.add_argument("--out", required=True, type=options.output_folder, help="run folder: checkpoint, config, log")
     p.add_argument("--classes", help="comma-separated class names (default: every class in --data)")
-    p.add_argument("--model", choices=("rlr", "uniad", "resad"), help="model (default: rlr)")
+    p.add_argument("--model", choices=("rlr", "uniad", "resad", "patchcore"),
+                   help="model (default: rlr); patchcore: the training-free nearest-neighbour baseline")
     p.add_argument("--recipe", choices=("fast", "paper"),
                    help="fast: converges in minutes on a CPU (default); paper: the paper's schedule")
     add_shot_options(p, "ResAD: K reference images per seen class, drawn anew for every batch from its train/good "
                         "(default 4); with --shot-seed, K fixed ones drawn with that seed, left out of training")
     p.add_argument("--residual", choices=("squared", "difference"),
                    help="ResAD's residual: (f - r)^2 as the official code (default) or f - r as the paper")
+    p.add_argument("--coreset-ratio", type=options.unit_fraction,
+                   help="PatchCore: fraction of the training tokens kept in its memory bank, in (0, 1] "
+                        "(default 0.1; 1 keeps every token)")
     p.add_argument("--epochs", type=options.positive_int,
                    help="override the recipe's epochs; with --resume, the run's new total")
     p.add_argument("--batch-size", type=options.positive_int, help="override the recipe's batch size")
@@ -49,7 +56,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", help="timm model name (default: tf_efficientnet_lite0, weights shipped)")
     p.add_argument("--backbone-weights",
                    help="'default' (shipped or timm pretrained; the default), 'random', or a local state-dict file")
-    p.add_argument("--backend", choices=("auto", "torch", "reference", "triton"), help="attention backend (default: auto)")
+    p.add_argument("--backend", choices=("auto", "torch", "reference", "triton"),
+                   help="attention backend (PatchCore: nearest-neighbour search backend; default: auto)")
     p.add_argument("--feature-norm", choices=("channel", "none"),
                    help="RLR: standardise each level's features per channel for the network (default: channel), "
                         "or none, as the paper's code")
@@ -81,6 +89,18 @@ def ignored_shot_options(args, model_name: str) -> None:
     if given and model_name != "resad":
         print(f"note: {' and '.join(given)} ignored: only ResAD uses {'it' if len(given) == 1 else 'them'} "
               f"(reference images); this is a {model_name} model")
+
+
+def ignored_model_options(args, model_name: str) -> None:
+    """Say which given options the chosen model does not use: the gradient training's with a
+    training-free model (PatchCore), --coreset-ratio with any other."""
+    if model_name == "patchcore":
+        given = [f"--{k.replace('_', '-')}" for k in GRADIENT_OPTIONS if getattr(args, k, None) is not None]
+        if given:
+            print(f"note: {' and '.join(given)} ignored: patchcore is fitted in one pass (a memory bank of "
+                  f"training tokens), with no gradient training")
+    elif getattr(args, "coreset_ratio", None) is not None:
+        print(f"note: --coreset-ratio ignored: only PatchCore uses it (its memory bank); this is a {model_name} model")
 
 
 def training_set(data: Path, classes, image_size: int):
@@ -171,6 +191,8 @@ def _settings(args, state):
         if name != "rlr":
             raise UsageError(f"--feature-norm is an option of the rlr model, not of {name}")
         model_cfg["feature_norm"] = args.feature_norm
+    if name == "patchcore" and args.coreset_ratio is not None:
+        model_cfg["coreset_ratio"] = args.coreset_ratio
     recipe_name = args.recipe or "fast"
     # the recipe a model's --recipe names: UniAD and ResAD have their own papers' schedules
     schedule = {("uniad", "paper"): "uniad", ("resad", "paper"): "resad",
@@ -202,15 +224,18 @@ def run(args) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     if rank == 0:
         ignored_shot_options(args, name)
+        ignored_model_options(args, name)
     if done >= cfg.epochs:
         say(f"{args.out} has already trained {done}/{cfg.epochs} epochs: nothing to do "
             f"(give a larger --epochs to train longer)")
         return 0
     torch.manual_seed(cfg.seed)
     model = build_model(name, model_cfg).to(device)
-    say(f"training {name} on {len(dataset)} images"
+    fitted = getattr(model, "training_free", False)
+    say(f"{'fitting' if fitted else 'training'} {name} on {len(dataset)} images"
         + (f" of {len(classes)} classes ({', '.join(classes)})" if classes else "")
-        + f", image size {model.image_size}, {cfg}")
+        + f", image size {model.image_size}, "
+        + (f"coreset ratio {model.config.coreset_ratio:g}, seed {cfg.seed}" if fitted else f"{cfg}"))
     if name == "resad":  # every rank builds the whole (small) residual cache; DDP averages the gradients
         from ..fewshot import residual_cache
 
@@ -219,8 +244,9 @@ def run(args) -> int:
         val_cache = None
     else:
         # Images held out of training for the validation loss that picks the best epoch (the
-        # same split on every rank and on resume: it depends only on the seed and the fraction).
-        dataset, held_out = hold_out(dataset, cfg.val_fraction, seed=cfg.seed)
+        # same split on every rank and on resume: it depends only on the seed and the fraction);
+        # a fitted model (PatchCore's memory bank) takes every image.
+        dataset, held_out = hold_out(dataset, 0.0 if fitted else cfg.val_fraction, seed=cfg.seed)
         local = shard(dataset, rank, world)
         if world > 1:
             say(f"{world} ranks: {len(local)} images each")
@@ -237,6 +263,11 @@ def run(args) -> int:
     history = train(model, cache, args.out, cfg, resume=state is not None, device=device,
                     progress=not args.no_progress, log=say, extra={"classes": classes, "recipe": recipe_name},
                     val_cache=val_cache)
+    if fitted:
+        say(f"fitted in {time.perf_counter() - t0:.1f}s: memory bank of {history[-1]['bank']} tokens "
+            f"(coreset ratio {history[-1]['coreset_ratio']:g} of {history[-1]['tokens']}); "
+            f"checkpoint {args.out / CHECKPOINT}")
+        return 0
     epochs = f"epochs {done + 1}-{len(history)}" if len(history) > done + 1 else f"epoch {len(history)}"
     kept = f"checkpoint {args.out / CHECKPOINT}"
     if model.select_best_epoch:
