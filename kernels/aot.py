@@ -35,6 +35,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -69,15 +70,16 @@ def configure(p: argparse.ArgumentParser) -> None:
 # The launches of a typical call, and the JIT's specialisation of them
 # ------------------------------------------------------------------------------------------------
 
-def typical_launches(op: str, dtype, head_dim: int, kind: str, k_shared: bool, v_shared: bool) -> list:
+def typical_launches(op: str, dtype, head_dim: int, kind: str, k_shared: bool, v_shared: bool,
+                     geometry: dict = TYPICAL) -> list:
     """The launches the autograd Function makes for kind ("forward", "dq", "dkdv") of a typical
-    call, built on meta tensors (no memory; their address 0 is 16-byte aligned like a CUDA
-    allocation's)."""
+    call (`geometry`: batch, heads, grid, window; RLR's 32 x 32 level by default), built on meta
+    tensors (no memory; their address 0 is 16-byte aligned like a CUDA allocation's)."""
     import torch
 
     from . import window_attention as wa
 
-    b, h, (gh, gw) = TYPICAL["batch"], TYPICAL["heads"], TYPICAL["grid"]
+    b, h, (gh, gw) = geometry["batch"], geometry["heads"], geometry["grid"]
     length = gh * gw
 
     def t(shared, dt=dtype):
@@ -85,7 +87,7 @@ def typical_launches(op: str, dtype, head_dim: int, kind: str, k_shared: bool, v
 
     q, k, v = t(False), t(k_shared), t(v_shared)
     lse = torch.empty(b * h * length, device="meta", dtype=torch.float32)
-    radius = (TYPICAL["window"][0] // 2, TYPICAL["window"][1] // 2)
+    radius = (geometry["window"][0] // 2, geometry["window"][1] // 2)
     scale = head_dim ** -0.5
     if kind == "forward":
         return [wa.forward_launch(q, k, v, torch.empty_like(q), lse, (gh, gw), radius, scale, OPS[op])]
@@ -206,6 +208,304 @@ def keys_visited_per_useful_key(cfg: dict, grid, window) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
+# Figures that cannot flatter: every loop weighted by its trip count for a launch
+# ------------------------------------------------------------------------------------------------
+
+# The launches the weighted figures describe: RLR's 32 x 32 level and its 64 x 64 one (window 11).
+GEOMETRIES = {"32x32": TYPICAL, "64x64": dict(batch=8, heads=8, grid=(64, 64), window=(11, 11))}
+# An H100 SXM: 132 SMs at the 1.98 GHz boost clock; per SM and clock 4 warp instructions issued
+# (128 thread issue slots) and 16 MUFU (exp2) results.
+H100_SXM = dict(sms=132, clock_hz=1.98e9, issue_slots=128, mufu=16, warp_issue=4)
+# FlashAttention-2 on the dense problem, thread instructions and exp2 per score. FA2 (Dao 2023,
+# arXiv 2307.08691) reports its forward at 70% and its backward at ~40-45% of the tensor-core peak
+# on an A100; per score the forward computes 4 D FLOPs on tensor cores, one exp2 and the online-
+# softmax arithmetic, about 6 thread instructions per score in the SASS of its inner loop (the
+# figure this project's KERNEL-NOTES take), the backward (five products, one exp2, dS) about 15.
+FA2 = dict(forward=6.0, backward=15.0, exp_forward=1.0, exp_backward=1.0)
+# Torch glue around the Triton backward (delta = rowsum(O * dO), casts, the splits' sums): no SASS
+# of PyTorch's elementwise kernels here; estimated at 3 thread instructions per element processed.
+GLUE_INSTRUCTIONS_PER_ELEMENT = 3
+_EX2 = re.compile(r"\bMUFU\.EX2\b")
+_LOC = re.compile(r'"([^"]+)", line (\d+)')
+
+
+def useful_pairs(grid, window, complement: bool) -> int:
+    """(query, key) pairs a head of one batch element computes: inside the clipped windows (LCA), or
+    outside them (MLKA: every key but those)."""
+    (gh, gw), (ry, rx) = grid, (window[0] // 2, window[1] // 2)
+    inside = sum((min(y + ry, gh - 1) - max(y - ry, 0) + 1) * (min(x + rx, gw - 1) - max(x - rx, 0) + 1)
+                 for y, x in itertools.product(range(gh), range(gw)))
+    return (gh * gw) ** 2 - inside if complement else inside
+
+
+def source_loops(fn):
+    """The `for` loops of a jitted kernel's source in preorder: for each, its (first, last) line in
+    the file and the lines of the ``if _needs_mask(...)`` statements directly in it. Also the
+    kernel's (first, last) line and file name."""
+    import ast
+    import inspect
+    import textwrap
+
+    lines, start = inspect.getsourcelines(fn)
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    off = start - 1
+    loops = []
+
+    def visit(node, loop):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.For):
+                loops.append({"lines": (child.lineno + off, child.end_lineno + off), "masks": []})
+                visit(child, len(loops) - 1)
+                continue
+            if (isinstance(child, ast.If) and loop is not None and isinstance(child.test, ast.Call)
+                    and getattr(child.test.func, "id", None) == "_needs_mask"):
+                loops[loop]["masks"].append((child.lineno + off, child.end_lineno + off))
+            visit(child, loop)
+
+    visit(tree, None)
+    return loops, (start, start + len(lines) - 1), Path(inspect.getsourcefile(fn)).name
+
+
+def kernel_lines(line_info: str, span, file_name: str) -> dict:
+    """{SASS address: the kernel's own source line} from ``nvdisasm --print-line-info-inline``:
+    of the locations before an instruction (a helper's line inlined at the kernel's), the one in
+    the kernel's file and line span. An instruction with none keeps the previous one's."""
+    out, pending, last = {}, [], None
+    for text in line_info.splitlines():
+        if text.lstrip().startswith("//##"):
+            pending.extend(_LOC.findall(text))
+            continue
+        m = re.search(r"/\*([0-9a-f]{4,})\*/", text)
+        if not m:
+            continue
+        inside = [int(n) for f, n in pending if Path(f).name == file_name and span[0] <= int(n) <= span[1]]
+        if inside:
+            last = inside[-1]
+        pending = []
+        out[int(m.group(1), 16)] = last
+    return out
+
+
+def _parse_sass(sass: str):
+    return [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+
+
+def loop_weights(sass: str, lines: dict, loops: list) -> list:
+    """For each SASS instruction (address, text): the key of the count it runs with, per program:
+    ("once",) outside every loop (prologue, epilogue, pipelining's first loads); ("loop", i) in a
+    machine loop matched to source loop i (the source loop holding most of its instructions' lines);
+    ("mask", i) for the part of loop i's body that a branch skips, whose lines are in its
+    ``if _needs_mask`` block. Raises ValueError where a machine loop matches no source loop."""
+    instructions = _parse_sass(sass)
+    ranges = []
+    branches = []
+    for address, text in instructions:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)\s*$", text)
+        if target:
+            (ranges if int(target.group(1), 16) < address else branches).append(
+                (int(target.group(1), 16), address) if int(target.group(1), 16) < address
+                else (address, int(target.group(1), 16)))
+    ranges = [r for r in ranges if r[0] != r[1]]  # the end-of-kernel trap branches to itself
+
+    def innermost(address):
+        inside = [r for r in ranges if r[0] <= address <= r[1]]
+        return min(inside, key=lambda r: r[1] - r[0]) if inside else None
+
+    def source_loop(line):
+        holding = [i for i, lp in enumerate(loops) if line is not None and lp["lines"][0] <= line <= lp["lines"][1]]
+        return max(holding, key=lambda i: loops[i]["lines"][0]) if holding else None
+
+    votes = {}
+    for address, _ in instructions:
+        r = innermost(address)
+        if r is not None:
+            votes.setdefault(r, []).append(source_loop(lines.get(address)))
+    matched = {}
+    for r, v in votes.items():
+        counted = [i for i in v if i is not None]
+        if not counted:
+            raise ValueError(f"machine loop {r[0]:#x}-{r[1]:#x} matches no loop of the source")
+        matched[r] = max(set(counted), key=counted.count)
+    keys = []
+    for address, text in instructions:
+        r = innermost(address)
+        if r is None:
+            keys.append((address, text, ("once",)))
+            continue
+        i = matched[r]
+        line = lines.get(address)
+        skipped = any(r[0] <= a < address < t <= r[1] for a, t in branches)
+        masked = line is not None and any(lo <= line <= hi for lo, hi in loops[i]["masks"])
+        keys.append((address, text, ("mask", i) if skipped and masked else ("loop", i)))
+    return keys
+
+
+def _blocks(lo, hi, block):
+    return math.ceil(max(hi - lo, 0) / block)
+
+
+def trip_counts(name: str, a: dict, geometry: dict) -> Counter:
+    """{per-program counts: programs with them} of a launch of kernel `name` with arguments `a` (config
+    included) at `geometry`: each program's count of every key of `loop_weights` ("once": 1; ("loop",
+    i): iterations of source loop i, summed over its enclosing loops'; ("mask", i): those of them that
+    compute the mask), from the kernel's own index arithmetic. Heads are alike: counted once, times H."""
+    b, h, (gh, gw), (wy, wx) = geometry["batch"], geometry["heads"], geometry["grid"], geometry["window"]
+    ry, rx, length = wy // 2, wx // 2, gh * gw
+    programs = Counter()
+
+    def patch(y0, x0, th, tw):
+        return max(y0 - ry, 0), min(y0 + th + ry, gh), max(x0 - rx, 0), min(x0 + tw + rx, gw)
+
+    def sweep(p, bh, bw, complement):
+        """The blocks a tile sweeps (top-left corners), and whether each computes the mask."""
+        y_lo, y_hi, x_lo, x_hi = p
+        if complement:
+            oy, ox, ny, nx = 0, 0, _blocks(0, gh, bh), _blocks(0, gw, bw)
+        else:
+            oy, ox, ny, nx = y_lo, x_lo, _blocks(y_lo, y_hi, bh), _blocks(x_lo, x_hi, bw)
+        out = []
+        for i, j in itertools.product(range(ny), range(nx)):
+            by, bx = oy + i * bh, ox + j * bw
+            overlaps = by < y_hi and by + bh > y_lo and bx < x_hi and bx + bw > x_lo
+            overhangs = by + bh > gh or bx + bw > gw
+            out.append(overlaps or overhangs or not complement)
+        return out
+
+    def tiles(th, tw):
+        return [(ty * th, tx * tw) for ty, tx in itertools.product(range(math.ceil(gh / th)), range(math.ceil(gw / tw)))]
+
+    if name == "mlka_fwd":
+        bm, bn = a["BLOCK_M"], a["BLOCK_N"]
+        full = (length // bn) * bn
+        for tile in range(math.ceil(length / bm)):
+            first_row = tile * bm // gw
+            last_row = (min(tile * bm + bm, length) - 1) // gw
+            band_lo = (max(first_row - ry, 0) * gw) // bn * bn
+            band_hi = max(min(math.ceil(min(last_row + ry + 1, gh) * gw / bn) * bn, full), band_lo)
+            fast = band_lo // bn + (full - band_hi) // bn
+            band = (band_hi - band_lo) // bn + math.ceil((length - full) / bn)
+            programs[(("once", 1), (("loop", 0), fast), (("loop", 1), band))] += b * h
+    elif name == "lca_fwd":
+        th, tw, fold = a["TILE_H"], a["TILE_W"], a["FOLD"]
+        for y0, x0 in tiles(th, tw):
+            n = len(sweep(patch(y0, x0, th, tw), a["BLOCK_H"], a["BLOCK_W"], False))
+            programs[(("once", 1), (("loop", 0), n))] += math.ceil(b / fold) * h
+    elif name in ("dq", "dkdv"):
+        th, tw, complement = a["TILE_H"], a["TILE_W"], a["COMPLEMENT"]
+        for y0, x0 in tiles(th, tw):
+            masks = sweep(patch(y0, x0, th, tw), a["BLOCK_H"], a["BLOCK_W"], complement)
+            if name == "dq":
+                programs[(("once", 1), (("loop", 0), len(masks)), (("mask", 0), sum(masks)))] += b * h
+                continue
+            if a["K_SHARED"] or a["V_SHARED"]:
+                per = math.ceil(b / a["SPLITS"])
+                runs = [max(min(s * per + per, b) - s * per, 0) for s in range(a["SPLITS"])]
+            else:
+                runs = [1] * b
+            for run in runs:
+                programs[(("once", 1), (("loop", 0), run), (("loop", 1), run * len(masks)),
+                          (("mask", 1), run * sum(masks)))] += h
+    else:
+        raise ValueError(f"no trip counts for kernel {name!r}")
+    return Counter({tuple((key, n) for key, n in counts): m for counts, m in programs.items()})
+
+
+def weighted_figures(keys: list, trips: Counter, num_warps: int, useful_scores: int) -> dict:
+    """The launch's weighted figures: thread instructions (SASS instructions x 32 x warps, each run
+    its count of times, every program) and exp2 (MUFU.EX2) per useful score, and the floor time on an
+    H100 SXM: the larger of the issue bound and the exp bound, over the whole GPU or, if larger, for
+    the costliest program on its own SM (4 warp instructions per clock at most)."""
+    per_key, ex2_key = Counter(), Counter()
+    for _, text, key in keys:
+        per_key[key] += 1
+        ex2_key[key] += bool(_EX2.search(text))
+    # a ("mask", i) key counts nothing where the loop has no skipped mask block; a missing count is 0
+    total = ex2 = 0
+    worst = 0
+    for counts, programs in trips.items():
+        counts = dict(counts)
+        body = sum(n * counts.get(key, 0) for key, n in per_key.items())
+        total += body * programs
+        ex2 += sum(n * counts.get(key, 0) for key, n in ex2_key.items()) * programs
+        worst = max(worst, body)
+    threads = 32 * num_warps
+    gpu = H100_SXM
+    issue_s = total * threads / (gpu["issue_slots"] * gpu["sms"] * gpu["clock_hz"])
+    exp_s = ex2 * threads / (gpu["mufu"] * gpu["sms"] * gpu["clock_hz"])
+    program_s = worst * num_warps / (min(num_warps, gpu["warp_issue"]) * gpu["clock_hz"])
+    return {"weighted_instructions_per_score": round(total * threads / useful_scores, 2),
+            "exp_per_score": round(ex2 * threads / useful_scores, 3),
+            "issue_floor_us": round(max(issue_s, exp_s, program_s) * 1e6, 2),
+            "thread_instructions": total * threads, "thread_exp": ex2 * threads}
+
+
+def fa2_floor_us(geometry: dict, mode: str) -> float:
+    """FlashAttention-2's floor on the dense problem at `geometry` (every query against every key,
+    B x H x L^2 scores) from `FA2`'s instructions and exp per score: the larger of the two bounds."""
+    gh, gw = geometry["grid"]
+    scores = geometry["batch"] * geometry["heads"] * (gh * gw) ** 2
+    parts = ("forward",) if mode == "forward" else ("forward", "backward")
+    instr = sum(FA2[p] for p in parts) * scores
+    ex2 = sum(FA2[f"exp_{p}"] for p in parts) * scores
+    gpu = H100_SXM
+    return round(max(instr / gpu["issue_slots"], ex2 / gpu["mufu"]) / (gpu["sms"] * gpu["clock_hz"]) * 1e6, 2)
+
+
+def backward_glue(op: str, dtype_name: str, head_dim: int, geometry: dict, splits: int, shared: tuple) -> list:
+    """The torch launches around the Triton backward kernels (WindowAttentionFunction.backward), each
+    as the elements it processes: delta = (O.float() * dO.float()).sum(-1) (the casts only in 16
+    bits), and for each shared gradient reduced in splits > 1 its sum over the splits and its cast."""
+    gh, gw = geometry["grid"]
+    rows = geometry["batch"] * geometry["heads"] * gh * gw
+    elements = rows * head_dim
+    glue = ([elements, elements] if dtype_name != "fp32" else []) + [elements, elements]  # casts, mul, sum
+    for is_shared in shared:
+        if is_shared and splits > 1:
+            glue.append(splits * geometry["heads"] * gh * gw * head_dim)  # sum over the splits
+            if dtype_name != "fp32":
+                glue.append(geometry["heads"] * gh * gw * head_dim)  # the cast back
+    return glue
+
+
+def op_summaries(records: list) -> list:
+    """Per arch, op, dtype, head dim and launch geometry, the default configs' sums for a forward and
+    a forward + backward in RLR's layout (LCA: k, v shared; MLKA: k shared, v batched): launches,
+    thread instructions per useful score (kernels by their weighted SASS, torch glue estimated) and
+    the floor time, with FlashAttention-2's floor on the dense problem and the ratio."""
+    out = []
+    rlr_layout = {"lca": _layout_name((True, True)), "mlka": _layout_name((True, False))}
+    defaults = [r for r in records if r["default"] and r["ok"] and r["op"] in OPS and r.get("weighted")]
+    groups = {}
+    for r in defaults:
+        if r["kernel"] == "dkdv" and r["layout"] != rlr_layout[r["op"]]:
+            continue
+        groups.setdefault((r["arch"], r["op"], r["dtype"], r["head_dim"]), []).append(r)
+    for (arch, op, dtype_name, dim), rows in sorted(groups.items()):
+        for name, geometry in GEOMETRIES.items():
+            useful = geometry["batch"] * geometry["heads"] * useful_pairs(geometry["grid"], geometry["window"], OPS[op])
+            for mode in ("forward", "forward+backward"):
+                kernels = [r for r in rows if r["kernel"] == "forward" or mode != "forward"]
+                figures = [r["weighted"][name] for r in kernels]
+                if any(f is None or "error" in f for f in figures):
+                    continue
+                glue = [] if mode == "forward" else backward_glue(
+                    op, dtype_name, dim, geometry, next((f["splits"] for f in figures if "splits" in f), 1),
+                    (True, not OPS[op]))
+                glue_instr = GLUE_INSTRUCTIONS_PER_ELEMENT * sum(glue)
+                gpu = H100_SXM
+                glue_us = glue_instr / (gpu["issue_slots"] * gpu["sms"] * gpu["clock_hz"]) * 1e6
+                floor = sum(f["issue_floor_us"] for f in figures) + glue_us
+                fa2 = fa2_floor_us(geometry, mode)
+                out.append({"arch": arch, "op": op, "dtype": dtype_name, "head_dim": dim, "launch": name, "mode": mode,
+                            "launches": len(kernels) + len(glue),
+                            "weighted_instructions_per_useful_score": round(
+                                (sum(f["thread_instructions"] for f in figures) + glue_instr) / useful, 2),
+                            "issue_floor_us": round(floor, 2), "fa2_dense_floor_us": fa2,
+                            "ratio_to_fa2": round(floor / fa2, 2)})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # Compiling
 # ------------------------------------------------------------------------------------------------
 
@@ -233,8 +533,11 @@ def _compile_one(job) -> list:
     else:  # forward and dQ: RLR's layout (LCA k, v shared; MLKA k shared, v batched)
         k_shared, v_shared = layout if layout is not None else (True, not OPS[op])
         launches = typical_launches(op, dtype, dim, kind, k_shared, v_shared)
+    # the same launches at every geometry of the weighted figures (the nearest kernel has none)
+    at = {} if kind == "nearest" else {name: typical_launches(op, dtype, dim, kind, k_shared, v_shared, geometry)
+                                       for name, geometry in GEOMETRIES.items()}
     records = []
-    for launch in launches:
+    for number, launch in enumerate(launches):
         for index, candidate in enumerate(launch.candidates()):
             if default_only and not candidate.default:
                 continue
@@ -252,8 +555,10 @@ def _compile_one(job) -> list:
             if op == "lca":  # (a folded tile visits the same keys for each of its batch elements)
                 record["keys_visited_per_useful_key"] = round(
                     keys_visited_per_useful_key(a, TYPICAL["grid"], TYPICAL["window"]), 3)
+            weigh = {name: (ls[number], ls[number].candidates()[index].config, GEOMETRIES[name])
+                     for name, ls in at.items()}
             records.append({**record, "ok": True} if candidate.reason else
-                           _compile_launch(launch, candidate.config, arch, record))
+                           _compile_launch(launch, candidate.config, arch, record, weigh))
     return records
 
 
@@ -285,21 +590,16 @@ def _grads_name(args) -> str:
     return "+".join(name for name, on in (("dK", args["WITH_DK"]), ("dV", args["WITH_DV"])) if on)
 
 
-def _compile_launch(launch, config, arch, record) -> dict:
-    """Compile one launch with `config` for `arch` with the JIT's specialisation: `record` with
-    what the compiled code says, or with the error."""
+def _compile_code(launch, config, arch):
+    """Compile one launch with `config` for `arch` with the JIT's specialisation: (the compiled
+    kernel, its SASS, its SASS with line info, ``cuobjdump --dump-resource-usage``, ``ptxas -v``)."""
     import triton
     from triton.compiler import ASTSource
 
-    from .window_attention import tile_cols, tile_rows
-
     a = launch.arguments(config)
     signature, constexprs, attrs = jit_specialization(launch.kernel.fn, a, arch)
-    try:
-        compiled = triton.compile(ASTSource(launch.kernel.fn, signature, constexprs, attrs), target=_target(arch),
-                                  options=launch.options(config))
-    except Exception as e:  # reported in the table, and the command fails
-        return {**record, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    compiled = triton.compile(ASTSource(launch.kernel.fn, signature, constexprs, attrs), target=_target(arch),
+                              options=launch.options(config))
     ptx = compiled.asm["ptx"]
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
@@ -308,6 +608,8 @@ def _compile_launch(launch, config, arch, record) -> dict:
         usage = subprocess.run([str(bin_dir / "cuobjdump"), "--dump-resource-usage", str(cubin)],
                                capture_output=True, text=True).stdout
         sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+        line_info = subprocess.run([str(bin_dir / "nvdisasm"), "--print-line-info-inline", "-c", str(cubin)],
+                                   capture_output=True, text=True).stdout
         # ptxas -v, run on the same PTX with the flags Triton compiles it with, states the spill
         # stores and loads (its register count must be the cubin's: the same compile)
         (Path(tmp) / "kernel.ptx").write_text(ptx)
@@ -315,6 +617,41 @@ def _compile_launch(launch, config, arch, record) -> dict:
         verbose = subprocess.run([str(bin_dir / "ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2",
                                   f"--gpu-name=sm_{sm}", str(Path(tmp) / "kernel.ptx"), "-o", str(Path(tmp) / "kernel.o")],
                                  capture_output=True, text=True).stderr
+    return compiled, sass, line_info, usage, verbose
+
+
+def weigh_launch(launch, config, geometry: dict, sass: str, line_info: str) -> dict:
+    """The weighted figures (`weighted_figures`) of `launch` with `config` at `geometry`, from the
+    SASS and line info of its compiled kernel; {"error": ...} where a machine loop matches no loop
+    of the source."""
+    fn = launch.kernel.fn.fn
+    a = launch.arguments(config)
+    loops, span, file_name = source_loops(fn)
+    try:
+        keys = loop_weights(sass, kernel_lines(line_info, span, file_name), loops)
+    except ValueError as e:
+        return {"error": str(e)}
+    useful = geometry["batch"] * geometry["heads"] * useful_pairs(geometry["grid"], geometry["window"],
+                                                                  bool(a.get("COMPLEMENT", launch.name == "mlka_fwd")))
+    figures = weighted_figures(keys, trip_counts(launch.name, a, geometry), config.num_warps, useful)
+    if "SPLITS" in a:
+        figures["splits"] = a["SPLITS"]
+    return figures
+
+
+def _compile_launch(launch, config, arch, record, weigh=None) -> dict:
+    """Compile one launch with `config` for `arch` with the JIT's specialisation: `record` with
+    what the compiled code says, or with the error. `weigh`: {geometry name: (the launch at that
+    geometry, its config, the geometry)} for the weighted figures (the same compile where the JIT
+    specialises both launches alike, else its own)."""
+    from .window_attention import tile_cols, tile_rows
+
+    a = launch.arguments(config)
+    try:
+        compiled, sass, line_info, usage, verbose = _compile_code(launch, config, arch)
+    except Exception as e:  # reported in the table, and the command fails
+        return {**record, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    ptx = compiled.asm["ptx"]
     regs = re.search(r"\bREG:(\d+)", usage)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", verbose)
     ptxas_regs = re.search(r"Used (\d+) registers", verbose)
@@ -328,13 +665,20 @@ def _compile_launch(launch, config, arch, record) -> dict:
     blocks = blocks_per_sm(int(regs.group(1)), smem, warps)
     loop = main_loop_instructions(sass)
     scores = tile_rows(a) * tile_cols(a)
+    weighted = {}
+    for name, (other, other_config, geometry) in (weigh or {}).items():
+        code = (sass, line_info)
+        if jit_specialization(other.kernel.fn, other.arguments(other_config), arch) != \
+                jit_specialization(launch.kernel.fn, a, arch) or other_config != config:
+            code = _compile_code(other, other_config, arch)[1:3]
+        weighted[name] = weigh_launch(other, other_config, geometry, *code)
     return {**record, "ok": True, "registers": int(regs.group(1)),
             "spill_bytes": int(spills.group(1)) + int(spills.group(2)), "smem_bytes": smem,
             "blocks_per_sm": blocks, "occupancy": round(blocks * warps / H100["warps"], 3),
             "tensor_core": "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "none"),
             "loop_instructions": loop,
             "instructions_per_score": None if loop is None else round(loop * 32 * warps / scores, 2),
-            "cp_async": "cp.async" in ptx}
+            "cp_async": "cp.async" in ptx, "weighted": weighted or None}
 
 
 # ------------------------------------------------------------------------------------------------
