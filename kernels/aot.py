@@ -64,6 +64,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-only", action="store_true",
                    help="compile each kernel's default config only, not its whole autotuning space")
     p.add_argument("--json", type=Path, help="also write one record per kernel launch and config as JSON")
+    p.add_argument("--ops-json", type=Path, help="also write the per-op sums (forward, forward + backward) as JSON")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,6 +327,7 @@ def loop_weights(sass: str, lines: dict, loops: list) -> list:
         if not counted:
             raise ValueError(f"machine loop {r[0]:#x}-{r[1]:#x} matches no loop of the source")
         matched[r] = max(set(counted), key=counted.count)
+    factor = _unrolled(instructions, matched, lines, loops)
     keys = []
     for address, text in instructions:
         r = innermost(address)
@@ -336,8 +338,37 @@ def loop_weights(sass: str, lines: dict, loops: list) -> list:
         line = lines.get(address)
         skipped = any(r[0] <= a < address < t <= r[1] for a, t in branches)
         masked = line is not None and any(lo <= line <= hi for lo, hi in loops[i]["masks"])
-        keys.append((address, text, ("mask", i) if skipped and masked else ("loop", i)))
+        key = ("mask", i) if skipped and masked else ("loop", i)
+        keys.append((address, text, key if factor[r] == 1 else (*key, factor[r])))
     return keys
+
+
+# The instructions that do a loop iteration's work (loads, products, FMAs, exp2), by opcode: what an
+# unrolled copy of a loop holds once per iteration it covers.
+_WORK = re.compile(r"^(?:@!?U?P\w+\s+)?(LDG|LDGSTS|LDS|LDSM|HMMA|HGMMA|FFMA|MUFU)\b")
+
+
+def _unrolled(instructions, matched: dict, lines: dict, loops: list) -> dict:
+    """{machine loop: the fraction of an iteration each of its instructions counts for}. A source
+    loop that the compiler turned into several machine loops (unrolled by U with a remainder loop)
+    is charged, per iteration, the body per iteration of its least efficient copy (U estimated from
+    the work instructions a copy holds against the smallest copy's): an upper bound; the other
+    copies count nothing. A source loop with one machine loop: 1."""
+    factor = {r: 1.0 for r in matched}
+    by_source = {}
+    for r, i in matched.items():
+        by_source.setdefault(i, []).append(r)
+    for i, copies in by_source.items():
+        if len(copies) < 2:
+            continue
+        def work(r):
+            return max(1, sum(1 for a, t in instructions if r[0] <= a <= r[1] and _WORK.search(t.strip())))
+        least = min(work(r) for r in copies)
+        per_iteration = {r: ((r[1] - r[0]) // 16 + 1) / max(1, round(work(r) / least)) for r in copies}
+        worst = max(copies, key=per_iteration.get)
+        for r in copies:
+            factor[r] = 1.0 / max(1, round(work(r) / least)) if r == worst else 0.0
+    return factor
 
 
 def _blocks(lo, hi, block):
@@ -384,18 +415,18 @@ def trip_counts(name: str, a: dict, geometry: dict) -> Counter:
             band_hi = max(min(math.ceil(min(last_row + ry + 1, gh) * gw / bn) * bn, full), band_lo)
             fast = band_lo // bn + (full - band_hi) // bn
             band = (band_hi - band_lo) // bn + math.ceil((length - full) / bn)
-            programs[(("once", 1), (("loop", 0), fast), (("loop", 1), band))] += b * h
+            programs[((("once",), 1), (("loop", 0), fast), (("loop", 1), band))] += b * h
     elif name == "lca_fwd":
         th, tw, fold = a["TILE_H"], a["TILE_W"], a["FOLD"]
         for y0, x0 in tiles(th, tw):
             n = len(sweep(patch(y0, x0, th, tw), a["BLOCK_H"], a["BLOCK_W"], False))
-            programs[(("once", 1), (("loop", 0), n))] += math.ceil(b / fold) * h
+            programs[((("once",), 1), (("loop", 0), n))] += math.ceil(b / fold) * h
     elif name in ("dq", "dkdv"):
         th, tw, complement = a["TILE_H"], a["TILE_W"], a["COMPLEMENT"]
         for y0, x0 in tiles(th, tw):
             masks = sweep(patch(y0, x0, th, tw), a["BLOCK_H"], a["BLOCK_W"], complement)
             if name == "dq":
-                programs[(("once", 1), (("loop", 0), len(masks)), (("mask", 0), sum(masks)))] += b * h
+                programs[((("once",), 1), (("loop", 0), len(masks)), (("mask", 0), sum(masks)))] += b * h
                 continue
             if a["K_SHARED"] or a["V_SHARED"]:
                 per = math.ceil(b / a["SPLITS"])
@@ -403,7 +434,7 @@ def trip_counts(name: str, a: dict, geometry: dict) -> Counter:
             else:
                 runs = [1] * b
             for run in runs:
-                programs[(("once", 1), (("loop", 0), run), (("loop", 1), run * len(masks)),
+                programs[((("once",), 1), (("loop", 0), run), (("loop", 1), run * len(masks)),
                           (("mask", 1), run * sum(masks)))] += h
     else:
         raise ValueError(f"no trip counts for kernel {name!r}")
@@ -417,8 +448,10 @@ def weighted_figures(keys: list, trips: Counter, num_warps: int, useful_scores: 
     the costliest program on its own SM (4 warp instructions per clock at most)."""
     per_key, ex2_key = Counter(), Counter()
     for _, text, key in keys:
-        per_key[key] += 1
-        ex2_key[key] += bool(_EX2.search(text))
+        weight = key[2] if len(key) == 3 else 1.0  # (kind, loop, fraction) in a loop unrolled by the compiler
+        key = key[:2]
+        per_key[key] += weight
+        ex2_key[key] += weight * bool(_EX2.search(text))
     # a ("mask", i) key counts nothing where the loop has no skipped mask block; a missing count is 0
     total = ex2 = 0
     worst = 0
@@ -436,7 +469,7 @@ def weighted_figures(keys: list, trips: Counter, num_warps: int, useful_scores: 
     return {"weighted_instructions_per_score": round(total * threads / useful_scores, 2),
             "exp_per_score": round(ex2 * threads / useful_scores, 3),
             "issue_floor_us": round(max(issue_s, exp_s, program_s) * 1e6, 2),
-            "thread_instructions": total * threads, "thread_exp": ex2 * threads}
+            "thread_instructions": round(total * threads), "thread_exp": round(ex2 * threads)}
 
 
 def fa2_floor_us(geometry: dict, mode: str) -> float:
@@ -636,6 +669,8 @@ def weigh_launch(launch, config, geometry: dict, sass: str, line_info: str) -> d
     figures = weighted_figures(keys, trip_counts(launch.name, a, geometry), config.num_warps, useful)
     if "SPLITS" in a:
         figures["splits"] = a["SPLITS"]
+    # source loops the compiler unrolled into several machine loops (charged as `_unrolled` says)
+    figures["unrolled_loops"] = sorted({k[1] for _, _, k in keys if len(k) == 3})
     return figures
 
 
@@ -690,15 +725,23 @@ _COLUMNS = [("op", "<5"), ("kernel", "<7"), ("arch", "<6"), ("dtype", "<5"), ("h
             ("num_warps", ">5"), ("num_stages", ">3"),
             ("registers", ">4"), ("spill_bytes", ">6"), ("smem_bytes", ">6"), ("blocks_per_sm", ">3"),
             ("occupancy", ">5"), ("tensor_core", "<5"), ("loop_instructions", ">5"),
-            ("instructions_per_score", ">6"), ("programs", ">6"), ("keys_visited_per_useful_key", ">5")]
+            ("instructions_per_score", ">6"),
+            ("32x32:weighted_instructions_per_score", ">6"), ("32x32:exp_per_score", ">5"), ("32x32:issue_floor_us", ">7"),
+            ("64x64:weighted_instructions_per_score", ">6"), ("64x64:exp_per_score", ">5"), ("64x64:issue_floor_us", ">7"),
+            ("programs", ">6"), ("keys_visited_per_useful_key", ">5")]
 _HEADS = {"head_dim": "D", "config_index": "cfg", "num_stages": "stg", "num_warps": "warps", "registers": "regs",
           "spill_bytes": "spills", "smem_bytes": "smem",
           "blocks_per_sm": "blk", "occupancy": "occ", "tensor_core": "tc", "loop_instructions": "loop",
-          "instructions_per_score": "ins/sc", "programs": "progs", "keys_visited_per_useful_key": "kv/u"}
+          "instructions_per_score": "ins/sc", "programs": "progs", "keys_visited_per_useful_key": "kv/u",
+          "32x32:weighted_instructions_per_score": "w32", "32x32:exp_per_score": "ex32", "32x32:issue_floor_us": "us32",
+          "64x64:weighted_instructions_per_score": "w64", "64x64:exp_per_score": "ex64", "64x64:issue_floor_us": "us64"}
 
 
 def _cell(record, name, fmt) -> str:
     value = record.get(name)
+    if ":" in name:  # a weighted figure at one launch geometry
+        geometry, _, field = name.partition(":")
+        value = ((record.get("weighted") or {}).get(geometry) or {}).get(field, "err")
     if name == "config_index":  # the default marked with a star
         value = f"{value}{'*' if record['default'] else ''}"
     return format("" if value is None else value, fmt)
@@ -714,6 +757,19 @@ def _table(records) -> str:
             what = f"pruned: {r['pruned']}" if r["ok"] else f"FAILED: {r['error']}"
             lines.append(" ".join(_cell(r, name, fmt) for name, fmt in _COLUMNS[:13]) + f" {what}")
     return "\n".join(lines)
+
+
+_OP_COLUMNS = [("arch", "<6"), ("op", "<5"), ("dtype", "<5"), ("head_dim", ">4"), ("launch", "<6"), ("mode", "<16"),
+               ("launches", ">8"), ("weighted_instructions_per_useful_score", ">8"), ("issue_floor_us", ">9"),
+               ("fa2_dense_floor_us", ">9"), ("ratio_to_fa2", ">6")]
+_OP_HEADS = {"head_dim": "D", "weighted_instructions_per_useful_score": "ins/sc", "issue_floor_us": "floor_us",
+             "fa2_dense_floor_us": "fa2_us", "ratio_to_fa2": "x_fa2"}
+
+
+def _op_table(rows) -> str:
+    head = " ".join(format(_OP_HEADS.get(name, name), fmt) for name, fmt in _OP_COLUMNS)
+    return "\n".join([head, "-" * len(head)] + [" ".join(format(r[name], fmt) for name, fmt in _OP_COLUMNS)
+                                              for r in rows])
 
 
 def _list(value: str, allowed, what: str) -> list:
@@ -754,9 +810,24 @@ def run(args) -> int:
           f"{len(spilled)} spilling registers. cfg: config in the kernel's autotuning space (* the default), "
           f"stg: pipeline stages, blk: blocks per H100 SM, occ: occupancy, "
           f"loop: instructions in the main loop body (SASS), "
-          f"ins/sc: per score, progs: programs at B={b}, {h} heads, {gh}x{gw}, kv/u: LCA keys visited per useful key")
+          f"ins/sc: per score (both: the fast loop alone, per computed score), "
+          f"w32/w64: thread instructions per useful score with every loop weighted by its trip count (prologue "
+          f"and epilogue amortised) at B={b}, {h} heads, {gh}x{gw} window {kh} / 64x64 window 11, ex: exp2 (MUFU.EX2) "
+          f"per useful score, us: floor time on an H100 SXM (the larger of the issue and exp bounds), "
+          f"progs: programs at B={b}, {h} heads, {gh}x{gw}, kv/u: LCA keys visited per useful key")
+    ops_rows = op_summaries(records)
+    if ops_rows:
+        print("\nPer op, default configs, RLR's layout (LCA k, v shared; MLKA k shared, v batched): launches "
+              "(kernels and torch glue), thread instructions per useful score (glue estimated at "
+              f"{GLUE_INSTRUCTIONS_PER_ELEMENT} per element), floor time on an H100 SXM, and FlashAttention-2's "
+              f"floor on the dense problem at the same shapes ({FA2['forward']:g} instructions and "
+              f"{FA2['exp_forward']:g} exp2 per score forward, {FA2['backward']:g} and {FA2['exp_backward']:g} "
+              "backward)\n")
+        print(_op_table(ops_rows))
     if args.json:
         atomic_write_json(args.json, records)
+    if args.ops_json:
+        atomic_write_json(args.ops_json, ops_rows)
     return 1 if failed or spilled else 0
 
 
