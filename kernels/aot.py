@@ -559,7 +559,10 @@ def _compile_one(job) -> list:
     os.environ.pop("TRITON_INTERPRET", None)  # the interpreter replaces kernels: compile the real ones
     import torch
 
+    from . import tuning
+
     arch, op, dtype_name, dim, kind, layout, default_only = job
+    tuning.target_shared_memory(int(arch.removeprefix("sm_")))  # prune for the target's shared memory
     dtype = getattr(torch, DTYPES[dtype_name])
     if kind == "nearest":
         launches, layout, k_shared = [_nearest_launch(dtype, dim)], None, None
