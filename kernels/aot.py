@@ -316,14 +316,24 @@ def loop_weights(sass: str, lines: dict, loops: list) -> list:
         holding = [i for i, lp in enumerate(loops) if line is not None and lp["lines"][0] <= line <= lp["lines"][1]]
         return max(holding, key=lambda i: loops[i]["lines"][0]) if holding else None
 
+    def source_parent(i):
+        lo, hi = loops[i]["lines"]
+        outer = [j for j, lp in enumerate(loops) if j != i and lp["lines"][0] <= lo and hi <= lp["lines"][1]]
+        return max(outer, key=lambda j: loops[j]["lines"][0]) if outer else None
+
     votes = {}
     for address, _ in instructions:
         r = innermost(address)
         if r is not None:
             votes.setdefault(r, []).append(source_loop(lines.get(address)))
+    # innermost machine loops by the lines of their bodies; a machine loop holding others is the
+    # source loop around theirs (its own body holds their pipelined first loads, whose lines are
+    # the inner loop's)
     matched = {}
-    for r, v in votes.items():
-        counted = [i for i in v if i is not None]
+    for r in sorted(votes, key=lambda r: r[1] - r[0]):
+        nested = [c for c in matched if c != r and r[0] <= c[0] and c[1] <= r[1]]
+        counted = [source_parent(matched[c]) for c in nested] if nested else votes[r]
+        counted = [i for i in counted if i is not None]
         if not counted:
             raise ValueError(f"machine loop {r[0]:#x}-{r[1]:#x} matches no loop of the source")
         matched[r] = max(set(counted), key=counted.count)
@@ -361,6 +371,8 @@ def _unrolled(instructions, matched: dict, lines: dict, loops: list) -> dict:
     for i, copies in by_source.items():
         if len(copies) < 2:
             continue
+        if any(a != b and a[0] <= b[0] and b[1] <= a[1] for a in copies for b in copies):
+            raise ValueError(f"source loop {i} matches machine loops nested in each other")
         def work(r):
             return max(1, sum(1 for a, t in instructions if r[0] <= a <= r[1] and _WORK.search(t.strip())))
         least = min(work(r) for r in copies)

@@ -298,6 +298,26 @@ def test_weighting_of_two_loops_with_known_trip_counts():
         aot.loop_weights(WEIGHTED_SASS, {**lines, 0x30: 5, 0x40: 5, 0x50: 5}, loops)
 
 
+NESTED_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0030*/               @P0 BRA 0x20 ;
+        /*0040*/                   LDG.E R3, desc[UR4][R4.64] ;
+        /*0050*/               @P1 BRA 0x10 ;
+        /*0060*/                   EXIT ;
+"""
+
+
+def test_a_machine_loop_around_another_is_the_source_loop_around_its():
+    """An outer machine loop whose body holds mostly the inner loop's lines (its pipelined first loads)
+    is the source loop around the inner one, and runs that loop's count of times."""
+    loops = [{"lines": (10, 30), "masks": []}, {"lines": (20, 25), "masks": []}]
+    lines = {0x00: 5, 0x10: 22, 0x20: 22, 0x30: 21, 0x40: 23, 0x50: 11, 0x60: 31}
+    keys = [k for _, _, k in aot.loop_weights(NESTED_SASS, lines, loops)]
+    assert keys == [("once",), ("loop", 0), ("loop", 1), ("loop", 1), ("loop", 0), ("loop", 0), ("once",)]
+
+
 def test_floor_is_the_larger_of_issue_and_exp_bounds():
     gpu = aot.H100_SXM
     keys = [(0, "FFMA R1, R1, R1, R1", ("loop", 0)), (16, "MUFU.EX2 R1, R1", ("loop", 0))]
