@@ -14,16 +14,27 @@ report would describe another kernel. From the cubin:
 - registers (``cuobjdump --dump-resource-usage``), spill bytes (``ptxas -v`` on the same PTX),
   shared memory; blocks per SM and occupancy on an H100 (64K registers, 228 KB shared memory
   and 64 warps per SM); the tensor-core instruction (wgmma or mma);
-- from the SASS (``cuobjdump -sass``): the instructions in the body of the main loop (the
-  innermost loop that multiplies on tensor cores, the fastest such loop where there are
-  several; a branch inside a loop counts both sides) and instructions per score,
-  loop x 32 x warps / (BLOCK_M x BLOCK_N);
+- from the SASS (``cuobjdump -sass``): the instructions in the body of the fastest tensor-core
+  loop (MLKA's unmasked loop; a branch inside a loop counts both sides) and instructions per
+  computed score, loop x 32 x warps / (BLOCK_M x BLOCK_N): the fast loop alone, a flattering figure;
+- the figures that cannot flatter, at two launches (`GEOMETRIES`: B=8, 8 heads, 32 x 32 window 7 and
+  64 x 64 window 11): every machine loop of the SASS matched to its source loop by the line info
+  (``nvdisasm --print-line-info-inline``) and weighted by its trip count for the launch, summed
+  over the programs (`trip_counts`: the kernel's own index arithmetic in Python), the prologue and
+  epilogue once per program, in thread instructions per *useful* score; exp2 per useful score;
+  the floor time on an H100 SXM (`weighted_figures`);
 - programs: the launch size of the typical call; for LCA, keys visited per useful key.
+
+Then, per op, dtype and head dim, the default configs' sums over every launch of a forward and a
+forward + backward, torch glue included (`op_summaries`), next to FlashAttention-2's floor on
+the dense problem at the same shape.
 
 Exits non-zero if any kernel fails to compile or spills. ``--json FILE`` writes one record per
 kernel launch and config (its ``config``: block sizes, num_warps, num_stages; ``default``: whether
 it is the config the interpreter runs and the autotuner tries first; ``pruned``: why it does not
-fit, or null).
+fit, or null; ``weighted``: the weighted figures per launch); ``--ops-json FILE`` the per-op sums.
+A kernel added or changed must keep `trip_counts` in step with its loops: a machine loop that
+matches no source loop is reported as an error in its weighted figures.
 """
 from __future__ import annotations
 
