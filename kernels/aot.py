@@ -688,11 +688,17 @@ def weigh_launch(launch, config, geometry: dict, sass: str, line_info: str) -> d
     loops, span, file_name = source_loops(fn)
     try:
         keys = loop_weights(sass, kernel_lines(line_info, span, file_name), loops)
+        trips = trip_counts(launch.name, a, geometry)
     except ValueError as e:
         return {"error": str(e)}
+    counted = {key[1] for counts in trips for key, _ in counts if key[0] == "loop"}
+    missing = sorted({k[1] for _, _, k in keys if k[0] in ("loop", "mask")} - counted)
+    if missing or len(counted) != len(loops):
+        return {"error": f"the trip counts of {launch.name} do not cover its {len(loops)} source loops "
+                         f"(counted {sorted(counted)}, machine loops of {missing} uncounted)"}
     useful = geometry["batch"] * geometry["heads"] * useful_pairs(geometry["grid"], geometry["window"],
                                                                   bool(a.get("COMPLEMENT", launch.name == "mlka_fwd")))
-    figures = weighted_figures(keys, trip_counts(launch.name, a, geometry), config.num_warps, useful)
+    figures = weighted_figures(keys, trips, config.num_warps, useful)
     if "SPLITS" in a:
         figures["splits"] = a["SPLITS"]
     # source loops the compiler unrolled into several machine loops (charged as `_unrolled` says)

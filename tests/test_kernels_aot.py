@@ -183,6 +183,14 @@ def test_sm90_targets_of_the_redesign():
     assert mlka["ok"] and mlka["spill_bytes"] == 0 and mlka["tensor_core"] == "wgmma", mlka
     assert mlka["instructions_per_score"] <= 12, mlka
     assert lca["ok"] and lca["spill_bytes"] == 0 and lca["keys_visited_per_useful_key"] <= 3, lca
+    # the weighted figures: no loop left unmatched or uncounted, and never below the fast loop alone
+    # (per useful score, so LCA's by its keys visited per useful key), at least one exp2 per score
+    for r, factor in ((mlka, 1.0), (lca, lca["keys_visited_per_useful_key"])):
+        for launch in ("32x32", "64x64"):
+            w = r["weighted"][launch]
+            assert "error" not in w and not w["unrolled_loops"], w
+            assert w["exp_per_score"] >= 1.0 and w["issue_floor_us"] > 0
+        assert r["weighted"]["32x32"]["weighted_instructions_per_score"] >= r["instructions_per_score"] * factor
 
 
 def test_every_config_compiles_for_sm90_without_spills_or_is_pruned_with_a_reason(tmp_path):
