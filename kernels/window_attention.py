@@ -27,7 +27,8 @@ next to it: tile and block sizes, num_warps and num_stages. The space holds ever
 alternatives; the key is the grid, the window, the head dim, the batch and heads (plus the flags
 that select a variant of the kernel, LCA's batch fold and dK/dV's batch splits), the dtype being
 in Triton's autotuning key already. Every kernel writes its outputs rather than accumulating into
-them, so the autotuner may run any config any number of times on the same buffers: no ``reset_to_zero`` or ``restore_value`` is needed.
+them, so the autotuner may run any config any number of times on the same buffers: no
+``reset_to_zero`` or ``restore_value`` is needed.
 """
 import triton
 import triton.language as tl
