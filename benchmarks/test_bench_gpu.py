@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpu_check import window_mask_mod
 from rlr_fast import local_cross_attention, neighbor_masked_attention
 
 FULL = [(16, 5, 8), (32, 7, 8), (64, 11, 8)]  # (grid, window, batch)
@@ -28,18 +29,6 @@ def pytest_generate_tests(metafunc):
     if "size" in metafunc.fixturenames:
         sizes = FULL if metafunc.config.getoption("--benchmark") else SMALL
         metafunc.parametrize("size", sizes, ids=[f"grid{g}" for g, _, _ in sizes])
-
-
-def _window_mask_mod(grid: int, window: int, complement: bool):
-    """FlexAttention's mask_mod: key `kv` visible to query `q` (inside the window for LCA,
-    outside it for MLKA)."""
-    r = window // 2
-
-    def mask_mod(b, h, q, kv):
-        inside = ((q // grid - kv // grid).abs() <= r) & ((q % grid - kv % grid).abs() <= r)
-        return ~inside if complement else inside
-
-    return mask_mod
 
 
 def _call(op, provider, q, k, v, grid, window):
@@ -57,7 +46,7 @@ def _call(op, provider, q, k, v, grid, window):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     length = grid * grid
-    block_mask = create_block_mask(_window_mask_mod(grid, window, op == "mlka"), None, None, length, length,
+    block_mask = create_block_mask(window_mask_mod(grid, window, op == "mlka"), None, None, length, length,
                                    device=q.device)
     flex = torch.compile(flex_attention)
     return lambda: flex(q, expand(k), expand(v), block_mask=block_mask)
@@ -93,3 +82,76 @@ def test_gpu_op(benchmark, measure, device, full, op, provider, dtype, mode, siz
     benchmark.group = f"gpu {op} grid {grid} window {window} batch {batch} {dtype} {mode}"
     measure(fn, 20 if full else 3, kind="gpu_op", op=op, provider=provider, dtype=dtype, mode=mode, grid=grid,
             window=window, batch=batch, heads=HEADS, head_dim=DIM)
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/gpu_check.py: its pure-Python parts on any machine, its refusal without a GPU
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("complement", [False, True])
+def test_gpu_check_mask_is_the_window(complement):
+    """The mask_mod given to FlexAttention is the package's window mask (or its complement) on a grid."""
+    import gpu_check
+    from rlr_fast.windows import window_mask
+
+    grid, window = 9, 5
+    q, kv = torch.meshgrid(torch.arange(grid * grid), torch.arange(grid * grid), indexing="ij")
+    got = gpu_check.window_mask_mod(grid, window, complement)(0, 0, q, kv)
+    expected = window_mask((grid, grid), (window, window))
+    assert torch.equal(got, ~expected if complement else expected)
+
+
+@pytest.mark.parametrize("complement", [False, True])
+def test_gpu_check_block_mask_skips_exactly_the_blocks_without_a_visible_key(complement):
+    import gpu_check
+    from rlr_fast.windows import window_mask
+
+    grid, window, block = 16, 5, 32  # 256 tokens, 8 x 8 blocks of 32 (two grid rows)
+    bm = gpu_check.block_mask(grid, window, complement, "cpu", block=block)
+    dense = window_mask((grid, grid), (window, window))
+    dense = ~dense if complement else dense
+    n = grid * grid // block
+    expected = dense.reshape(n, block, n, block).any(3).any(1)
+    assert torch.equal(bm.to_dense()[0, 0].bool(), expected)
+    if not complement:  # LCA's window reaches two blocks of rows at most on either side: most are skipped
+        assert expected.float().mean() < 0.6
+
+
+def test_gpu_check_tables():
+    import gpu_check
+
+    rows = [dict(op="mlka", dtype="fp16", launch="32x32", mode="forward", ours=0.5, sdpa=1.0, flex=0.25),
+            dict(op="lca", dtype="bf16", launch="64x64", mode="forward+backward", ours=2.0, sdpa=None, flex=4.0)]
+    floors = {("mlka", "fp16", "32x32", "forward"): dict(issue_floor_us=100.0, fa2_dense_floor_us=16.0)}
+    lines = gpu_check.format_op_table(rows, floors).splitlines()
+    assert lines[0].split() == list(gpu_check.OP_HEAD)
+    assert lines[1].split() == ["mlka", "fp16", "32x32", "forward", "0.500", "1.000", "0.250", "2.00", "0.50",
+                                "0.100", "0.016", "5.00"]
+    assert lines[2].split() == ["lca", "bf16", "64x64", "forward+backward", "2.000", "-", "4.000", "0.50", "-",
+                                "-", "-", "-"]
+    model = gpu_check.format_model_table({"ours eager": 10.0, "ours compiled": 5.0, "naive": 40.0}, 8).splitlines()
+    assert model[1].split() == ["ours", "eager", "10.000", "800.0", "4.00"]
+    assert model[2].split() == ["ours", "compiled", "5.000", "1600.0", "8.00"]
+
+
+def test_gpu_check_floors_from_the_report(tmp_path):
+    import gpu_check
+
+    rows = [dict(arch="sm_90", op="lca", dtype="fp16", head_dim=32, launch="32x32", mode="forward",
+                 issue_floor_us=4.0, fa2_dense_floor_us=16.0),
+            dict(arch="sm_90", op="lca", dtype="fp16", head_dim=64, launch="32x32", mode="forward",
+                 issue_floor_us=9.0, fa2_dense_floor_us=16.0)]
+    path = tmp_path / "ops.json"
+    path.write_text(__import__("json").dumps(rows))
+    floors = gpu_check.load_floors(path, 32)
+    assert list(floors) == [("lca", "fp16", "32x32", "forward")] and floors[("lca", "fp16", "32x32", "forward")][
+        "issue_floor_us"] == 4.0
+    assert gpu_check.load_floors(tmp_path / "missing.json", 32) == {}
+
+
+def test_gpu_check_without_cuda_says_so(monkeypatch, capsys):
+    import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--skip-model"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -159,18 +159,16 @@ def block_config(channels: int, dtype: torch.dtype) -> dict:
 def candidates(args: dict) -> list:
     """NEAREST_CONFIGS as a call with these arguments runs them (`tuning.Candidate`): the default
     of `block_config`, and why each other config does not fit (tiles larger than N or M need,
-    more work per warp than the default, too many stages for shared memory)."""
+    too many stages for the device's shared memory)."""
     cfg = block_config(args["C"], args["X"].dtype)
     default = triton.Config(dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"]), num_warps=cfg["num_warps"],
                             num_stages=cfg["num_stages"])
     depth, element_bytes = args["BLOCK_C"], args["X"].element_size()
-    default_pressure = tuning.work_per_warp(default.kwargs["BLOCK_N"], default.kwargs["BLOCK_M"], depth,
-                                            default.num_warps)
     out = []
     for config in NEAREST_CONFIGS:
         rows, cols = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_M"]
         reason = None if config == default else tuning.misfit(
-            [(rows, args["N"]), (cols, args["M"])], rows, cols, depth, element_bytes, config, default_pressure)
+            [(rows, args["N"]), (cols, args["M"])], rows, cols, depth, element_bytes, config)
         out.append(tuning.Candidate(config, config == default, reason))
     return out
 

@@ -9,7 +9,15 @@ sizes, num_warps, num_stages) defined next to it. Before timing anything, Triton
 - under ``TRITON_INTERPRET=1`` (no GPU, nothing meaningful to time) only the call's *default*,
   the config chosen per dtype and head dim by compiling every kernel ahead of time without
   spills (`rlr-fast kernels`);
-- on a GPU, the default first and then every other config that fits the call.
+- with ``RLR_FAST_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``, also only the
+  default: a fixed config per call, so results are bitwise the same from run to run, process to
+  process and rank to rank on the same GPU model and software (the kernels use no atomics; what
+  the autotuner picks from timings may differ between processes, and a different config sums in a
+  different order);
+- on a GPU, the default first and then every other config that fits the call: a tile no larger
+  than the grid (or key patch) needs and pipeline stages within the device's shared memory (read
+  from the device: sm_86/sm_89 have less than sm_80/sm_90). Configs larger than the default are
+  tried too; the default is the largest that compiles without spills in the report, not a bound.
 
 With one config left, Triton's autotuner runs it without benchmarking (its single-config rule),
 so the interpreter and pinned configs never time anything. On a GPU the first call of each key
@@ -22,6 +30,7 @@ from typing import Callable, Optional
 import triton
 
 PIN_ENV = "RLR_FAST_KERNEL_CONFIG"
+DETERMINISTIC_ENV = "RLR_FAST_DETERMINISTIC"
 NAMES = ("lca_fwd", "mlka_fwd", "dq", "dkdv", "nearest")
 
 
@@ -76,6 +85,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def deterministic() -> bool:
+    """Whether every kernel runs its default config (no timing): ``RLR_FAST_DETERMINISTIC=1`` or
+    ``torch.use_deterministic_algorithms(True)``, read at each call."""
+    import torch
+
+    return os.environ.get(DETERMINISTIC_ENV, "") not in ("", "0") or torch.are_deterministic_algorithms_enabled()
+
+
 def autotuned(name: str, configs: list, key: list, candidates: Callable):
     """Decorator: ``triton.autotune`` of a jitted kernel over `configs`, keyed on the arguments
     `key` (Triton's autotuner adds the dtype of every tensor argument to the key itself), pruned
@@ -89,15 +106,15 @@ def autotuned(name: str, configs: list, key: list, candidates: Callable):
 
 
 def _prune(name: str, args: dict) -> list:
-    """The configs a call tries: the pinned one; else the default alone under the interpreter;
-    else the default, then the others that fit."""
+    """The configs a call tries: the pinned one; else the default alone under the interpreter or
+    in deterministic mode; else the default, then the others that fit."""
     candidates = KERNELS[name].candidates(args)
     if name in _PINS:
         if not 0 <= _PINS[name] < len(candidates):
             raise ValueError(f"{name} has configs 0 to {len(candidates) - 1}, {_PINS[name]} is pinned")
         return [candidates[_PINS[name]].config]
     default = [c.config for c in candidates if c.default]
-    if interpreting():
+    if interpreting() or deterministic():
         return default
     return default + [c.config for c in candidates if not c.default and c.reason is None]
 
@@ -110,26 +127,46 @@ def default_index(candidates: list) -> int:
     raise LookupError("the default config is not in the kernel's config space")
 
 
-def work_per_warp(rows: int, cols: int, depth: int, num_warps: int) -> float:
-    """Register pressure, roughly: the elements of a program's (rows x cols) scores and of its
-    (rows + cols) x depth operand tiles, per warp."""
-    return (rows * cols + (rows + cols) * depth) / num_warps
+# Shared memory an SM gives one block (the opt-in maximum), by compute capability: sm_86 and sm_89
+# have far less than sm_80 and sm_90.
+SMEM_BY_ARCH = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# Kept back from it for what the compiler stages besides the pipelined loads (layout conversions)
+SMEM_RESERVE = 32 * 1024
+_TARGET_SMEM = None  # set by `target_shared_memory` (the ahead-of-time report's target)
 
 
-# Shared memory a config may use for its pipelined loads: an sm_80 SM's 164 KB, less what the
-# compiler keeps for layout conversions (configs must run on sm_80 and sm_90)
-SMEM_BUDGET = 128 * 1024
+def target_shared_memory(arch: Optional[int]) -> None:
+    """Prune for compute capability `arch` (e.g. 90) instead of the device's: what `rlr-fast kernels`
+    does for the target it compiles for. None: the device's again."""
+    global _TARGET_SMEM
+    _TARGET_SMEM = None if arch is None else SMEM_BY_ARCH.get(arch, min(SMEM_BY_ARCH.values()))
 
 
-def misfit(sides: list, rows: int, cols: int, depth: int, element_bytes: int, config: triton.Config,
-           default_pressure: float) -> Optional[str]:
+def shared_memory_limit() -> int:
+    """Shared memory one block may use: the report's target if set; else the current CUDA device's
+    (read from the device); else, with no GPU, sm_80's."""
+    if _TARGET_SMEM is not None:
+        return _TARGET_SMEM
+    import torch
+
+    if torch.cuda.is_available() and not interpreting():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+    return SMEM_BY_ARCH[80]
+
+
+def shared_memory_need(rows: int, cols: int, depth: int, element_bytes: int, num_stages: int) -> int:
+    """Shared memory a config's pipelined loads take, roughly: `num_stages` copies of the two
+    (cols x depth) tiles it streams (k and v, or q and dO) and its own (rows x depth) tile."""
+    return (num_stages * 2 * cols + rows) * depth * element_bytes
+
+
+def misfit(sides: list, rows: int, cols: int, depth: int, element_bytes: int, config: triton.Config) -> Optional[str]:
     """Why `config` does not fit a call (None if it does). `sides`: (tile or block side, the
     extent it covers) pairs; `rows` x `cols` the config's scores, `depth` the operands' inner
-    dimension; `default_pressure` the default config's `work_per_warp`."""
+    dimension. Larger tiles than the default's are fine: the autotuner times them."""
     if any(side > triton.next_power_of_2(max(extent, 1)) for side, extent in sides):
         return "tile larger than the grid (or key patch) needs"
-    if work_per_warp(rows, cols, depth, config.num_warps) > default_pressure:
-        return "more work per warp than the default (the largest that compiles without spills)"
-    if config.num_stages * cols * depth * element_bytes * 2 > SMEM_BUDGET:
-        return "pipeline stages need more shared memory than an sm_80 SM has"
+    limit = shared_memory_limit()
+    if shared_memory_need(rows, cols, depth, element_bytes, config.num_stages) > limit - SMEM_RESERVE:
+        return f"pipeline stages need more shared memory than the device's {limit // 1024} KB per block"
     return None

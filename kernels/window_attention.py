@@ -24,10 +24,11 @@ tile and sweeps query blocks. Masks are computed from grid coordinates, never lo
 Autotuning. Each kernel is autotuned (``tuning.autotuned``) over the small config space defined
 next to it: tile and block sizes, num_warps and num_stages. The space holds every default of
 `block_config` (the largest tiles that compile without spills, per dtype and head dim) and a few
-alternatives; the key is the grid, the window and the head dim (plus the flags that select a
-variant of the kernel), the dtype being in Triton's autotuning key already. Every kernel writes
-its outputs rather than accumulating into them, so the autotuner may run any config any number
-of times on the same buffers: no ``reset_to_zero`` or ``restore_value`` is needed.
+alternatives; the key is the grid, the window, the head dim, the batch and heads (plus the flags
+that select a variant of the kernel, LCA's batch fold and dK/dV's batch splits), the dtype being
+in Triton's autotuning key already. Every kernel writes its outputs rather than accumulating into
+them, so the autotuner may run any config any number of times on the same buffers: no
+``reset_to_zero`` or ``restore_value`` is needed.
 """
 import triton
 import triton.language as tl
@@ -36,8 +37,9 @@ from . import tuning
 
 LOG2E = 1.4426950408889634
 
-# What every kernel's tuning key holds: the grid, the window (its radii) and the head dim.
-_KEY = ["GRID_H", "GRID_W", "RY", "RX", "HEAD_DIM"]
+# What every kernel's tuning key holds: the grid, the window (its radii), the head dim, and the batch
+# and heads (with the grid they set the programs launched, hence which tiles fill the GPU).
+_KEY = ["GRID_H", "GRID_W", "RY", "RX", "HEAD_DIM", "B", "H"]
 
 
 def _tile_config(tile, block, num_warps, num_stages):
@@ -369,7 +371,7 @@ DKDV_CONFIGS = [
 ]
 
 
-@tuning.autotuned("dkdv", DKDV_CONFIGS, _KEY + ["COMPLEMENT", "K_SHARED", "V_SHARED", "WITH_DK", "WITH_DV"],
+@tuning.autotuned("dkdv", DKDV_CONFIGS, _KEY + ["COMPLEMENT", "K_SHARED", "V_SHARED", "WITH_DK", "WITH_DV", "SPLITS"],
                   lambda args: backward_candidates(args, "dkdv"))
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
@@ -571,8 +573,7 @@ def tile_cols(args) -> int:
 def _candidates(space: list, default: triton.Config, args: dict, complement: bool, fold: int = 1) -> list:
     """`space` as a call with these arguments runs it (tiles shrunk for `fold` batch elements),
     each config with the reason it does not fit the call: a tile or block larger than the grid,
-    or than LCA's key patch, needs; more work per warp than the default; or too many pipeline
-    stages for shared memory."""
+    or than LCA's key patch, needs; or too many pipeline stages for the device's shared memory."""
     gh, gw, ry, rx, d = (args[name] for name in ("GRID_H", "GRID_W", "RY", "RX", "HEAD_DIM"))
     element_bytes = args["Q"].element_size()
 
@@ -591,17 +592,13 @@ def _candidates(space: list, default: triton.Config, args: dict, complement: boo
         return [(kw["TILE_H"], gh), (kw["TILE_W"], gw), (kw["BLOCK_H"], min(gh, patch_h)),
                 (kw["BLOCK_W"], min(gw, patch_w))]
 
-    def pressure(config):
-        kw = {**config.kwargs, "FOLD": fold}
-        return tuning.work_per_warp(tile_rows(kw), tile_cols(kw), d, config.num_warps)
-
     out = []
     for config in space:
         is_default = config == default
         config = folded(config)
         kw = {**config.kwargs, "FOLD": fold}
         reason = None if is_default else tuning.misfit(sides(kw), tile_rows(kw), tile_cols(kw), d, element_bytes,
-                                                       config, pressure(default))
+                                                       config)
         out.append(tuning.Candidate(config, is_default, reason))
     return out
 

@@ -147,8 +147,9 @@ def _run(op: str, q, k, v, grid, window, scale, backend):
     return fn(q, k, v, grid, window, scale)
 
 
-# Under torch.compile the torch and triton backends run as custom ops (rlr_fast::<op>), opaque to
-# the compiler; their autograd formula is the torch backend's chunked backward.
+# Under torch.compile the torch and triton backends run as custom ops (rlr_fast::<op>, returning
+# (out, lse)), opaque to the compiler; their backward is the Triton kernels' with the triton backend
+# (from the saved log-sum-exp), the torch backend's chunked backward with the torch backend.
 _CUSTOM_OPS = {
     op: custom_ops.attention_op(op, functools.partial(_run, op), functools.partial(blocked.backward, op))
     for op in ("local_cross_attention", "neighbor_masked_attention")
@@ -162,7 +163,7 @@ def _dispatch(op: str, q, k, v, grid, window, scale, backend):
     if traceable.tracing_for_export():  # torch.jit.trace, torch.export, the ONNX exporters
         return getattr(traceable, op)(q, k, v, p.grid, p.window, p.scale)
     if torch.compiler.is_compiling() and backend != "reference":
-        return _CUSTOM_OPS[op](q, k, v, list(p.grid), list(p.window), p.scale, backend)
+        return _CUSTOM_OPS[op](q, k, v, list(p.grid), list(p.window), p.scale, backend)[0]
     return _run(op, q, k, v, p.grid, p.window, p.scale, backend)
 
 

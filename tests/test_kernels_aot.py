@@ -183,6 +183,14 @@ def test_sm90_targets_of_the_redesign():
     assert mlka["ok"] and mlka["spill_bytes"] == 0 and mlka["tensor_core"] == "wgmma", mlka
     assert mlka["instructions_per_score"] <= 12, mlka
     assert lca["ok"] and lca["spill_bytes"] == 0 and lca["keys_visited_per_useful_key"] <= 3, lca
+    # the weighted figures: no loop left unmatched or uncounted, and never below the fast loop alone
+    # (per useful score, so LCA's by its keys visited per useful key), at least one exp2 per score
+    for r, factor in ((mlka, 1.0), (lca, lca["keys_visited_per_useful_key"])):
+        for launch in ("32x32", "64x64"):
+            w = r["weighted"][launch]
+            assert "error" not in w and not w["unrolled_loops"], w
+            assert w["exp_per_score"] >= 1.0 and w["issue_floor_us"] > 0
+        assert r["weighted"]["32x32"]["weighted_instructions_per_score"] >= r["instructions_per_score"] * factor
 
 
 def test_every_config_compiles_for_sm90_without_spills_or_is_pruned_with_a_reason(tmp_path):
@@ -220,3 +228,184 @@ def test_every_config_compiles_for_sm90_without_spills_or_is_pruned_with_a_reaso
                 assert r["ok"] and r["spill_bytes"] == 0 and r["registers"] > 0, (key, r)
     assert sum(1 for r in rows if not r["pruned"]) > len(launches)  # alternatives compiled, not only defaults
     assert "(* the default)" in result.stdout and "pruned" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# The weighted figures: every loop by its trip count
+# ------------------------------------------------------------------------------------------------
+
+def test_mlka_forward_trip_counts_counted_by_hand():
+    """8 x 8 grid, window 3, 16-token runs (two grid rows): a query run of rows r, r+1 sees the band
+    rows r-1 .. r+2, i.e. key runs {0,1} (run 0), {0,1,2} (run 1), {1,2,3} (run 2), {2,3} (run 3); the
+    fast loop takes the other runs of the four."""
+    from collections import Counter
+
+    geometry = dict(batch=2, heads=3, grid=(8, 8), window=(3, 3))
+    got = aot.trip_counts("mlka_fwd", dict(BLOCK_M=16, BLOCK_N=16), geometry)
+    per_program = lambda fast, band: ((("once",), 1), (("loop", 0), fast), (("loop", 1), band))  # noqa: E731
+    assert got == Counter({per_program(2, 2): 2 * 2 * 3, per_program(1, 3): 2 * 2 * 3})
+
+
+def test_lca_and_backward_trip_counts_counted_by_hand():
+    """LCA on a 4 x 4 grid, window 3, 2 x 2 tiles, 2 x 2 blocks: a corner tile's patch is 3 x 3 (2 x 2
+    blocks); dQ of MLKA sweeps all 4 blocks, of which those overlapping the 3 x 3 patch are masked (all
+    4); dK/dV with a shared k and 2 splits of a batch of 3 runs over 2 and 1 batch elements."""
+    from collections import Counter
+
+    geometry = dict(batch=3, heads=1, grid=(4, 4), window=(3, 3))
+    tile = dict(TILE_H=2, TILE_W=2, BLOCK_H=2, BLOCK_W=2)
+    assert aot.trip_counts("lca_fwd", dict(tile, FOLD=4), geometry) == Counter({((("once",), 1), (("loop", 0), 4)): 4})
+    dq = aot.trip_counts("dq", dict(tile, COMPLEMENT=True), geometry)
+    assert dq == Counter({((("once",), 1), (("loop", 0), 4), (("mask", 0), 4)): 12})
+    # a 6 x 6 grid, window 1 (the patch is the tile): MLKA's centre tile (2..3) masks only its own block
+    dq = aot.trip_counts("dq", dict(tile, COMPLEMENT=True), dict(batch=1, heads=1, grid=(6, 6), window=(1, 1)))
+    assert sorted(dq.elements()) == [((("once",), 1), (("loop", 0), 9), (("mask", 0), 1))] * 9
+    dkdv = aot.trip_counts("dkdv", dict(tile, COMPLEMENT=False, K_SHARED=True, V_SHARED=False, SPLITS=2), geometry)
+    assert dkdv == Counter({((("once",), 1), (("loop", 0), 2), (("loop", 1), 8), (("mask", 1), 8)): 4,
+                            ((("once",), 1), (("loop", 0), 1), (("loop", 1), 4), (("mask", 1), 4)): 4})
+
+
+# Two loops: 0x30-0x50 (3 instructions, one exp2; source loop 0), 0x70-0xb0 (5 instructions; source
+# loop 1, whose 0x90-0xa0 a branch at 0x80 skips and whose lines are its `if _needs_mask` block)
+WEIGHTED_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/                   IADD3 R2, R0, 0x1, RZ ;
+        /*0030*/                   MUFU.EX2 R3, R3 ;
+        /*0040*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0050*/               @P0 BRA 0x30 ;
+        /*0060*/                   IADD3 R2, R0, 0x1, RZ ;
+        /*0070*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0080*/               @P1 BRA 0xb0 ;
+        /*0090*/                   FSEL R5, R5, -INF, P2 ;
+        /*00a0*/                   FSEL R6, R6, -INF, P2 ;
+        /*00b0*/               @P3 BRA 0x70 ;
+        /*00c0*/                   EXIT ;
+        /*00d0*/                   BRA 0xd0;
+"""
+
+
+def test_weighting_of_two_loops_with_known_trip_counts():
+    loops = [{"lines": (10, 12), "masks": []}, {"lines": (20, 30), "masks": [(25, 27)]}]
+    lines = {0x00: 1, 0x10: 2, 0x20: 3, 0x30: 11, 0x40: 11, 0x50: 10, 0x60: 15, 0x70: 21, 0x80: 25, 0x90: 26,
+             0xa0: 26, 0xb0: 20, 0xc0: 40, 0xd0: 40}
+    keys = aot.loop_weights(WEIGHTED_SASS, lines, loops)
+    assert [k for _, _, k in keys] == [("once",)] * 3 + [("loop", 0)] * 3 + [("once",)] + [("loop", 1)] * 2 + \
+        [("mask", 1)] * 2 + [("loop", 1)] + [("once",)] * 2
+    from collections import Counter
+
+    # 10 programs run loop 0 4 times and loop 1 6 times, 2 of them masked; 2 warps; 1000 useful scores
+    trips = Counter({((("once",), 1), (("loop", 0), 4), (("loop", 1), 6), (("mask", 1), 2)): 10})
+    figures = aot.weighted_figures(keys, trips, num_warps=2, useful_scores=1000)
+    per_program = 6 + 3 * 4 + 3 * 6 + 2 * 2  # once, loop 0, loop 1 unmasked part, its masked part
+    assert figures["thread_instructions"] == per_program * 10 * 64
+    assert figures["weighted_instructions_per_score"] == pytest.approx(per_program * 10 * 64 / 1000, abs=0.01)
+    assert figures["exp_per_score"] == pytest.approx(4 * 10 * 64 / 1000, abs=0.001)
+    # a machine loop with no line of any source loop is an error, not a guess
+    with pytest.raises(ValueError, match="matches no loop"):
+        aot.loop_weights(WEIGHTED_SASS, {**lines, 0x30: 5, 0x40: 5, 0x50: 5}, loops)
+
+
+NESTED_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0030*/               @P0 BRA 0x20 ;
+        /*0040*/                   LDG.E R3, desc[UR4][R4.64] ;
+        /*0050*/               @P1 BRA 0x10 ;
+        /*0060*/                   EXIT ;
+"""
+
+
+def test_a_machine_loop_around_another_is_the_source_loop_around_its():
+    """An outer machine loop whose body holds mostly the inner loop's lines (its pipelined first loads)
+    is the source loop around the inner one, and runs that loop's count of times."""
+    loops = [{"lines": (10, 30), "masks": []}, {"lines": (20, 25), "masks": []}]
+    lines = {0x00: 5, 0x10: 22, 0x20: 22, 0x30: 21, 0x40: 23, 0x50: 11, 0x60: 31}
+    keys = [k for _, _, k in aot.loop_weights(NESTED_SASS, lines, loops)]
+    assert keys == [("once",), ("loop", 0), ("loop", 1), ("loop", 1), ("loop", 0), ("loop", 0), ("once",)]
+
+
+def test_floor_is_the_larger_of_issue_and_exp_bounds():
+    gpu = aot.H100_SXM
+    keys = [(0, "FFMA R1, R1, R1, R1", ("loop", 0)), (16, "MUFU.EX2 R1, R1", ("loop", 0))]
+    # one warp-instruction pair per iteration, 10^6 iterations x 132 programs of 4 warps
+    trips = {((("loop", 0), 10 ** 6),): 132}
+    figures = aot.weighted_figures(keys, trips, num_warps=4, useful_scores=10 ** 9)
+    exp_us = 132 * 10 ** 6 * 128 / (gpu["mufu"] * gpu["sms"] * gpu["clock_hz"]) * 1e6
+    assert figures["issue_floor_us"] == pytest.approx(exp_us, rel=1e-3)  # exp-bound: 16 vs 128 per clock
+    # FlashAttention-2's dense floor: forward exp-bound (1 exp2 = 8 issue slots > 6), backward issue-bound
+    geometry = dict(batch=1, heads=1, grid=(32, 32), window=(7, 7))
+    scores = 1024 ** 2
+    rate = gpu["sms"] * gpu["clock_hz"]
+    assert aot.fa2_floor_us(geometry, "forward") == pytest.approx(scores / gpu["mufu"] / rate * 1e6, abs=0.01)
+    assert aot.fa2_floor_us(geometry, "forward+backward") == pytest.approx(21 * scores / 128 / rate * 1e6, abs=0.01)
+
+
+def test_useful_pairs():
+    # 3 x 3 grid, window 3: corners see 4 keys, edges 6, the centre 9
+    assert aot.useful_pairs((3, 3), (3, 3), False) == 4 * 4 + 4 * 6 + 9
+    assert aot.useful_pairs((3, 3), (3, 3), True) == 81 - (4 * 4 + 4 * 6 + 9)
+
+
+_TWO_LOOPS = '''
+import json, subprocess
+from pathlib import Path
+import triton, triton.language as tl
+from triton.compiler import ASTSource
+from rlr_fast.kernels import aot
+
+
+@triton.jit
+def two_loops(X, Y, N1, N2, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in range(0, N1):
+        acc += tl.math.exp2(tl.load(X + i * BLOCK + offs))
+    for j in range(0, N2):
+        acc = acc * tl.load(X + j * BLOCK + offs) + 1.0
+    tl.store(Y + offs, acc)
+
+
+compiled = triton.compile(ASTSource(two_loops, {"X": "*fp32", "Y": "*fp32", "N1": "i32", "N2": "i32",
+                                                "BLOCK": "constexpr"}, {(4,): 128}),
+                          target=aot._target("sm_90"), options=dict(num_warps=4, num_stages=1))
+cubin = Path("k.cubin")
+cubin.write_bytes(compiled.asm["cubin"])
+bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+info = subprocess.run([str(bin_dir / "nvdisasm"), "--print-line-info-inline", "-c", str(cubin)],
+                      capture_output=True, text=True).stdout
+loops, span, name = aot.source_loops(two_loops.fn)
+keys = aot.loop_weights(sass, aot.kernel_lines(info, span, name), loops)
+print(json.dumps({"loops": aot.sass_loops(sass), "keys": [k for _, _, k in keys],
+                  "ex2": [k for _, t, k in keys if "MUFU.EX2" in t], "n_source": len(loops)}))
+'''
+
+
+def test_compiled_two_loop_kernel_maps_each_machine_loop_to_its_source_loop(tmp_path):
+    """A kernel with two loops compiled for sm_90: each innermost machine loop is matched to its own
+    source loop (the exp2 to the first), so 3 and 5 iterations weigh each body by its own count."""
+    script = tmp_path / "two_loops.py"
+    script.write_text(_TWO_LOOPS)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
+                            env=_no_interpreter_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["n_source"] == 2
+    keys = [tuple(k) for k in out["keys"]]
+    bodies = [n for n, _ in out["loops"]]
+    # the first loop is one machine loop, every instruction of it charged once per iteration
+    assert keys.count(("loop", 0)) == bodies[0]
+    assert out["ex2"] and all(tuple(k) == ("loop", 0) for k in out["ex2"])
+    # ptxas unrolls the second (copies of 4 iterations and of 1): charged per iteration the body of
+    # its least efficient copy, never less than the one-iteration copy's body, the others nothing
+    second = [k for k in keys if k[:2] == ("loop", 1)]
+    charge = sum(k[2] if len(k) == 3 else 1 for k in second)
+    assert len(bodies) > 2 and charge >= min(bodies[1:]) and charge <= max(bodies[1:])
+    from collections import Counter
+
+    trips = Counter({((("once",), 1), (("loop", 0), 3), (("loop", 1), 5)): 1})
+    figures = aot.weighted_figures([(0, "", k) for k in keys], trips, num_warps=4, useful_scores=128)
+    once = keys.count(("once",))
+    assert figures["thread_instructions"] == round((once + 3 * bodies[0] + 5 * charge) * 128)

@@ -171,14 +171,44 @@ def test_on_a_gpu_the_default_comes_first_then_the_configs_that_fit(monkeypatch)
     launch = _mlka_forward((32, 32), torch.float16, 32)
     assert all(c.reason is None for c in launch.candidates())  # RLR's 32 x 32 level: every config fits
     assert tuning._prune("mlka_fwd", launch.args) == wa.MLKA_FWD_CONFIGS  # the default is the first already
-    # fp32 at head dim 64: the default is config 3 (32 x 32 runs); the 64-query runs of 16 bits and
-    # the 128-query ones do more work per warp; config 4 (8 warps) and 2 (1 stage) fit
+    # fp32 at head dim 64: the default is config 3 (32 x 32 runs); the larger tiles (64- and 128-query
+    # runs) are tried too, after it: the default is where timing starts, not a bound
     launch = _mlka_forward((32, 32), torch.float32, 64)
     candidates = launch.candidates()
     assert [c.default for c in candidates] == [False, False, False, True, False, False]
-    assert [c.reason is None for c in candidates] == [False, False, True, True, True, False]
-    assert all(candidates[i].reason.startswith("more work per warp") for i in (0, 1, 5))
-    assert tuning._prune("mlka_fwd", launch.args) == [wa.MLKA_FWD_CONFIGS[i] for i in (3, 2, 4)]
+    assert all(c.reason is None for c in candidates)
+    assert tuning._prune("mlka_fwd", launch.args) == [wa.MLKA_FWD_CONFIGS[i] for i in (3, 0, 1, 2, 4, 5)]
+
+
+def test_deterministic_mode_runs_the_default_alone(monkeypatch):
+    """RLR_FAST_DETERMINISTIC=1, or torch.use_deterministic_algorithms(True), pins every kernel's
+    default config on a GPU (no timing, the same config in every process and rank)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv(tuning.DETERMINISTIC_ENV, raising=False)
+    launches = [aot._nearest_launch(torch.float16, 64)] + [
+        launch for op, kind in itertools.product(aot.OPS, aot.KINDS)
+        for launch in aot.typical_launches(op, torch.float16, 32, kind, True, op == "lca")]
+    assert any(len(tuning._prune(launch.name, launch.args)) > 1 for launch in launches)  # autotuned otherwise
+    monkeypatch.setenv(tuning.DETERMINISTIC_ENV, "1")
+    for launch in launches:
+        assert tuning._prune(launch.name, launch.args) == [launch.default], launch.name
+    monkeypatch.setenv(tuning.DETERMINISTIC_ENV, "0")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for launch in launches:
+            assert tuning._prune(launch.name, launch.args) == [launch.default], launch.name
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def test_autotune_keys_hold_what_changes_the_best_config():
+    """The batch and heads (with the grid: the programs launched), LCA's batch fold and dK/dV's batch
+    splits are in the autotuning keys, beside the grid, window and head dim."""
+    for name in ("lca_fwd", "mlka_fwd", "dq", "dkdv"):
+        keys = set(tuning.KERNELS[name].kernel.keys)
+        assert {"GRID_H", "GRID_W", "RY", "RX", "HEAD_DIM", "B", "H"} <= keys, name
+    assert "FOLD" in tuning.KERNELS["lca_fwd"].kernel.keys and "SPLITS" in tuning.KERNELS["dkdv"].kernel.keys
 
 
 def _dq(radius, complement):
@@ -205,11 +235,30 @@ def test_tiles_larger_than_the_grid_or_key_patch_needs_are_pruned(monkeypatch):
 
 
 def test_pipeline_stages_beyond_shared_memory_are_pruned():
+    """By the shared memory of the device (or of the report's target): 128-query runs of 64 keys at head
+    dim 128 with 3 stages take (3 x 2 x 64 + 128) x 128 x 2 bytes = 128 KB in 16 bits: they fit an
+    sm_90 or sm_80 SM, not an sm_86 or sm_89 one (99 KB); in fp32 (256 KB) none."""
     config = triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3)
-    # 3 stages x 64 keys x head dim 128 x (k and v): 96 KB in 16 bits, 192 KB in fp32
-    assert tuning.misfit([], 128, 64, 128, 2, config, 1e9) is None
-    assert tuning.misfit([], 128, 64, 128, 4, config, 1e9) == \
-        "pipeline stages need more shared memory than an sm_80 SM has"
+    try:
+        for arch, fits16 in ((90, True), (80, True), (86, False), (89, False)):
+            tuning.target_shared_memory(arch)
+            assert (tuning.misfit([], 128, 64, 128, 2, config) is None) == fits16, arch
+            assert tuning.misfit([], 128, 64, 128, 4, config).startswith("pipeline stages need more shared memory")
+    finally:
+        tuning.target_shared_memory(None)
+
+
+def test_shared_memory_is_read_from_the_device(monkeypatch):
+    class Properties:
+        shared_memory_per_block_optin = 99 * 1024  # an sm_86 card
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
+    assert tuning.shared_memory_limit() == 99 * 1024
+    config = triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3)
+    assert "99 KB" in tuning.misfit([], 128, 64, 128, 2, config)
 
 
 def test_pinned_config_is_the_only_one(pin, monkeypatch):
