@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import triton
 
 PIN_ENV = "RLR_FAST_KERNEL_CONFIG"
-NAMES = ("lca_fwd", "mlka_fwd", "dq", "dkdv", "nearest")
+NAMES = ("lca_fwd", "mlka_fwd", "dq", "dkdv", "mlka_dq", "mlka_dkdv", "nearest")
 
 
 @dataclass
