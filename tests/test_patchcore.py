@@ -243,7 +243,7 @@ def test_cli_notes_and_refuses_coreset_ratio(data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--model", "patchcore", "--data", str(data), "--out", str(tmp_path / "r"),
               "--coreset-ratio", "1.5"])
-    assert "--coreset-ratio: must be a number in (0, 1], got 1.5" in capsys.readouterr().err
+    assert "--coreset-ratio: must be a finite number in (0, 1], got 1.5" in capsys.readouterr().err
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "rlr"), "--image-size", "64",
                  "--backbone-weights", "random", "--epochs", "1", "--batch-size", "4", "--coreset-ratio", "0.2",
                  "--no-progress"]) == 0

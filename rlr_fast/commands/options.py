@@ -39,37 +39,25 @@ image_size = int_at_least(MIN_IMAGE_SIZE)
 seed = int_at_least(0)
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0 (e.g. a learning rate)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def float_in(what: str, accepts):
+    """An argparse type: a finite number for which ``accepts(value)`` holds; ``what`` names the
+    range in the error (e.g. "> 0", "in [0, 1)")."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number {what}, got {text!r}") from None
+        if not (math.isfinite(value) and accepts(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {what}, got {text}")
+        return value
+
+    return parse
 
 
-def fraction(text: str) -> float:
-    """An argparse type: a number in [0, 1) (e.g. the share of images held out)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
-    if not (math.isfinite(value) and 0 <= value < 1):
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text}")
-    return value
-
-
-def unit_fraction(text: str) -> float:
-    """An argparse type: a number in (0, 1] (e.g. the fraction of tokens a coreset keeps)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
-    return value
+positive_float = float_in("> 0", lambda v: v > 0)  # e.g. a learning rate
+fraction = float_in("in [0, 1)", lambda v: 0 <= v < 1)  # e.g. the share of images held out
+unit_fraction = float_in("in (0, 1]", lambda v: 0 < v <= 1)  # e.g. the share of tokens a coreset keeps
 
 
 def device(text: str) -> str:
