@@ -310,6 +310,15 @@ def _add_terms(sums: dict, model, images: int) -> None:
         sums[name] = sums.get(name, 0.0) + float(value) * images
 
 
+def _start_run(out_dir: Path, model, cfg: TrainConfig, extra: Optional[dict]) -> None:
+    """A new run's folder: config.json (model, its config, the training config, `extra`), no old log."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "config.json", {"model": model.name, "config": asdict(model.config),
+                                                "train": asdict(cfg), **(extra or {})})
+    with contextlib.suppress(FileNotFoundError):  # a new run starts a new log
+        (out_dir / "log.jsonl").unlink()
+
+
 def _write_log(out_dir: Path, history: list) -> None:
     atomic_write_text(out_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
@@ -435,11 +444,7 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
             _write_log(out_dir, history)
         log(f"resuming {ckpt_path} at epoch {start_epoch}/{cfg.epochs}")
     elif rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / "config.json", {"model": model.name, "config": asdict(model.config),
-                                                    "train": asdict(cfg), **(extra or {})})
-        with contextlib.suppress(FileNotFoundError):  # a new run starts a new log
-            (out_dir / "log.jsonl").unlink()
+        _start_run(out_dir, model, cfg, extra)
     runner = _LossOf(model)
     if world > 1:
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
@@ -520,11 +525,7 @@ def fit(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, device="cpu", 
                          f"not under torchrun")
     device = torch.device(device)
     model.to(device).eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "config.json", {"model": model.name, "config": asdict(model.config),
-                                                "train": asdict(cfg), **(extra or {})})
-    with contextlib.suppress(FileNotFoundError):  # a new run starts a new log
-        (out_dir / "log.jsonl").unlink()
+    _start_run(out_dir, model, cfg, extra)
     t0 = clock(device)
     info = model.fit(cache, seed=cfg.seed, progress=progress, log=log)
     seconds = clock(device) - t0

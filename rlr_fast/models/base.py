@@ -103,6 +103,16 @@ class AnomalyModel(nn.Module):
         """What training caches: the frozen backbone's features after fixed preprocessing."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def pooled_levels(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """The backbone's levels (B, C, H, W), each checked against its expected grid
+        (``self.grids``) and smoothed by ``self.pool`` (RLR's and PatchCore's local aggregation)."""
+        feats = self.backbone(images)
+        for f, g in zip(feats, self.grids):
+            if tuple(f.shape[-2:]) != tuple(g):
+                raise ValueError(f"backbone gave a {tuple(f.shape[-2:])} grid, expected {tuple(g)}")
+        return [self.pool(f) for f in feats]
+
     def loss(self, feats: List[torch.Tensor]) -> torch.Tensor:
         """Training loss on (cached) features; feature jitter applies in train mode."""
         raise NotImplementedError

@@ -216,11 +216,7 @@ class PatchCoreModel(AnomalyModel):
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> List[torch.Tensor]:
         """[embedding (B, C, H, W)]: the pooled levels, all at the first level's grid."""
-        feats = self.backbone(images)
-        for f, g in zip(feats, self.grids):
-            if tuple(f.shape[-2:]) != g:
-                raise ValueError(f"backbone gave a {tuple(f.shape[-2:])} grid, expected {g}")
-        pooled = [self.pool(f) for f in feats]
+        pooled = self.pooled_levels(images)
         first = pooled[0]
         rest = [F.interpolate(p, size=first.shape[-2:], mode="bilinear", align_corners=False) for p in pooled[1:]]
         return [torch.cat([first, *rest], dim=1)]

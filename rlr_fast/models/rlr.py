@@ -249,11 +249,7 @@ class RLRModel(AnomalyModel):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> List[torch.Tensor]:
-        feats = self.backbone(images)
-        for f, g in zip(feats, self.grids):
-            if tuple(f.shape[-2:]) != g:
-                raise ValueError(f"backbone gave a {tuple(f.shape[-2:])} grid, expected {g}")
-        return [self.pool(f) for f in feats]
+        return self.pooled_levels(images)
 
     legacy_config = {"feature_norm": "none"}  # runs made before feature_norm existed used raw tokens
 
