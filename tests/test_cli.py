@@ -64,6 +64,22 @@ def unseen(tmp_path_factory):
                               n_test_good=2, n_test_defect=4)
 
 
+def test_recipe_paper_trains_the_papers_network(data, tmp_path, capsys):
+    common = ["--data", str(data), "--image-size", "64", "--backbone-weights", "random", "--batch-size", "4",
+              "--epochs", "1", "--no-progress", "--val-fraction", "0"]
+    assert main(["train", *common, "--out", str(tmp_path / "paper"), "--recipe", "paper"]) == 0
+    config = json.loads((tmp_path / "paper" / "config.json").read_text())["config"]
+    assert (config["num_layers"], config["dims"], config["feature_norm"]) == (4, [256, 512], "none")
+    # an explicit --feature-norm still wins over the recipe's
+    assert main(["train", *common, "--out", str(tmp_path / "mixed"), "--recipe", "paper",
+                 "--feature-norm", "channel"]) == 0
+    config = json.loads((tmp_path / "mixed" / "config.json").read_text())["config"]
+    assert (config["num_layers"], config["feature_norm"]) == (4, "channel")
+    assert main(["train", *common, "--out", str(tmp_path / "fast")]) == 0
+    config = json.loads((tmp_path / "fast" / "config.json").read_text())
+    assert (config["config"]["num_layers"], config["config"]["dims"]) == (2, [128, 256])
+
+
 def test_resad_train_resume_test_predict(data, unseen, tmp_path, capsys):
     """ResAD trains on brick and gravel, then inspects grass from 2 of its normal images."""
     run = tmp_path / "run"

@@ -10,7 +10,7 @@ from scipy import ndimage
 from rlr_fast.backbone import FrozenBackbone
 from rlr_fast.errors import DataError, UsageError
 from rlr_fast.models.layers import feature_jitter, gaussian_blur, sincos_pos_embed_2d
-from rlr_fast.models.rlr import RLRModel, default_window, default_windows
+from rlr_fast.models.rlr import PAPER_NETWORK, RLRModel, default_window, default_windows
 
 TINY = dict(image_size=64, backbone_weights="random", num_layers=2, dims=(32, 64), num_heads=4)
 
@@ -55,11 +55,22 @@ def test_default_windows_follow_the_paper():
     assert default_windows((4, 4)) == (1, 1) or not any(k >= 4 for k in default_windows((4, 4)))
 
 
+def test_paper_network_by_name():
+    # The defaults differ from the paper in depth, width and token standardisation only;
+    # PAPER_NETWORK (what `--recipe paper` applies) restores it.
+    default = RLRModel(image_size=64, backbone_weights="random").config
+    assert (default.num_layers, default.dims, default.feature_norm) == (2, (128, 256), "channel")
+    paper = RLRModel(image_size=64, backbone_weights="random", **PAPER_NETWORK)
+    assert (paper.config.num_layers, paper.config.dims, paper.config.feature_norm) == (4, (256, 512), "none")
+    assert len(paper.levels[1].layers) == 4 and paper.levels[1].head.in_features == 512
+    assert not paper.levels[0].standardize
+
+
 def test_shapes_and_paper_defaults():
     model = RLRModel(image_size=64, backbone_weights="random")
     cfg = model.config
-    assert (cfg.num_layers, cfg.num_heads, cfg.alpha, cfg.jitter_scale) == (4, 8, 2.0, 4.0)
-    assert cfg.dims == (256, 512) and model.grids == [(8, 8), (4, 4)]
+    assert (cfg.num_heads, cfg.alpha, cfg.jitter_scale, cfg.ffn_ratio) == (8, 2.0, 4.0, 4)
+    assert model.grids == [(8, 8), (4, 4)]
     level = model.levels[0]
     assert level.reference.shape == (64, model.backbone.channels[0])
     model.eval()

@@ -6,7 +6,7 @@ import torch
 
 from rlr_fast.features import FeatureCache, extract_features
 from rlr_fast.models.rlr import RLRModel
-from rlr_fast.training import (CHECKPOINT, TrainConfig, load_model, read_checkpoint, recipe, save_checkpoint,
+from rlr_fast.training import (CHECKPOINT, RLR_FAST_EPOCHS, TrainConfig, load_model, read_checkpoint, recipe, save_checkpoint,
                                train)
 
 TINY = dict(image_size=64, backbone_weights="random", num_layers=1, dims=(32, 64), num_heads=4)
@@ -110,6 +110,24 @@ def test_resume_refuses_another_model(tmp_path):
         train(other, cache, tmp_path, TrainConfig(epochs=2, batch_size=4), resume=True, progress=False)
 
 
+def test_a_checkpoint_from_before_the_new_defaults_loads_as_it_was_trained(tmp_path):
+    # Checkpoints written before dim_base and feature_norm existed store their dims and depth
+    # but not those keys; they were the paper's network on raw tokens and must load as such.
+    torch.manual_seed(0)
+    old = RLRModel(**{**TINY, "dims": None, "dim_base": 128, "feature_norm": "none"})
+    save_checkpoint(tmp_path / CHECKPOINT, old)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    for key in ("dim_base", "feature_norm"):
+        del state["config"][key]
+    torch.save(state, tmp_path / CHECKPOINT)
+    loaded = load_model(tmp_path)
+    assert (loaded.config.dims, loaded.config.feature_norm) == ((256, 512), "none")
+    images = torch.rand(2, 3, 64, 64)
+    old.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(images).anomaly_map, old(images).anomaly_map)
+
+
 def test_training_lowers_the_loss(tmp_path):
     cache = extract_features(_model(), _Images(8), progress=False)
     history = train(_model(), cache, tmp_path, TrainConfig(epochs=8, batch_size=4, lr=2e-3), progress=False)
@@ -122,6 +140,7 @@ def test_recipes():
     assert (paper.lr, paper.batch_size, paper.epochs, paper.schedule, paper.optimizer) == \
         (1e-4, 4, 200, "constant", "adam")
     assert recipe("fast", epochs=3).epochs == 3
+    assert recipe("rlr-fast").epochs == RLR_FAST_EPOCHS and recipe("fast").epochs == 20
     with pytest.raises(ValueError, match="unknown recipe"):
         recipe("slow")
 

@@ -11,15 +11,14 @@ import torch
 
 from . import options
 
-# Chosen by measurement on this data (see the README): 128 px input (grids 16 and 8), the fast
-# recipe's schedule over DEMO_EPOCHS epochs.
+# Chosen by measurement on this data (see the README): 128 px input (grids 16 and 8), RLR's fast
+# recipe (its default network and epochs, as `rlr-fast train`).
 DEMO_IMAGE_SIZE = 128
-DEMO_EPOCHS = 20
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=options.output_folder, default=Path("results/demo"), help="results folder")
-    p.add_argument("--epochs", type=options.positive_int, default=DEMO_EPOCHS)
+    p.add_argument("--epochs", type=options.positive_int, help="default: RLR's fast recipe's")
     p.add_argument("--image-size", type=options.image_size, default=DEMO_IMAGE_SIZE)
     p.add_argument("--batch-size", type=options.positive_int, default=None)
     p.add_argument("--backend", choices=("auto", "torch", "reference", "triton"), default="auto")
@@ -47,7 +46,7 @@ def run(args) -> int:
     model = RLRModel(image_size=args.image_size, backend=args.backend).to(args.device)
     train_set = MVTecDataset(data, split="train", image_size=model.image_size)
     cache = extract_features(model, train_set, device=args.device, progress=progress)
-    cfg = recipe("fast", epochs=args.epochs, batch_size=args.batch_size)
+    cfg = recipe("rlr-fast", epochs=args.epochs, batch_size=args.batch_size)
     print(f"training RLR on {len(train_set)} images of {len(train_set.classes)} classes "
           f"({', '.join(train_set.classes)}): {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}")
     t0 = time.perf_counter()

@@ -39,7 +39,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=("rlr", "uniad", "resad", "patchcore"),
                    help="model (default: rlr); patchcore: the training-free nearest-neighbour baseline")
     p.add_argument("--recipe", choices=("fast", "paper"),
-                   help="fast: converges in minutes on a CPU (default); paper: the paper's schedule")
+                   help="fast: converges in minutes on a CPU (default); paper: the paper's schedule and network "
+                        "(RLR: 4 layers, d 256/512, raw tokens)")
     add_shot_options(p, "ResAD: K reference images per seen class, drawn anew for every batch from its train/good "
                         "(default 4); with --shot-seed, K fixed ones drawn with that seed, left out of training")
     p.add_argument("--residual", choices=("squared", "difference"),
@@ -59,8 +60,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("auto", "torch", "reference", "triton"),
                    help="attention backend (PatchCore: nearest-neighbour search backend; default: auto)")
     p.add_argument("--feature-norm", choices=("channel", "none"),
-                   help="RLR: standardise each level's features per channel for the network (default: channel), "
-                        "or none, as the paper's code")
+                   help="RLR: standardise each level's features per channel for the network (default: channel; "
+                        "with --recipe paper: none, as the paper's code)")
     p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"),
                    help="mixed precision (default: the recipe's; auto: bf16 where the device computes it natively)")
     p.add_argument("--device", type=options.device, default=options.default_device())
@@ -187,15 +188,17 @@ def _settings(args, state):
         model_cfg["backbone"] = args.backbone
     if name == "resad":
         model_cfg.update({k: v for k, v in (("shots", args.shots), ("residual", args.residual)) if v is not None})
+    recipe_name = args.recipe or "fast"
+    if recipe_name == "paper":  # the paper's network too, where the model's defaults differ from it
+        model_cfg.update(model_class(name).paper_config)
     if args.feature_norm is not None:
         if name != "rlr":
             raise UsageError(f"--feature-norm is an option of the rlr model, not of {name}")
         model_cfg["feature_norm"] = args.feature_norm
     if name == "patchcore" and args.coreset_ratio is not None:
         model_cfg["coreset_ratio"] = args.coreset_ratio
-    recipe_name = args.recipe or "fast"
     # the recipe a model's --recipe names: UniAD and ResAD have their own papers' schedules
-    schedule = {("uniad", "paper"): "uniad", ("resad", "paper"): "resad",
+    schedule = {("uniad", "paper"): "uniad", ("resad", "paper"): "resad", ("rlr", "fast"): "rlr-fast",
                 ("resad", "fast"): "resad-fast"}.get((name, recipe_name), recipe_name)
     cfg = recipe(schedule, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp, seed=args.seed,
                  val_fraction=args.val_fraction)

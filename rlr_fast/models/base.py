@@ -124,6 +124,8 @@ class AnomalyModel(nn.Module):
     # Values of configuration fields for checkpoints written before the field existed (what
     # those runs did); model_from_checkpoint fills them in.
     legacy_config: dict = {}
+    # The configuration of the model's paper where the defaults differ from it (``--recipe paper``).
+    paper_config: dict = {}
     # Whether a run keeps the model of its best epoch (best.pt, by the held-out loss): False for a
     # model whose loss changes meaning during training (ResAD's stages), whose run is its last epoch.
     select_best_epoch: bool = True
