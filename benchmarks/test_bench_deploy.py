@@ -11,10 +11,11 @@ import torch
 
 from rlr_fast.engines import load_engine
 from rlr_fast.export import export
-from rlr_fast.models.rlr import RLRModel
+from rlr_fast.models.rlr import PAPER_NETWORK, RLRModel
 from rlr_fast.training import save_checkpoint
 
-FULL = dict(image_size=256, batches=(1, 16), model={})
+# full size: the paper's network (4 layers, d 256/512), as the figures recorded in BENCHMARKS.md
+FULL = dict(image_size=256, batches=(1, 16), model=dict(PAPER_NETWORK))
 SMALL = dict(image_size=64, batches=(1, 2), model=dict(num_layers=1, dims=(32, 64), num_heads=4))
 ENGINES = ("eager", "compile", "onnxruntime", "openvino")
 

@@ -6,8 +6,8 @@ import torch
 
 from rlr_fast.features import FeatureCache, extract_features
 from rlr_fast.models.rlr import RLRModel
-from rlr_fast.training import (CHECKPOINT, RLR_FAST_EPOCHS, TrainConfig, load_model, read_checkpoint, recipe, save_checkpoint,
-                               train)
+from rlr_fast.training import (CHECKPOINT, RLR_FAST_EPOCHS, TrainConfig, load_model, read_checkpoint, recipe,
+                               save_checkpoint, train)
 
 TINY = dict(image_size=64, backbone_weights="random", num_layers=1, dims=(32, 64), num_heads=4)
 
