@@ -66,7 +66,7 @@ class TrainConfig:
 # when it does not learn" and the accuracy benchmark). "paper" is the recipe of the RLR paper: Adam,
 # lr 1e-4, batch 4, 200 epochs, fp32; "uniad" UniAD's: AdamW 1e-4, weight decay 1e-4, gradient
 # clipping 0.1.
-# RLR's network (2 layers, d 128/256 at 256 px) costs a third of the paper's per epoch; it gets
+# RLR's network (2 layers, d 128/256 at 256 px) costs a quarter of the paper's per epoch; it gets
 # twice the epochs, which measured better than the paper's network with 20 (README, accuracy).
 RLR_FAST_EPOCHS = 40
 RECIPES = {
