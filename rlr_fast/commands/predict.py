@@ -80,6 +80,7 @@ def run(args) -> int:
     from ..data import FolderDataset
     from ..io import atomic_open
     from ..engines import load_engine
+    from ..runs import Run
     from ..viz import save_heatmap, save_mask
     from .train import ignored_shot_options
 
@@ -99,7 +100,7 @@ def run(args) -> int:
         refs = reference_paths(args.reference, args.shots or torch_model.config.shots, args.shot_seed,
                                what="--reference")
         torch_model.set_reference(load_references(refs, torch_model.image_size).to(args.device))
-    out = args.out or (args.run if args.run.is_dir() else args.run.parent) / "predictions"
+    out = args.out or Run(args.run).predictions
     dataset = FolderDataset(args.images, image_size=model.image_size)
     dataset.paths = list(dict.fromkeys(Path(os.path.abspath(p)) for p in dataset.paths))  # a file given twice
     _check_output_folder(out, args.overwrite)
@@ -122,6 +123,8 @@ def run(args) -> int:
                     save_mask(out / mask, pred.masks[i])
             rows.append((path, _cell(pred.scores, i, "{:.9g}"), _cell(pred.normalized_scores, i, "{:.4f}"), label,
                          heatmap, mask))
+    if model.fingerprint is not None:  # the model these predictions were made with (rlr_fast.runs)
+        Run.write_source(out, model.fingerprint, f"rlr-fast predict --engine {args.engine}")
     with atomic_open(out / SCORES_FILE, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(COLUMNS)
@@ -130,7 +133,7 @@ def run(args) -> int:
     print(f"{len(rows)} images scored" + (f", {anomalous} anomalous" if decided else "") + f": {out / SCORES_FILE}"
           + ("" if args.no_heatmaps else f"; pictures in {out}"))
     if not decided:
-        print(f"no image threshold: {args.run} has no thresholds.json. Run `rlr-fast test --data DATA --run "
+        print(f"no image threshold: {args.run} has no {Run.THRESHOLDS}. Run `rlr-fast test --data DATA --run "
               f"{args.run}` first (it fits F1-optimal thresholds on labelled data) or pass --threshold; "
               f"the raw scores are written, without labels", file=sys.stderr)
     return 0

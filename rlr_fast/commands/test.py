@@ -41,15 +41,15 @@ def warn_untrained_classes(state: dict, classes) -> None:
 
 def run(args) -> int:
     from ..data import MVTecDataset
-    from ..decisions import THRESHOLDS_FILE
     from ..evaluation import evaluate
     from ..io import atomic_write_json, clean_stale_temporaries
     from ..metrics import format_table
-    from ..training import model_file, model_from_checkpoint, read_checkpoint
+    from ..runs import Run
+    from ..training import model_from_checkpoint, read_checkpoint
     from .train import ignored_shot_options
 
-    run_dir = args.run if args.run.is_dir() else args.run.parent
-    source = model_file(args.run)  # the run's best epoch, when it has one
+    run = Run(args.run)
+    source = run.model_file()  # the run's best epoch, when it has one
     state = read_checkpoint(source)
     dataset = MVTecDataset(args.data, classes=args.classes, split="test", image_size=state["config"]["image_size"])
     if state["model"] != "resad":  # ResAD is for classes it was not trained on
@@ -57,7 +57,7 @@ def run(args) -> int:
     model = model_from_checkpoint(state, args.device, source=source)
     model.precision = args.precision
     ignored_shot_options(args, model.name)
-    overlays = args.overlays or run_dir / "overlays"
+    overlays = args.overlays or run.overlays
     common = dict(batch_size=args.batch_size, device=args.device, overlays_dir=overlays, progress=not args.no_progress)
     if model.name == "resad":
         from ..fewshot import evaluate_fewshot
@@ -67,12 +67,16 @@ def run(args) -> int:
     else:
         summary = evaluate(model, dataset, **common)
     print(format_table(summary))
-    out = args.json or run_dir / "metrics.json"
+    out = args.json or run.metrics
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out.parent)  # of a test killed while writing
-    atomic_write_json(out, {"classes": summary["classes"], "mean": summary["mean"]})
+    # everything written here records the fingerprint of the model it was made from (rlr_fast.runs)
+    atomic_write_json(out, {"classes": summary["classes"], "mean": summary["mean"],
+                            **({"types": summary["types"]} if summary.get("types") else {}),
+                            "fingerprint": model.fingerprint})
+    Run.write_source(overlays, model.fingerprint, "rlr-fast test")
     thresholds = summary["thresholds"]
-    thresholds.save(run_dir / THRESHOLDS_FILE)  # what `rlr-fast predict` and model.predict decide with
+    path = run.save_thresholds(thresholds, model.fingerprint)  # what `rlr-fast predict` and model.predict decide with
     print(f"metrics: {out}\noverlays: {overlays}\nthresholds (F1-optimal on this data): image "
-          f"{thresholds.image.threshold:.4g}, pixel {thresholds.pixel.threshold:.4g}: {run_dir / THRESHOLDS_FILE}")
+          f"{thresholds.image.threshold:.4g}, pixel {thresholds.pixel.threshold:.4g}: {path}")
     return 0
