@@ -11,7 +11,8 @@ from . import options
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=options.existing_folder,
-                   help="MVTec-style folder with <class>/test and ground_truth")
+                   help="data folder with test images and masks, in a layout of --layout (e.g. MVTec's "
+                        "<class>/test and ground_truth)")
     p.add_argument("--run", required=True, type=Path, help="run folder (or checkpoint file) from `rlr-fast train`")
     p.add_argument("--classes", help="comma-separated class names (default: every class in --data)")
     p.add_argument("--json", type=options.output_file, help="write the metrics here (default: RUN/metrics.json)")
@@ -21,10 +22,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: autocast to bfloat16 where the device has it (fp32 otherwise, with a warning)")
     p.add_argument("--no-progress", action="store_true")
-    from .train import add_shot_options
+    from .train import add_layout_option, add_shot_options
 
-    add_shot_options(p, "ResAD: K reference images per class, from <class>/train/good of --data "
-                        "(default: the K the model was trained with)")
+    add_layout_option(p)
+    add_shot_options(p, "ResAD: K reference images per class, from the class's normal training images in --data "
+                        "(MVTec: <class>/train/good; default: the K the model was trained with)")
 
 
 def warn_untrained_classes(state: dict, classes) -> None:
@@ -51,7 +53,8 @@ def run(args) -> int:
     run = Run(args.run)
     source = run.model_file()  # the run's best epoch, when it has one
     state = read_checkpoint(source)
-    dataset = MVTecDataset(args.data, classes=args.classes, split="test", image_size=state["config"]["image_size"])
+    dataset = MVTecDataset(args.data, classes=args.classes, split="test", image_size=state["config"]["image_size"],
+                           layout=args.layout)
     if state["model"] != "resad":  # ResAD is for classes it was not trained on
         warn_untrained_classes(state, dataset.classes)
     model = model_from_checkpoint(state, args.device, source=source)
@@ -63,7 +66,7 @@ def run(args) -> int:
         from ..fewshot import evaluate_fewshot
 
         summary = evaluate_fewshot(model, args.data, args.shots or model.config.shots, args.shot_seed,
-                                   classes=dataset.classes, **common)
+                                   classes=dataset.classes, layout=dataset.layout, **common)
     else:
         summary = evaluate(model, dataset, **common)
     print(format_table(summary))
