@@ -184,8 +184,8 @@ class Run:
     def check(self, derived: Path, recorded: Optional[str], expected: Optional[str]) -> None:
         """Refuse ``derived`` (a file made from a model) when the fingerprint it records is not
         ``expected`` (the model it is used with). A legacy file (``recorded`` None) is refused when
-        it is older than the run's model file, else used as it is; with no ``expected`` (no model
-        file to compare with) nothing can be checked."""
+        it is older than the run's checkpoint (``best.pt``, else ``checkpoint.pt``), else used as
+        it is; with no ``expected`` (no model file to compare with) nothing can be checked."""
         derived = Path(derived)
         remake = self.remake_command(derived)
         if recorded is not None and expected is not None:
@@ -195,7 +195,9 @@ class Run:
                                     f"make it again with {remake}")
             return
         if recorded is None:
-            source = self.model_file()
+            # the checkpoint the served model came from (an export or weights.pt given as the run
+            # is itself derived from it)
+            source = next((p for p in (self.best, self.checkpoint) if p.is_file()), self.model_file())
             if source.is_file() and derived.exists() and derived.stat().st_mtime_ns < source.stat().st_mtime_ns:
                 raise StaleRunError(f"{derived} records no model fingerprint (written by an older rlr-fast) and is "
                                     f"older than {source}, so it may come from an earlier model; make it again "

@@ -69,7 +69,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     existing.add_argument("--force", action="store_true",
-                          help="replace the run in --out (its checkpoint, config, log, metrics, overlays)")
+                          help="replace the run in --out (its checkpoint, config, log, and everything made from "
+                               "its model: metrics, overlays, thresholds, exports, predictions)")
     p.add_argument("--seed", type=options.seed, help="random seed (default: 0)")
     p.add_argument("--val-fraction", type=options.fraction,
                    help="share of each class's training images held out for the validation loss that picks "
@@ -286,6 +287,14 @@ def run(args) -> int:
             f"(coreset ratio {history[-1]['coreset_ratio']:g} of {history[-1]['tokens']}); "
             f"checkpoint {args.out / CHECKPOINT}")
         return 0
+    if state is not None and rank == 0:
+        from ..runs import Run
+
+        derived = [n for n in Run(args.out).entries() if n in Run.DERIVED_FILES + (Run.OVERLAYS, Run.PREDICTIONS)]
+        if derived:
+            say(f"note: {', '.join(derived)} in {args.out} were made before this training; load_model, predict and the "
+                f"engines refuse them if the model the run serves has changed, until `rlr-fast test` or "
+                f"`rlr-fast export` makes them again")
     epochs = f"epochs {done + 1}-{len(history)}" if len(history) > done + 1 else f"epoch {len(history)}"
     kept = f"checkpoint {args.out / CHECKPOINT}"
     if model.select_best_epoch:
