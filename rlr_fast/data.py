@@ -1,6 +1,9 @@
-"""Image data: MVTec-AD style class folders and plain folders of images.
+"""Image data: anomaly-detection data sets in the layouts of :mod:`rlr_fast.layouts` (MVTec AD,
+a folder of normal and anomalous images, VisA, MVTec AD 2, MVTec LOCO AD) and plain folders of
+images.
 
-Layout read by :class:`MVTecDataset` (VisA converted to it loads the same way)::
+:class:`MVTecDataset` reads any of those layouts (detected, or ``layout=``) into the same items;
+the MVTec AD layout is::
 
     <root>/<class>/train/good/*.png
     <root>/<class>/test/<defect or good>/*.png
@@ -97,16 +100,17 @@ def load_image(path: PathLike, size: int) -> torch.Tensor:
     return x.sub_(_MEAN).div_(_STD)
 
 
-def load_mask(path: PathLike, size: int) -> torch.Tensor:
+def load_mask(path: PathLike, size: int, nonzero: bool = False) -> torch.Tensor:
     """Read a ground-truth mask as a float tensor (1, size, size) with values in {0, 1}.
 
     Resized with nearest neighbour (whatever its original size). A pixel is defective when its
-    gray value is >= 128, or > 0 for masks stored with values {0, 1}.
+    gray value is >= 128, or > 0 for masks stored with values {0, 1}; with ``nonzero`` (VisA's
+    and MVTec LOCO AD's masks, whose values number the defects) whenever it is > 0.
     """
     size = _check_size(size)
     img = _open(path, "L", size, Image.Resampling.NEAREST)
     m = np.asarray(img, dtype=np.uint8)  # (S, S)
-    m = m >= 128 if m.max() > 1 else m > 0
+    m = m > 0 if nonzero or m.max() <= 1 else m >= 128
     return torch.from_numpy(m.astype(np.float32))[None]
 
 
@@ -151,87 +155,69 @@ def _parse_classes(classes) -> Optional[List[str]]:
     return list(dict.fromkeys(names))  # drop duplicates, keep order
 
 
-def _find_mask(gt_dir: Path, stem: str) -> Optional[Path]:
-    """``<stem>_mask.<ext>`` (MVTec) or ``<stem>.<ext>`` (some VisA conversions)."""
-    for name in (f"{stem}_mask", stem):
-        for ext in (".png",) + IMAGE_EXTENSIONS[1:]:
-            for cand in (gt_dir / (name + ext), gt_dir / (name + ext.upper())):
-                if cand.is_file():
-                    return cand
-    return None
-
-
 class MVTecDataset(Dataset):
-    """Images of one or more classes of an MVTec-AD style folder, as one dataset.
+    """Images of one or more classes of a data folder, as one dataset, in any layout of
+    :mod:`rlr_fast.layouts` (named by its historical first layout, MVTec AD's).
 
     Args:
-        root: folder holding one sub-folder per class.
+        root: the data folder.
         classes: class names (list or comma-separated string); None = every class found.
-        split: "train" (normal images of ``train/good``) or "test" (every ``test/*`` folder).
+        split: "train" (the normal training images) or "test" (normal and anomalous test images).
         image_size: side S of the square images and masks.
+        layout: a layout name of ``rlr_fast.layouts.LAYOUTS``, a reader, or None / "auto" (detected).
 
-    Each item is a dict: ``image`` (3, S, S) normalised float, ``mask`` (1, S, S) float {0, 1},
-    ``label`` int (0 normal, 1 defective), ``cls`` str, ``defect`` str ("good" for normal),
-    ``path`` str. Every test defect image must have a mask (checked here, up front).
+    Each item is a dict: ``image`` (3, S, S) normalised float, ``mask`` (1, S, S) float {0, 1}
+    (the union of the image's masks), ``label`` int (0 normal, 1 defective), ``cls`` str,
+    ``defect`` str ("good" for normal), ``path`` str. Every file is checked here, up front.
     """
 
-    def __init__(self, root: PathLike, classes=None, split: str = "train", image_size: int = 256):
+    def __init__(self, root: PathLike, classes=None, split: str = "train", image_size: int = 256, layout=None):
+        from .layouts import resolve_layout
+
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        self.root = Path(root)
+        self.layout = resolve_layout(root, layout)
+        self.root = self.layout.root
         self.split = split
         self.image_size = _check_size(image_size)
-        available = discover_classes(self.root)
+        available = self.layout.classes()
         wanted = _parse_classes(classes)
         if wanted is None:
             if not available:
-                raise DataError(f"no class folders (with train/ or test/) found in {self.root}")
+                raise DataError(f"no classes found in {self.root} (read as the {self.layout.name} layout)")
             wanted = available
         unknown = [c for c in wanted if c not in available]
         if unknown:
             raise DataError(f"unknown class(es) {', '.join(unknown)} in {self.root}; "
                             f"available: {', '.join(available) or 'none'}")
         self.classes = wanted
-        # samples: (image path, mask path or None, label, class, defect)
+        # samples: (image path, tuple of mask paths (their union; empty: none), label, class, defect)
         self.samples: List[tuple] = []
         for cls in wanted:
             self.samples.extend(self._index_class(cls))
 
     def _index_class(self, cls: str) -> List[tuple]:
-        cdir = self.root / cls
         if self.split == "train":
-            folder = cdir / "train" / "good"
-            paths = list_images(folder)
+            paths = self.layout.train(cls)
             if not paths:
-                raise DataError(f"class {cls!r} has no training images in {folder}")
-            return [(p, None, 0, cls, "good") for p in paths]
-        test_dir = cdir / "test"
-        if not test_dir.is_dir():
-            raise DataError(f"class {cls!r} has no test folder: {test_dir}")
-        out = []
-        for ddir in sorted(d for d in test_dir.iterdir() if d.is_dir()):
-            defect = ddir.name
-            for p in list_images(ddir):
-                if defect == "good":
-                    out.append((p, None, 0, cls, defect))
-                    continue
-                mask = _find_mask(cdir / "ground_truth" / defect, p.stem)
-                if mask is None:
-                    expected = cdir / "ground_truth" / defect / f"{p.stem}_mask.png"
-                    raise DataError(f"test image {p} has no ground-truth mask; expected {expected}")
-                out.append((p, mask, 1, cls, defect))
+                raise DataError(f"class {cls!r} has no training images in {self.root} "
+                                f"(read as the {self.layout.name} layout)")
+            return [(p, (), 0, cls, "good") for p in paths]
+        out = [tuple(s) for s in self.layout.test(cls)]
         if not out:
-            raise DataError(f"class {cls!r} has no test images in {test_dir}")
+            raise DataError(f"class {cls!r} has no test images in {self.root} (read as the {self.layout.name} layout)")
         return out
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        path, mask_path, label, cls, defect = self.samples[index]
+        path, mask_paths, label, cls, defect = self.samples[index]
         s = self.image_size
         image = load_image(path, s)
-        mask = load_mask(mask_path, s) if mask_path is not None else torch.zeros(1, s, s)
+        mask = torch.zeros(1, s, s)
+        for mask_path in mask_paths:  # the union of the image's masks (one per defect in MVTec LOCO AD)
+            mask = torch.maximum(mask, load_mask(mask_path, s, nonzero=self.layout.mask_nonzero))
         return {"image": image, "mask": mask, "label": label, "cls": cls, "defect": defect,
                 "path": str(path)}
 

@@ -26,7 +26,7 @@ from .errors import DataError, UsageError
 from .io import atomic_write_json
 from .metrics import f1_max_threshold
 
-THRESHOLDS_FILE = "thresholds.json"
+THRESHOLDS_FILE = "thresholds.json"  # kept for older imports; rlr_fast.runs.Run names the run's files
 
 
 @dataclass
@@ -69,6 +69,8 @@ class Thresholds:
 
     image: Optional[Threshold] = None
     pixel: Optional[Threshold] = None
+    # the fingerprint of the model they were fitted for (rlr_fast.runs); None: not recorded
+    fingerprint: Optional[str] = None
 
     @classmethod
     def fit(cls, labels, scores, masks, maps) -> "Thresholds":
@@ -85,23 +87,28 @@ class Thresholds:
                 return Threshold(value, math.nan, math.nan)
             return Threshold(value, old.min, old.max)
 
-        return Thresholds(one(self.image, image), one(self.pixel, pixel))
+        return Thresholds(one(self.image, image), one(self.pixel, pixel), self.fingerprint)
 
     def save(self, path) -> None:
-        atomic_write_json(path, {"image": self.image and asdict(self.image),
-                                 "pixel": self.pixel and asdict(self.pixel)})
+        record = {"image": self.image and asdict(self.image), "pixel": self.pixel and asdict(self.pixel)}
+        if self.fingerprint is not None:
+            record["fingerprint"] = self.fingerprint
+        atomic_write_json(path, record)
 
     @classmethod
     def load(cls, path) -> "Thresholds":
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
-            return cls(*(Threshold(**raw[k]) if raw.get(k) else None for k in ("image", "pixel")))
+            return cls(*(Threshold(**raw[k]) if raw.get(k) else None for k in ("image", "pixel")),
+                       fingerprint=raw.get("fingerprint"))
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise DataError(f"cannot read thresholds from {path}: {e}") from e
 
     @classmethod
     def of_run(cls, run_dir) -> Optional["Thresholds"]:
-        """The thresholds stored in a run folder, or None if `rlr-fast test` has not run there."""
-        path = Path(run_dir) / THRESHOLDS_FILE
-        return cls.load(path) if path.is_file() else None
+        """The thresholds stored in a run folder, or None if `rlr-fast test` has not run there.
+        Not checked against the run's model: ``rlr_fast.runs.Run(run).thresholds()`` is."""
+        from .runs import Run
+
+        return Run(run_dir).thresholds(check=False)

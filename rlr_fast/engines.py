@@ -7,6 +7,10 @@ the graph that ``rlr-fast export`` wrote (``RUN/model.onnx``, ``RUN/model.xml``)
 PyTorch model code involved. Images are (B, 3, H, W) ImageNet-normalised float32 tensors, as
 ``rlr_fast.data`` reads them; ``engine.image_size`` is the size they must have (an int when
 square, else (H, W), as ``model.image_size``).
+
+Every engine refuses (:class:`~rlr_fast.errors.StaleRunError`) an export or thresholds made from
+other weights than the ones the run serves now (``rlr_fast.runs``); ``engine.fingerprint`` is the
+fingerprint of the model it runs.
 """
 from __future__ import annotations
 
@@ -15,21 +19,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .decisions import Thresholds
 from .errors import UsageError
 from .export import require
 from .models.base import AnomalyOutput, decide
+from .runs import Run
 
 ENGINES = ("torch", "onnxruntime", "openvino")
-EXPORTED = {"onnxruntime": "model.onnx", "openvino": "model.xml"}
+FORMATS = {"onnxruntime": "onnx", "openvino": "openvino"}  # engine -> the export format it runs
 
 
 def exported_model(run, engine: str) -> Path:
     """The exported file an engine runs: ``run`` itself if it is a file, else the export in it."""
     run = Path(run)
-    path = run / EXPORTED[engine] if run.is_dir() else run
+    fmt = FORMATS[engine]
+    path = Run(run).export_file(fmt) if run.is_dir() else run
     if not path.is_file():
-        fmt = "onnx" if engine == "onnxruntime" else "openvino"
         raise FileNotFoundError(f"no exported model at {path}: write one with "
                                 f"`rlr-fast export --run {run} --format {fmt}`")
     return path
@@ -40,11 +44,17 @@ def _size(height: int, width: int):
 
 
 class _Exported:
-    """What the onnxruntime and OpenVINO engines share: the run's thresholds and predict()."""
+    """What the onnxruntime and OpenVINO engines share: the run's thresholds and predict(), and
+    the checks that the export and the thresholds come from the model the run serves."""
 
-    def __init__(self, run):
-        run = Path(run)
-        self.thresholds = Thresholds.of_run(run if run.is_dir() else run.parent)
+    def _check(self, run, path: Path, recorded) -> None:
+        """Refuse an export in a run folder made from other weights than the run serves now (a file
+        given itself is the model), then thresholds fitted for another model than the export's."""
+        run = Run(run)
+        served = run.served_fingerprint() if run.file is None else None
+        run.check(path, recorded, served)
+        self.fingerprint = recorded or served
+        self.thresholds = run.thresholds(expected=self.fingerprint) if self.fingerprint else run.thresholds(check=False)
 
     def predict(self, images: torch.Tensor, image_threshold=None, pixel_threshold=None):
         return decide(self(images), self.thresholds, image_threshold, pixel_threshold)
@@ -56,6 +66,7 @@ class TorchEngine:
 
         self.model = load_model(run, device)
         self.model.precision = precision
+        self.fingerprint = self.model.fingerprint
         self.device = device
         self.image_size = self.model.image_size
 
@@ -69,12 +80,13 @@ class TorchEngine:
 
 class OnnxRuntimeEngine(_Exported):
     def __init__(self, run, device="cpu"):
-        super().__init__(run)
         ort = require("onnxruntime", "--engine onnxruntime")
         providers = ["CPUExecutionProvider"]
         if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(exported_model(run, "onnxruntime")), providers=providers)
+        path = exported_model(run, "onnxruntime")
+        self.session = ort.InferenceSession(str(path), providers=providers)
+        self._check(run, path, self.session.get_modelmeta().custom_metadata_map.get("fingerprint"))
         self.input = self.session.get_inputs()[0].name
         self.image_size = _size(*self.session.get_inputs()[0].shape[-2:])
 
@@ -86,10 +98,12 @@ class OnnxRuntimeEngine(_Exported):
 
 class OpenVINOEngine(_Exported):
     def __init__(self, run, device="cpu"):
-        super().__init__(run)
         ov = require("openvino", "--engine openvino")
         core = ov.Core()
-        model = core.read_model(exported_model(run, "openvino"))
+        path = exported_model(run, "openvino")
+        model = core.read_model(path)
+        key = ["rlr_fast", "fingerprint"]
+        self._check(run, path, str(model.get_rt_info(key).astype(str)) if model.has_rt_info(key) else None)
         # fp32 as exported: on CPUs with bf16 units OpenVINO would otherwise compute in bf16.
         self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         shape = model.inputs[0].get_partial_shape()

@@ -23,6 +23,11 @@ class CheckpointError(DataError):
     """A file is not a readable rlr-fast checkpoint (truncated, empty, foreign, or unsafe)."""
 
 
+class StaleRunError(DataError):
+    """A file derived from a run's model (thresholds, an export) was made from other weights than
+    the ones the run serves now; the message names the command that makes it again."""
+
+
 class TrainingDiverged(RLRFastError):
     """The training loss became non-finite: the run stopped; the message names the epoch, the step,
     the last finite checkpoint and what to change."""

@@ -1,4 +1,6 @@
-"""Evaluate a trained model on the test split of an MVTec-style folder: metrics per class."""
+"""Evaluate a trained model on the test split of a data folder (any layout of
+:mod:`rlr_fast.layouts`): metrics per class, and per anomaly type where the layout asks for it
+(MVTec LOCO AD: logical and structural anomalies, each against the class's normal images)."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -17,12 +19,15 @@ from .timing import clock
 
 @torch.no_grad()
 def evaluate(model, root, classes=None, batch_size: int = 8, device="cpu", overlays_dir: Optional[Path] = None,
-             max_overlays_per_class: int = 6, progress: bool = True, records: Optional[dict] = None) -> dict:
+             max_overlays_per_class: int = 6, progress: bool = True, records: Optional[dict] = None,
+             layout=None) -> dict:
     """Per-class image AUROC, pixel AUROC, pixel AUPRO and image F1-max, and their mean, and
     the F1-optimal image and pixel thresholds over all the classes evaluated ("thresholds", a
     :class:`~rlr_fast.decisions.Thresholds`: one model scores every class, so one decision rule).
 
-    `root` is an MVTec-style folder or an MVTecDataset of its test split.
+    `root` is a data folder (in `layout`, detected when None) or an MVTecDataset of its test
+    split. When the layout reports metrics per anomaly type (MVTec LOCO AD) the summary has
+    "types": class -> anomaly type -> the metrics of that type's images and the class's normal ones.
 
     Writes up to `max_overlays_per_class` overlays per class (defective images first) to
     `overlays_dir`. The summary also records the inference speed ("images_per_s"). ``records``,
@@ -34,7 +39,7 @@ def evaluate(model, root, classes=None, batch_size: int = 8, device="cpu", overl
             raise ValueError(f"evaluate needs the test split at the model's size {model.image_size}, got the "
                              f"{dataset.split} split at {dataset.image_size}")
     else:
-        dataset = MVTecDataset(root, classes=classes, split="test", image_size=model.image_size)
+        dataset = MVTecDataset(root, classes=classes, split="test", image_size=model.image_size, layout=layout)
     loader = DataErrorLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=min(2, len(dataset) // batch_size))
     per = defaultdict(lambda: {"labels": [], "scores": [], "masks": [], "maps": [], "items": []})
     seconds, seen = 0.0, 0
@@ -58,11 +63,24 @@ def evaluate(model, root, classes=None, batch_size: int = 8, device="cpu", overl
         if overlays_dir is not None:
             _overlays(Path(overlays_dir) / cls, rec, max_overlays_per_class)
     summary = summarize(results)
+    if dataset.layout.per_type_metrics:
+        summary["types"] = {cls: type_metrics(per[cls]) for cls in dataset.classes}
     if records is not None:
         records.update({cls: per[cls] for cls in dataset.classes})
     summary["thresholds"] = fit_thresholds([per[cls] for cls in dataset.classes])
     summary["images_per_s"] = seen / seconds if seconds else float("nan")
     return summary
+
+
+def type_metrics(rec: dict) -> dict:
+    """Per anomaly type of one class's raw records: the metrics of that type's images together
+    with the class's normal ("good") images."""
+    defects = [item[2] for item in rec["items"]]
+    out = {}
+    for kind in sorted(set(defects) - {"good"}):
+        keep = [i for i, d in enumerate(defects) if d in ("good", kind)]
+        out[kind] = class_metrics(*([rec[k][i] for i in keep] for k in ("labels", "scores", "masks", "maps")))
+    return out
 
 
 def fit_thresholds(records) -> Thresholds:

@@ -25,6 +25,7 @@ from torch import nn
 from .errors import UsageError
 from .io import atomic_torch_save, atomic_write_bytes
 from .backbone import input_norm_of
+from .runs import model_fingerprint
 from .training import FORMAT
 
 FORMATS = ("onnx", "openvino", "weights")
@@ -60,9 +61,11 @@ class Deployable(nn.Module):
 
 
 def metadata(model) -> dict:
-    """What a deployment engine needs to know about the exported model."""
+    """What a deployment engine needs to know about the exported model, and the fingerprint of
+    the weights it was exported from (``rlr_fast.runs``: engines refuse an export whose
+    fingerprint is not that of the model its run serves)."""
     return {"format": FORMAT, "model": model.name, "input_size": json.dumps(list(model.input_size)),
-            "config": json.dumps(asdict(model.config))}
+            "config": json.dumps(asdict(model.config)), "fingerprint": model_fingerprint(model)}
 
 
 def onnx_bytes(model, batch: int = 2) -> bytes:
@@ -111,9 +114,11 @@ def export_openvino(model, path) -> Path:
 
 
 def export_weights(model, path) -> Path:
-    """The model alone, as ``load_model`` reads it: format, model name, config and state dict."""
+    """The model alone, as ``load_model`` reads it: format, model name, config and state dict (and
+    the fingerprint of those weights, which is the source checkpoint's)."""
     state = {"format": FORMAT, "model": model.name, "config": asdict(model.config),
-             "state_dict": model.state_dict(), "input_norm": input_norm_of(model)}
+             "state_dict": model.state_dict(), "input_norm": input_norm_of(model),
+             "fingerprint": model_fingerprint(model)}
     atomic_torch_save(state, path)
     return Path(path)
 

@@ -1,7 +1,8 @@
 """Few-shot data for ResAD: reference images, training sets of seen classes, per-class evaluation.
 
 ResAD inspects a class from K normal reference images of it. ``reference_paths`` picks them from
-``<root>/<class>/train/good`` (the first K by sorted name, or a seeded draw). Training on seen
+the class's normal training images in any layout of :mod:`rlr_fast.layouts` (MVTec AD:
+``<root>/<class>/train/good``; the first K by sorted name, or a seeded draw). Training on seen
 classes uses, per class, its normal images and copies of them with a synthetic defect from the
 demo data's generator (``SyntheticDefects``) for the second training stage; their backbone
 features are cached once (``residual_cache``), and each batch's residuals are taken against K
@@ -17,19 +18,20 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import (IMAGENET_MEAN, IMAGENET_STD, DataError, FolderDataset, MVTecDataset, denormalize,
-                   discover_classes, list_images, load_image)
+from .data import (IMAGENET_MEAN, IMAGENET_STD, DataError, FolderDataset, MVTecDataset, denormalize, list_images,
+                   load_image)
 from .errors import UsageError
 from .features import extract_features
 
 
-def reference_paths(folder, shots: int, seed: Optional[int] = None, what: str = "") -> List[Path]:
-    """K normal images of ``folder``: the first ``shots`` by sorted name, or, with ``seed``, a
-    draw of ``shots`` distinct images by ``numpy.random.default_rng(seed)`` (returned sorted).
-    Fewer images than ``shots`` is a DataError naming the folder."""
+def reference_paths(folder, shots: int, seed: Optional[int] = None, what: str = "", paths=None) -> List[Path]:
+    """K normal images of ``folder`` (or of the list ``paths``, ``folder`` then only naming them
+    in errors): the first ``shots`` by sorted name, or, with ``seed``, a draw of ``shots``
+    distinct images by ``numpy.random.default_rng(seed)`` (returned sorted). Fewer images than
+    ``shots`` is a DataError naming the folder."""
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise UsageError(f"--shots must be a positive integer, got {shots!r}")
-    paths = list_images(folder)
+    paths = list_images(folder) if paths is None else sorted(paths)
     if len(paths) < shots:
         raise DataError(f"{what or 'the reference folder'} has {len(paths)} normal image(s) in {folder} "
                         f"but {shots} shots were asked for")
@@ -39,8 +41,14 @@ def reference_paths(folder, shots: int, seed: Optional[int] = None, what: str = 
     return [paths[i] for i in sorted(chosen)]
 
 
-def class_references(root, cls: str, shots: int, seed: Optional[int] = None) -> List[Path]:
-    return reference_paths(Path(root) / cls / "train" / "good", shots, seed, what=f"class {cls!r}")
+def class_references(root, cls: str, shots: int, seed: Optional[int] = None, layout=None) -> List[Path]:
+    """K of the normal training images of class ``cls`` of ``root`` (in ``layout``, detected when
+    None; MVTec AD: its ``train/good``)."""
+    from .layouts import resolve_layout
+
+    reader = resolve_layout(root, layout)
+    where = f"{reader.root} ({reader.name} layout, class {cls})"
+    return reference_paths(where, shots, seed, what=f"class {cls!r}", paths=reader.train(cls))
 
 
 def load_references(paths: Sequence[Path], image_size: int) -> torch.Tensor:
@@ -158,8 +166,10 @@ class ReferencePoolCache:
 
 def residual_cache(model, root, classes=None, shots: Optional[int] = None, shot_seed: Optional[int] = None,
                    anomalies: bool = True, device="cpu", progress: bool = True, log=print, redraw: bool = True,
-                   defect_kinds: Optional[Sequence[str]] = None, defect_copies: int = 1) -> ReferencePoolCache:
-    """ResAD's training set over the seen classes of an MVTec-style ``root``
+                   defect_kinds: Optional[Sequence[str]] = None, defect_copies: int = 1,
+                   layout=None) -> ReferencePoolCache:
+    """ResAD's training set over the seen classes of ``root`` (any layout of
+    :mod:`rlr_fast.layouts`, detected when ``layout`` is None; their normal training images)
     (:class:`ReferencePoolCache`): per class, the backbone features of its normal training images
     (the pool) and, with ``anomalies``, of ``defect_copies`` copies of each with a synthetic defect
     of ``defect_kinds`` (None: every kind of ``rlr_fast.demo_data.add_defect``), with masks.
@@ -167,16 +177,17 @@ def residual_cache(model, root, classes=None, shots: Optional[int] = None, shot_
     ``redraw`` (default): K references are drawn anew for every batch from the class's pool,
     other than the batch's own images. ``redraw=False``: K fixed references per class (the first K
     by name, or drawn with ``shot_seed``), left out of training."""
+    from .layouts import detect, resolve_layout
+
     shots = shots or model.config.shots
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data folder not found: {root}")
-    if not discover_classes(root):
-        raise DataError(f"ResAD trains on the classes of an MVTec-style folder (<class>/train/good); "
+    if layout in (None, "auto") and detect(root) is None:  # raises DataError for a missing folder
+        raise DataError(f"ResAD trains on the classes of a data folder (e.g. MVTec's <class>/train/good); "
                         f"{root} has none")
     if defect_copies < 1:
         raise UsageError(f"defect_copies must be at least 1, got {defect_copies}")
-    classes = MVTecDataset(root, classes=classes, split="train", image_size=model.image_size).classes
+    reader = resolve_layout(root, layout)
+    classes = MVTecDataset(root, classes=classes, split="train", image_size=model.image_size, layout=reader).classes
     backbone, size = _Backbone(model), model.image_size
     feats, masks, seconds = [], [], 0.0
     items, item_class, item_source, pools, fixed = [], [], [], [], []
@@ -193,18 +204,19 @@ def residual_cache(model, root, classes=None, shots: Optional[int] = None, shot_
         return torch.arange(offset - n, offset)
 
     for ci, cls in enumerate(classes):
-        pool_paths = list_images(root / cls / "train" / "good")
-        refs = class_references(root, cls, shots, None if redraw else shot_seed)
+        pool_paths = sorted(reader.train(cls))
+        where = f"{reader.root} ({reader.name} layout, class {cls})"
+        refs = class_references(root, cls, shots, None if redraw else shot_seed, layout=reader)
         if redraw:
             train_at = list(range(len(pool_paths)))
             if len(pool_paths) < shots + 1:
-                raise DataError(f"class {cls!r} has {len(pool_paths)} normal image(s) in {root / cls / 'train' / 'good'}: "
+                raise DataError(f"class {cls!r} has {len(pool_paths)} normal image(s) in {where}: "
                                 f"ResAD needs more than the {shots} references to train on")
         else:
             train_at = [i for i, p in enumerate(pool_paths) if p not in refs]
             if not train_at:
                 raise DataError(f"class {cls!r} has only its {shots} reference images in "
-                                f"{root / cls / 'train' / 'good'}: ResAD needs more normal images to train on")
+                                f"{where}: ResAD needs more normal images to train on")
             fixed.append(torch.tensor([pool_paths.index(p) for p in refs]))
         pool_rows = add(extract_features(backbone, FolderDataset(pool_paths, image_size=size), device=device,
                                          progress=progress, desc=f"features {cls}"), False)
@@ -212,7 +224,7 @@ def residual_cache(model, root, classes=None, shots: Optional[int] = None, shot_
         at = torch.tensor(train_at)
         items.append(pool_rows[at]), item_class.append(torch.full((len(at),), ci)), item_source.append(at)
         if anomalies:
-            others = [list_images(root / c / "train" / "good")[0] for c in classes if c != cls]
+            others = [sorted(reader.train(c))[0] for c in classes if c != cls]
             defective = SyntheticDefects([pool_paths[i] for i in train_at] * defect_copies, size, others, seed=ci,
                                          kinds=defect_kinds)
             rows = add(extract_features(backbone, defective, device=device, progress=progress,
@@ -228,23 +240,29 @@ def residual_cache(model, root, classes=None, shots: Optional[int] = None, shot_
 
 
 def evaluate_fewshot(model, root, shots: int, shot_seed: Optional[int] = None, classes=None, log=print,
-                     **evaluate_kwargs) -> dict:
-    """Per class of ``root``: set the model's reference to K images of ``<class>/train/good``, then
-    the usual evaluation of that class's test split. Same summary as ``evaluation.evaluate``,
-    thresholds included (fitted over all the classes evaluated, as there)."""
+                     layout=None, **evaluate_kwargs) -> dict:
+    """Per class of ``root`` (in ``layout``, detected when None): set the model's reference to K of
+    the class's normal training images (MVTec AD: ``<class>/train/good``), then the usual
+    evaluation of that class's test split. Same summary as ``evaluation.evaluate``, thresholds
+    included (fitted over all the classes evaluated, as there)."""
     from .evaluation import evaluate, fit_thresholds
+    from .layouts import resolve_layout
     from .metrics import summarize
 
-    names = MVTecDataset(root, classes=classes, split="test", image_size=model.image_size).classes
-    refs = {cls: class_references(root, cls, shots, shot_seed) for cls in names}  # all checked up front
-    per_class, images_per_s, records = {}, [], {}
+    reader = resolve_layout(root, layout)
+    names = MVTecDataset(root, classes=classes, split="test", image_size=model.image_size, layout=reader).classes
+    refs = {cls: class_references(root, cls, shots, shot_seed, layout=reader) for cls in names}  # checked up front
+    per_class, types, images_per_s, records = {}, {}, [], {}
     for cls in names:
         model.set_reference(load_references(refs[cls], model.image_size))
         log(f"{cls}: {shots} reference images ({', '.join(p.name for p in refs[cls])})")
-        summary = evaluate(model, root, classes=[cls], records=records, **evaluate_kwargs)
+        summary = evaluate(model, root, classes=[cls], records=records, layout=reader, **evaluate_kwargs)
         per_class[cls] = summary["classes"][cls]
+        types.update(summary.get("types", {}))
         images_per_s.append(summary["images_per_s"])
     summary = summarize(per_class)
+    if types:
+        summary["types"] = types
     summary["thresholds"] = fit_thresholds(list(records.values()))
     summary["images_per_s"] = float(np.mean(images_per_s))
     return summary

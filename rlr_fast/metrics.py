@@ -122,10 +122,15 @@ def summarize(per_class: Dict[str, Dict[str, float]]) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    """Aligned text table, percentages with one decimal, a mean row."""
+    """Aligned text table, percentages with one decimal, a mean row (and, under each class, a row
+    per anomaly type when the summary has "types")."""
     heads = ["class", "image AUROC", "pixel AUROC", "pixel AUPRO", "image F1-max"]
-    rows = [[name] + [f"{100 * v[m]:.1f}" if not math.isnan(v[m]) else "n/a" for m in METRICS]
-            for name, v in summary["classes"].items()]
+    cell = lambda v, m: f"{100 * v[m]:.1f}" if not math.isnan(v[m]) else "n/a"
+    rows = []
+    for name, v in summary["classes"].items():
+        rows.append([name] + [cell(v, m) for m in METRICS])
+        # per anomaly type (MVTec LOCO AD), under its class and not in the mean
+        rows += [[f"  {kind}"] + [cell(t, m) for m in METRICS] for kind, t in summary.get("types", {}).get(name, {}).items()]
     rows.append(["mean"] + [f"{100 * summary['mean'][m]:.1f}" if not math.isnan(summary["mean"][m]) else "n/a"
                             for m in METRICS])
     widths = [max(len(r[i]) for r in rows + [heads]) for i in range(len(heads))]

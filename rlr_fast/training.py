@@ -33,16 +33,18 @@ from .features import FeatureCache
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .precision import bf16_supported, effective_precision
 from .progress import progress as progress_bar
+from .runs import Run, fingerprint
 from .timing import clock
 
-CHECKPOINT = "checkpoint.pt"  # the latest state: model, optimizer, schedule, RNG (what --resume reads)
-BEST = "best.pt"  # the model of the best epoch by a criterion on training data (what load_model reads)
+CHECKPOINT = Run.CHECKPOINT  # the latest state: model, optimizer, schedule, RNG (what --resume reads)
+BEST = Run.BEST  # the model of the best epoch by a criterion on training data (what load_model reads)
 FORMAT = "rlr-fast/1"
-# What the commands write into a run folder: `--force` removes these, and only these.
-RUN_FILES = (CHECKPOINT, BEST, "config.json", "log.jsonl", "metrics.json")
+# What the commands write into a run folder (rlr_fast.runs.Run names them all): `--force` removes
+# these, and only these.
+RUN_FILES = Run.TRAINING_FILES + Run.DERIVED_FILES
 # An epoch loss above this multiple of the best epoch's (after warm-up) is reported as a rise.
 RISE_FACTOR = 1.25
-RUN_FOLDERS = ("features", "overlays", "predictions")
+RUN_FOLDERS = Run.FOLDERS
 
 
 @dataclass
@@ -122,21 +124,13 @@ def default_image_size(name: str) -> int:
 
 
 def run_entries(out_dir) -> list:
-    """The names of what a run left in `out_dir` (checkpoint, config, log, metrics, overlays...)."""
-    out_dir = Path(out_dir)
-    return [name for name in RUN_FILES + RUN_FOLDERS if (out_dir / name).exists()]
+    """The names of what a run left in `out_dir` (checkpoint, config, log, metrics, exports...)."""
+    return Run(out_dir).entries()
 
 
 def clear_run(out_dir) -> list:
     """Remove what a run wrote in `out_dir` (and nothing else); returns the names removed."""
-    removed = run_entries(out_dir)
-    for name in removed:
-        path = Path(out_dir) / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    return removed
+    return Run(out_dir).clear()
 
 
 def save_checkpoint(path, model, optimizer=None, scheduler=None, epoch: int = 0, train_config=None,
@@ -165,7 +159,7 @@ def read_checkpoint(path) -> dict:
     """A checkpoint file, or a run folder's latest checkpoint (``checkpoint.pt``)."""
     path = Path(path)
     if path.is_dir():
-        path = path / CHECKPOINT
+        path = Run(path).checkpoint
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (train a model with `rlr-fast train` first)")
     try:
@@ -201,6 +195,7 @@ def model_from_checkpoint(state: dict, device="cpu", source="the checkpoint"):
                               f"describes ({first})") from None
     model.config.backbone_weights = state["config"].get("backbone_weights", "default")
     set_input_norm(model, checkpoint_input_norm(state))
+    model.fingerprint = fingerprint(state["state_dict"])  # what files derived from this model record
     return model.to(device).eval()
 
 
@@ -213,20 +208,19 @@ def checkpoint_input_norm(state: dict) -> str:
 def model_file(run_or_checkpoint) -> Path:
     """The file that holds a run's model: ``best.pt`` (its best epoch) when the run has one, else
     its latest ``checkpoint.pt``; a file is itself."""
-    path = Path(run_or_checkpoint)
-    if path.is_dir():
-        return path / BEST if (path / BEST).is_file() else path / CHECKPOINT
-    return path
+    return Run(run_or_checkpoint).model_file()
 
 
-def load_model(run_or_checkpoint, device="cpu"):
+def load_model(run_or_checkpoint, device="cpu", thresholds: bool = True):
     """The trained model of a run folder (its best epoch's, ``best.pt``, when the run has one) or
     of a checkpoint file, in eval mode on `device`, with the run's decision thresholds
-    (``model.thresholds``; None before `rlr-fast test` has run)."""
-    run_dir = Path(run_or_checkpoint)
-    path = model_file(run_or_checkpoint)
+    (``model.thresholds``; None before `rlr-fast test` has run, or with ``thresholds=False``).
+    Thresholds fitted for another model (the run was trained again since `rlr-fast test`) are
+    refused with :class:`~rlr_fast.errors.StaleRunError`, which names the command that remakes them."""
+    run = Run(run_or_checkpoint)
+    path = run.model_file()
     model = model_from_checkpoint(read_checkpoint(path), device, source=path)
-    model.thresholds = Thresholds.of_run(run_dir if run_dir.is_dir() else run_dir.parent)
+    model.thresholds = run.thresholds(expected=model.fingerprint) if thresholds else None
     return model
 
 
@@ -317,14 +311,14 @@ def _add_terms(sums: dict, model, images: int) -> None:
 def _start_run(out_dir: Path, model, cfg: TrainConfig, extra: Optional[dict]) -> None:
     """A new run's folder: config.json (model, its config, the training config, `extra`), no old log."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "config.json", {"model": model.name, "config": asdict(model.config),
+    atomic_write_json(Run(out_dir).config, {"model": model.name, "config": asdict(model.config),
                                                 "train": asdict(cfg), **(extra or {})})
     with contextlib.suppress(FileNotFoundError):  # a new run starts a new log
-        (out_dir / "log.jsonl").unlink()
+        Run(out_dir).log.unlink()
 
 
 def _write_log(out_dir: Path, history: list) -> None:
-    atomic_write_text(out_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    atomic_write_text(Run(out_dir).log, "".join(json.dumps(r) + "\n" for r in history))
 
 
 def resolve_amp(amp: str, device) -> str:

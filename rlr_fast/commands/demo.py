@@ -28,14 +28,14 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..data import MVTecDataset
-    from ..decisions import THRESHOLDS_FILE
+    from ..runs import Run
     from ..demo_data import build_demo_dataset
     from ..evaluation import evaluate
     from ..features import extract_features
     from ..io import atomic_write_json, atomic_write_text
     from ..metrics import format_table
     from ..models.rlr import RLRModel
-    from ..training import recipe, train
+    from ..training import load_model, recipe, train
 
     options.check_backend(args.backend, args.device)
     out, progress = args.out, not args.no_progress
@@ -52,11 +52,15 @@ def run(args) -> int:
     t0 = time.perf_counter()
     history = train(model, cache, out / "run", cfg, device=args.device, progress=progress)
     train_seconds = time.perf_counter() - t0
+    # the model the run serves (its best epoch, as `rlr-fast test` and `predict` use), so the
+    # thresholds below are those of the model that predict decides with
+    model = load_model(out / "run", args.device, thresholds=False)
     summary = evaluate(model, data, device=args.device, overlays_dir=out / "overlays", progress=progress)
     table = format_table(summary)
     print(table)
     atomic_write_json(out / "metrics.json", {"classes": summary["classes"], "mean": summary["mean"]})
-    summary["thresholds"].save(out / "run" / THRESHOLDS_FILE)  # `rlr-fast predict --run OUT/run` decides
+    # `rlr-fast predict --run OUT/run` decides with these; they record the model they were fitted for
+    Run(out / "run").save_thresholds(summary["thresholds"], model.fingerprint)
     atomic_write_text(out / "metrics.txt", table + "\n")
     speed = {
         "device": str(args.device), "cpu": platform.processor() or platform.machine(),

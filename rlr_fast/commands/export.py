@@ -5,8 +5,9 @@ import argparse
 from pathlib import Path
 
 from ..errors import UsageError
+from ..runs import Run
 
-DEFAULT_NAMES = {"onnx": "model.onnx", "openvino": "model.xml", "weights": "weights.pt"}
+DEFAULT_NAMES = Run.EXPORTS  # format -> the file it is written to in the run folder
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -24,7 +25,7 @@ def run(args) -> int:
     from ..export import export
     from ..training import load_model
 
-    model = load_model(args.run, "cpu")
+    model = load_model(args.run, "cpu", thresholds=False)  # an export does not decide: no thresholds needed
     if model.name == "resad" and args.format != "weights":
         # Not exported: its graph would hold the reference features of one class (or take them as
         # inputs) and FrEIA's flows and the nearest-reference search, none of them traced yet.
@@ -36,8 +37,7 @@ def run(args) -> int:
                "its learnable reference has one token per position of the trained feature grid")
         raise UsageError(f"--image-size {args.image_size}: this run was trained at {model.image_size} px and its "
                          f"model only takes that size ({why}); resize images instead, as `rlr-fast predict` does")
-    run_dir = args.run if args.run.is_dir() else args.run.parent
-    out = args.out or run_dir / DEFAULT_NAMES[args.format]
+    out = args.out or Run(args.run).export_file(args.format)
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name (e.g. {out / DEFAULT_NAMES[args.format]})")
     out.parent.mkdir(parents=True, exist_ok=True)

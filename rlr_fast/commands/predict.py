@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 
 from ..engines import ENGINES
 from ..errors import UsageError
+from . import options
+from .train import add_layout_option, add_shot_options
 
 SCORES_FILE = "scores.csv"
 COLUMNS = ("path", "score", "normalized_score", "label", "heatmap", "mask")
@@ -32,7 +34,12 @@ COLUMNS = ("path", "score", "normalized_score", "label", "heatmap", "mask")
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, type=Path, help="run folder (or checkpoint file) from `rlr-fast train`")
-    p.add_argument("images", nargs="+", type=Path, help="image files and/or folders of images")
+    p.add_argument("images", nargs="*", type=Path, help="image files and/or folders of images")
+    p.add_argument("--data", type=options.existing_folder,
+                   help="also predict on the test images of this data folder (a layout of --layout); ResAD takes "
+                        "each class's references from its normal training images unless --reference is given")
+    p.add_argument("--classes", help="with --data: comma-separated class names (default: every class)")
+    add_layout_option(p)
     p.add_argument("--out", type=Path, help="output folder (default: RUN/predictions)")
     p.add_argument("--threshold", type=float,
                    help="image score at or above which an image is anomalous (default: the run's, from `rlr-fast test`)")
@@ -49,9 +56,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="torch: the trained model; onnxruntime/openvino: the run's export (rlr-fast export)")
     p.add_argument("--reference", type=Path,
                    help="ResAD: folder of normal images of the class being inspected (K of them are used)")
-    from .train import add_shot_options
-
-    add_shot_options(p, "ResAD: how many images of --reference to use (default: the K the model was trained with)")
+    add_shot_options(p, "ResAD: how many images of --reference (or of each class of --data) to use (default: "
+                        "the K the model was trained with)")
 
 
 def output_stems(paths: Sequence[Path]) -> List[Path]:
@@ -75,11 +81,51 @@ def _cell(t, i, fmt: str) -> str:
     return "" if t is None else fmt.format(float(t[i]))
 
 
+def _groups(args, image_size):
+    """The images to predict, as (class or None, paths) groups: each class of --data's test split
+    (in its layout), then the images and folders given."""
+    from ..data import FolderDataset, MVTecDataset
+
+    if not args.images and args.data is None:
+        raise UsageError("give images or folders of images, or --data DATA for the test images of a data folder")
+    groups = []
+    if args.data is not None:
+        dataset = MVTecDataset(args.data, classes=args.classes, split="test", image_size=image_size, layout=args.layout)
+        groups += [(cls, [s[0] for s in dataset.samples if s[3] == cls]) for cls in dataset.classes]
+        args.layout = dataset.layout  # the reader, for the references
+    if args.images:
+        groups.append((None, FolderDataset(args.images, image_size=image_size).paths))
+    seen, out = set(), []
+    for cls, paths in groups:  # a file given twice is predicted once
+        paths = [p for p in dict.fromkeys(Path(os.path.abspath(p)) for p in paths) if p not in seen]
+        seen.update(paths)
+        out.append((cls, paths))
+    return out
+
+
+def _set_references(args, model, cls) -> None:
+    """ResAD: the references of the group's class: --reference, else K of the class's normal
+    training images in --data."""
+    from ..fewshot import class_references, load_references, reference_paths
+
+    shots = args.shots or model.config.shots
+    if args.reference is not None:
+        if not args.reference.is_dir():
+            raise FileNotFoundError(f"--reference folder not found: {args.reference}")
+        refs = reference_paths(args.reference, shots, args.shot_seed, what="--reference")
+    elif cls is not None:
+        refs = class_references(args.data, cls, shots, args.shot_seed, layout=args.layout)
+    else:
+        raise UsageError("a ResAD run needs --reference DIR: normal images of the class being inspected")
+    model.set_reference(load_references(refs, model.image_size).to(args.device))
+
+
 @torch.no_grad()
 def run(args) -> int:
     from ..data import FolderDataset
     from ..io import atomic_open
     from ..engines import load_engine
+    from ..runs import Run
     from ..viz import save_heatmap, save_mask
     from .train import ignored_shot_options
 
@@ -89,39 +135,41 @@ def run(args) -> int:
         raise UsageError(f"--reference is for ResAD runs, which predict with --engine torch, not {args.engine}")
     if torch_model is not None:
         ignored_shot_options(args, torch_model.name)
-    if torch_model is not None and torch_model.name == "resad":
-        from ..fewshot import load_references, reference_paths
-
-        if args.reference is None:
-            raise UsageError("a ResAD run needs --reference DIR: normal images of the class being inspected")
-        if not args.reference.is_dir():
-            raise FileNotFoundError(f"--reference folder not found: {args.reference}")
-        refs = reference_paths(args.reference, args.shots or torch_model.config.shots, args.shot_seed,
-                               what="--reference")
-        torch_model.set_reference(load_references(refs, torch_model.image_size).to(args.device))
-    out = args.out or (args.run if args.run.is_dir() else args.run.parent) / "predictions"
-    dataset = FolderDataset(args.images, image_size=model.image_size)
-    dataset.paths = list(dict.fromkeys(Path(os.path.abspath(p)) for p in dataset.paths))  # a file given twice
+    resad = torch_model is not None and torch_model.name == "resad"
+    groups = _groups(args, model.image_size)
+    if resad and args.reference is None and any(cls is None for cls, _ in groups):
+        raise UsageError("a ResAD run needs --reference DIR: normal images of the class being inspected")
+    if resad and args.reference is not None and not args.reference.is_dir():
+        raise FileNotFoundError(f"--reference folder not found: {args.reference}")
+    out = args.out or Run(args.run).predictions
     _check_output_folder(out, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    stems = dict(zip(map(str, dataset.paths), output_stems(dataset.paths)))
+    every = [p for _, paths in groups for p in paths]
+    stems = dict(zip(map(str, every), output_stems(every)))
     rows, decided = [], None
-    loader = DataLoader(dataset, batch_size=args.batch_size)
-    for batch in tqdm(loader, desc="predict", unit="batch", disable=args.no_progress):
-        pred = model.predict(batch["image"], args.threshold, args.pixel_threshold)
-        decided = pred.labels is not None
-        for i, path in enumerate(batch["path"]):
-            label = "" if pred.labels is None else ("anomalous" if pred.labels[i] else "normal")
-            heatmap = mask = ""
-            if not args.no_heatmaps:
-                heatmap = stems[path].as_posix() + "_heatmap.png"
-                save_heatmap(out / heatmap, batch["image"][i], pred.anomaly_maps[i],
-                             title=f"{Path(path).name}  score {float(pred.scores[i]):.3f} {label}".rstrip())
-                if pred.masks is not None:
-                    mask = stems[path].as_posix() + "_mask.png"
-                    save_mask(out / mask, pred.masks[i])
-            rows.append((path, _cell(pred.scores, i, "{:.9g}"), _cell(pred.normalized_scores, i, "{:.4f}"), label,
-                         heatmap, mask))
+    for cls, paths in groups:
+        if resad:
+            _set_references(args, torch_model, cls)
+        dataset = FolderDataset(paths, image_size=model.image_size)
+        loader = DataLoader(dataset, batch_size=args.batch_size)
+        for batch in tqdm(loader, desc="predict" + (f" {cls}" if cls else ""), unit="batch",
+                          disable=args.no_progress):
+            pred = model.predict(batch["image"], args.threshold, args.pixel_threshold)
+            decided = pred.labels is not None
+            for i, path in enumerate(batch["path"]):
+                label = "" if pred.labels is None else ("anomalous" if pred.labels[i] else "normal")
+                heatmap = mask = ""
+                if not args.no_heatmaps:
+                    heatmap = stems[path].as_posix() + "_heatmap.png"
+                    save_heatmap(out / heatmap, batch["image"][i], pred.anomaly_maps[i],
+                                 title=f"{Path(path).name}  score {float(pred.scores[i]):.3f} {label}".rstrip())
+                    if pred.masks is not None:
+                        mask = stems[path].as_posix() + "_mask.png"
+                        save_mask(out / mask, pred.masks[i])
+                rows.append((path, _cell(pred.scores, i, "{:.9g}"), _cell(pred.normalized_scores, i, "{:.4f}"),
+                             label, heatmap, mask))
+    if model.fingerprint is not None:  # the model these predictions were made with (rlr_fast.runs)
+        Run.write_source(out, model.fingerprint, f"rlr-fast predict --engine {args.engine}")
     with atomic_open(out / SCORES_FILE, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(COLUMNS)
@@ -130,7 +178,7 @@ def run(args) -> int:
     print(f"{len(rows)} images scored" + (f", {anomalous} anomalous" if decided else "") + f": {out / SCORES_FILE}"
           + ("" if args.no_heatmaps else f"; pictures in {out}"))
     if not decided:
-        print(f"no image threshold: {args.run} has no thresholds.json. Run `rlr-fast test --data DATA --run "
+        print(f"no image threshold: {args.run} has no {Run.THRESHOLDS}. Run `rlr-fast test --data DATA --run "
               f"{args.run}` first (it fits F1-optimal thresholds on labelled data) or pass --threshold; "
               f"the raw scores are written, without labels", file=sys.stderr)
     return 0

@@ -11,7 +11,8 @@ from . import options
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=options.existing_folder,
-                   help="MVTec-style folder with <class>/test and ground_truth")
+                   help="data folder with test images and masks, in a layout of --layout (e.g. MVTec's "
+                        "<class>/test and ground_truth)")
     p.add_argument("--run", required=True, type=Path, help="run folder (or checkpoint file) from `rlr-fast train`")
     p.add_argument("--classes", help="comma-separated class names (default: every class in --data)")
     p.add_argument("--json", type=options.output_file, help="write the metrics here (default: RUN/metrics.json)")
@@ -21,10 +22,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: autocast to bfloat16 where the device has it (fp32 otherwise, with a warning)")
     p.add_argument("--no-progress", action="store_true")
-    from .train import add_shot_options
+    from .train import add_layout_option, add_shot_options
 
-    add_shot_options(p, "ResAD: K reference images per class, from <class>/train/good of --data "
-                        "(default: the K the model was trained with)")
+    add_layout_option(p)
+    add_shot_options(p, "ResAD: K reference images per class, from the class's normal training images in --data "
+                        "(MVTec: <class>/train/good; default: the K the model was trained with)")
 
 
 def warn_untrained_classes(state: dict, classes) -> None:
@@ -41,38 +43,43 @@ def warn_untrained_classes(state: dict, classes) -> None:
 
 def run(args) -> int:
     from ..data import MVTecDataset
-    from ..decisions import THRESHOLDS_FILE
     from ..evaluation import evaluate
     from ..io import atomic_write_json, clean_stale_temporaries
     from ..metrics import format_table
-    from ..training import model_file, model_from_checkpoint, read_checkpoint
+    from ..runs import Run
+    from ..training import model_from_checkpoint, read_checkpoint
     from .train import ignored_shot_options
 
-    run_dir = args.run if args.run.is_dir() else args.run.parent
-    source = model_file(args.run)  # the run's best epoch, when it has one
+    run = Run(args.run)
+    source = run.model_file()  # the run's best epoch, when it has one
     state = read_checkpoint(source)
-    dataset = MVTecDataset(args.data, classes=args.classes, split="test", image_size=state["config"]["image_size"])
+    dataset = MVTecDataset(args.data, classes=args.classes, split="test", image_size=state["config"]["image_size"],
+                           layout=args.layout)
     if state["model"] != "resad":  # ResAD is for classes it was not trained on
         warn_untrained_classes(state, dataset.classes)
     model = model_from_checkpoint(state, args.device, source=source)
     model.precision = args.precision
     ignored_shot_options(args, model.name)
-    overlays = args.overlays or run_dir / "overlays"
+    overlays = args.overlays or run.overlays
     common = dict(batch_size=args.batch_size, device=args.device, overlays_dir=overlays, progress=not args.no_progress)
     if model.name == "resad":
         from ..fewshot import evaluate_fewshot
 
         summary = evaluate_fewshot(model, args.data, args.shots or model.config.shots, args.shot_seed,
-                                   classes=dataset.classes, **common)
+                                   classes=dataset.classes, layout=dataset.layout, **common)
     else:
         summary = evaluate(model, dataset, **common)
     print(format_table(summary))
-    out = args.json or run_dir / "metrics.json"
+    out = args.json or run.metrics
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out.parent)  # of a test killed while writing
-    atomic_write_json(out, {"classes": summary["classes"], "mean": summary["mean"]})
+    # everything written here records the fingerprint of the model it was made from (rlr_fast.runs)
+    atomic_write_json(out, {"classes": summary["classes"], "mean": summary["mean"],
+                            **({"types": summary["types"]} if summary.get("types") else {}),
+                            "fingerprint": model.fingerprint})
+    Run.write_source(overlays, model.fingerprint, "rlr-fast test")
     thresholds = summary["thresholds"]
-    thresholds.save(run_dir / THRESHOLDS_FILE)  # what `rlr-fast predict` and model.predict decide with
+    path = run.save_thresholds(thresholds, model.fingerprint)  # what `rlr-fast predict` and model.predict decide with
     print(f"metrics: {out}\noverlays: {overlays}\nthresholds (F1-optimal on this data): image "
-          f"{thresholds.image.threshold:.4g}, pixel {thresholds.pixel.threshold:.4g}: {run_dir / THRESHOLDS_FILE}")
+          f"{thresholds.image.threshold:.4g}, pixel {thresholds.pixel.threshold:.4g}: {path}")
     return 0

@@ -33,7 +33,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     # Options a resumed run takes from its checkpoint default to None here, so that one given
     # explicitly can be told from the default and refused if it contradicts the run.
     p.add_argument("--data", required=True, type=options.existing_folder,
-                   help="MVTec-style folder (ROOT/<class>/train/good/...) or a plain folder of normal images")
+                   help="data folder in a layout of --layout (e.g. MVTec's ROOT/<class>/train/good/...) or a plain "
+                        "folder of normal images")
+    add_layout_option(p)
     p.add_argument("--out", required=True, type=options.output_folder, help="run folder: checkpoint, config, log")
     p.add_argument("--classes", help="comma-separated class names (default: every class in --data)")
     p.add_argument("--model", choices=("rlr", "uniad", "resad", "patchcore"),
@@ -68,12 +70,24 @@ def configure(p: argparse.ArgumentParser) -> None:
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     existing.add_argument("--force", action="store_true",
-                          help="replace the run in --out (its checkpoint, config, log, metrics, overlays)")
+                          help="replace the run in --out (its checkpoint, config, log, and everything made from "
+                               "its model: metrics, overlays, thresholds, exports, predictions)")
     p.add_argument("--seed", type=options.seed, help="random seed (default: 0)")
     p.add_argument("--val-fraction", type=options.fraction,
                    help="share of each class's training images held out for the validation loss that picks "
                         "the best epoch (default 0.1; 0: none, the training loss picks it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the per-epoch loss lines stay)")
+
+
+def add_layout_option(p: argparse.ArgumentParser) -> None:
+    """--layout, shared by train, test and predict (rlr_fast.layouts)."""
+    from ..layouts import LAYOUTS
+
+    p.add_argument("--layout", choices=("auto", *LAYOUTS), default="auto",
+                   help="layout of --data (default: detected): mvtec (<class>/train/good, test/, ground_truth/), "
+                        "folder (normal/, anomalous folders, optional mask/ and normal_test/), visa (as published, "
+                        "split_csv/1cls.csv), mvtec-ad2 (<class>/test_public), mvtec-loco (<class>/test/"
+                        "logical_anomalies, masks per image in a folder)")
 
 
 def add_shot_options(p: argparse.ArgumentParser, shots_help: str) -> None:
@@ -104,14 +118,17 @@ def ignored_model_options(args, model_name: str) -> None:
         print(f"note: --coreset-ratio ignored: only PatchCore uses it (its memory bank); this is a {model_name} model")
 
 
-def training_set(data: Path, classes, image_size: int):
-    """The images to train on: the train split of MVTec-style class folders, or a plain folder."""
-    from ..data import DataError, FolderDataset, MVTecDataset, discover_classes
+def training_set(data: Path, classes, image_size: int, layout: str = "auto"):
+    """The images to train on: the train split of a data folder in a layout of rlr_fast.layouts
+    (named, or detected), or a plain folder of normal images."""
+    from ..data import DataError, FolderDataset, MVTecDataset
+    from ..layouts import detect
 
-    if discover_classes(data):  # raises DataError for a missing folder
-        return MVTecDataset(data, classes=classes, split="train", image_size=image_size)
+    name = detect(data) if layout in (None, "auto") else layout  # detect raises DataError for a missing folder
+    if name is not None:
+        return MVTecDataset(data, classes=classes, split="train", image_size=image_size, layout=name)
     if classes:
-        raise DataError(f"--classes given but {data} has no class folders (<class>/train/good)")
+        raise DataError(f"--classes given but {data} has no class folders (<class>/train/good) in any known layout")
     return FolderDataset(data, image_size=image_size)
 
 
@@ -217,7 +234,8 @@ def run(args) -> int:
         _check_resume(args, state)
     name, model_cfg, cfg, recipe_name = _settings(args, state)
     options.check_backend(model_cfg.get("backend", "auto"), args.device)
-    dataset = training_set(args.data, args.classes, model_cfg.get("image_size") or default_image_size(name))
+    dataset = training_set(args.data, args.classes, model_cfg.get("image_size") or default_image_size(name),
+                           args.layout)
     classes = getattr(dataset, "classes", None)
     if state is not None:
         _check_resumed_classes(args, state, classes)
@@ -243,7 +261,8 @@ def run(args) -> int:
         from ..fewshot import residual_cache
 
         cache = residual_cache(model, args.data, args.classes, model.config.shots, args.shot_seed,
-                               device=device, progress=not args.no_progress, log=say, redraw=args.shot_seed is None)
+                               device=device, progress=not args.no_progress, log=say, redraw=args.shot_seed is None,
+                               layout=getattr(dataset, "layout", args.layout))
         val_cache = None
     else:
         # Images held out of training for the validation loss that picks the best epoch (the
@@ -271,6 +290,14 @@ def run(args) -> int:
             f"(coreset ratio {history[-1]['coreset_ratio']:g} of {history[-1]['tokens']}); "
             f"checkpoint {args.out / CHECKPOINT}")
         return 0
+    if state is not None and rank == 0:
+        from ..runs import Run
+
+        derived = [n for n in Run(args.out).entries() if n in Run.DERIVED_FILES + (Run.OVERLAYS, Run.PREDICTIONS)]
+        if derived:
+            say(f"note: {', '.join(derived)} in {args.out} were made before this training; load_model, predict and the "
+                f"engines refuse them if the model the run serves has changed, until `rlr-fast test` or "
+                f"`rlr-fast export` makes them again")
     epochs = f"epochs {done + 1}-{len(history)}" if len(history) > done + 1 else f"epoch {len(history)}"
     kept = f"checkpoint {args.out / CHECKPOINT}"
     if model.select_best_epoch:
