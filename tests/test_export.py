@@ -10,6 +10,7 @@ import torch
 from rlr_fast.cli import main
 from rlr_fast.data import IMAGENET_MEAN, IMAGENET_STD
 from rlr_fast.models.rlr import RLRModel
+from rlr_fast.runs import model_fingerprint
 from rlr_fast.training import load_model, save_checkpoint
 
 TINY = dict(image_size=64, backbone_weights="random", num_layers=2, dims=(32, 64), num_heads=4)
@@ -98,7 +99,9 @@ def test_weights_export_is_the_model_alone(run, images):
     assert main(["export", "--run", str(run), "--format", "weights", "--out", str(run / "w" / "weights.pt")]) == 0
     path = run / "w" / "weights.pt"
     state = torch.load(path, weights_only=True)
-    assert "optimizer" not in state and set(state) == {"format", "model", "config", "state_dict", "input_norm"}
+    assert "optimizer" not in state
+    assert set(state) == {"format", "model", "config", "state_dict", "input_norm", "fingerprint"}
+    assert state["fingerprint"] == model_fingerprint(load_model(run))  # the weights of the run it came from
     assert path.stat().st_size < (run / "checkpoint.pt").stat().st_size
     with torch.no_grad():
         torch.testing.assert_close(load_model(path)(images).anomaly_map, load_model(run)(images).anomaly_map)
