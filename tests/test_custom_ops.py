@@ -100,9 +100,10 @@ def test_nearest_reference_l2_custom_op(shared):
     assert not torch.equal(index, reference.nearest_reference(x, ref, ops.NEAREST_EPS)[0])  # not cosine's
 
 
-def _compiled_graphs(module, *inputs):
+def _compiled_graphs(module, *inputs, grad=None):
     """The forward and backward graphs AOTAutograd builds for ``torch.compile(module)``, captured by
-    a backend whose compilers record them, after one forward and backward."""
+    a backend whose compilers record them, after one forward and backward (of ``out.backward(grad)``,
+    ones without it)."""
     from torch._dynamo.backends.common import aot_autograd
 
     graphs = {}
@@ -117,41 +118,102 @@ def _compiled_graphs(module, *inputs):
     compiled = torch.compile(module, backend=aot_autograd(fw_compiler=capture("forward"),
                                                           bw_compiler=capture("backward")), fullgraph=True)
     out = compiled(*inputs)
-    out.float().sum().backward()
+    out.backward(torch.ones_like(out) if grad is None else grad)
     return {kind: [str(n.target) for n in gm.graph.nodes if n.op == "call_function"] for kind, gm in graphs.items()}
 
 
-def test_compiled_rlr_layer_backward_runs_the_triton_backward(monkeypatch):
-    """torch.compile of an RLRLayer on the backend that ``auto`` picks on CUDA (triton): the backward
-    graph AOTAutograd builds calls the Triton backward op of both attention ops (dQ and dK/dV kernels
-    from the saved log-sum-exp), not the chunked torch backward. Traced on meta tensors (shapes only):
-    fake CUDA tensors cannot pass through the autograd engine on a machine without a CUDA driver."""
+def _fake_cuda_compiled_graphs(module, *inputs):
+    """The forward and backward graphs ``torch.compile(module)`` gets on a GPU, built without one.
+
+    Dynamo traces the module on fake CUDA tensors (so every device decision, e.g. what backend
+    ``auto`` picks, is the one made on CUDA) into the graph it hands to its backend; AOTAutograd
+    then builds the forward and backward graphs of that very graph from meta tensors of the same
+    shapes, strides and dtypes. (AOTAutograd cannot trace the joint on fake CUDA tensors here: the
+    autograd engine asks the CUDA driver for the device's primary context.) ``module`` and
+    ``inputs`` are made inside the caller's FakeTensorMode on "cuda"."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    dynamo = {}
+
+    def dynamo_backend(gm, example_inputs):
+        dynamo.update(gm=gm, inputs=example_inputs)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(module, backend=dynamo_backend, fullgraph=True)(*inputs)
+    assert all(t.device.type == "cuda" for t in dynamo["inputs"])
+    graphs = {}
+
+    def capture(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind] = gm
+            return gm
+        return compiler
+
+    meta = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta").requires_grad_(t.requires_grad)
+            for t in dynamo["inputs"]]
+    compiled = aot_module_simplified(dynamo["gm"], meta, fw_compiler=capture("forward"),
+                                     bw_compiler=capture("backward"))
+    out = compiled(*meta)
+    (out[0] if isinstance(out, (list, tuple)) else out).float().sum().backward()
+    return graphs
+
+
+def test_compiled_rlr_layer_on_cuda_runs_the_triton_backward():
+    """torch.compile of an RLRLayer with its default backend on (fake) CUDA tensors: the forward
+    graph calls both attention ops with the triton backend, and the backward graph AOTAutograd
+    builds calls their Triton backward ops (dQ and dK/dV kernels) with the forward's log-sum-exp,
+    float32 (B * heads * L,), and never the chunked torch backward."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from rlr_fast.models.rlr import RLRLayer
 
-    with FakeTensorMode(allow_non_fake_inputs=True):  # on CUDA, auto is the triton backend
-        assert ops.resolve_backend("auto", torch.empty(1, device="cuda").device, torch.float16, 32) == "triton"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the triton backend take non-CUDA (meta) tensors
-    layer = RLRLayer(64, 2, (4, 4), (3, 3), backend="triton").to("meta", torch.float16)
-    y = torch.empty(2, 16, 64, device="meta", dtype=torch.float16, requires_grad=True)
-    ref_heads = layer.reference_heads(torch.empty(16, 64, device="meta", dtype=torch.float16))
-    graphs = _compiled_graphs(layer, y, ref_heads)
+    pytest.importorskip("triton")  # without it (off Linux) auto on CUDA is the torch backend
+    b, heads, length = 2, 2, 16
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # fake parameters cannot be converted by .half()
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
+            layer = RLRLayer(64, heads, (4, 4), (3, 3))  # backend "auto"
+            y = torch.empty(b, length, 64, requires_grad=True)
+            ref_heads = layer.reference_heads(torch.empty(length, 64))
+            assert y.dtype == layer.lca.q_proj.weight.dtype == torch.float16
+            graphs = _fake_cuda_compiled_graphs(layer, y, ref_heads)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    calls = {kind: {str(n.target): n for n in gm.graph.nodes if n.op == "call_function"}
+             for kind, gm in graphs.items()}
     for op in OPS:
-        assert f"rlr_fast.{op}.default" in graphs["forward"]
-        assert f"rlr_fast.{op}_triton_backward.default" in graphs["backward"], graphs["backward"]
-        assert f"rlr_fast.{op}_backward.default" not in graphs["backward"]
+        assert calls["forward"][f"rlr_fast.{op}.default"].args[-1] == "triton"
+        assert f"rlr_fast.{op}_backward.default" not in calls["backward"], list(calls["backward"])
+        fused = calls["backward"].get(f"rlr_fast.{op}_triton_backward.default")
+        assert fused is not None, list(calls["backward"])
+        lse = fused.args[2].meta["val"]  # (grad_out, out, lse, q, k, v, grid, window, scale)
+        assert lse.shape == (b * heads * length,) and lse.dtype == torch.float32
 
 
-def test_compiled_torch_backend_keeps_the_chunked_backward():
+def test_compiled_rlr_layer_on_cpu_keeps_the_chunked_backward_and_trains_like_the_reference():
+    """On the CPU the default backend is torch: the compiled backward graph calls the chunked
+    backward of both ops (no Triton), and the compiled layer's gradients (input, reference heads,
+    every parameter) equal those of an eager layer with the dense reference backend."""
     from rlr_fast.models.rlr import RLRLayer
 
-    layer = RLRLayer(32, 2, (4, 4), (3, 3), backend="torch")
-    y = torch.randn(2, 16, 32, requires_grad=True)
-    graphs = _compiled_graphs(layer, y, layer.reference_heads(torch.randn(16, 32)))
+    torch.manual_seed(0)
+    layer = RLRLayer(32, 2, (4, 4), (3, 3))  # backend "auto"
+    oracle = RLRLayer(32, 2, (4, 4), (3, 3), backend="reference")
+    oracle.load_state_dict(layer.state_dict())
+    y, ref = torch.randn(2, 16, 32, requires_grad=True), torch.randn(16, 32, requires_grad=True)
+    grad = torch.randn(2, 16, 32)  # not ones: the sum of a LayerNorm's output has no gradient upstream
+    graphs = _compiled_graphs(layer, y, layer.reference_heads(ref), grad=grad)  # one forward and backward
+    got = [t.grad.clone() for t in (y, ref, *layer.parameters())]
+    y.grad = ref.grad = None
+    oracle(y, oracle.reference_heads(ref)).backward(grad)
+    expected = [t.grad for t in (y, ref, *oracle.parameters())]
     for op in OPS:
         assert f"rlr_fast.{op}_backward.default" in graphs["backward"]
         assert f"rlr_fast.{op}_triton_backward.default" not in graphs["backward"]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
