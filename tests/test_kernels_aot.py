@@ -378,7 +378,7 @@ info = subprocess.run([str(bin_dir / "nvdisasm"), "--print-line-info-inline", "-
                       capture_output=True, text=True).stdout
 loops, span, name = aot.source_loops(two_loops.fn)
 keys = aot.loop_weights(sass, aot.kernel_lines(info, span, name), loops)
-print(json.dumps({"loops": aot.sass_loops(sass), "keys": [k for _, _, k in keys],
+print(json.dumps({"loops": aot.sass_loops(sass), "keys": [k for _, _, k in keys], "texts": [t for _, t, _ in keys],
                   "ex2": [k for _, t, k in keys if "MUFU.EX2" in t], "n_source": len(loops)}))
 '''
 
@@ -406,6 +406,10 @@ def test_compiled_two_loop_kernel_maps_each_machine_loop_to_its_source_loop(tmp_
     from collections import Counter
 
     trips = Counter({((("once",), 1), (("loop", 0), 3), (("loop", 1), 5)): 1})
-    figures = aot.weighted_figures([(0, "", k) for k in keys], trips, num_warps=4, useful_scores=128)
+    figures = aot.weighted_figures([(0, t, k) for t, k in zip(out["texts"], keys)], trips, num_warps=4,
+                                   useful_scores=128)
     once = keys.count(("once",))
     assert figures["thread_instructions"] == round((once + 3 * bodies[0] + 5 * charge) * 128)
+    # independently of the SASS: the kernel takes exp2 of BLOCK = 128 elements in each of loop 0's 3
+    # iterations and nowhere else, so the weighted exp2 count is 3 x 128 (3 per "score" of 128)
+    assert figures["thread_exp"] == 3 * 128 and figures["exp_per_score"] == 3.0
