@@ -231,11 +231,14 @@ GEOMETRIES = {"32x32": TYPICAL, "64x64": dict(batch=8, heads=8, grid=(64, 64), w
 # An H100 SXM: 132 SMs at the 1.98 GHz boost clock; per SM and clock 4 warp instructions issued
 # (128 thread issue slots) and 16 MUFU (exp2) results.
 H100_SXM = dict(sms=132, clock_hz=1.98e9, issue_slots=128, mufu=16, warp_issue=4)
-# FlashAttention-2 on the dense problem, thread instructions and exp2 per score. FA2 (Dao 2023,
-# arXiv 2307.08691) reports its forward at 70% and its backward at ~40-45% of the tensor-core peak
-# on an A100; per score the forward computes 4 D FLOPs on tensor cores, one exp2 and the online-
-# softmax arithmetic, about 6 thread instructions per score in the SASS of its inner loop (the
-# figure this project's KERNEL-NOTES take), the backward (five products, one exp2, dS) about 15.
+# FlashAttention-2 on the dense problem, thread instructions and exp2 per score: an estimate counted
+# from its algorithm (Dao 2023, arXiv 2307.08691) on m16n8k16 tensor-core tiles, not read from its
+# SASS. Forward: the two products 2 x D/64 (D 32-64: 1-2), and per score one FFMA (scale, minus the
+# max), one MUFU.EX2, one FADD (row sum), one FMNMX (row max), half an F2FP (pack P): about 6. The
+# backward recomputes P (FFMA, EX2) and runs five products (5 x D/64), dS = P (dP - delta) (FADD,
+# FMUL), two packs and the dQ accumulation: about 15. The paper's throughput (forward 50-73% of an
+# A100's tensor-core peak) bounds these from above only (73% at D=64 leaves ~22 per score), so the
+# floor below is optimistic for FA2: a ratio against it does not flatter our kernels.
 FA2 = dict(forward=6.0, backward=15.0, exp_forward=1.0, exp_backward=1.0)
 # Torch glue around the Triton backward (delta = rowsum(O * dO), casts, the splits' sums): no SASS
 # of PyTorch's elementwise kernels here; estimated at 3 thread instructions per element processed.

@@ -378,7 +378,7 @@ info = subprocess.run([str(bin_dir / "nvdisasm"), "--print-line-info-inline", "-
                       capture_output=True, text=True).stdout
 loops, span, name = aot.source_loops(two_loops.fn)
 keys = aot.loop_weights(sass, aot.kernel_lines(info, span, name), loops)
-print(json.dumps({"loops": aot.sass_loops(sass), "keys": [k for _, _, k in keys],
+print(json.dumps({"loops": aot.sass_loops(sass), "keys": [k for _, _, k in keys], "texts": [t for _, t, _ in keys],
                   "ex2": [k for _, t, k in keys if "MUFU.EX2" in t], "n_source": len(loops)}))
 '''
 
@@ -406,6 +406,88 @@ def test_compiled_two_loop_kernel_maps_each_machine_loop_to_its_source_loop(tmp_
     from collections import Counter
 
     trips = Counter({((("once",), 1), (("loop", 0), 3), (("loop", 1), 5)): 1})
-    figures = aot.weighted_figures([(0, "", k) for k in keys], trips, num_warps=4, useful_scores=128)
+    figures = aot.weighted_figures([(0, t, k) for t, k in zip(out["texts"], keys)], trips, num_warps=4,
+                                   useful_scores=128)
     once = keys.count(("once",))
     assert figures["thread_instructions"] == round((once + 3 * bodies[0] + 5 * charge) * 128)
+    # independently of the SASS: the kernel takes exp2 of BLOCK = 128 elements in each of loop 0's 3
+    # iterations and nowhere else, so the weighted exp2 count is 3 x 128 (3 per "score" of 128)
+    assert figures["thread_exp"] == 3 * 128 and figures["exp_per_score"] == 3.0
+
+
+@pytest.mark.parametrize("dtype_name", ["fp16", "fp32"])
+@pytest.mark.parametrize("op", ["lca", "mlka"])
+def test_backward_glue_is_what_the_backward_runs_in_torch(op, dtype_name, monkeypatch):
+    """The torch glue the per-op sums charge (`backward_glue`: the elements of each launch) is the
+    torch work WindowAttentionFunction.backward does, recorded by a dispatch spy on meta tensors at
+    both launches in RLR's layout (kernel launches stubbed; allocations and views launch nothing)."""
+    import types
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rlr_fast.kernels import window_attention as wa
+
+    kernels = []
+    monkeypatch.setattr(wa.Launch, "__call__", lambda self: kernels.append(self.name))
+
+    class Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.work = []
+
+        def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in ("empty", "empty_like", "empty_strided", "view", "_unsafe_view"):
+                self.work.append(args[0].numel())
+            return func(*args, **(kwargs or {}))
+
+    dtype, d = getattr(torch, aot.DTYPES[dtype_name]), 32
+    for geometry in aot.GEOMETRIES.values():
+        b, h, (gh, gw) = geometry["batch"], geometry["heads"], geometry["grid"]
+        q = torch.empty(b, h, gh * gw, d, device="meta", dtype=dtype)
+        k = torch.empty(h, gh * gw, d, device="meta", dtype=dtype)  # shared in both ops
+        v = torch.empty_like(k) if op == "lca" else torch.empty_like(q)
+        radius = (geometry["window"][0] // 2, geometry["window"][1] // 2)
+        ctx = types.SimpleNamespace(saved_tensors=(q, k, v, torch.empty_like(q), torch.empty(b * h * gh * gw, device="meta")),
+                                    geometry=((gh, gw), radius, d ** -0.5))
+        function = type("F", (wa.WindowAttentionFunction,), {"COMPLEMENT": aot.OPS[op]})
+        kernels.clear()
+        with Spy() as spy:
+            function.backward(ctx, torch.empty_like(q))
+        splits = wa.dkdv_splits(b, (gh, gw), h, d, dtype, aot.OPS[op], True)
+        assert kernels == ["dq", "dkdv"]
+        assert spy.work == aot.backward_glue(op, dtype_name, d, geometry, splits, (True, not aot.OPS[op]))
+        assert len(spy.work) >= 2  # delta at least (the sum over splits only where there are splits)
+
+
+def test_op_summaries_add_every_launch_of_rlrs_layout():
+    """Per op, mode and launch: the default records of RLR's layout only (LCA: k, v shared), the
+    forward alone, or forward + dQ + dK/dV plus the backward's torch glue (3 instructions per element)."""
+    def record(kind, layout="", default=True, instructions=0, floor=0.0, splits=None):
+        weighted = {name: {"thread_instructions": instructions * (1 + i), "issue_floor_us": floor * (1 + i),
+                           **({"splits": splits} if splits else {})} for i, name in enumerate(aot.GEOMETRIES)}
+        return {"arch": "sm_90", "op": "lca", "dtype": "fp16", "head_dim": 32, "kernel": kind, "layout": layout,
+                "default": default, "ok": True, "weighted": weighted}
+
+    shared = aot._layout_name((True, True))
+    records = [record("forward", instructions=1000, floor=1.0), record("dq", instructions=2000, floor=2.0),
+               record("dkdv", shared, instructions=4000, floor=4.0, splits=3),
+               record("dkdv", aot._layout_name((False, False)), instructions=10 ** 9, floor=10 ** 9),
+               record("forward", default=False, instructions=10 ** 9, floor=10 ** 9)]
+    rows = {(r["launch"], r["mode"]): r for r in aot.op_summaries(records)}
+    assert len(rows) == 4
+    geometry, gpu = aot.GEOMETRIES["32x32"], aot.H100_SXM
+    useful = geometry["batch"] * geometry["heads"] * aot.useful_pairs(geometry["grid"], geometry["window"], False)
+    fwd = rows[("32x32", "forward")]
+    assert fwd["launches"] == 1 and fwd["issue_floor_us"] == 1.0
+    assert fwd["weighted_instructions_per_useful_score"] == pytest.approx(1000 / useful, abs=0.01)
+    both = rows[("32x32", "forward+backward")]
+    l, h, d = 32 * 32, 8, 32
+    glue = [8 * h * l * d] * 4 + [3 * h * l * d, h * l * d] * 2  # 2 casts, mul, sum; per shared grad: splits' sum, cast
+    glue_us = 3 * sum(glue) / (gpu["issue_slots"] * gpu["sms"] * gpu["clock_hz"]) * 1e6
+    assert both["launches"] == 3 + 8
+    assert both["issue_floor_us"] == pytest.approx(7.0 + glue_us, abs=0.01)
+    assert both["weighted_instructions_per_useful_score"] == pytest.approx((7000 + 3 * sum(glue)) / useful, abs=0.01)
+    assert both["ratio_to_fa2"] == pytest.approx(both["issue_floor_us"] / aot.fa2_floor_us(geometry, "forward+backward"),
+                                                 abs=0.01)
+    assert rows[("64x64", "forward")]["issue_floor_us"] == 2.0  # the second launch's own figures
