@@ -226,8 +226,8 @@ def run(args) -> int:
     """Train; under torchrun (``torchrun --nproc_per_node N -m rlr_fast train ...``) every rank
     extracts and trains on its own share of the images, with its own feature cache."""
     from ..features import extract_features, hold_out, shard
-    from ..training import (BEST, CHECKPOINT, build_model, default_image_size, distributed_context, rank_device,
-                            selection_loss, train)
+    from ..training import (BEST, CHECKPOINT, build_model, default_image_size, distributed_context, load_model,
+                            rank_device, selection_loss, train)
 
     state = _prepare_out(args)
     if state is not None:
@@ -247,9 +247,12 @@ def run(args) -> int:
         ignored_shot_options(args, name)
         ignored_model_options(args, name)
     if done >= cfg.epochs:
-        say(f"{args.out} has already trained {done}/{cfg.epochs} epochs: nothing to do "
-            f"(give a larger --epochs to train longer)")
-        return 0
+        if load_model(args.out, thresholds=False).score_fitted():
+            say(f"{args.out} has already trained {done}/{cfg.epochs} epochs: nothing to do "
+                f"(give a larger --epochs to train longer)")
+            return 0
+        say(f"{args.out} has trained {done}/{cfg.epochs} epochs but its model's score is not fitted "
+            f"(the run stopped before the end): fitting it")
     torch.manual_seed(cfg.seed)
     model = build_model(name, model_cfg).to(device)
     fitted = getattr(model, "training_free", False)
