@@ -31,7 +31,6 @@ from .decisions import Thresholds
 from .errors import CheckpointError, TrainingDiverged, UsageError
 from .features import FeatureCache
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
-from .models.base import AnomalyModel
 from .precision import bf16_supported, effective_precision
 from .progress import progress as progress_bar
 from .runs import Run, fingerprint
@@ -507,7 +506,7 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
             on_epoch_end(model, record)
             model.train()
     model.eval()
-    if type(model).fit_score is not AnomalyModel.fit_score:
+    if model.score_is_fitted_after_training():
         _fit_score(model, cache, out_dir, rank, world, log,
                    lambda: save_checkpoint(ckpt_path, model, optimizer, scheduler, cfg.epochs, cfg, history, extra))
     return history

@@ -129,7 +129,7 @@ def test_resume_of_a_finished_run_fits_its_score_when_it_stopped_before(data, tm
     run = tmp_path / "run"
     common = ["--data", str(data), "--out", str(run), "--image-size", "64", "--backbone-weights", "random",
               "--batch-size", "4", "--epochs", "1", "--no-progress"]
-    assert main(["train", *common]) == 0
+    assert main(["train", *common, "--score", "whitened"]) == 0
     assert "fitted the score's statistics on 8 training images" in capsys.readouterr().out
     fitted = load_model(run, thresholds=False)
     assert fitted.whitened()

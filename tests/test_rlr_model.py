@@ -193,7 +193,7 @@ def test_the_whitened_score_is_the_mahalanobis_distance_of_the_residual():
     from rlr_fast.features import FeatureCache
 
     torch.manual_seed(0)
-    model = RLRModel(**TINY).eval()
+    model = RLRModel(**TINY, score="whitened").eval()
     feats = model.features(torch.randn(24, 3, 64, 64))
     with torch.no_grad():
         unfitted = model.predict_features(feats)

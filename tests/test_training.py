@@ -110,6 +110,15 @@ def test_resume_refuses_another_model(tmp_path):
         train(other, cache, tmp_path, TrainConfig(epochs=2, batch_size=4), resume=True, progress=False)
 
 
+def test_the_paper_score_needs_no_fit_and_training_leaves_it_alone(tmp_path):
+    cache = extract_features(_model(), _Images(8), progress=False)
+    lines = []
+    train(_model(), cache, tmp_path, TrainConfig(epochs=1, batch_size=4), progress=False, log=lines.append)
+    served = load_model(tmp_path, thresholds=False)
+    assert served.config.score == "paper" and served.score_fitted() and not served.whitened()
+    assert not hasattr(served, "scores") and not any("fitted the score" in line for line in lines)
+
+
 def test_a_checkpoint_from_before_the_new_defaults_loads_as_it_was_trained(tmp_path):
     # Checkpoints written before dim_base, feature_norm and score existed store their dims and
     # depth but not those keys; they were the paper's network on raw tokens with the paper's
@@ -277,8 +286,9 @@ def test_training_ends_by_fitting_the_whitened_score_on_the_served_weights(tmp_p
     cache = extract_features(_model(), _Images(16), progress=False)
     val = extract_features(_model(), _val_images(4), progress=False)
     lines = []
-    history = train(_model(), cache, tmp_path, TrainConfig(epochs=3, batch_size=4, lr=1e-3, warmup_epochs=1,
-                                                           amp="none"),
+    torch.manual_seed(0)
+    history = train(RLRModel(**TINY, score="whitened"), cache, tmp_path,
+                    TrainConfig(epochs=3, batch_size=4, lr=1e-3, warmup_epochs=1, amp="none"),
                     progress=False, log=lines.append, val_cache=val)
     assert any(line.startswith("fitted the score's statistics on 16 training images") for line in lines)
     served = load_model(tmp_path, thresholds=False)

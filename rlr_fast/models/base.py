@@ -126,6 +126,10 @@ class AnomalyModel(nn.Module):
         whitened residual), once training ends; the training loop calls it on the weights the run
         serves. Default: nothing."""
 
+    def score_is_fitted_after_training(self) -> bool:
+        """Whether the score has statistics that fit_score derives from the trained weights."""
+        return False
+
     def score_fitted(self) -> bool:
         """Whether what fit_score fits is there (always, for a model without it)."""
         return True
