@@ -506,7 +506,32 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
             on_epoch_end(model, record)
             model.train()
     model.eval()
+    if model.score_is_fitted_after_training():
+        _fit_score(model, cache, out_dir, rank, world, log,
+                   lambda: save_checkpoint(ckpt_path, model, optimizer, scheduler, cfg.epochs, cfg, history, extra))
     return history
+
+
+def _fit_score(model, cache: FeatureCache, out_dir: Path, rank: int, world: int, log, save_last) -> None:
+    """After the last epoch: load the weights the run serves (``best.pt``'s when it keeps its
+    best epoch) into `model`, fit its score's statistics on the training features
+    (``model.fit_score``, every rank on its share) and write them into that file. A run stopped
+    before this point serves a model whose score falls back to the unfitted one (RLR: the paper's)."""
+    if world > 1:
+        dist.barrier()  # rank 0 has written best.pt
+    best_path = out_dir / BEST
+    state = read_checkpoint(best_path) if model.select_best_epoch and best_path.is_file() else None
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+    t0 = time.perf_counter()
+    model.fit_score(cache)
+    if rank == 0:
+        if state is not None:
+            save_best(best_path, model, state["record"], state.get("extra"))
+        else:
+            save_last()
+        log(f"fitted the score's statistics on {len(cache)} training images "
+            f"({time.perf_counter() - t0:.1f} s; epoch {state['epoch'] if state else 'last'}'s weights)")
 
 
 def fit(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, device="cpu", progress: bool = True, log=print,

@@ -119,3 +119,31 @@ def test_rlr_says_it_ignores_shots(data, tmp_path, capsys):
     assert "--shots ignored: only ResAD uses it (reference images); this is a rlr model" in capsys.readouterr().out
     assert main(["test", "--data", str(data), "--run", str(run), "--shot-seed", "1", "--no-progress"]) == 0
     assert "--shot-seed ignored" in capsys.readouterr().out
+
+
+def test_resume_of_a_finished_run_fits_its_score_when_it_stopped_before(data, tmp_path, capsys):
+    import torch
+
+    from rlr_fast.training import BEST, load_model
+
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--out", str(run), "--image-size", "64", "--backbone-weights", "random",
+              "--batch-size", "4", "--epochs", "1", "--no-progress"]
+    assert main(["train", *common, "--score", "whitened"]) == 0
+    assert "fitted the score's statistics on 8 training images" in capsys.readouterr().out
+    fitted = load_model(run, thresholds=False)
+    assert fitted.whitened()
+    # as a run killed between its last epoch and the fit leaves best.pt
+    state = torch.load(run / BEST, weights_only=True)
+    for key in [k for k in state["state_dict"] if k.startswith("scores.") and k.endswith(".fitted")]:
+        state["state_dict"][key] = torch.tensor(False)
+    torch.save(state, run / BEST)
+    assert not load_model(run, thresholds=False).whitened()
+    assert main(["train", *common, "--resume"]) == 0
+    assert "its model's score is not fitted (the run stopped before the end): fitting it" in capsys.readouterr().out
+    again = load_model(run, thresholds=False)
+    assert again.whitened()
+    for a, b in zip(fitted.scores, again.scores):
+        torch.testing.assert_close(a.precision, b.precision)
+    assert main(["train", *common, "--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().out

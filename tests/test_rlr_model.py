@@ -187,3 +187,40 @@ def test_paper_backbone_requests_the_papers_pretrained_weights(tmp_path, monkeyp
     with pytest.raises(UsageError):  # a tag given explicitly is kept
         FrozenBackbone("tf_efficientnet_b6.ap_in1k")
     assert asked == [("tf_efficientnet_b6.ap_in1k", True)]
+
+
+def test_the_whitened_score_is_the_mahalanobis_distance_of_the_residual():
+    from rlr_fast.features import FeatureCache
+
+    torch.manual_seed(0)
+    model = RLRModel(**TINY, score="whitened").eval()
+    feats = model.features(torch.randn(24, 3, 64, 64))
+    with torch.no_grad():
+        unfitted = model.predict_features(feats)
+    model.fit_score(FeatureCache(feats))
+    assert model.whitened()
+    with torch.no_grad():
+        got = model.predict_features(feats).anomaly_map
+        pairs = [(t.double().numpy(), r.double().numpy()) for t, r in model.reconstruct(feats)]
+    maps = []
+    for (target, recon), grid in zip(pairs, model.grids):
+        res = (target - recon).reshape(-1, target.shape[-1])  # every token of every image
+        cov = np.cov(res, rowvar=False)
+        precision = np.linalg.inv(cov + 1e-3 * np.mean(np.diag(cov)) * np.eye(len(cov)))
+        d = (target - recon) - res.mean(0)
+        s = np.einsum("blc,cd,bld->bl", d, precision, d) / d.shape[-1]
+        maps.append(torch.nn.functional.interpolate(torch.from_numpy(s).view(-1, 1, *grid), size=(64, 64),
+                                                    mode="bilinear", align_corners=True))
+    torch.testing.assert_close(got.double(), sum(maps) / len(maps), rtol=2e-3, atol=1e-4)
+    # on the tokens it was fitted on, the distance per channel averages about 1
+    assert 0.8 < float(sum(m.mean() for m in maps) / len(maps)) < 1.1
+    # before fit_score, the paper's score; score="paper" is the paper's whatever the statistics
+    torch.manual_seed(0)
+    paper = RLRModel(**TINY, score="paper").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(paper.predict_features(feats).anomaly_map, unfitted.anomaly_map)
+
+
+def test_an_unknown_score_is_refused():
+    with pytest.raises(UsageError, match="unknown score 'maxabs'"):
+        RLRModel(**TINY, score="maxabs")

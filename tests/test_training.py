@@ -110,18 +110,28 @@ def test_resume_refuses_another_model(tmp_path):
         train(other, cache, tmp_path, TrainConfig(epochs=2, batch_size=4), resume=True, progress=False)
 
 
+def test_the_paper_score_needs_no_fit_and_training_leaves_it_alone(tmp_path):
+    cache = extract_features(_model(), _Images(8), progress=False)
+    lines = []
+    train(_model(), cache, tmp_path, TrainConfig(epochs=1, batch_size=4), progress=False, log=lines.append)
+    served = load_model(tmp_path, thresholds=False)
+    assert served.config.score == "paper" and served.score_fitted() and not served.whitened()
+    assert not hasattr(served, "scores") and not any("fitted the score" in line for line in lines)
+
+
 def test_a_checkpoint_from_before_the_new_defaults_loads_as_it_was_trained(tmp_path):
-    # Checkpoints written before dim_base and feature_norm existed store their dims and depth
-    # but not those keys; they were the paper's network on raw tokens and must load as such.
+    # Checkpoints written before dim_base, feature_norm and score existed store their dims and
+    # depth but not those keys; they were the paper's network on raw tokens with the paper's
+    # score and must load as such.
     torch.manual_seed(0)
-    old = RLRModel(**{**TINY, "dims": None, "dim_base": 128, "feature_norm": "none"})
+    old = RLRModel(**{**TINY, "dims": None, "dim_base": 128, "feature_norm": "none", "score": "paper"})
     save_checkpoint(tmp_path / CHECKPOINT, old)
     state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
-    for key in ("dim_base", "feature_norm"):
+    for key in ("dim_base", "feature_norm", "score"):
         del state["config"][key]
     torch.save(state, tmp_path / CHECKPOINT)
     loaded = load_model(tmp_path)
-    assert (loaded.config.dims, loaded.config.feature_norm) == ((256, 512), "none")
+    assert (loaded.config.dims, loaded.config.feature_norm, loaded.config.score) == ((256, 512), "none", "paper")
     images = torch.rand(2, 3, 64, 64)
     old.eval()
     with torch.no_grad():
@@ -268,3 +278,30 @@ def test_held_out_images_are_drawn_per_class_and_reproducibly():
     assert hold_out(data, 0.1, seed=0)[1].indices == held.indices
     assert hold_out(data, 0.1, seed=1)[1].indices != held.indices
     assert hold_out(data, 0.0)[1] is None
+
+
+def test_training_ends_by_fitting_the_whitened_score_on_the_served_weights(tmp_path):
+    from rlr_fast.training import BEST
+
+    cache = extract_features(_model(), _Images(16), progress=False)
+    val = extract_features(_model(), _val_images(4), progress=False)
+    lines = []
+    torch.manual_seed(0)
+    history = train(RLRModel(**TINY, score="whitened"), cache, tmp_path,
+                    TrainConfig(epochs=3, batch_size=4, lr=1e-3, warmup_epochs=1, amp="none"),
+                    progress=False, log=lines.append, val_cache=val)
+    assert any(line.startswith("fitted the score's statistics on 16 training images") for line in lines)
+    served = load_model(tmp_path, thresholds=False)
+    assert served.whitened() and served.config.score == "whitened"
+    saved = torch.load(tmp_path / BEST, weights_only=True)
+    best = min(history, key=lambda r: r["val_loss"])
+    assert saved["epoch"] == best["epoch"]  # still the best epoch's weights, now with its statistics
+    # The statistics are those of the served weights: fitting them again on the same cache gives
+    # the same tensors.
+    again = load_model(tmp_path, thresholds=False)
+    for s in again.scores:
+        s.mean.zero_()
+    again.fit_score(cache)
+    for a, b in zip(served.scores, again.scores):
+        torch.testing.assert_close(a.mean, b.mean)
+        torch.testing.assert_close(a.precision, b.precision)

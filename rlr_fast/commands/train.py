@@ -22,7 +22,7 @@ RUN_SETTINGS = (("--model", "run", "model"), ("--image-size", "config", "image_s
                 ("--backend", "config", "backend"), ("--recipe", "extra", "recipe"),
                 ("--batch-size", "train", "batch_size"), ("--lr", "train", "lr"), ("--amp", "train", "amp"),
                 ("--seed", "train", "seed"), ("--val-fraction", "train", "val_fraction"),
-                ("--feature-norm", "config", "feature_norm"),
+                ("--feature-norm", "config", "feature_norm"), ("--score", "config", "score"),
                 ("--shots", "config", "shots"), ("--residual", "config", "residual"),
                 ("--coreset-ratio", "config", "coreset_ratio"))
 # Options of the gradient training, which a training-free model (PatchCore) does not run.
@@ -64,6 +64,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-norm", choices=("channel", "none"),
                    help="RLR: standardise each level's features per channel for the network (default: channel; "
                         "with --recipe paper: none, as the paper's code)")
+    p.add_argument("--score", choices=("paper", "whitened"),
+                   help="RLR: the anomaly score (default: paper, MSE + (1 - cos) of the reconstruction; whitened: "
+                        "the residual's Mahalanobis distance under the training residuals, fitted after training)")
     p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"),
                    help="mixed precision (default: the recipe's; auto: bf16 where the device computes it natively)")
     p.add_argument("--device", type=options.device, default=options.default_device())
@@ -212,6 +215,10 @@ def _settings(args, state):
         if name != "rlr":
             raise UsageError(f"--feature-norm is an option of the rlr model, not of {name}")
         model_cfg["feature_norm"] = args.feature_norm
+    if args.score is not None:
+        if name != "rlr":
+            raise UsageError(f"--score is an option of the rlr model, not of {name}")
+        model_cfg["score"] = args.score
     if name == "patchcore" and args.coreset_ratio is not None:
         model_cfg["coreset_ratio"] = args.coreset_ratio
     # the recipe a model's --recipe names: UniAD and ResAD have their own papers' schedules
@@ -226,8 +233,8 @@ def run(args) -> int:
     """Train; under torchrun (``torchrun --nproc_per_node N -m rlr_fast train ...``) every rank
     extracts and trains on its own share of the images, with its own feature cache."""
     from ..features import extract_features, hold_out, shard
-    from ..training import (BEST, CHECKPOINT, build_model, default_image_size, distributed_context, rank_device,
-                            selection_loss, train)
+    from ..training import (BEST, CHECKPOINT, build_model, default_image_size, distributed_context, load_model,
+                            rank_device, selection_loss, train)
 
     state = _prepare_out(args)
     if state is not None:
@@ -247,9 +254,12 @@ def run(args) -> int:
         ignored_shot_options(args, name)
         ignored_model_options(args, name)
     if done >= cfg.epochs:
-        say(f"{args.out} has already trained {done}/{cfg.epochs} epochs: nothing to do "
-            f"(give a larger --epochs to train longer)")
-        return 0
+        if load_model(args.out, thresholds=False).score_fitted():
+            say(f"{args.out} has already trained {done}/{cfg.epochs} epochs: nothing to do "
+                f"(give a larger --epochs to train longer)")
+            return 0
+        say(f"{args.out} has trained {done}/{cfg.epochs} epochs but its model's score is not fitted "
+            f"(the run stopped before the end): fitting it")
     torch.manual_seed(cfg.seed)
     model = build_model(name, model_cfg).to(device)
     fitted = getattr(model, "training_free", False)

@@ -121,6 +121,19 @@ class AnomalyModel(nn.Module):
         """Fit what the model derives from its training features, before the first epoch of a new
         run (the training loop calls it; a resumed run has it in its checkpoint). Default: nothing."""
 
+    def fit_score(self, cache) -> None:
+        """Fit what the model's score derives from the trained weights on training features (RLR's
+        whitened residual), once training ends; the training loop calls it on the weights the run
+        serves. Default: nothing."""
+
+    def score_is_fitted_after_training(self) -> bool:
+        """Whether the score has statistics that fit_score derives from the trained weights."""
+        return False
+
+    def score_fitted(self) -> bool:
+        """Whether what fit_score fits is there (always, for a model without it)."""
+        return True
+
     # Values of configuration fields for checkpoints written before the field existed (what
     # those runs did); model_from_checkpoint fills them in.
     legacy_config: dict = {}
