@@ -15,7 +15,7 @@ bins; each (mask, map) pair only adds counts to three arrays of ``bins`` numbers
 Each curve then has one point per bin edge instead of one per distinct score: pixel AUROC (ties
 inside a bin count half, as tied scores do), AUPRO to FPR 0.3 with the same integration as the
 exact one, and the F1-optimal pixel threshold as the lower edge of the best bin (within one bin
-of the exact one when the F1 curve has one clear peak).
+of the exact one when the F1 curve is smooth at the scale of a bin, as it is with many pixels per bin).
 """
 from __future__ import annotations
 
@@ -117,8 +117,9 @@ class PixelHistograms:
         return _area_to(*self.pro_curve(), max_fpr)
 
     def f1_threshold(self) -> Tuple[float, float]:
-        """(F1-max, threshold) for ``score >= threshold`` over the bin edges: the lowest edge reaching
-        the best F1. With no anomalous pixel: (NaN, hi), as metrics.f1_max_threshold."""
+        """(F1-max, threshold) for ``score >= threshold`` over the bin edges: the lower edge of the
+        lowest non-empty bin reaching the best F1. With no anomalous pixel: (NaN, hi), as
+        metrics.f1_max_threshold."""
         n_pos = int(self.anomalous.sum())
         if n_pos == 0:
             warnings.warn("no anomalous sample: the threshold is the highest score", RuntimeWarning, stacklevel=2)
@@ -126,5 +127,8 @@ class PixelHistograms:
         tp = np.cumsum(self.anomalous[::-1])[::-1].astype(np.float64)  # (bins,) anomalous pixels >= edge b
         fp = np.cumsum(self.normal[::-1])[::-1].astype(np.float64)
         f1 = np.where(tp + fp > 0, 2 * tp / np.maximum(tp + fp + n_pos, 1), 0.0)
-        best = int(np.argmax(f1))  # the first maximum: the lowest edge
+        best = int(np.argmax(f1))  # the first maximum
+        # the empty bins just above it decide alike: the bin of the lowest pixel kept gives the threshold, as
+        # the exact one is the lowest score kept (so it lies in that bin)
+        best += int(np.argmax((self.normal[best:] + self.anomalous[best:]) > 0))
         return float(f1[best]), self.edge(best)
