@@ -112,7 +112,7 @@ class Sharp(torch.nn.Module):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return build_demo_dataset(tmp_path_factory.mktemp("data"), classes=("brick", "gravel"), image_size=64,
-                              n_train=2, n_test_good=4, n_test_defect=8)
+                              n_train=4, n_test_good=4, n_test_defect=8)
 
 
 def _reference(root):
@@ -205,3 +205,45 @@ def test_cli_exact_metrics_flag(data, tmp_path, capsys, monkeypatch):
     for cls in e["classes"]:
         for metric in ("pixel_auroc", "pixel_aupro"):
             assert abs(b["classes"][cls][metric] - e["classes"][cls][metric]) <= 1e-3
+
+
+def test_binned_per_type_metrics_match_the_exact_ones(tmp_path):
+    # MVTec LOCO AD: metrics per anomaly type, each type's images with the class's normal ones
+    from test_layouts import build_tree
+
+    src = build_demo_dataset(tmp_path / "src", classes=("brick", "gravel"), image_size=64, n_train=1,
+                             n_test_good=4, n_test_defect=8)
+    root, _ = build_tree(src, "mvtec-loco", tmp_path / "loco")
+    exact = evaluate(Sharp(), root, progress=False, exact=True)
+    binned = evaluate(Sharp(), root, progress=False, exact=False)
+    for cls in ("brick", "gravel"):
+        assert set(binned["types"][cls]) == set(exact["types"][cls]) == {"logical_anomalies", "structural_anomalies"}
+        for kind, e in exact["types"][cls].items():
+            b = binned["types"][cls][kind]
+            assert b["image_auroc"] == e["image_auroc"]
+            assert abs(b["pixel_auroc"] - e["pixel_auroc"]) <= 1e-3
+            assert abs(b["pixel_aupro"] - e["pixel_aupro"]) <= 1e-3
+
+
+def test_resad_binned_evaluation_fits_one_threshold_over_its_classes(data, tmp_path, monkeypatch):
+    # ResAD evaluates class by class, each with its own references: the binned path's first passes
+    # give one range over the classes, so the pixel threshold is fitted over all of them as the exact one is
+    run = tmp_path / "run"
+    assert main(["train", "--model", "resad", "--data", str(data), "--out", str(run), "--image-size", "64",
+                 "--backbone-weights", "random", "--batch-size", "4", "--shots", "2", "--epochs", "1",
+                 "--no-progress"]) == 0
+    test = ["test", "--data", str(data), "--run", str(run), "--shots", "2", "--shot-seed", "1", "--no-progress"]
+    assert main([*test, "--exact-metrics", "--json", str(tmp_path / "e.json")]) == 0
+    exact = Thresholds.load(run / "thresholds.json")
+    monkeypatch.setattr(evaluation, "EXACT_MAX_PIXELS", 0)
+    assert main([*test, "--json", str(tmp_path / "b.json")]) == 0
+    binned = Thresholds.load(run / "thresholds.json")
+    b, e = (json.loads((tmp_path / f"{k}.json").read_text()) for k in "be")
+    assert b["pixel_metrics"].startswith("binned") and e["pixel_metrics"] == "exact"
+    for cls in ("brick", "gravel"):
+        assert b["classes"][cls]["image_auroc"] == e["classes"][cls]["image_auroc"]
+        for metric in ("pixel_auroc", "pixel_aupro"):
+            assert abs(b["classes"][cls][metric] - e["classes"][cls][metric]) <= 1e-3
+    assert binned.image == exact.image
+    assert (binned.pixel.min, binned.pixel.max) == pytest.approx((exact.pixel.min, exact.pixel.max))
+    assert abs(binned.pixel.threshold - exact.pixel.threshold) <= (exact.pixel.max - exact.pixel.min) / 65536
