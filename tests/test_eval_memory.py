@@ -30,7 +30,8 @@ def _maps_and_masks(seed, n=24, side=48, tail=False):
             cy, cx, ry, rx = rng.uniform(8, side - 8, 2).tolist() + rng.uniform(1, 7, 2).tolist()
             masks[i] |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
     noise = ndimage.gaussian_filter(rng.normal(size=(n, side, side)), sigma=(0, 2, 2))
-    maps = noise + 0.8 * ndimage.gaussian_filter(masks.astype(float), sigma=(0, 1.5, 1.5)) * rng.uniform(0.3, 2, (n, 1, 1))
+    bump = ndimage.gaussian_filter(masks.astype(float), sigma=(0, 1.5, 1.5))
+    maps = noise + 0.8 * bump * rng.uniform(0.3, 2, (n, 1, 1))
     if tail:  # a few very high scores: the bulk of the pixels in a small part of the range
         maps = np.exp(2 * maps)
     return masks, maps.astype(np.float32)
@@ -195,7 +196,8 @@ def test_cli_exact_metrics_flag(data, tmp_path, capsys, monkeypatch):
     assert main(["train", "--data", str(data), "--out", str(run), "--image-size", "64", "--backbone-weights", "random",
                  "--batch-size", "4", "--epochs", "1", "--val-fraction", "0", "--no-progress"]) == 0
     monkeypatch.setattr(evaluation, "EXACT_MAX_PIXELS", 0)  # every set is "large": binned by default
-    assert main(["test", "--data", str(data), "--run", str(run), "--no-progress", "--json", str(tmp_path / "b.json")]) == 0
+    assert main(["test", "--data", str(data), "--run", str(run), "--no-progress",
+                 "--json", str(tmp_path / "b.json")]) == 0
     assert main(["test", "--data", str(data), "--run", str(run), "--no-progress", "--exact-metrics",
                  "--json", str(tmp_path / "e.json")]) == 0
     assert "pixel metrics: exact" in capsys.readouterr().out
