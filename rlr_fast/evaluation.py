@@ -5,7 +5,7 @@
 Two ways to the pixel metrics (pixel AUROC, AUPRO, the F1-optimal pixel threshold):
 
 - **exact** (:mod:`rlr_fast.metrics`): every map and mask is kept and all pixels sorted, about
-  50 bytes per test pixel at the peak. The default up to ``EXACT_MAX_PIXELS`` test pixels, and
+  60 bytes per test pixel at the peak. The default up to ``EXACT_MAX_PIXELS`` test pixels, and
   on request (``exact=True``, ``rlr-fast test --exact-metrics``) at any size.
 - **binned** (:mod:`rlr_fast.binned`): memory that does not grow with the test set. A first
   pass runs the model for the image scores and the exact range of the maps (per class, and over
@@ -37,7 +37,7 @@ from .progress import progress as progress_bar
 from .timing import clock
 
 # Up to this many test pixels (images x side^2), the exact metrics are the default: 16.8 M pixels,
-# e.g. 256 images at 256 px or 64 at 512 px, about 0.8 GB at the exact computation's peak.
+# e.g. 256 images at 256 px or 64 at 512 px, about 1 GB at the exact computation's peak.
 EXACT_MAX_PIXELS = 1 << 24
 
 

@@ -23,7 +23,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="bf16: autocast to bfloat16 where the device has it (fp32 otherwise, with a warning)")
     p.add_argument("--exact-metrics", action="store_true",
                    help="pixel AUROC, AUPRO and the pixel threshold from every pixel, sorted (memory grows with the "
-                        "test set: about 50 bytes per test pixel); the default above 2^24 test pixels (256 images "
+                        "test set: about 60 bytes per test pixel); the default above 2^24 test pixels (256 images "
                         "at 256 px) is binned curves in bounded memory, within 1e-3 of the exact metrics")
     p.add_argument("--no-progress", action="store_true")
     from .train import add_layout_option, add_shot_options
