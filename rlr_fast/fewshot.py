@@ -240,29 +240,56 @@ def residual_cache(model, root, classes=None, shots: Optional[int] = None, shot_
 
 
 def evaluate_fewshot(model, root, shots: int, shot_seed: Optional[int] = None, classes=None, log=print,
-                     layout=None, **evaluate_kwargs) -> dict:
+                     layout=None, exact: Optional[bool] = None, **evaluate_kwargs) -> dict:
     """Per class of ``root`` (in ``layout``, detected when None): set the model's reference to K of
     the class's normal training images (MVTec AD: ``<class>/train/good``), then the usual
     evaluation of that class's test split. Same summary as ``evaluation.evaluate``, thresholds
-    included (fitted over all the classes evaluated, as there)."""
-    from .evaluation import evaluate, fit_thresholds
+    included (fitted over all the classes evaluated, as there). ``exact`` as there, decided once
+    for all the classes' test images: the binned path runs every class's first pass (its
+    reference set) before the second passes, so that the pixel threshold has one range."""
+    from .binned import DEFAULT_BINS, PixelHistograms
+    from .decisions import Threshold, Thresholds
+    from .evaluation import binned_threshold, evaluate, fit_thresholds, score_pass, use_exact
     from .layouts import resolve_layout
     from .metrics import summarize
 
     reader = resolve_layout(root, layout)
-    names = MVTecDataset(root, classes=classes, split="test", image_size=model.image_size, layout=reader).classes
+    test = MVTecDataset(root, classes=classes, split="test", image_size=model.image_size, layout=reader)
+    names = test.classes
     refs = {cls: class_references(root, cls, shots, shot_seed, layout=reader) for cls in names}  # checked up front
+    if exact is None:
+        exact = use_exact(len(test), model.image_size)
+    first, curves = {}, None
+    if not exact:  # first passes: per-image records and the maps' range, each class with its references
+        for cls in names:
+            model.set_reference(load_references(refs[cls], model.image_size))
+            log(f"{cls}: {shots} reference images ({', '.join(p.name for p in refs[cls])})")
+            data = MVTecDataset(root, classes=[cls], split="test", image_size=model.image_size, layout=reader)
+            first.update(score_pass(model, data, **{k: v for k, v in evaluate_kwargs.items()
+                                                           if k in ("batch_size", "device", "progress")}))
+        curves = PixelHistograms(min(first[c].lo for c in names), max(first[c].hi for c in names),
+                                 evaluate_kwargs.get("bins", DEFAULT_BINS), regions=False)
     per_class, types, images_per_s, records = {}, {}, [], {}
     for cls in names:
         model.set_reference(load_references(refs[cls], model.image_size))
-        log(f"{cls}: {shots} reference images ({', '.join(p.name for p in refs[cls])})")
-        summary = evaluate(model, root, classes=[cls], records=records, layout=reader, **evaluate_kwargs)
+        if exact:
+            log(f"{cls}: {shots} reference images ({', '.join(p.name for p in refs[cls])})")
+            summary = evaluate(model, root, classes=[cls], records=records, layout=reader, exact=True,
+                               **evaluate_kwargs)
+        else:
+            summary = evaluate(model, root, classes=[cls], layout=reader, exact=False, first_pass={cls: first[cls]},
+                               threshold_curves=curves, **evaluate_kwargs)
         per_class[cls] = summary["classes"][cls]
         types.update(summary.get("types", {}))
         images_per_s.append(summary["images_per_s"])
     summary = summarize(per_class)
     if types:
         summary["types"] = types
-    summary["thresholds"] = fit_thresholds(list(records.values()))
+    if exact:
+        summary["thresholds"] = fit_thresholds(list(records.values()))
+    else:
+        image = Threshold.fit([x for c in names for x in first[c].labels], [x for c in names for x in first[c].scores])
+        summary["thresholds"] = Thresholds(image, binned_threshold(curves))
+    summary["pixel_metrics"] = "exact" if exact else f"binned ({curves.bins} bins)"
     summary["images_per_s"] = float(np.mean(images_per_s))
     return summary

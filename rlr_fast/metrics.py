@@ -97,7 +97,11 @@ def pixel_aupro(masks, maps, max_fpr: float = 0.3) -> float:
     if curve is None:
         warnings.warn("pixel AUPRO needs both defect regions and normal pixels: NaN", RuntimeWarning, stacklevel=2)
         return math.nan
-    fpr, pro = curve
+    return _area_to(*curve, max_fpr)
+
+
+def _area_to(fpr: np.ndarray, pro: np.ndarray, max_fpr: float) -> float:
+    """Normalised area under a (fpr, pro) curve, fpr ascending from 0, up to `max_fpr`."""
     cut = np.searchsorted(fpr, max_fpr, side="right")  # points with fpr <= max_fpr
     x, y = fpr[:cut], pro[:cut]
     if cut < len(fpr) and x[-1] < max_fpr:  # interpolate the point at exactly max_fpr
