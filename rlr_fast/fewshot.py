@@ -240,11 +240,12 @@ def residual_cache(model, root, classes=None, shots: Optional[int] = None, shot_
 
 
 def evaluate_fewshot(model, root, shots: int, shot_seed: Optional[int] = None, classes=None, log=print,
-                     layout=None, **evaluate_kwargs) -> dict:
+                     layout=None, records: Optional[dict] = None, **evaluate_kwargs) -> dict:
     """Per class of ``root`` (in ``layout``, detected when None): set the model's reference to K of
     the class's normal training images (MVTec AD: ``<class>/train/good``), then the usual
     evaluation of that class's test split. Same summary as ``evaluation.evaluate``, thresholds
-    included (fitted over all the classes evaluated, as there)."""
+    included (fitted over all the classes evaluated, as there); ``records``, if given, receives
+    the raw records per class, as there."""
     from .evaluation import evaluate, fit_thresholds
     from .layouts import resolve_layout
     from .metrics import summarize
@@ -252,7 +253,8 @@ def evaluate_fewshot(model, root, shots: int, shot_seed: Optional[int] = None, c
     reader = resolve_layout(root, layout)
     names = MVTecDataset(root, classes=classes, split="test", image_size=model.image_size, layout=reader).classes
     refs = {cls: class_references(root, cls, shots, shot_seed, layout=reader) for cls in names}  # checked up front
-    per_class, types, images_per_s, records = {}, {}, [], {}
+    per_class, types, images_per_s = {}, {}, []
+    records = {} if records is None else records
     for cls in names:
         model.set_reference(load_references(refs[cls], model.image_size))
         log(f"{cls}: {shots} reference images ({', '.join(p.name for p in refs[cls])})")
