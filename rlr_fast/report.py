@@ -274,10 +274,10 @@ svg.curve text{font-size:10px;fill:#444}svg .frame{fill:none;stroke:#999}svg .di
 svg .line{fill:none;stroke:#1565c0;stroke-width:1.5}svg .dot{fill:#d32f2f}
 .grid{display:flex;flex-wrap:wrap;gap:6px}.thumb{margin:0;width:100px;cursor:pointer;position:relative}
 .thumb img{width:96px;height:96px;object-fit:contain;border:2px solid #2e7d32;display:block}
-.thumb.flagged img{border-color:#d32f2f}.thumb figcaption{font-size:11px;line-height:1.2}
+.thumb.flagged img{border-color:#d32f2f}.thumb figcaption{font-size:11px;line-height:1.2;white-space:pre-line}
 .thumb.wrong::after{content:"\\2716";position:absolute;top:2px;right:6px;color:#fff;background:#000a;padding:0 2px;font-size:11px}
 .thumb.open img{outline:3px solid #1565c0}
-#detail{position:fixed;right:1em;top:1em;background:#fff;border:1px solid #888;padding:.6em;box-shadow:0 2px 10px #0004}
+#detail{position:fixed;right:1em;bottom:1em;background:#fff;border:1px solid #888;padding:.6em;box-shadow:0 2px 10px #0004}
 #detail .panels{display:flex;gap:.5em}#detail figure{margin:0;text-align:center}
 #detail img,#detail canvas{width:192px;height:192px;object-fit:contain;image-rendering:pixelated;background:#000}
 pre{background:#f4f4f4;padding:.5em;white-space:pre-wrap}.note{color:#555;font-size:12px}.na{color:#777}
@@ -350,7 +350,8 @@ _SCRIPT = r"""
         var fig = el("figure", { "class": "thumb", "data-class": c.name, "data-index": String(i),
           title: im.name + ": " + (im.label ? "anomalous" : "normal") + ", " + im.defect + ", score " + im.score });
         fig.appendChild(el("img", { src: im.thumb, alt: im.name }));
-        fig.appendChild(el("figcaption", {}, im.score.toPrecision(4) + " " + im.defect));
+        fig.appendChild(el("figcaption", {}, im.score.toPrecision(4) + "\n" + (im.label ? "anomalous: " + im.defect
+          : "normal" + (im.defect === "good" ? "" : ": " + im.defect))));
         fig.addEventListener("click", function () { openDetail(ci, i); });
         grid.appendChild(fig);
         im.node = fig;
