@@ -73,7 +73,14 @@ def test_test_writes_a_self_contained_report_of_every_test_image(data, tiny_run)
             assert im["label"] == (im["defect"] != "good")
             assert all(im[k].startswith("data:image/") for k in ("thumb", "heat", "map"))
             assert (im["mask"] is None) == (im["defect"] == "good")
-    assert Run.REPORT in Run(tiny_run).entries()  # so `train --force` (Run.clear) removes it
+
+
+def test_train_force_removes_the_report(data, tiny_run, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["train", "--data", str(data), "--out", str(run), "--image-size", "64", "--backbone-weights",
+                 "random", "--batch-size", "4", "--epochs", "1", "--no-progress", "--force"]) == 0
+    assert not (run / "report.html").exists() and (run / "checkpoint.pt").is_file()
 
 
 def test_report_size_per_image_is_small():
