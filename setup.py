@@ -52,7 +52,8 @@ setup(
         # rlr-fast export / predict --engine: ONNX (torch.onnx needs onnx and onnxscript), onnxruntime, OpenVINO
         "deploy": DEPLOY,
         # the deployment tests run in `make test`, so the test extra installs the deploy packages too
-        "test": ["pytest", "pytest-benchmark", *DEPLOY],
+        # playwright drives the report page (RUN/report.html) in Chromium in tests/test_report.py
+        "test": ["pytest", "pytest-benchmark", "playwright", *DEPLOY],
     },
     entry_points={"console_scripts": ["rlr-fast=rlr_fast.cli:main"]},
 )

@@ -2,8 +2,8 @@
 
 A run folder holds what training wrote (``checkpoint.pt``, ``best.pt``, ``config.json``,
 ``log.jsonl``, the ``features`` cache) and what was made from its model afterwards: the
-decision thresholds and metrics of ``rlr-fast test`` (``thresholds.json``, ``metrics.json``,
-``overlays/``), the exports of ``rlr-fast export`` (``model.onnx``, ``model.xml`` + ``model.bin``,
+decision thresholds, metrics and report page of ``rlr-fast test`` (``thresholds.json``,
+``metrics.json``, ``report.html``, ``overlays/``), the exports of ``rlr-fast export`` (``model.onnx``, ``model.xml`` + ``model.bin``,
 ``weights.pt``) and the output of ``rlr-fast predict`` (``predictions/``). :class:`Run` is the only
 code that names these files.
 
@@ -67,6 +67,7 @@ class Run:
     LOG = "log.jsonl"
     METRICS = "metrics.json"
     THRESHOLDS = "thresholds.json"
+    REPORT = "report.html"  # the test report page (rlr_fast.report); records its fingerprint in a meta tag
     EXPORTS = {"onnx": "model.onnx", "openvino": "model.xml", "weights": "weights.pt"}
     FEATURES = "features"
     OVERLAYS = "overlays"
@@ -74,7 +75,7 @@ class Run:
     SOURCE = "source.json"  # inside a derived folder (overlays, predictions): the fingerprint it was made from
 
     TRAINING_FILES = (CHECKPOINT, BEST, CONFIG, LOG)
-    DERIVED_FILES = (METRICS, THRESHOLDS, "model.onnx", "model.xml", "model.bin", "weights.pt")
+    DERIVED_FILES = (METRICS, THRESHOLDS, REPORT, "model.onnx", "model.xml", "model.bin", "weights.pt")
     FOLDERS = (FEATURES, OVERLAYS, PREDICTIONS)
 
     def __init__(self, path):
@@ -113,6 +114,10 @@ class Run:
     @property
     def thresholds_file(self) -> Path:
         return self.dir / self.THRESHOLDS
+
+    @property
+    def report(self) -> Path:
+        return self.dir / self.REPORT
 
     @property
     def features(self) -> Path:
@@ -177,7 +182,7 @@ class Run:
             if name == default or (fmt == "openvino" and derived.suffix == ".xml"):
                 out = "" if derived == self.dir / default else f" --out {derived}"
                 return f"`rlr-fast export --run {self.dir} --format {fmt}{out}`"
-        if name == self.THRESHOLDS or name == self.METRICS or name == self.OVERLAYS:
+        if name in (self.THRESHOLDS, self.METRICS, self.REPORT, self.OVERLAYS):
             return f"`rlr-fast test --data DATA --run {self.dir}`"
         return f"`rlr-fast predict --run {self.dir} ...`"
 

@@ -1,5 +1,6 @@
-"""`rlr-fast test`: per-class metrics of a trained run, as a table, JSON and overlay pictures, and
-the run's decision thresholds (F1-optimal on the data tested, stored as RUN/thresholds.json)."""
+"""`rlr-fast test`: per-class metrics of a trained run, as a table, JSON and overlay pictures, the
+run's decision thresholds (F1-optimal on the data tested, stored as RUN/thresholds.json) and the
+report page RUN/report.html (rlr_fast.report: every test image, live threshold sliders)."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", help="comma-separated class names (default: every class in --data)")
     p.add_argument("--json", type=options.output_file, help="write the metrics here (default: RUN/metrics.json)")
     p.add_argument("--overlays", type=options.output_folder, help="overlay pictures folder (default: RUN/overlays)")
+    p.add_argument("--report", type=options.output_file,
+                   help="write the report page here (default: RUN/report.html; one offline HTML file)")
     p.add_argument("--batch-size", type=options.positive_int, default=8)
     p.add_argument("--device", type=options.device, default=options.default_device())
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
@@ -65,7 +68,9 @@ def run(args) -> int:
     model.precision = args.precision
     ignored_shot_options(args, model.name)
     overlays = args.overlays or run.overlays
+    records = {}  # per class the raw records, for the report page (the exact path only)
     common = dict(batch_size=args.batch_size, device=args.device, overlays_dir=overlays, progress=not args.no_progress,
+                  records=records if args.exact_metrics else None,
                   exact=True if args.exact_metrics else None)  # None: exact up to evaluation.EXACT_MAX_PIXELS
     if model.name == "resad":
         from ..fewshot import evaluate_fewshot
@@ -85,7 +90,10 @@ def run(args) -> int:
     Run.write_source(overlays, model.fingerprint, "rlr-fast test")
     thresholds = summary["thresholds"]
     path = run.save_thresholds(thresholds, model.fingerprint)  # what `rlr-fast predict` and model.predict decide with
-    print(f"pixel metrics: {summary['pixel_metrics']}\nmetrics: {out}\noverlays: {overlays}\n"
+    from ..report import write_report
+
+    report = write_report(args.report or run.report, summary, records, thresholds, model.fingerprint, run=args.run)
+    print(f"pixel metrics: {summary['pixel_metrics']}\nmetrics: {out}\noverlays: {overlays}\nreport: {report}\n"
           f"thresholds (F1-optimal on this data): image "
           f"{thresholds.image.threshold:.4g}, pixel {thresholds.pixel.threshold:.4g}: {path}")
     return 0
