@@ -240,7 +240,7 @@ def residual_cache(model, root, classes=None, shots: Optional[int] = None, shot_
 
 
 def evaluate_fewshot(model, root, shots: int, shot_seed: Optional[int] = None, classes=None, log=print,
-                     layout=None, exact: Optional[bool] = None, records: Optional[dict] = None, **evaluate_kwargs) -> dict:
+                     layout=None, exact: Optional[bool] = None, **evaluate_kwargs) -> dict:
     """Per class of ``root`` (in ``layout``, detected when None): set the model's reference to K of
     the class's normal training images (MVTec AD: ``<class>/train/good``), then the usual
     evaluation of that class's test split. Same summary as ``evaluation.evaluate``, thresholds
@@ -269,8 +269,7 @@ def evaluate_fewshot(model, root, shots: int, shot_seed: Optional[int] = None, c
                                                            if k in ("batch_size", "device", "progress")}))
         curves = PixelHistograms(min(first[c].lo for c in names), max(first[c].hi for c in names),
                                  evaluate_kwargs.get("bins", DEFAULT_BINS), regions=False)
-    per_class, types, images_per_s = {}, {}, []
-    records = {} if records is None else records
+    per_class, types, images_per_s, records = {}, {}, [], {}
     for cls in names:
         model.set_reference(load_references(refs[cls], model.image_size))
         if exact:

@@ -14,9 +14,18 @@ What it holds, all inline (no server, no network, no framework; a small script o
 - a button printing the ``rlr-fast predict --threshold T --pixel-threshold P`` command for the
   chosen thresholds.
 
-Size: per image a thumbnail and a heat map (JPEG), the anomaly map quantised to 8 bits over the
-range of all maps (grey PNG: the pixel slider thresholds it in the page, so a predicted mask there
-is exact to half a quantum, at thumbnail resolution) and the ground-truth mask (1-bit PNG), about
+Memory: the page is built from what it shows, gathered by a :class:`ReportCollector` as the
+evaluation sees each image (``evaluation.evaluate(report=...)``, in its exact and binned paths):
+per image its score, label, defect type and file name, a JPEG thumbnail, its anomaly map at
+thumbnail size quantised to 8 bits over the map's own range (grey PNG, with that range) and the
+ground-truth mask (1-bit PNG). Nothing of full size is kept, so the binned evaluation's memory
+grows only by these few kB per image (the page itself holds them). The curves are those the
+evaluation computes anyway: the image ROC from the scores, the PRO curve from the exact pixels or
+from the binned histograms, resampled to ``curve_points`` points when handed over.
+
+Size: per image a thumbnail and a heat map (JPEG, the heat map drawn at the end over the class's
+map range), the 8-bit map (the pixel slider thresholds it in the page, so a predicted mask there
+is exact to half a quantum of the image's map range, at thumbnail resolution) and the mask, about
 10 kB with ``thumb_size`` 96 (see the README for measured sizes).
 
 The page records the fingerprint of the model it was made from (``rlr_fast.runs``), in a
@@ -30,15 +39,15 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from .metrics import METRICS, pro_curve
+from .metrics import METRICS
 
-__all__ = ["ReportConfig", "build_report", "write_report", "read_fingerprint"]
+__all__ = ["ReportConfig", "ReportCollector", "build_report", "write_report", "read_fingerprint"]
 
 METRIC_NAMES = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "pixel_aupro": "pixel AUPRO",
                 "image_f1max": "image F1-max"}
@@ -53,11 +62,15 @@ class ReportConfig:
 
 
 # ------------------------------------------------------------------------------------ pictures
-def _data_uri(image, fmt: str, **save) -> str:
+def _encode(image, fmt: str, **save) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def _data_uri(data: bytes, fmt: str) -> str:
     mime = "image/jpeg" if fmt == "JPEG" else "image/png"
-    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
 def _resize_float(m: np.ndarray, size) -> np.ndarray:
@@ -67,33 +80,94 @@ def _resize_float(m: np.ndarray, size) -> np.ndarray:
     return np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
 
 
-def _pictures(image, mask, amap, heat_range, map_range, cfg: ReportConfig) -> dict:
-    """One test image's inline pictures: thumbnail and heat-map overlay (JPEG), quantised anomaly
-    map (grey PNG, 0..255 over ``map_range``) and ground truth (1-bit PNG, None when empty)."""
+@dataclass
+class _Shown:
+    """One test image as the page shows it: a few numbers and a few kB of encoded pictures."""
+
+    name: str
+    defect: str
+    label: int
+    score: float
+    thumb: bytes  # JPEG (h', w', 3)
+    map: bytes  # grey PNG (h', w'): the map at thumbnail size, 0..255 over [lo, hi]
+    lo: float
+    hi: float
+    mask: Optional[bytes]  # 1-bit PNG (h', w'); None when the image has no defect pixel
+
+
+@dataclass
+class _ClassShown:
+    images: List[_Shown] = field(default_factory=list)
+    lo: float = math.inf  # range of the class's full-size maps: the heat maps' colour scale
+    hi: float = -math.inf
+    pro: Optional[tuple] = None  # (fpr grid, pro) resampled to curve_points, or None (n/a)
+
+
+class ReportCollector:
+    """Gathers what the page shows as the evaluation sees each image (``add``) and each class's
+    PRO curve (``set_pro``); :func:`build_report` makes the page from it. Per image it keeps only
+    thumbnail-sized encoded pictures and a few numbers (about 10 kB at ``thumb_size`` 96)."""
+
+    def __init__(self, config: Optional[ReportConfig] = None):
+        self.config = config or ReportConfig()
+        self.classes: Dict[str, _ClassShown] = {}
+
+    def _cls(self, cls: str) -> _ClassShown:
+        return self.classes.setdefault(cls, _ClassShown())
+
+    def add(self, cls: str, image, mask, amap, score: float, label: int, defect: str, path) -> None:
+        """One test image: ``image`` a normalised (3, H, W) tensor or (H, W, 3) uint8 array,
+        ``mask`` (H, W) ground truth, ``amap`` (H, W) anomaly map; only thumbnails are kept."""
+        from PIL import Image
+
+        from .data import denormalize
+
+        cfg, rec = self.config, self._cls(cls)
+        rgb = denormalize(image) if hasattr(image, "detach") else np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+        amap = np.asarray(amap, dtype=np.float32)
+        amap = amap.reshape(amap.shape[-2:])  # (H, W)
+        rec.lo, rec.hi = min(rec.lo, float(amap.min())), max(rec.hi, float(amap.max()))
+        h, w = rgb.shape[:2]
+        scale = min(1.0, cfg.thumb_size / max(h, w))
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        thumb = Image.fromarray(rgb).resize(size, Image.BILINEAR)
+        small = _resize_float(amap, size)  # (h', w')
+        lo, hi = float(small.min()), float(small.max())
+        quantised = np.clip(np.round((small - lo) / max(hi - lo, 1e-12) * 255), 0, 255).astype(np.uint8)
+        mask = np.asarray(mask).reshape(np.shape(mask)[-2:]) > 0.5
+        gt = None
+        if mask.any():
+            gt = _encode(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST).convert("1"), "PNG",
+                         optimize=True)
+        rec.images.append(_Shown(Path(path).name, defect, int(label), float(score),
+                                 _encode(thumb, "JPEG", quality=cfg.jpeg_quality, optimize=True),
+                                 _encode(Image.fromarray(quantised), "PNG", optimize=True), lo, hi, gt))
+
+    def set_pro(self, cls: str, curve) -> None:
+        """The class's pixel PRO curve, ``(fpr, pro)`` ascending in fpr (``metrics.pro_curve`` or
+        ``PixelHistograms.pro_curve``), or None when undefined; kept as ``curve_points`` points
+        on [0, PRO_MAX_FPR]."""
+        if curve is None:
+            self._cls(cls).pro = None
+            return
+        fpr, pro = curve
+        grid = np.linspace(0.0, PRO_MAX_FPR, self.config.curve_points)
+        self._cls(cls).pro = (grid, np.interp(grid, fpr, pro))
+
+
+def _heat(shown: _Shown, heat_range, quality: int) -> bytes:
+    """The heat-map overlay (JPEG) of one image: its thumbnail half-blended with the jet colours
+    of its (dequantised) small map over the class's range."""
     from matplotlib import colormaps
     from PIL import Image
 
-    from .data import denormalize
-
-    rgb = denormalize(image) if hasattr(image, "detach") else np.asarray(image, dtype=np.uint8)  # (H, W, 3)
-    h, w = rgb.shape[:2]
-    scale = min(1.0, cfg.thumb_size / max(h, w))
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    thumb = Image.fromarray(rgb).resize(size, Image.BILINEAR)
-    small = _resize_float(np.asarray(amap, dtype=np.float32).reshape(amap.shape[-2:]), size)  # (h', w')
+    thumb = np.asarray(Image.open(io.BytesIO(shown.thumb)).convert("RGB"), dtype=np.float32)  # (h', w', 3)
+    q = np.asarray(Image.open(io.BytesIO(shown.map)), dtype=np.float32)  # (h', w')
+    small = shown.lo + q / 255 * (shown.hi - shown.lo)
     lo, hi = heat_range
     colours = colormaps["jet"](np.clip((small - lo) / max(hi - lo, 1e-12), 0, 1))[..., :3]
-    heat = (0.5 * np.asarray(thumb, dtype=np.float32) + 0.5 * 255 * colours).round().astype(np.uint8)
-    lo, hi = map_range
-    quantised = np.clip(np.round((small - lo) / max(hi - lo, 1e-12) * 255), 0, 255).astype(np.uint8)
-    mask = np.asarray(mask).reshape(np.shape(mask)[-2:]) > 0.5
-    gt = None
-    if mask.any():
-        gt = _data_uri(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST).convert("1"), "PNG",
-                       optimize=True)
-    q = dict(quality=cfg.jpeg_quality, optimize=True)
-    return {"thumb": _data_uri(thumb, "JPEG", **q), "heat": _data_uri(Image.fromarray(heat), "JPEG", **q),
-            "map": _data_uri(Image.fromarray(quantised), "PNG", optimize=True), "mask": gt}
+    heat = (0.5 * thumb + 0.5 * 255 * colours).round().astype(np.uint8)
+    return _encode(Image.fromarray(heat), "JPEG", quality=quality, optimize=True)
 
 
 # -------------------------------------------------------------------------------------- curves
@@ -121,22 +195,21 @@ def _svg_curve(x: np.ndarray, y: np.ndarray, xmax: float, xlabel: str, ylabel: s
             f'{html.escape(ylabel)}</text></svg>')
 
 
-def _curves(index: int, name: str, rec: dict, cfg: ReportConfig) -> str:
+def _curves(index: int, name: str, rec: _ClassShown) -> str:
+    """The class's image ROC (exact, from its scores) and pixel PRO curve (as the evaluation gave it)."""
     from sklearn.metrics import roc_curve
 
-    labels = np.asarray(rec["labels"]).astype(int)
+    labels = np.array([im.label for im in rec.images], dtype=int)
     parts = []
-    if labels.min() != labels.max():
-        fpr, tpr, _ = roc_curve(labels, np.asarray(rec["scores"], dtype=np.float64))
+    if labels.size and labels.min() != labels.max():
+        fpr, tpr, _ = roc_curve(labels, np.array([im.score for im in rec.images], dtype=np.float64))
         parts.append(_svg_curve(fpr, tpr, 1.0, "false-positive rate", "true-positive rate", f"{name}: image ROC",
                                 diagonal=True, dot_id=f"roc-dot-{index}"))
     else:
         parts.append('<p class="na">image ROC: n/a (one label only)</p>')
-    curve = pro_curve(np.stack(rec["masks"]), np.stack(rec["maps"]))
-    if curve is not None:
-        fpr, pro = curve
-        grid = np.linspace(0.0, PRO_MAX_FPR, cfg.curve_points)
-        parts.append(_svg_curve(grid, np.interp(grid, fpr, pro), PRO_MAX_FPR, "false-positive rate (pixels)",
+    if rec.pro is not None:
+        grid, pro = rec.pro
+        parts.append(_svg_curve(grid, pro, PRO_MAX_FPR, "false-positive rate (pixels)",
                                 "per-region overlap", f"{name}: pixel PRO"))
     else:
         parts.append('<p class="na">pixel PRO: n/a (needs defect regions and normal pixels)</p>')
@@ -169,33 +242,30 @@ def _threshold_record(t) -> dict:
     return {"threshold": float(t.threshold), "min": nan(t.min), "max": nan(t.max)}
 
 
-def build_report(summary: dict, records: Dict[str, dict], thresholds, fingerprint: Optional[str],
-                 run: str = "RUN", title: str = "rlr-fast test report", config: Optional[ReportConfig] = None) -> str:
+def build_report(summary: dict, collected: ReportCollector, thresholds, fingerprint: Optional[str],
+                 run: str = "RUN", title: str = "rlr-fast test report") -> str:
     """The page as a string. ``summary`` is what ``evaluate`` returns (its "classes", "mean" and
-    optional "types" are the metrics table), ``records`` its per-class raw records ("labels",
-    "scores", "masks", "maps", "items" of (image, path, defect)), ``thresholds`` the stored
-    :class:`~rlr_fast.decisions.Thresholds` the sliders start at, ``run`` the run folder named in
-    the predict command."""
-    cfg = config or ReportConfig()
-    names = [c for c in summary["classes"] if c in records]
+    optional "types" are the metrics table), ``collected`` the :class:`ReportCollector` the
+    evaluation filled, ``thresholds`` the stored :class:`~rlr_fast.decisions.Thresholds` the
+    sliders start at, ``run`` the run folder named in the predict command."""
+    cfg = collected.config
+    names = [c for c in summary["classes"] if c in collected.classes and collected.classes[c].images]
     if not names:
-        raise ValueError("a report needs the records of at least one class")
-    all_maps = [m for c in names for m in records[c]["maps"]]
-    map_range = (float(min(m.min() for m in all_maps)), float(max(m.max() for m in all_maps)))
+        raise ValueError("a report needs the images of at least one class")
+    map_range = (min(collected.classes[c].lo for c in names), max(collected.classes[c].hi for c in names))
     classes, curves = [], []
     for index, name in enumerate(names):
-        rec = records[name]
-        heat_range = (float(min(m.min() for m in rec["maps"])), float(max(m.max() for m in rec["maps"])))
-        order = sorted(range(len(rec["scores"])), key=lambda i: -rec["scores"][i])
+        rec = collected.classes[name]
         images = []
-        for i in order:
-            image, path, defect = rec["items"][i]
-            images.append({"name": Path(path).name, "defect": defect, "label": int(rec["labels"][i]),
-                           "score": float(rec["scores"][i]),
-                           **_pictures(image, rec["masks"][i], rec["maps"][i], heat_range, map_range, cfg)})
+        for im in sorted(rec.images, key=lambda im: -im.score):  # stable: ties in test order
+            images.append({"name": im.name, "defect": im.defect, "label": im.label, "score": im.score,
+                           "thumb": _data_uri(im.thumb, "JPEG"),
+                           "heat": _data_uri(_heat(im, (rec.lo, rec.hi), cfg.jpeg_quality), "JPEG"),
+                           "map": _data_uri(im.map, "PNG"), "lo": im.lo, "hi": im.hi,
+                           "mask": _data_uri(im.mask, "PNG") if im.mask is not None else None})
         classes.append({"name": name, "images": images})
         curves.append(f'<div class="curves" data-class="{html.escape(name)}"><h3>{html.escape(name)}</h3>'
-                      f'{_curves(index, name, rec, cfg)}</div>')
+                      f'{_curves(index, name, rec)}</div>')
     data = {"title": title, "fingerprint": fingerprint, "run": str(run), "map_range": list(map_range),
             "image": _threshold_record(thresholds.image), "pixel": _threshold_record(thresholds.pixel),
             "plot": {"left": _L, "top": _T, "width": _W, "height": _H}, "classes": classes}
@@ -206,14 +276,14 @@ def build_report(summary: dict, records: Dict[str, dict], thresholds, fingerprin
                         style=_STYLE, script=_SCRIPT)
 
 
-def write_report(path, summary: dict, records: Dict[str, dict], thresholds, fingerprint: Optional[str],
-                 run: str = "RUN", title: str = "rlr-fast test report", config: Optional[ReportConfig] = None) -> Path:
+def write_report(path, summary: dict, collected: ReportCollector, thresholds, fingerprint: Optional[str],
+                 run: str = "RUN", title: str = "rlr-fast test report") -> Path:
     """Write the page (atomically) to ``path``; returns the path."""
     from .io import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, build_report(summary, records, thresholds, fingerprint, run, title, config))
+    atomic_write_text(path, build_report(summary, collected, thresholds, fingerprint, run, title))
     return path
 
 
@@ -429,7 +499,7 @@ _SCRIPT = r"""
       var cv = $("detail-mask"); cv.width = cached.w; cv.height = cached.h;
       var ctx = cv.getContext("2d"); ctx.drawImage(base, 0, 0, cached.w, cached.h);
       var out = ctx.getImageData(0, 0, cached.w, cached.h), d = out.data;
-      var lo = D.map_range[0], hi = D.map_range[1];
+      var lo = im.lo, hi = im.hi;  // the 8-bit map spans the image's own map range
       var level = hi > lo ? (state.p - lo) / (hi - lo) * 255 : (state.p <= lo ? -1 : 256);
       var flagged = 0;
       for (var j = 0; j < cached.q.length; j++) {

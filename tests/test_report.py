@@ -16,8 +16,8 @@ from sklearn.metrics import confusion_matrix
 
 from rlr_fast.cli import main
 from rlr_fast.decisions import Thresholds, decision_counts
-from rlr_fast.metrics import METRICS
-from rlr_fast.report import build_report, read_fingerprint
+from rlr_fast.metrics import METRICS, pro_curve
+from rlr_fast.report import ReportCollector, build_report, read_fingerprint
 from rlr_fast.runs import Run
 from test_cli import data  # noqa: F401  (the tiny two-class data set of the CLI tests, a module fixture)
 
@@ -89,7 +89,7 @@ def test_report_size_per_image_is_small():
     rng = np.random.default_rng(0)
     n, size = 12, 256
     yy, xx = np.mgrid[:size, :size] / size
-    items, maps, masks, labels = [], [], [], []
+    shown, maps, masks, labels = ReportCollector(), [], [], []
     for i in range(n):
         cx, cy = rng.uniform(0.2, 0.8, 2)
         blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.01)
@@ -97,12 +97,12 @@ def test_report_size_per_image_is_small():
         masks.append((blob > 0.5) & bool(i % 2))
         labels.append(i % 2)
         image = (rng.uniform(0, 255, (size, size, 3)) * 0.3 + 120 * blob[..., None]).astype(np.uint8)
-        items.append((image, f"img{i}.png", "crack" if i % 2 else "good"))
-    records = {"c": {"labels": labels, "scores": [float(m.max()) for m in maps], "masks": masks, "maps": maps,
-                     "items": items}}
+        shown.add("c", image, masks[-1], maps[-1], float(maps[-1].max()), i % 2, "crack" if i % 2 else "good",
+                  f"img{i}.png")
+    shown.set_pro("c", pro_curve(np.stack(masks), np.stack(maps)))
     summary = {"classes": {"c": {m: 0.5 for m in METRICS}}, "mean": {m: 0.5 for m in METRICS}}
-    thresholds = Thresholds.fit(labels, records["c"]["scores"], np.stack(masks), np.stack(maps))
-    page = build_report(summary, records, thresholds, "0123456789abcdef")
+    thresholds = Thresholds.fit(labels, [float(m.max()) for m in maps], np.stack(masks), np.stack(maps))
+    page = build_report(summary, shown, thresholds, "0123456789abcdef")
     per_image = len(page.encode()) / n
     assert per_image < 20_000, f"{per_image:.0f} bytes per image"
 

@@ -55,19 +55,19 @@ def run(args) -> int:
     # the model the run serves (its best epoch, as `rlr-fast test` and `predict` use), so the
     # thresholds below are those of the model that predict decides with
     model = load_model(out / "run", args.device, thresholds=False)
-    records = {}  # the raw per-class results, for the report page
+    from ..report import ReportCollector, write_report
+
+    shown = ReportCollector()  # what the report page shows, gathered as the images are evaluated
     summary = evaluate(model, data, device=args.device, overlays_dir=out / "overlays", progress=progress,
-                       records=records)
+                       report=shown)
     table = format_table(summary)
     print(table)
     atomic_write_json(out / "metrics.json", {"classes": summary["classes"], "mean": summary["mean"]})
     # `rlr-fast predict --run OUT/run` decides with these; they record the model they were fitted for
     run = Run(out / "run")
     run.save_thresholds(summary["thresholds"], model.fingerprint)
-    from ..report import write_report
-
     # the page `rlr-fast test --run OUT/run` writes too (there, so `train --force` removes it with the run)
-    report = write_report(run.report, summary, records, summary["thresholds"], model.fingerprint, run=run.dir,
+    report = write_report(run.report, summary, shown, summary["thresholds"], model.fingerprint, run=run.dir,
                           title="rlr-fast demo report")
     atomic_write_text(out / "metrics.txt", table + "\n")
     speed = {

@@ -68,9 +68,11 @@ def run(args) -> int:
     model.precision = args.precision
     ignored_shot_options(args, model.name)
     overlays = args.overlays or run.overlays
-    records = {}  # per class the raw records, for the report page (the exact path only)
+    from ..report import ReportCollector, write_report
+
+    shown = ReportCollector()  # what the report page shows, thumbnails only, gathered as the images are evaluated
     common = dict(batch_size=args.batch_size, device=args.device, overlays_dir=overlays, progress=not args.no_progress,
-                  records=records if args.exact_metrics else None,
+                  report=shown,
                   exact=True if args.exact_metrics else None)  # None: exact up to evaluation.EXACT_MAX_PIXELS
     if model.name == "resad":
         from ..fewshot import evaluate_fewshot
@@ -90,9 +92,7 @@ def run(args) -> int:
     Run.write_source(overlays, model.fingerprint, "rlr-fast test")
     thresholds = summary["thresholds"]
     path = run.save_thresholds(thresholds, model.fingerprint)  # what `rlr-fast predict` and model.predict decide with
-    from ..report import write_report
-
-    report = write_report(args.report or run.report, summary, records, thresholds, model.fingerprint, run=args.run)
+    report = write_report(args.report or run.report, summary, shown, thresholds, model.fingerprint, run=args.run)
     print(f"pixel metrics: {summary['pixel_metrics']}\nmetrics: {out}\noverlays: {overlays}\nreport: {report}\n"
           f"thresholds (F1-optimal on this data): image "
           f"{thresholds.image.threshold:.4g}, pixel {thresholds.pixel.threshold:.4g}: {path}")
