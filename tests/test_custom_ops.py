@@ -100,12 +100,8 @@ def test_nearest_reference_l2_custom_op(shared):
     assert not torch.equal(index, reference.nearest_reference(x, ref, ops.NEAREST_EPS)[0])  # not cosine's
 
 
-def _compiled_graphs(module, *inputs, grad=None):
-    """The forward and backward graphs AOTAutograd builds for ``torch.compile(module)``, captured by
-    a backend whose compilers record them, after one forward and backward (of ``out.backward(grad)``,
-    ones without it)."""
-    from torch._dynamo.backends.common import aot_autograd
-
+def _graph_recorder():
+    """A dict of recorded graphs and a maker of AOTAutograd compilers that record into it by kind."""
     graphs = {}
 
     def capture(kind):
@@ -113,6 +109,16 @@ def _compiled_graphs(module, *inputs, grad=None):
             graphs[kind] = gm
             return gm
         return compiler
+    return graphs, capture
+
+
+def _compiled_graphs(module, *inputs, grad=None):
+    """The forward and backward graphs AOTAutograd builds for ``torch.compile(module)``, captured by
+    a backend whose compilers record them, after one forward and backward (of ``out.backward(grad)``,
+    ones without it)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs, capture = _graph_recorder()
 
     torch._dynamo.reset()
     compiled = torch.compile(module, backend=aot_autograd(fw_compiler=capture("forward"),
@@ -142,13 +148,7 @@ def _fake_cuda_compiled_graphs(module, *inputs):
     torch._dynamo.reset()
     torch.compile(module, backend=dynamo_backend, fullgraph=True)(*inputs)
     assert all(t.device.type == "cuda" for t in dynamo["inputs"])
-    graphs = {}
-
-    def capture(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind] = gm
-            return gm
-        return compiler
+    graphs, capture = _graph_recorder()
 
     meta = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta").requires_grad_(t.requires_grad)
             for t in dynamo["inputs"]]
