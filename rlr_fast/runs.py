@@ -4,8 +4,9 @@ A run folder holds what training wrote (``checkpoint.pt``, ``best.pt``, ``config
 ``log.jsonl``, the ``features`` cache) and what was made from its model afterwards: the
 decision thresholds, metrics and report page of ``rlr-fast test`` (``thresholds.json``,
 ``metrics.json``, ``report.html``, ``overlays/``), the exports of ``rlr-fast export`` (``model.onnx``, ``model.xml`` + ``model.bin``,
-``weights.pt``) and the output of ``rlr-fast predict`` (``predictions/``). :class:`Run` is the only
-code that names these files.
+``weights.pt``) and the output of ``rlr-fast predict`` (``predictions/``); with ``--logger``
+(:mod:`rlr_fast.trackers`), ``tensorboard/``, ``mlruns/`` and ``trackers.json`` too. :class:`Run` is
+the only code that names these files.
 
 Why fingerprints: after ``train --force`` or ``--resume`` the run serves new weights, and a
 threshold or an export made from the old ones would decide with one model while another scores.
@@ -73,10 +74,15 @@ class Run:
     OVERLAYS = "overlays"
     PREDICTIONS = "predictions"
     SOURCE = "source.json"  # inside a derived folder (overlays, predictions): the fingerprint it was made from
+    # --logger (rlr_fast.trackers): TensorBoard's event files, MLflow's file store, and the step and
+    # MLflow run id they have reached
+    TENSORBOARD = "tensorboard"
+    MLRUNS = "mlruns"
+    TRACKERS = "trackers.json"
 
-    TRAINING_FILES = (CHECKPOINT, BEST, CONFIG, LOG)
+    TRAINING_FILES = (CHECKPOINT, BEST, CONFIG, LOG, TRACKERS)
     DERIVED_FILES = (METRICS, THRESHOLDS, REPORT, "model.onnx", "model.xml", "model.bin", "weights.pt")
-    FOLDERS = (FEATURES, OVERLAYS, PREDICTIONS)
+    FOLDERS = (FEATURES, OVERLAYS, PREDICTIONS, TENSORBOARD, MLRUNS)
 
     def __init__(self, path):
         path = Path(path)
@@ -130,6 +136,10 @@ class Run:
     @property
     def predictions(self) -> Path:
         return self.dir / self.PREDICTIONS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.dir / self.TENSORBOARD
 
     def export_file(self, fmt: str) -> Path:
         """Where ``rlr-fast export --format fmt`` writes by default (onnx, openvino, weights)."""

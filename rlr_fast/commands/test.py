@@ -29,9 +29,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "test set: about 60 bytes per test pixel); the default above 2^24 test pixels (256 images "
                         "at 256 px) is binned curves in bounded memory, within 1e-3 of the exact metrics")
     p.add_argument("--no-progress", action="store_true")
-    from .train import add_layout_option, add_shot_options
+    from .train import add_layout_option, add_logger_options, add_shot_options
 
     add_layout_option(p)
+    add_logger_options(p)
     add_shot_options(p, "ResAD: K reference images per class, from the class's normal training images in --data "
                         "(MVTec: <class>/train/good; default: the K the model was trained with)")
 
@@ -48,6 +49,36 @@ def warn_untrained_classes(state: dict, classes) -> None:
               f"the model has not learned what normal looks like there, so its scores mean little", file=sys.stderr)
 
 
+def tracker_metrics(summary: dict, thresholds) -> dict:
+    """What `test` sends a tracker (rlr_fast.trackers): ``test/<class>/<metric>`` and
+    ``test/mean/<metric>`` (metrics.json's values), the thresholds and the throughput."""
+    values = {f"test/{cls}/{name}": value for cls, metrics in summary["classes"].items()
+              for name, value in metrics.items()}
+    values.update({f"test/mean/{name}": value for name, value in summary["mean"].items()})
+    values.update({"test/threshold/image": thresholds.image.threshold,
+                   "test/threshold/pixel": thresholds.pixel.threshold})
+    if summary.get("images_per_s") is not None:
+        values["test/images_per_s"] = summary["images_per_s"]
+    return values
+
+
+def log_to_tracker(args, run_dir, summary: dict, thresholds, overlays) -> None:
+    """--logger: the metrics, thresholds and a few overlay pictures, at the step the training's
+    tracker reached (0 when it had none)."""
+    from ..trackers import overlay_images
+    from .train import open_tracker
+
+    tracker = open_tracker(args, run_dir)
+    try:
+        tracker.log_metrics(tracker_metrics(summary, thresholds))
+        for tag, image in overlay_images(overlays):
+            tracker.log_image(tag, image)
+    except BaseException:
+        tracker.close(failed=True)
+        raise
+    tracker.close()
+
+
 def run(args) -> int:
     from ..data import MVTecDataset
     from ..evaluation import evaluate
@@ -55,8 +86,10 @@ def run(args) -> int:
     from ..metrics import format_table
     from ..runs import Run
     from ..training import model_from_checkpoint, read_checkpoint
+    from ..trackers import check_loggers
     from .train import ignored_shot_options
 
+    check_loggers(args.logger, args.mlflow_uri)  # before any work
     run = Run(args.run)
     source = run.model_file()  # the run's best epoch, when it has one
     state = read_checkpoint(source)
@@ -93,6 +126,7 @@ def run(args) -> int:
     thresholds = summary["thresholds"]
     path = run.save_thresholds(thresholds, model.fingerprint)  # what `rlr-fast predict` and model.predict decide with
     report = write_report(args.report or run.report, summary, shown, thresholds, model.fingerprint, run=args.run)
+    log_to_tracker(args, run.dir, summary, thresholds, overlays)
     print(f"pixel metrics: {summary['pixel_metrics']}\nmetrics: {out}\noverlays: {overlays}\nreport: {report}\n"
           f"thresholds (F1-optimal on this data): image "
           f"{thresholds.image.threshold:.4g}, pixel {thresholds.pixel.threshold:.4g}: {path}")

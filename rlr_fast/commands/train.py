@@ -80,6 +80,28 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="share of each class's training images held out for the validation loss that picks "
                         "the best epoch (default 0.1; 0: none, the training loss picks it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the per-epoch loss lines stay)")
+    add_logger_options(p)
+
+
+def add_logger_options(p: argparse.ArgumentParser) -> None:
+    """--logger and the MLflow store, shared by train and test (rlr_fast.trackers)."""
+    from ..trackers import DEFAULT_EXPERIMENT
+
+    p.add_argument("--logger", default="none", metavar="{none,tensorboard,mlflow}",
+                   help="also send the numbers to a tracker, offline (default: none, the run's own log.jsonl and "
+                        "metrics.json): tensorboard (event files in RUN/tensorboard), mlflow (a file store in "
+                        "RUN/mlruns, or --mlflow-uri), or tensorboard,mlflow; needs pip install rlr-fast[trackers]")
+    p.add_argument("--mlflow-uri", help="--logger mlflow: the MLflow tracking URI (default: file store RUN/mlruns)")
+    p.add_argument("--mlflow-experiment", default=DEFAULT_EXPERIMENT,
+                   help=f"--logger mlflow: the MLflow experiment (default: {DEFAULT_EXPERIMENT})")
+
+
+def open_tracker(args, run_dir, rank: int = 0):
+    """The tracker of --logger for the run folder (rlr_fast.trackers.make_tracker)."""
+    from ..trackers import make_tracker
+
+    return make_tracker(args.logger, run_dir, mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment,
+                        rank=rank)
 
 
 def add_layout_option(p: argparse.ArgumentParser) -> None:
@@ -236,6 +258,9 @@ def run(args) -> int:
     from ..training import (BEST, CHECKPOINT, build_model, default_image_size, distributed_context, load_model,
                             rank_device, selection_loss, train)
 
+    from ..trackers import check_loggers
+
+    check_loggers(args.logger, args.mlflow_uri)  # before any work: a missing package is said at once
     state = _prepare_out(args)
     if state is not None:
         _check_resume(args, state)
@@ -292,9 +317,15 @@ def run(args) -> int:
     say(f"features cached: {len(cache)} images in {cache.seconds:.1f}s ({cache.nbytes / 2**20:.0f} MiB)"
         + (" on rank 0" if world > 1 else ""))
     t0 = time.perf_counter()
-    history = train(model, cache, args.out, cfg, resume=state is not None, device=device,
-                    progress=not args.no_progress, log=say, extra={"classes": classes, "recipe": recipe_name},
-                    val_cache=val_cache)
+    tracker = open_tracker(args, args.out, rank)
+    try:
+        history = train(model, cache, args.out, cfg, resume=state is not None, device=device,
+                        progress=not args.no_progress, log=say, extra={"classes": classes, "recipe": recipe_name},
+                        val_cache=val_cache, tracker=tracker)
+    except BaseException:
+        tracker.close(failed=True)  # what was flushed (every checkpointed epoch) stays
+        raise
+    tracker.close()
     if fitted:
         say(f"fitted in {time.perf_counter() - t0:.1f}s: memory bank of {history[-1]['bank']} tokens "
             f"(coreset ratio {history[-1]['coreset_ratio']:g} of {history[-1]['tokens']}); "
