@@ -107,8 +107,9 @@ def _require(logger: str):
 
 
 def read_state(run_dir) -> dict:
-    """``RUN/trackers.json``: the last global step logged (``step``) and the MLflow run's address
-    (``mlflow``: tracking URI and run id); {} when the run has none."""
+    """``RUN/trackers.json``: the loggers the run has used (``loggers``), the last global step
+    logged (``step``) and the MLflow run's address (``mlflow``: tracking URI and run id); {} when
+    the run has none."""
     try:
         state = json.loads((Path(run_dir) / Run.TRACKERS).read_text())
     except (OSError, ValueError):
@@ -343,6 +344,8 @@ def make_tracker(loggers, run_dir, *, mlflow_uri: Optional[str] = None,
     names = check_loggers(loggers, mlflow_uri)
     if not names or rank != 0:
         return NullTracker()
+    used = read_state(run_dir).get("loggers") or []
+    _update_state(run_dir, loggers=[*used, *(n for n in names if n not in used)])  # for resume's note
     made = [TensorBoardTracker(run_dir) if name == "tensorboard"
             else MLflowTracker(run_dir, mlflow_uri, mlflow_experiment) for name in names]
     return made[0] if len(made) == 1 else MultiTracker(made)

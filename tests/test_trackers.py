@@ -181,6 +181,10 @@ def test_default_run_writes_no_tracker_files_and_force_removes_them(data, tmp_pa
     run = tmp_path / "run"
     assert main(train_args(data, run, "--epochs", "1", "--logger", "tensorboard")) == 0
     assert (run / "tensorboard").is_dir() and (run / "trackers.json").is_file()
+    capsys.readouterr()
+    assert main(train_args(data, run, "--epochs", "2", "--resume")) == 0  # no --logger: says so, logs nothing
+    assert "note: this run logged to tensorboard before; add --logger tensorboard" in capsys.readouterr().out
+    assert [e.step for e in accumulator(run).Scalars("train/loss")] == list(range(STEPS_PER_EPOCH))
     assert main(train_args(data, run, "--epochs", "1", "--force")) == 0
     assert "tensorboard" in capsys.readouterr().out  # named among what --force removed
     for name in ("tensorboard", "mlruns", "trackers.json"):
@@ -221,3 +225,44 @@ def test_bad_logger_options_are_refused(data, tmp_path, capsys):
     assert main(train_args(data, tmp_path / "run", "--mlflow-uri", "file:/x")) == 2
     assert "--mlflow-uri is for --logger mlflow" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def _ddp_worker(rank, world, port, data, run):
+    """One torchrun-like process running `rlr-fast train --logger tensorboard,mlflow`."""
+    import os
+
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), MLFLOW_ALLOW_FILE_STORE="true")
+    torch.set_num_threads(1)
+    code = main(["train", "--data", data, "--out", run, "--image-size", "64", "--backbone-weights", "random",
+                 "--epochs", "2", "--batch-size", "1", "--val-fraction", "0", "--no-progress",
+                 "--logger", "tensorboard,mlflow"])
+    assert code == 0
+    torch.distributed.destroy_process_group()
+
+
+def test_under_ddp_only_rank_0_logs(tmp_path, monkeypatch):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    data = build_demo_dataset(tmp_path / "data", classes=("brick",), image_size=64, n_train=6, n_test_good=1,
+                              n_test_defect=1)
+    run = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(data), str(run)), nprocs=2, join=True)
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer: rank 0's
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    acc = accumulator(run)
+    steps = 3  # 6 images, 3 per rank, batch 1: 3 steps per epoch on each rank
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(2 * steps))
+    # an epoch's values are of both ranks together, as log.jsonl's
+    assert [(e.step, e.value) for e in acc.Scalars("train/epoch_loss")] == [
+        (steps - 1, pytest.approx(log[0]["loss"], rel=1e-5)), (2 * steps - 1, pytest.approx(log[1]["loss"], rel=1e-5))]
+    client = mlflow_client(run, monkeypatch)
+    found = only_mlflow_run(client)
+    assert len(client.get_metric_history(found.info.run_id, "train/loss")) == 2 * steps  # no rank 1 values

@@ -104,6 +104,17 @@ def open_tracker(args, run_dir, rank: int = 0):
                         rank=rank)
 
 
+def unlogged_trackers(args) -> None:
+    """A resumed run that logged to trackers before: say which the resume leaves out."""
+    from ..trackers import parse_loggers, read_state
+
+    used = read_state(args.out).get("loggers") or []
+    left_out = [n for n in used if n not in parse_loggers(args.logger)]
+    if left_out:
+        print(f"note: this run logged to {' and '.join(left_out)} before; add --logger {','.join(used)} to go on "
+              f"logging there (this resume does not)")
+
+
 def add_layout_option(p: argparse.ArgumentParser) -> None:
     """--layout, shared by train, test and predict (rlr_fast.layouts)."""
     from ..layouts import LAYOUTS
@@ -278,6 +289,8 @@ def run(args) -> int:
     if rank == 0:
         ignored_shot_options(args, name)
         ignored_model_options(args, name)
+        if state is not None:
+            unlogged_trackers(args)
     if done >= cfg.epochs:
         if load_model(args.out, thresholds=False).score_fitted():
             say(f"{args.out} has already trained {done}/{cfg.epochs} epochs: nothing to do "
