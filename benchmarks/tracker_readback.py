@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import textwrap
 from pathlib import Path
 
 
@@ -50,7 +51,8 @@ def listing(run: Path) -> str:
     for key in sorted(found.data.metrics):
         history = client.get_metric_history(run_id, key)
         lines.append(f"  metric {key}: {values_text([m.step for m in history])}")
-    lines.append(f"  params ({len(found.data.params)}): {', '.join(sorted(found.data.params))}")
+    lines.extend(textwrap.wrap(f"params ({len(found.data.params)}): {', '.join(sorted(found.data.params))}", 100,
+                               initial_indent="  ", subsequent_indent="    "))
 
     def artifacts(path=None):
         for item in client.list_artifacts(run_id, path):
