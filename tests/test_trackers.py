@@ -62,10 +62,11 @@ class Crash(RuntimeError):
 
 @pytest.fixture(scope="module")
 def tracked(data, tmp_path_factory):
-    """A run trained with both loggers that crashes in epoch 2 (before its checkpoint), is
-    resumed, and tested; with what the trackers held right after the crash."""
+    """A run trained with both loggers for 3 epochs that crashes in epoch 2 (before its
+    checkpoint), is resumed for 2 epochs in all (so its settings change: MLflow's parameters are
+    write-once), and tested; with what the trackers held right after the crash."""
     run = tmp_path_factory.mktemp("tracked") / "run"
-    args = train_args(data, run, "--epochs", str(EPOCHS), "--logger", "tensorboard,mlflow")
+    args = train_args(data, run, "--logger", "tensorboard,mlflow")
 
     def crash_in_epoch_2(history, record, cfg):
         if record["epoch"] == 2:
@@ -75,13 +76,13 @@ def tracked(data, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("rlr_fast.training._rise_warning", crash_in_epoch_2)
         with pytest.raises(Crash):
-            main(args)
+            main([*args, "--epochs", str(EPOCHS + 1)])
         after_crash = {"tb_loss_steps": [e.step for e in accumulator(run).Scalars("train/loss")]}
         client = mlflow_client(run, mp)
         first = only_mlflow_run(client)
         after_crash["mlflow_status"] = first.info.status
         after_crash["mlflow_loss_steps"] = [m.step for m in client.get_metric_history(first.info.run_id, "train/loss")]
-    assert main([*args, "--resume"]) == 0
+    assert main([*args, "--epochs", str(EPOCHS), "--resume"]) == 0
     assert main(["test", "--data", str(data), "--run", str(run), "--no-progress", "--logger", "tensorboard,mlflow"]) == 0
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     metrics = json.loads((run / "metrics.json").read_text())
@@ -171,6 +172,7 @@ def test_mlflow_read_back(tracked, monkeypatch):
     params = found.data.params
     assert params["model"] == "rlr" and float(params["train.lr"]) == LR and params["classes"] == "brick,gravel"
     assert params["config.image_size"] == "64"
+    assert params["train.epochs"] == str(EPOCHS + 1)  # write-once: the value the MLflow run started with
     logged = [a.path for cls in CLASSES for a in client.list_artifacts(run_id, f"overlays/{cls}")]
     assert len(logged) == 2 * len(CLASSES)
     for path in logged:
