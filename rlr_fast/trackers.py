@@ -207,11 +207,12 @@ class TensorBoardTracker(_Buffered):
         self.writer = SummaryWriter(log_dir=str(self.folder))
 
     def _write(self):
-        if self.params:
-            table = "| parameter | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in sorted(self.params.items()))
-            self.writer.add_text("params", table, self.last_step or 0)
         for step, tag, value, ms in self.scalars:
             self.writer.add_scalar(tag, value, step, walltime=ms / 1000)
+        if self.params:
+            rows = "".join(f"| {k} | {v} |\n" for k, v in sorted(self.params.items()))
+            table = "| parameter | value |\n|---|---|\n" + rows
+            self.writer.add_text("params", table, self.last_step or 0)
         for step, tag, image in self.images:
             self.writer.add_image(tag, image, step, dataformats="HWC")
         self.writer.flush()

@@ -1,6 +1,7 @@
 """`--logger tensorboard|mlflow`: what train and test send, read back with each tool's own reader
 (TensorBoard's EventAccumulator, MLflow's MlflowClient on the file store), against the run's own
 log.jsonl and metrics.json."""
+import io
 import json
 import sys
 
@@ -83,7 +84,8 @@ def tracked(data, tmp_path_factory):
         after_crash["mlflow_status"] = first.info.status
         after_crash["mlflow_loss_steps"] = [m.step for m in client.get_metric_history(first.info.run_id, "train/loss")]
     assert main([*args, "--epochs", str(EPOCHS), "--resume"]) == 0
-    assert main(["test", "--data", str(data), "--run", str(run), "--no-progress", "--logger", "tensorboard,mlflow"]) == 0
+    assert main(["test", "--data", str(data), "--run", str(run), "--no-progress",
+                 "--logger", "tensorboard,mlflow"]) == 0
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     metrics = json.loads((run / "metrics.json").read_text())
     return {"run": run, "log": log, "metrics": metrics, "after_crash": after_crash}
@@ -142,8 +144,6 @@ def test_tensorboard_read_back(tracked):
     written = np.asarray(Image.open(run / "overlays" / cls / f"{name}.png").convert("RGB"))
     (event,) = acc.Images(tag)
     assert (event.height, event.width) == written.shape[:2]
-    import io
-
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB")), written)
 
 

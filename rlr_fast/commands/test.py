@@ -85,8 +85,8 @@ def run(args) -> int:
     from ..io import atomic_write_json, clean_stale_temporaries
     from ..metrics import format_table
     from ..runs import Run
-    from ..training import model_from_checkpoint, read_checkpoint
     from ..trackers import check_loggers
+    from ..training import model_from_checkpoint, read_checkpoint
     from .train import ignored_shot_options
 
     check_loggers(args.logger, args.mlflow_uri)  # before any work

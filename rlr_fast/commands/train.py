@@ -266,10 +266,9 @@ def run(args) -> int:
     """Train; under torchrun (``torchrun --nproc_per_node N -m rlr_fast train ...``) every rank
     extracts and trains on its own share of the images, with its own feature cache."""
     from ..features import extract_features, hold_out, shard
+    from ..trackers import check_loggers
     from ..training import (BEST, CHECKPOINT, build_model, default_image_size, distributed_context, load_model,
                             rank_device, selection_loss, train)
-
-    from ..trackers import check_loggers
 
     check_loggers(args.logger, args.mlflow_uri)  # before any work: a missing package is said at once
     state = _prepare_out(args)
