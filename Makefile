@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # PyTorch first, pinned to the release this project is tested with; override for another build.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -15,10 +15,18 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
+# Chromium for the report page's browser test (tests/test_report.py): Debian's package when none is
+# there and we may install it (root and apt-get); otherwise that test skips, saying why.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "could not install chromium: the browser test will skip"; \
+	    else echo "no chromium: install it (e.g. sudo apt-get install chromium) or the browser test skips"; fi; }
+
 demo: install
 	$(VENV)/bin/rlr-fast demo --out results/demo
 
-test: install
+test: install browser
 	$(PY) -m pytest -q tests benchmarks
 
 bench: install

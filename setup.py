@@ -7,6 +7,10 @@ PACKAGES = find_packages(include=["rlr_fast", "rlr_fast.*"])
 PACKAGES += ["rlr_fast.kernels" + name[len("kernels"):] for name in find_packages(include=["kernels", "kernels.*"])]
 
 DEPLOY = ["onnx", "onnxscript", "onnxruntime", "openvino"]
+# rlr-fast train/test --logger tensorboard|mlflow (rlr_fast/trackers.py). mlflow-skinny is MLflow's
+# client without its server and database packages: it writes and reads the file store (RUN/mlruns);
+# `mlflow ui` to browse it needs the full mlflow package.
+TRACKERS = ["tensorboard", "mlflow-skinny"]
 
 setup(
     name="rlr-fast",
@@ -51,8 +55,11 @@ setup(
     extras_require={
         # rlr-fast export / predict --engine: ONNX (torch.onnx needs onnx and onnxscript), onnxruntime, OpenVINO
         "deploy": DEPLOY,
-        # the deployment tests run in `make test`, so the test extra installs the deploy packages too
-        "test": ["pytest", "pytest-benchmark", *DEPLOY],
+        "trackers": TRACKERS,
+        # the deployment and tracker tests run in `make test`, so the test extra installs those packages too
+        # (the trackers' add about 160 MB); playwright drives the report page (RUN/report.html) in
+        # Chromium in tests/test_report.py
+        "test": ["pytest", "pytest-benchmark", "playwright", *DEPLOY, *TRACKERS],
     },
     entry_points={"console_scripts": ["rlr-fast=rlr_fast.cli:main"]},
 )

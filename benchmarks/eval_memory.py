@@ -8,7 +8,9 @@ runs `rlr-fast test` on each set in its own process under ``/usr/bin/time -v`` a
   test (the main process; its data-loader workers are smaller forks of it);
 - ``tree_rss_kb``: the peak of the summed RSS of the test process and all its descendants,
   sampled every 0.2 s from /proc (data-loader workers included; a sampled peak, so a lower bound);
-- the pixel metrics path used ("exact" or "binned (N bins)"), the metrics and the command.
+- the pixel metrics path used ("exact" or "binned (N bins)"), the metrics, the size of the report
+  page `test` writes (``report_bytes``: its thumbnails are all the evaluation keeps per image
+  beyond a few numbers) and the command.
 
     python benchmarks/eval_memory.py --work /tmp/evalmem --sizes 500,5000 \\
         --out benchmarks/results/eval-memory.json [--exact-at 500] [--train-args "..."]
@@ -114,12 +116,14 @@ def main(argv=None) -> int:
         name = f"{n}{'-exact' if exact else ''}"
         cmd = [*exe, "test", "--data", str(roots[n]), "--run", str(run),
                "--json", str(args.work / f"metrics-{name}.json"),
-               "--overlays", str(args.work / f"overlays-{name}"), "--batch-size", str(args.batch_size), "--no-progress",
+               "--overlays", str(args.work / f"overlays-{name}"), "--report", str(args.work / f"report-{name}.html"),
+               "--batch-size", str(args.batch_size), "--no-progress",
                *(["--exact-metrics"] if exact else [])]
         result = measure(cmd, env)
         metrics = json.loads((args.work / f"metrics-{name}.json").read_text())
         row = {"images": n, "exact_metrics_flag": exact, "pixel_metrics": metrics.get("pixel_metrics"),
                "max_rss_kb": result["max_rss_kb"], "tree_rss_kb": result["tree_rss_kb"],
+               "report_bytes": (args.work / f"report-{name}.html").stat().st_size,
                "mean": metrics["mean"], "command": shlex.join(["/usr/bin/time", "-v", *cmd])}
         record["runs"].append(row)
         print(f"{name}: {row['pixel_metrics']}, max RSS {row['max_rss_kb'] / 1024:.0f} MiB, "

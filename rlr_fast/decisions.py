@@ -112,3 +112,38 @@ class Thresholds:
         from .runs import Run
 
         return Run(run_dir).thresholds(check=False)
+
+
+@dataclass
+class DecisionCounts:
+    """How an image threshold decides a labelled set of images (``score >= threshold`` is
+    flagged anomalous, as ``model.predict``): the confusion counts and the rates from them.
+    A rate whose denominator is zero is NaN (precision with nothing flagged, recall with no
+    anomalous image, FPR with no normal image; F1 when precision or recall is)."""
+
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+    precision: float
+    recall: float
+    f1: float
+    fpr: float
+
+
+def decision_counts(labels, scores, threshold: float) -> DecisionCounts:
+    """The :class:`DecisionCounts` of image ``scores`` (any shape, flattened) against binary
+    ``labels`` (1 = anomalous) at ``threshold``: what the report page shows live for its slider."""
+    labels = np.asarray(labels).ravel() > 0.5
+    flagged = np.asarray(scores, dtype=np.float64).ravel() >= float(threshold)
+    if labels.shape != flagged.shape:
+        raise ValueError(f"{labels.size} labels for {flagged.size} scores")
+    tp, fp = int((flagged & labels).sum()), int((flagged & ~labels).sum())
+    fn, tn = int((~flagged & labels).sum()), int((~flagged & ~labels).sum())
+    ratio = lambda a, b: a / b if b else math.nan
+    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    if math.isnan(precision) or math.isnan(recall):
+        f1 = math.nan
+    else:  # 0 when precision and recall are both 0 (nothing right flagged)
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return DecisionCounts(tp, fp, tn, fn, precision, recall, f1, ratio(fp, fp + tn))

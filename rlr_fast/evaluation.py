@@ -16,7 +16,10 @@ Two ways to the pixel metrics (pixel AUROC, AUPRO, the F1-optimal pixel threshol
   AUROC's positives are, so out-of-range scores would share one bin.
 
 Image-level metrics come from the per-image scores (a few numbers per image) and stay exact in
-both. Overlays are chosen as the images arrive: only the few that will be drawn are kept.
+both. Overlays are chosen as the images arrive: only the few that will be drawn are kept. The
+report page (``report``, a :class:`rlr_fast.report.ReportCollector`) is gathered the same way:
+thumbnails and a few numbers per image, as the images are evaluated (the exact path's pass, the
+binned path's second pass), and the PRO curve each path computes anyway.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ import torch
 from .binned import DEFAULT_BINS, PixelHistograms
 from .data import DataErrorLoader, MVTecDataset
 from .decisions import Threshold, Thresholds
-from .metrics import class_metrics, image_auroc, image_f1max, summarize
+from .metrics import (_area_to, class_metrics, image_auroc, image_f1max, pixel_aupro, pixel_auroc, pro_curve,
+                      summarize)
 from .progress import progress as progress_bar
 from .timing import clock
 
@@ -125,7 +129,7 @@ def evaluate(model, root, classes=None, batch_size: int = 8, device="cpu", overl
              max_overlays_per_class: int = 6, progress: bool = True, records: Optional[dict] = None,
              layout=None, exact: Optional[bool] = None, bins: int = DEFAULT_BINS,
              first_pass: Optional[Dict[str, ClassScores]] = None,
-             threshold_curves: Optional[PixelHistograms] = None) -> dict:
+             threshold_curves: Optional[PixelHistograms] = None, report=None) -> dict:
     """Per-class image AUROC, pixel AUROC, pixel AUPRO and image F1-max, and their mean, and
     the F1-optimal image and pixel thresholds over all the classes evaluated ("thresholds", a
     :class:`~rlr_fast.decisions.Thresholds`: one model scores every class, so one decision rule).
@@ -143,7 +147,9 @@ def evaluate(model, root, classes=None, batch_size: int = 8, device="cpu", overl
     Writes up to `max_overlays_per_class` overlays per class (defective images first) to
     `overlays_dir`. The summary also records the inference speed ("images_per_s"). ``records``,
     if given, receives per class the raw "labels", "scores", "defects", "masks" and "maps" (the
-    exact path only)."""
+    exact path only). ``report``, a :class:`rlr_fast.report.ReportCollector`, receives what the
+    report page shows of each image (thumbnails, score, label) and each class's PRO curve, in
+    either path, keeping nothing of full size."""
     model = model.to(device).eval()
     dataset = _dataset(model, root, classes, layout)
     if exact is None:
@@ -153,10 +159,10 @@ def evaluate(model, root, classes=None, batch_size: int = 8, device="cpu", overl
     timer = _Timer()
     common = dict(batch_size=batch_size, device=device, progress=progress, timer=timer)
     if exact:
-        summary, pickers, vmax = _exact(model, dataset, max_overlays_per_class, records, **common)
+        summary, pickers, vmax = _exact(model, dataset, max_overlays_per_class, records, report, **common)
     else:
         summary, pickers, vmax = _binned(model, dataset, max_overlays_per_class, bins, first_pass,
-                                         threshold_curves, **common)
+                                         threshold_curves, report, **common)
     if overlays_dir is not None:
         for cls in dataset.classes:
             _overlays(Path(overlays_dir) / cls, pickers[cls].chosen(), vmax[cls])
@@ -165,7 +171,7 @@ def evaluate(model, root, classes=None, batch_size: int = 8, device="cpu", overl
     return summary
 
 
-def _exact(model, dataset, limit, records, **common):
+def _exact(model, dataset, limit, records, report, **common):
     """Every map and mask kept, metrics by metrics.class_metrics (one pass)."""
     per = defaultdict(lambda: {"labels": [], "scores": [], "masks": [], "maps": [], "defects": []})
     pickers = defaultdict(lambda: OverlayPicker(limit))
@@ -181,8 +187,14 @@ def _exact(model, dataset, limit, records, **common):
             rec["masks"].append(mask)
             rec["maps"].append(amap)
             rec["defects"].append(batch["defect"][i])
-    results = {cls: class_metrics(per[cls]["labels"], per[cls]["scores"], per[cls]["masks"], per[cls]["maps"])
-               for cls in dataset.classes}
+            if report is not None:
+                report.add(cls, batch["image"][i], mask, amap, float(scores[i]), label, batch["defect"][i],
+                           batch["path"][i])
+    if report is None:
+        results = {cls: class_metrics(per[cls]["labels"], per[cls]["scores"], per[cls]["masks"], per[cls]["maps"])
+                   for cls in dataset.classes}
+    else:
+        results = {cls: _exact_metrics_with_curve(cls, per[cls], report) for cls in dataset.classes}
     summary = summarize(results)
     if dataset.layout.per_type_metrics:
         summary["types"] = {cls: type_metrics(per[cls]) for cls in dataset.classes}
@@ -193,7 +205,7 @@ def _exact(model, dataset, limit, records, **common):
     return summary, pickers, vmax
 
 
-def _binned(model, dataset, limit, bins, first_pass, threshold_curves, **common):
+def _binned(model, dataset, limit, bins, first_pass, threshold_curves, report, **common):
     """Two passes: the per-image records and the maps' range, then the maps into histograms."""
     first = first_pass if first_pass is not None else score_pass(model, dataset, **common)
     per_type = dataset.layout.per_type_metrics
@@ -219,6 +231,8 @@ def _binned(model, dataset, limit, bins, first_pass, threshold_curves, **common)
             threshold_curves.add(mask, maps[i])
             pickers[cls].offer(index, label, lambda: (
                 batch["image"][i].clone(), mask.copy(), maps[i].copy(), batch["path"][i], defect, float(scores[i])))
+            if report is not None:
+                report.add(cls, batch["image"][i], mask, maps[i], float(scores[i]), label, defect, batch["path"][i])
     results, types = {}, {}
     for cls in dataset.classes:
         rec = first[cls]
@@ -227,6 +241,8 @@ def _binned(model, dataset, limit, bins, first_pass, threshold_curves, **common)
         for h in parts[1:]:
             total += h
         results[cls] = _binned_metrics(rec.labels, rec.scores, total)
+        if report is not None:  # the binned PRO curve the AUPRO above integrates (undefined: NaN there)
+            report.set_pro(cls, total.pro_curve() if not math.isnan(results[cls]["pixel_aupro"]) else None)
         if per_type:
             types[cls] = {}
             for kind in sorted(set(rec.defects) - {"good"}):
@@ -242,6 +258,18 @@ def _binned(model, dataset, limit, bins, first_pass, threshold_curves, **common)
                           [x for c in dataset.classes for x in first[c].scores])
     summary["thresholds"] = Thresholds(image, binned_threshold(threshold_curves))
     return summary, pickers, {cls: first[cls].hi for cls in dataset.classes}
+
+
+def _exact_metrics_with_curve(cls: str, rec: dict, report) -> Dict[str, float]:
+    """``metrics.class_metrics`` of one class's raw records, its PRO curve computed once and
+    handed to the report too."""
+    masks, maps = np.stack(rec["masks"]), np.stack(rec["maps"])  # (N, H, W)
+    curve = pro_curve(masks, maps)
+    report.set_pro(cls, curve)
+    return {"image_auroc": image_auroc(rec["labels"], rec["scores"]), "pixel_auroc": pixel_auroc(masks, maps),
+            # as metrics.pixel_aupro (max_fpr 0.3); without a curve, that one's NaN and warning
+            "pixel_aupro": _area_to(*curve, 0.3) if curve is not None else pixel_aupro(masks, maps),
+            "image_f1max": image_f1max(rec["labels"], rec["scores"])}
 
 
 def binned_threshold(curves: PixelHistograms) -> Threshold:

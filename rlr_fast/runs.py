@@ -2,10 +2,11 @@
 
 A run folder holds what training wrote (``checkpoint.pt``, ``best.pt``, ``config.json``,
 ``log.jsonl``, the ``features`` cache) and what was made from its model afterwards: the
-decision thresholds and metrics of ``rlr-fast test`` (``thresholds.json``, ``metrics.json``,
-``overlays/``), the exports of ``rlr-fast export`` (``model.onnx``, ``model.xml`` + ``model.bin``,
-``weights.pt``) and the output of ``rlr-fast predict`` (``predictions/``). :class:`Run` is the only
-code that names these files.
+decision thresholds, metrics and report page of ``rlr-fast test`` (``thresholds.json``,
+``metrics.json``, ``report.html``, ``overlays/``), the exports of ``rlr-fast export`` (``model.onnx``, ``model.xml`` + ``model.bin``,
+``weights.pt``) and the output of ``rlr-fast predict`` (``predictions/``); with ``--logger``
+(:mod:`rlr_fast.trackers`), ``tensorboard/``, ``mlruns/`` and ``trackers.json`` too. :class:`Run` is
+the only code that names these files.
 
 Why fingerprints: after ``train --force`` or ``--resume`` the run serves new weights, and a
 threshold or an export made from the old ones would decide with one model while another scores.
@@ -67,15 +68,21 @@ class Run:
     LOG = "log.jsonl"
     METRICS = "metrics.json"
     THRESHOLDS = "thresholds.json"
+    REPORT = "report.html"  # the test report page (rlr_fast.report); records its fingerprint in a meta tag
     EXPORTS = {"onnx": "model.onnx", "openvino": "model.xml", "weights": "weights.pt"}
     FEATURES = "features"
     OVERLAYS = "overlays"
     PREDICTIONS = "predictions"
     SOURCE = "source.json"  # inside a derived folder (overlays, predictions): the fingerprint it was made from
+    # --logger (rlr_fast.trackers): TensorBoard's event files, MLflow's file store, and the step and
+    # MLflow run id they have reached
+    TENSORBOARD = "tensorboard"
+    MLRUNS = "mlruns"
+    TRACKERS = "trackers.json"
 
-    TRAINING_FILES = (CHECKPOINT, BEST, CONFIG, LOG)
-    DERIVED_FILES = (METRICS, THRESHOLDS, "model.onnx", "model.xml", "model.bin", "weights.pt")
-    FOLDERS = (FEATURES, OVERLAYS, PREDICTIONS)
+    TRAINING_FILES = (CHECKPOINT, BEST, CONFIG, LOG, TRACKERS)
+    DERIVED_FILES = (METRICS, THRESHOLDS, REPORT, "model.onnx", "model.xml", "model.bin", "weights.pt")
+    FOLDERS = (FEATURES, OVERLAYS, PREDICTIONS, TENSORBOARD, MLRUNS)
 
     def __init__(self, path):
         path = Path(path)
@@ -115,6 +122,10 @@ class Run:
         return self.dir / self.THRESHOLDS
 
     @property
+    def report(self) -> Path:
+        return self.dir / self.REPORT
+
+    @property
     def features(self) -> Path:
         return self.dir / self.FEATURES
 
@@ -125,6 +136,10 @@ class Run:
     @property
     def predictions(self) -> Path:
         return self.dir / self.PREDICTIONS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.dir / self.TENSORBOARD
 
     def export_file(self, fmt: str) -> Path:
         """Where ``rlr-fast export --format fmt`` writes by default (onnx, openvino, weights)."""
@@ -177,7 +192,7 @@ class Run:
             if name == default or (fmt == "openvino" and derived.suffix == ".xml"):
                 out = "" if derived == self.dir / default else f" --out {derived}"
                 return f"`rlr-fast export --run {self.dir} --format {fmt}{out}`"
-        if name == self.THRESHOLDS or name == self.METRICS or name == self.OVERLAYS:
+        if name in (self.THRESHOLDS, self.METRICS, self.REPORT, self.OVERLAYS):
             return f"`rlr-fast test --data DATA --run {self.dir}`"
         return f"`rlr-fast predict --run {self.dir} ...`"
 

@@ -35,6 +35,7 @@ from .precision import bf16_supported, effective_precision
 from .progress import progress as progress_bar
 from .runs import Run, fingerprint
 from .timing import clock
+from .trackers import NullTracker
 
 CHECKPOINT = Run.CHECKPOINT  # the latest state: model, optimizer, schedule, RNG (what --resume reads)
 BEST = Run.BEST  # the model of the best epoch by a criterion on training data (what load_model reads)
@@ -386,9 +387,28 @@ def _rise_warning(history: list, record: dict, cfg: TrainConfig) -> Optional[str
     return None
 
 
+def run_params(model, cfg: TrainConfig, extra: Optional[dict] = None) -> dict:
+    """The settings of a run as flat name -> value pairs, for a tracker's parameters."""
+    params = {"model": model.name, **{f"config.{k}": v for k, v in asdict(model.config).items()},
+              **{f"train.{k}": v for k, v in asdict(cfg).items()}}
+    for key, value in (extra or {}).items():
+        params[key] = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+    return params
+
+
+def _epoch_scalars(record: dict) -> dict:
+    """An epoch's record as tracker scalars (rlr_fast.trackers: the per-epoch tags)."""
+    values = {"train/epoch_loss": record["loss"], "train/images_per_s": record["images_per_s"],
+              "train/grad_norm": record["grad_norm"]}
+    if "val_loss" in record:
+        values["train/val_loss"] = record["val_loss"]
+    values.update({f"train/term/{k}": v for k, v in record.get("terms", {}).items()})
+    return values
+
+
 def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool = False, device="cpu",
           progress: bool = True, log=print, on_epoch_end=None, extra: Optional[dict] = None,
-          val_cache: Optional[FeatureCache] = None) -> list:
+          val_cache: Optional[FeatureCache] = None, tracker=None) -> list:
     """Train `model` on cached features; checkpoint every epoch into `out_dir`. Returns the history
     (one dict per epoch: epoch, loss, lr, grad_norm (mean over the epoch's steps, before any
     clipping), images (of every rank), seconds, images_per_s; ``terms``, the epoch means of the
@@ -405,12 +425,19 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
     classes) goes into the checkpoint and config.json. `progress=False` hides the bars; each
     epoch's loss line is always logged.
 
+    `tracker` (rlr_fast.trackers; None: none) is sent, on rank 0, the run's settings, each step's
+    loss and learning rate at the global step ``epoch * steps_per_epoch + step`` (a resumed run
+    continues the count) and each epoch's record at its last step, and is flushed after each
+    epoch's checkpoint; the caller closes it.
+
     A training-free model (``model.training_free``, PatchCore) is fitted instead, in one pass
     over the cached features: see :func:`fit`."""
     if getattr(model, "training_free", False):
-        return fit(model, cache, out_dir, cfg, device=device, progress=progress, log=log, extra=extra)
+        return fit(model, cache, out_dir, cfg, device=device, progress=progress, log=log, extra=extra,
+                   tracker=tracker)
     out_dir = Path(out_dir)
     rank, world = distributed_context(device)
+    tracker = tracker if tracker is not None and rank == 0 else NullTracker()
     device = torch.device(device)
     model.to(device).train()
     ckpt_path = out_dir / CHECKPOINT
@@ -443,6 +470,7 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
         log(f"resuming {ckpt_path} at epoch {start_epoch}/{cfg.epochs}")
     elif rank == 0:
         _start_run(out_dir, model, cfg, extra)
+    tracker.log_params(run_params(model, cfg, extra))
     runner = _LossOf(model)
     if world > 1:
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
@@ -461,6 +489,7 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             feats = cache.batch(idx.numpy(), device)
+            lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler steps after it)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = runner(feats)
             value = loss.item()
@@ -474,6 +503,7 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            tracker.log_scalars(epoch * steps_per_epoch + step, {"train/loss": value, "train/lr": lr})
             total += value * len(idx)
             _add_terms(term_sums, model, len(idx))
             seen += len(idx)
@@ -502,6 +532,9 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
             val = f"  held-out {record['val_loss']:.4f}" if "val_loss" in record else ""
             log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}{terms}{val}  "
                 f"{record['images_per_s']:.1f} img/s" + (f"  warning: {warning}" if warning else ""))
+            # after the checkpoint: what the tracker holds is what a resume continues from
+            tracker.log_scalars((epoch + 1) * steps_per_epoch - 1, _epoch_scalars(record))
+            tracker.flush()
         if on_epoch_end is not None:
             on_epoch_end(model, record)
             model.train()
@@ -535,13 +568,14 @@ def _fit_score(model, cache: FeatureCache, out_dir: Path, rank: int, world: int,
 
 
 def fit(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, device="cpu", progress: bool = True, log=print,
-        extra: Optional[dict] = None) -> list:
+        extra: Optional[dict] = None, tracker=None) -> list:
     """Fit a training-free model (PatchCore: its memory bank) on cached features, with no
     gradient step, and write the run as a training does: ``config.json``, ``log.jsonl`` (one
     record) and ``checkpoint.pt`` (no optimizer state, so it cannot be resumed, only redone with
     --force). ``cfg.seed`` seeds the model's random choices (the coreset's start and projection);
     the rest of the recipe does not apply. Returns the history, one record: the epoch (1), the
-    training tokens, the bank size, the coreset ratio, images and seconds."""
+    training tokens, the bank size, the coreset ratio, images and seconds. `tracker`
+    (rlr_fast.trackers) is sent the settings and the record's numbers (``fit/<name>``, step 0)."""
     out_dir = Path(out_dir)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError(f"{model.name} is fitted in one pass over every training image: run it in one process, "
@@ -555,4 +589,9 @@ def fit(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, device="cpu", 
     history = [{"epoch": 1, **info, "images": len(cache), "seconds": round(seconds, 3)}]
     save_checkpoint(out_dir / CHECKPOINT, model, None, None, 1, cfg, history, extra)
     _write_log(out_dir, history)
+    if tracker is not None:
+        tracker.log_params(run_params(model, cfg, extra))
+        tracker.log_scalars(0, {f"fit/{k}": v for k, v in history[0].items() if k != "epoch"}
+                            | {"fit/images_per_s": len(cache) / seconds if seconds else float("nan")})
+        tracker.flush()
     return history

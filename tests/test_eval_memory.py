@@ -1,5 +1,6 @@
 """Evaluation in bounded memory (issue 19 part 2): the binned pixel metrics against the exact ones,
 the choice between them, and memory that does not grow with the number of test images."""
+import io
 import json
 import math
 import tracemalloc
@@ -16,7 +17,7 @@ from rlr_fast.data import MVTecDataset
 from rlr_fast.decisions import Thresholds
 from rlr_fast.demo_data import build_demo_dataset
 from rlr_fast.evaluation import evaluate
-from rlr_fast.metrics import class_metrics, f1_max_threshold, pixel_aupro, pixel_auroc
+from rlr_fast.metrics import class_metrics, f1_max_threshold, pixel_aupro, pixel_auroc, pro_curve
 from rlr_fast.models.base import AnomalyOutput
 
 
@@ -240,6 +241,12 @@ def test_resad_binned_evaluation_fits_one_threshold_over_its_classes(data, tmp_p
     monkeypatch.setattr(evaluation, "EXACT_MAX_PIXELS", 0)
     assert main([*test, "--json", str(tmp_path / "b.json")]) == 0
     binned = Thresholds.load(run / "thresholds.json")
+    # the report page of the binned path, gathered class by class (each with its references): every test image
+    page = (run / "report.html").read_text()
+    shown = json.loads(page.split('id="report-data">', 1)[1].split("</script>", 1)[0])
+    for cls in shown["classes"]:
+        assert sorted(im["name"] for im in cls["images"]) == sorted(p.name for p in (data / cls["name"] / "test").rglob("*.png"))
+    assert sorted(c["name"] for c in shown["classes"]) == ["brick", "gravel"] and page.count("pixel PRO</title>") == 2
     b, e = (json.loads((tmp_path / f"{k}.json").read_text()) for k in "be")
     assert b["pixel_metrics"].startswith("binned") and e["pixel_metrics"] == "exact"
     for cls in ("brick", "gravel"):
@@ -249,3 +256,62 @@ def test_resad_binned_evaluation_fits_one_threshold_over_its_classes(data, tmp_p
     assert binned.image == exact.image
     assert (binned.pixel.min, binned.pixel.max) == pytest.approx((exact.pixel.min, exact.pixel.max))
     assert abs(binned.pixel.threshold - exact.pixel.threshold) <= (exact.pixel.max - exact.pixel.min) / 65536
+
+
+# ------------------------------------------------------------------ the report page (issue 21)
+def _collect(root, exact, thumb_size=32):
+    from rlr_fast.report import ReportCollector, ReportConfig
+
+    shown = ReportCollector(ReportConfig(thumb_size=thumb_size))
+    summary = evaluate(Sharp(), root, progress=False, exact=exact, batch_size=4, report=shown)
+    return summary, shown
+
+
+def test_report_is_gathered_alike_in_the_exact_and_binned_paths_from_thumbnails_only(data):
+    from PIL import Image
+
+    from rlr_fast.report import PRO_MAX_FPR, build_report
+
+    per = _reference(data)
+    for exact in (True, False):
+        summary, shown = _collect(data, exact)
+        assert sorted(shown.classes) == sorted(per)
+        for cls, (labels, scores, masks, maps) in per.items():
+            rec = shown.classes[cls]
+            assert [im.label for im in rec.images] == labels
+            assert [im.score for im in rec.images] == pytest.approx(scores, abs=1e-6)
+            assert [im.mask is not None for im in rec.images] == [m.any() for m in masks]
+            for im, amap in zip(rec.images, maps):  # 32 px pictures of 64 px images; the map's own range
+                assert Image.open(io.BytesIO(im.thumb)).size == (32, 32)
+                q = np.asarray(Image.open(io.BytesIO(im.map)))
+                assert q.shape == (32, 32) and q.min() == 0 and q.max() == 255
+                assert amap.min() - 1e-6 <= im.lo < im.hi <= amap.max() + 1e-6
+            # the PRO curve: the exact one (independent reference), or the binned one within a bin's worth
+            fpr, pro = pro_curve(np.stack(masks), np.stack(maps))
+            grid, got = rec.pro
+            assert grid[-1] == PRO_MAX_FPR
+            assert np.abs(got - np.interp(grid, fpr, pro)).max() <= (1e-9 if exact else 1e-2)
+        page = build_report(summary, shown, summary["thresholds"], "0" * 16)
+        assert page.count('"thumb":"data:image/jpeg') == sum(len(r[0]) for r in per.values())
+
+
+def test_binned_memory_with_the_report_grows_only_by_the_pages_thumbnails(tmp_path):
+    # the same pattern as the test above: 8 vs 64 test images, numpy and Python allocations traced. The
+    # report keeps per image only its encoded thumbnails (32 px here), which the page holds anyway
+    small = build_demo_dataset(tmp_path / "small", classes=("brick",), image_size=64, n_train=1, n_test_good=4,
+                               n_test_defect=4)
+    large = build_demo_dataset(tmp_path / "large", classes=("brick",), image_size=64, n_train=1, n_test_good=32,
+                               n_test_defect=32)
+
+    def peak(root):
+        tracemalloc.start()
+        try:
+            _collect(root, exact=False)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    binned = peak(small), peak(large)
+    assert binned[1] <= 1.2 * binned[0], binned
+    full = 64 * 64 * (4 + 1)  # one full-size float32 map and bool mask: what keeping them would cost per image
+    assert (binned[1] - binned[0]) / 56 < full / 4, binned

@@ -1,5 +1,5 @@
 """`rlr-fast demo`: the offline end-to-end job. Builds the demo data set, trains ONE model on all
-its classes, tests it and writes the metrics, overlays and a speed summary to one folder."""
+its classes, tests it and writes the metrics, overlays, report page and a speed summary to one folder."""
 from __future__ import annotations
 
 import argparse
@@ -55,12 +55,20 @@ def run(args) -> int:
     # the model the run serves (its best epoch, as `rlr-fast test` and `predict` use), so the
     # thresholds below are those of the model that predict decides with
     model = load_model(out / "run", args.device, thresholds=False)
-    summary = evaluate(model, data, device=args.device, overlays_dir=out / "overlays", progress=progress)
+    from ..report import ReportCollector, write_report
+
+    shown = ReportCollector()  # what the report page shows, gathered as the images are evaluated
+    summary = evaluate(model, data, device=args.device, overlays_dir=out / "overlays", progress=progress,
+                       report=shown)
     table = format_table(summary)
     print(table)
     atomic_write_json(out / "metrics.json", {"classes": summary["classes"], "mean": summary["mean"]})
     # `rlr-fast predict --run OUT/run` decides with these; they record the model they were fitted for
-    Run(out / "run").save_thresholds(summary["thresholds"], model.fingerprint)
+    run = Run(out / "run")
+    run.save_thresholds(summary["thresholds"], model.fingerprint)
+    # the page `rlr-fast test --run OUT/run` writes too (there, so `train --force` removes it with the run)
+    report = write_report(run.report, summary, shown, summary["thresholds"], model.fingerprint, run=run.dir,
+                          title="rlr-fast demo report")
     atomic_write_text(out / "metrics.txt", table + "\n")
     speed = {
         "device": str(args.device), "cpu": platform.processor() or platform.machine(),
@@ -78,4 +86,5 @@ def run(args) -> int:
     atomic_write_text(out / "summary.md", "# rlr-fast demo\n\n```\n" + table + "\n```\n\n## Speed\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"results: {out} (metrics.txt, metrics.json, overlays/, speed.json, summary.md, run/)")
+    print(f"report: {report} (open it in a browser)")
     return 0

@@ -80,6 +80,39 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="share of each class's training images held out for the validation loss that picks "
                         "the best epoch (default 0.1; 0: none, the training loss picks it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the per-epoch loss lines stay)")
+    add_logger_options(p)
+
+
+def add_logger_options(p: argparse.ArgumentParser) -> None:
+    """--logger and the MLflow store, shared by train and test (rlr_fast.trackers)."""
+    from ..trackers import DEFAULT_EXPERIMENT
+
+    p.add_argument("--logger", default="none", metavar="{none,tensorboard,mlflow}",
+                   help="also send the numbers to a tracker, offline (default: none, the run's own log.jsonl and "
+                        "metrics.json): tensorboard (event files in RUN/tensorboard), mlflow (a file store in "
+                        "RUN/mlruns, or --mlflow-uri), or tensorboard,mlflow; needs pip install rlr-fast[trackers]")
+    p.add_argument("--mlflow-uri", help="--logger mlflow: the MLflow tracking URI (default: file store RUN/mlruns)")
+    p.add_argument("--mlflow-experiment", default=DEFAULT_EXPERIMENT,
+                   help=f"--logger mlflow: the MLflow experiment (default: {DEFAULT_EXPERIMENT})")
+
+
+def open_tracker(args, run_dir, rank: int = 0):
+    """The tracker of --logger for the run folder (rlr_fast.trackers.make_tracker)."""
+    from ..trackers import make_tracker
+
+    return make_tracker(args.logger, run_dir, mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment,
+                        rank=rank)
+
+
+def unlogged_trackers(args) -> None:
+    """A resumed run that logged to trackers before: say which the resume leaves out."""
+    from ..trackers import parse_loggers, read_state
+
+    used = read_state(args.out).get("loggers") or []
+    left_out = [n for n in used if n not in parse_loggers(args.logger)]
+    if left_out:
+        print(f"note: this run logged to {' and '.join(left_out)} before; add --logger {','.join(used)} to go on "
+              f"logging there (this resume does not)")
 
 
 def add_layout_option(p: argparse.ArgumentParser) -> None:
@@ -233,9 +266,11 @@ def run(args) -> int:
     """Train; under torchrun (``torchrun --nproc_per_node N -m rlr_fast train ...``) every rank
     extracts and trains on its own share of the images, with its own feature cache."""
     from ..features import extract_features, hold_out, shard
+    from ..trackers import check_loggers
     from ..training import (BEST, CHECKPOINT, build_model, default_image_size, distributed_context, load_model,
                             rank_device, selection_loss, train)
 
+    check_loggers(args.logger, args.mlflow_uri)  # before any work: a missing package is said at once
     state = _prepare_out(args)
     if state is not None:
         _check_resume(args, state)
@@ -253,6 +288,8 @@ def run(args) -> int:
     if rank == 0:
         ignored_shot_options(args, name)
         ignored_model_options(args, name)
+        if state is not None:
+            unlogged_trackers(args)
     if done >= cfg.epochs:
         if load_model(args.out, thresholds=False).score_fitted():
             say(f"{args.out} has already trained {done}/{cfg.epochs} epochs: nothing to do "
@@ -292,9 +329,15 @@ def run(args) -> int:
     say(f"features cached: {len(cache)} images in {cache.seconds:.1f}s ({cache.nbytes / 2**20:.0f} MiB)"
         + (" on rank 0" if world > 1 else ""))
     t0 = time.perf_counter()
-    history = train(model, cache, args.out, cfg, resume=state is not None, device=device,
-                    progress=not args.no_progress, log=say, extra={"classes": classes, "recipe": recipe_name},
-                    val_cache=val_cache)
+    tracker = open_tracker(args, args.out, rank)
+    try:
+        history = train(model, cache, args.out, cfg, resume=state is not None, device=device,
+                        progress=not args.no_progress, log=say, extra={"classes": classes, "recipe": recipe_name},
+                        val_cache=val_cache, tracker=tracker)
+    except BaseException:
+        tracker.close(failed=True)  # what was flushed (every checkpointed epoch) stays
+        raise
+    tracker.close()
     if fitted:
         say(f"fitted in {time.perf_counter() - t0:.1f}s: memory bank of {history[-1]['bank']} tokens "
             f"(coreset ratio {history[-1]['coreset_ratio']:g} of {history[-1]['tokens']}); "
