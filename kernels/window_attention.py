@@ -453,11 +453,228 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
 
 
 # ------------------------------------------------------------------------------------------------
+# MLKA's backward, FlashAttention-2 style: runs of consecutive tokens and the forward's band split
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _mlka_band(tile, GRID_H, GRID_W, RY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The band of a run of BLOCK_M tokens (tokens [tile * BLOCK_M, +BLOCK_M)): the tokens of the
+    other side in the grid rows within RY of the run's rows, the only ones a window of the run
+    reaches (and, the window being symmetric, the only ones whose windows reach the run). Returns
+    (full, band_lo, band_hi) in tokens: [0, full) the whole BLOCK_N blocks of the grid and
+    [band_lo, band_hi) the band widened to whole blocks and clipped to them. Blocks of [0, full)
+    outside the band need no mask; the band and the partial block [full, L) do."""
+    length = GRID_H * GRID_W
+    first_row = (tile * BLOCK_M) // GRID_W
+    last_row = (tl.minimum(tile * BLOCK_M + BLOCK_M, length) - 1) // GRID_W
+    full = (length // BLOCK_N) * BLOCK_N
+    band_lo = (tl.maximum(first_row - RY, 0) * GRID_W) // BLOCK_N * BLOCK_N
+    band_hi = tl.minimum(tl.cdiv(tl.minimum(last_row + RY + 1, GRID_H) * GRID_W, BLOCK_N) * BLOCK_N, full)
+    band_hi = tl.maximum(band_hi, band_lo)
+    return full, band_lo, band_hi
+
+
+@triton.jit
+def _mlka_dq_step(q, do, k, v, lse, delta, dq, qk_scale, visible, MASKED: tl.constexpr, DOT: tl.constexpr):
+    """One key block of dQ: P recomputed from the log-sum-exp (base 2), dS = P * (dO V^T - delta),
+    dQ += dS K (unscaled). The masked step zeroes P where `visible` is false."""
+    qk = _mm(q, tl.trans(k), DOT)
+    p = tl.math.exp2(qk * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(visible, p, 0.0)
+    dp = _mm(do, tl.trans(v), DOT)
+    ds = p * (dp - delta[:, None])
+    return dq + _mm(ds, k, DOT)
+
+
+# MLKA dQ (_mlka_dq_kernel): runs of BLOCK_M queries x BLOCK_N keys; the defaults (16-bit first),
+# then the alternatives.
+MLKA_DQ_CONFIGS = [
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),  # 16-bit, head dim <= 64
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=2),  # 16-bit, head dim 128
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=2),  # fp32
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=128), num_warps=4, num_stages=3),
+]
+
+
+@tuning.autotuned("mlka_dq", MLKA_DQ_CONFIGS, _KEY + ["DELTA_FROM_O"],
+                  lambda args: backward_candidates(args, "dq"))
+@triton.jit
+def _mlka_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
+                    stride_qb, stride_qh, stride_ql,
+                    stride_kb, stride_kh, stride_kl,
+                    stride_vb, stride_vh, stride_vl,
+                    stride_ob, stride_oh, stride_ol,
+                    stride_dob, stride_doh, stride_dol,
+                    stride_dqb, stride_dqh, stride_dql,
+                    B, H, GRID_H, GRID_W, RY, RX, qk_scale, sm_scale,
+                    DELTA_FROM_O: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, DOT: tl.constexpr):
+    """MLKA dQ = scale * dS K for a run of BLOCK_M consecutive queries and one head, sweeping the
+    keys in runs of BLOCK_N with the forward's band split: blocks outside the band run an
+    unmasked, pipelined loop; the band and a partial last block the masked one.
+
+    DELTA_FROM_O: the program also computes delta = rowsum(dO * O) (fp32) of its queries, uses it
+    and writes it to DELTA for the dK/dV launch that follows (no separate preprocess launch);
+    else it reads DELTA."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    b, tile = pid % B, pid // B
+    length = GRID_H * GRID_W
+    q_idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = q_idx < length
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), q_idx, q_ok, stride_ql, offs_d)
+    do = _load_rows(_head(DO, b, h, stride_dob, stride_doh), q_idx, q_ok, stride_dol, offs_d)
+    row = _lse_row(b, h, H, GRID_H, GRID_W)
+    lse = tl.load(LSE + row + q_idx, mask=q_ok, other=0.0)
+    if DELTA_FROM_O:
+        o = _load_rows(_head(O, b, h, stride_ob, stride_oh), q_idx, q_ok, stride_ol, offs_d)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(DELTA + row + q_idx, delta, mask=q_ok)
+    else:
+        delta = tl.load(DELTA + row + q_idx, mask=q_ok, other=0.0)
+    k_base = _head(K, b, h, stride_kb, stride_kh)
+    v_base = _head(V, b, h, stride_vb, stride_vh)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full, band_lo, band_hi = _mlka_band(tile, GRID_H, GRID_W, RY, BLOCK_M, BLOCK_N)
+    n_before = band_lo // BLOCK_N
+    for j in range(0, n_before + (full - band_hi) // BLOCK_N):
+        start = j * BLOCK_N + tl.where(j >= n_before, band_hi - band_lo, 0)
+        k = tl.load(k_base + (start + offs_n)[:, None] * stride_kl + offs_d[None, :])
+        v = tl.load(v_base + (start + offs_n)[:, None] * stride_vl + offs_d[None, :])
+        dq = _mlka_dq_step(q, do, k, v, lse, delta, dq, qk_scale, None, False, DOT)
+    qy, qx = q_idx // GRID_W, q_idx % GRID_W
+    n_band = (band_hi - band_lo) // BLOCK_N
+    for j in range(0, n_band + tl.cdiv(length - full, BLOCK_N)):
+        k_idx = tl.where(j < n_band, band_lo + j * BLOCK_N, full) + offs_n
+        k_ok = k_idx < length
+        k = _load_rows(k_base, k_idx, k_ok, stride_kl, offs_d)
+        v = _load_rows(v_base, k_idx, k_ok, stride_vl, offs_d)
+        visible = _visible(qy, qx, q_ok, k_idx // GRID_W, k_idx % GRID_W, k_ok, RY, RX, True)
+        dq = _mlka_dq_step(q, do, k, v, lse, delta, dq, qk_scale, visible, True, DOT)
+    tl.store(_head(DQ, b, h, stride_dqb, stride_dqh) + q_idx[:, None] * stride_dql + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
+
+
+@triton.jit
+def _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, visible, MASKED: tl.constexpr, DOT: tl.constexpr):
+    """One query block of dK/dV, transposed (rows are the program's keys): P^T recomputed from
+    the log-sum-exp, dV += P^T dO, dS^T = P^T * (V dO^T - delta), dK += dS^T Q (unscaled)."""
+    qk_t = _mm(k, tl.trans(q), DOT)  # (keys, queries)
+    p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+    if MASKED:
+        p_t = tl.where(visible, p_t, 0.0)
+    dv = dv + _mm(p_t, do, DOT)
+    dp_t = _mm(v, tl.trans(do), DOT)
+    ds_t = p_t * (dp_t - delta[None, :])
+    return dk + _mm(ds_t, q, DOT), dv
+
+
+# MLKA dK/dV (_mlka_dkdv_kernel): runs of BLOCK_M keys x BLOCK_N queries; the defaults (16-bit
+# first), then the alternatives.
+MLKA_DKDV_CONFIGS = [
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=2),  # 16-bit, head dim <= 64
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=2),  # 16-bit, head dim 128
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=2),  # fp32
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=2),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=32), num_warps=4, num_stages=3),
+]
+
+
+@tuning.autotuned("mlka_dkdv", MLKA_DKDV_CONFIGS, _KEY + ["K_SHARED", "V_SHARED"],
+                  lambda args: backward_candidates(args, "dkdv"))
+@triton.jit
+def _mlka_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+                      stride_qb, stride_qh, stride_ql,
+                      stride_kb, stride_kh, stride_kl,
+                      stride_vb, stride_vh, stride_vl,
+                      stride_ob, stride_oh, stride_ol,
+                      stride_dkb, stride_dkh, stride_dkl,
+                      stride_dvb, stride_dvh, stride_dvl,
+                      B, H, GRID_H, GRID_W, RY, RX, qk_scale, sm_scale, SPLITS,
+                      K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT: tl.constexpr):
+    """MLKA dK = scale * dS^T Q and dV = P^T dO for a run of BLOCK_M consecutive keys and one head,
+    sweeping the queries in runs of BLOCK_N with the forward's band split (the queries whose
+    windows reach the key run lie in the grid rows within RY of it: only those blocks, and a
+    partial last one, are masked; the others run an unmasked, pipelined loop). dK and dV
+    accumulate in fp32 registers and are stored once (per batch element, or per run of the batch).
+
+    A shared k or v is reduced over a run of the batch inside the program; with SPLITS runs, each
+    program writes its run's fp32 partial sum to split `split` of DK/DV (a (SPLITS, H, L, D)
+    buffer) and the launcher adds the splits in a fixed order: deterministic, no atomics. DELTA
+    (rowsum(dO * O)) is read, written by the dQ launch before this one."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    if K_SHARED or V_SHARED:  # split `split` of SPLITS runs of the batch
+        split, tile = pid % SPLITS, pid // SPLITS
+        b_lo = split * tl.cdiv(B, SPLITS)
+        b_hi = tl.minimum(b_lo + tl.cdiv(B, SPLITS), B)
+    else:
+        b_lo, tile = pid % B, pid // B
+        b_hi = b_lo + 1
+    length = GRID_H * GRID_W
+    k_idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_ok = k_idx < length
+    ky, kx = k_idx // GRID_W, k_idx % GRID_W
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    full, band_lo, band_hi = _mlka_band(tile, GRID_H, GRID_W, RY, BLOCK_M, BLOCK_N)
+    n_before = band_lo // BLOCK_N
+    n_fast = n_before + (full - band_hi) // BLOCK_N
+    n_band = (band_hi - band_lo) // BLOCK_N
+    n_masked = n_band + tl.cdiv(length - full, BLOCK_N)
+    # a shared k or v keeps summing over the batch run, a batched one restarts per element
+    dk = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for b in range(b_lo, b_hi):
+        k = _load_rows(_head(K, b, h, stride_kb, stride_kh), k_idx, k_ok, stride_kl, offs_d)
+        v = _load_rows(_head(V, b, h, stride_vb, stride_vh), k_idx, k_ok, stride_vl, offs_d)
+        if not K_SHARED:
+            dk = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        if not V_SHARED:
+            dv = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        q_base = _head(Q, b, h, stride_qb, stride_qh)
+        do_base = _head(DO, b, h, stride_ob, stride_oh)
+        row = _lse_row(b, h, H, GRID_H, GRID_W)
+        for j in range(0, n_fast):
+            start = j * BLOCK_N + tl.where(j >= n_before, band_hi - band_lo, 0)
+            q = tl.load(q_base + (start + offs_n)[:, None] * stride_ql + offs_d[None, :])
+            do = tl.load(do_base + (start + offs_n)[:, None] * stride_ol + offs_d[None, :])
+            lse = tl.load(LSE + row + start + offs_n)
+            delta = tl.load(DELTA + row + start + offs_n)
+            dk, dv = _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, None, False, DOT)
+        for j in range(0, n_masked):
+            q_idx = tl.where(j < n_band, band_lo + j * BLOCK_N, full) + offs_n
+            q_ok = q_idx < length
+            q = _load_rows(q_base, q_idx, q_ok, stride_ql, offs_d)
+            do = _load_rows(do_base, q_idx, q_ok, stride_ol, offs_d)
+            lse = tl.load(LSE + row + q_idx, mask=q_ok, other=0.0)
+            delta = tl.load(DELTA + row + q_idx, mask=q_ok, other=0.0)
+            visible = _visible(ky, kx, k_ok, q_idx // GRID_W, q_idx % GRID_W, q_ok, RY, RX, True)
+            dk, dv = _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, visible, True, DOT)
+        if not K_SHARED:
+            tl.store(_head(DK, b, h, stride_dkb, stride_dkh) + k_idx[:, None] * stride_dkl + offs_d[None, :],
+                     (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+        if not V_SHARED:
+            tl.store(_head(DV, b, h, stride_dvb, stride_dvh) + k_idx[:, None] * stride_dvl + offs_d[None, :],
+                     dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+    if K_SHARED:
+        tl.store(_head(DK, split, h, stride_dkb, stride_dkh) + k_idx[:, None] * stride_dkl + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+    if V_SHARED:
+        tl.store(_head(DV, split, h, stride_dvb, stride_dvh) + k_idx[:, None] * stride_dvl + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------------
 # Launch code and the autograd Function (each op's file binds COMPLEMENT)
 # ------------------------------------------------------------------------------------------------
 
 import contextlib  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
@@ -519,6 +736,34 @@ _MLKA_FWD = {
 }
 
 
+# MLKA's backward (_mlka_dq_kernel, _mlka_dkdv_kernel), defaults: runs of BLOCK_M tokens owned
+# (queries for dQ, keys for dK/dV) x BLOCK_N swept per step, warps, stages and product precision.
+# 16-bit: 64-row runs, one wgmma warpgroup (64 rows) per 4 warps.
+_MLKA_BWD = {
+    #  kind   dtype  D      M    N   warps stages DOT
+    ("dq", "fp32", 16): (32, 32, 4, 2, "tf32x3"),
+    ("dq", "fp32", 32): (32, 32, 4, 2, "tf32x3"),
+    ("dq", "fp32", 64): (32, 32, 4, 2, "tf32x3"),
+    ("dq", "fp32", 128): (32, 32, 4, 2, "tf32x3"),
+    ("dq", "16", 16): (64, 64, 4, 3, "native"),
+    ("dq", "16", 32): (64, 64, 4, 3, "native"),
+    ("dq", "16", 64): (64, 64, 4, 3, "native"),
+    ("dq", "16", 128): (64, 32, 4, 2, "native"),
+    ("dkdv", "fp32", 16): (32, 32, 4, 2, "tf32x3"),
+    ("dkdv", "fp32", 32): (32, 32, 4, 2, "tf32x3"),
+    ("dkdv", "fp32", 64): (32, 32, 4, 2, "tf32x3"),
+    ("dkdv", "fp32", 128): (32, 32, 4, 2, "tf32x3"),
+    ("dkdv", "16", 16): (64, 64, 4, 2, "native"),
+    ("dkdv", "16", 32): (64, 64, 4, 2, "native"),
+    ("dkdv", "16", 64): (64, 64, 4, 2, "native"),
+    ("dkdv", "16", 128): (64, 32, 4, 2, "native"),
+}
+
+# MLKA's backward: the FlashAttention-2 style kernels above (True, the default) or the 2D-tile
+# dQ and dK/dV kernels it shares with LCA (False; RLR_FAST_MLKA_BACKWARD=tiles at import).
+MLKA_FA2_BACKWARD = os.environ.get("RLR_FAST_MLKA_BACKWARD", "fa2") != "tiles"
+
+
 def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool = False) -> dict:
     """Default configuration of a kernel ("fwd", "dq" or "dkdv") for a head dim, dtype and op (MLKA if
     `complement`): its constexprs
@@ -531,6 +776,9 @@ def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool 
     if kind == "fwd" and complement:
         m, n, warps, stages, dot = _MLKA_FWD[key[1:]]
         return dict(BLOCK_M=m, BLOCK_N=n, DOT=dot, num_warps=warps, num_stages=stages)
+    if complement and MLKA_FA2_BACKWARD:
+        m, n, warps, stages, dot = _MLKA_BWD[key]
+        return dict(BLOCK_M=m, BLOCK_N=n, DOT=dot, num_warps=warps, num_stages=stages, split=False, maxnreg=None)
     tile, block, warps, dot, split = _CONFIGS[key]
     # Pipeline stages: 3 in the forward, 2 in the backward, none in a split dK/dV. ptxas, left to
     # itself, keeps the dK/dV kernels (and the fp32-FMA ones) to fewer registers than they need
@@ -611,7 +859,11 @@ def forward_candidates(args: dict, complement: bool) -> list:
 
 
 def backward_candidates(args: dict, kind: str) -> list:
-    """The dQ (`kind` "dq") or dK/dV ("dkdv") kernel's config space for a call."""
+    """The dQ (`kind` "dq") or dK/dV ("dkdv") kernel's config space for a call: the 2D-tile
+    kernels' (which take COMPLEMENT), or MLKA's FlashAttention-2 style ones."""
+    if "COMPLEMENT" not in args:
+        default = as_config(block_config(kind, args["HEAD_DIM"], args["Q"].dtype, True))
+        return _candidates(MLKA_DQ_CONFIGS if kind == "dq" else MLKA_DKDV_CONFIGS, default, args, True)
     default = as_config(block_config(kind, args["HEAD_DIM"], args["Q"].dtype, args["COMPLEMENT"]))
     return _candidates(DQ_CONFIGS if kind == "dq" else DKDV_CONFIGS, default, args, args["COMPLEMENT"])
 
@@ -767,10 +1019,15 @@ def kv_gradient_buffers(k: torch.Tensor, v: torch.Tensor, splits: int):
 
 
 def backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, complement: bool,
-                      splits: int = 1) -> list:
+                      splits: int = 1, o=None) -> list:
     """The backward launches: dQ, then dK/dV in one launch or, where the config splits them,
-    one launch each (`dk`, `dv` from ``kv_gradient_buffers(k, v, splits)``)."""
+    one launch each (`dk`, `dv` from ``kv_gradient_buffers(k, v, splits)``). MLKA (with
+    `MLKA_FA2_BACKWARD`): its own dQ and dK/dV kernels; given the forward's output `o`, the dQ
+    launch computes delta = rowsum(dO * O) into `delta` (a (B * H * L,) fp32 buffer) for the
+    dK/dV launch, else `delta` must hold it already. The 2D-tile kernels always read `delta`."""
     b, h, _, d = q.shape
+    if complement and MLKA_FA2_BACKWARD:
+        return _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, splits, o)
     cfg = block_config("dq", d, q.dtype, complement)
     common = (b, h, *grid, *radius, scale * LOG2E, scale)
     launches = [Launch("dq", lambda meta: (_tiles(grid, meta) * b, h), _named(
@@ -786,6 +1043,27 @@ def backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, 
             *_strides(do), *_strides(dk), *_strides(dv), *common, splits,
             K_SHARED=k_shared, V_SHARED=v_shared, WITH_DK=with_dk, WITH_DV=with_dv,
             COMPLEMENT=complement, HEAD_DIM=d, DOT=product_precision(cfg["DOT"], q.dtype)), cfg["maxnreg"]))
+    return launches
+
+
+def _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, splits, o) -> list:
+    """MLKA's FlashAttention-2 style backward: the dQ launch (which writes delta when given `o`),
+    then the dK/dV launch, each over runs of BLOCK_M tokens."""
+    b, h, _, d = q.shape
+    common = (b, h, *grid, *radius, scale * LOG2E, scale)
+    cfg = block_config("dq", d, q.dtype, True)
+    from_o = o is not None
+    launches = [Launch("mlka_dq", lambda meta: (_tiles(grid, meta) * b, h), _named(
+        _mlka_dq_kernel, q, k, v, o if from_o else do, do, dq, lse, delta, *_strides(q), *_strides(k),
+        *_strides(v), *_strides(o if from_o else do), *_strides(do), *_strides(dq), *common,
+        DELTA_FROM_O=from_o, HEAD_DIM=d, DOT=product_precision(cfg["DOT"], q.dtype)), cfg["maxnreg"])]
+    k_shared, v_shared = k.dim() == 3, v.dim() == 3
+    per_tile = splits if (k_shared or v_shared) else b
+    cfg = block_config("dkdv", d, q.dtype, True)
+    launches.append(Launch("mlka_dkdv", lambda meta: (_tiles(grid, meta) * per_tile, h), _named(
+        _mlka_dkdv_kernel, q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v),
+        *_strides(do), *_strides(dk), *_strides(dv), *common, splits, K_SHARED=k_shared, V_SHARED=v_shared,
+        HEAD_DIM=d, DOT=product_precision(cfg["DOT"], q.dtype)), cfg["maxnreg"]))
     return launches
 
 
@@ -811,14 +1089,18 @@ class WindowAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         grid, radius, scale = ctx.geometry
         do = do.contiguous()
-        delta = (o.float() * do.float()).sum(-1).reshape(-1)  # rowsum(O * dO), (B * H * L,)
+        fused_delta = cls.COMPLEMENT and MLKA_FA2_BACKWARD  # MLKA's dQ kernel computes it
+        if fused_delta:
+            delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)
+        else:
+            delta = (o.float() * do.float()).sum(-1).reshape(-1)  # rowsum(O * dO), (B * H * L,)
         dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # dense, its own strides
         b, h, _, d = q.shape
         splits = dkdv_splits(b, grid, h, d, q.dtype, cls.COMPLEMENT, k.dim() == 3 or v.dim() == 3)
         dk, dv = kv_gradient_buffers(k, v, splits)
         with _on_device(q):
             for launch in backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale,
-                                            cls.COMPLEMENT, splits):
+                                            cls.COMPLEMENT, splits, o if fused_delta else None):
                 launch()
         # the splits' partial sums of a shared gradient, added in a fixed order
         dk, dv = (g.sum(0).to(t.dtype) if t.dim() == 3 and splits > 1 else g for g, t in ((dk, k), (dv, v)))
