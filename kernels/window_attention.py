@@ -475,13 +475,41 @@ def _mlka_band(tile, GRID_H, GRID_W, RY, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
-def _mlka_dq_step(q, do, k, v, lse, delta, dq, qk_scale, visible, MASKED: tl.constexpr, DOT: tl.constexpr):
+def _window_coords(t, inv_w, GRID_W, RY, RX):
+    """Scaled grid coordinates (Y, X) = (y (2 RX + 1), x (2 RY + 1)) of token indices `t` (a
+    vector), in fp32, for `_outside_bias`. No integer division per token (about 20 instructions
+    each): y = floor(t / W + 0.5 / W) in fp32 (`inv_w` = 1 / W), exact while L < 2**21 (the
+    fraction is at least 0.5 / W from an integer, the fp32 result errs by under 2 H 2**-24);
+    the products are integers below 2**24, exact too."""
+    tf = t.to(tl.float32)
+    y = tl.floor(tf * inv_w + 0.5 * inv_w)
+    x = tf - y * GRID_W.to(tl.float32)
+    return y * (2 * RX + 1).to(tl.float32), x * (2 * RY + 1).to(tl.float32)
+
+
+@triton.jit
+def _outside_bias(ay, ax, by, bx, RY, RX):
+    """(len a, len b) exponent bound that keeps MLKA's mask without boolean tensors: >= 512
+    where token b lies outside token a's window (visible), <= -512 inside it. With the scaled
+    coordinates of `_window_coords`, |dy| <= RY and |dx| <= RX are both
+    max(|dY|, |dX|) < T = (2 RY + 1)(2 RX + 1) / 2 (a half-integer, never reached), so the bound
+    is 1024 (max(|dY|, |dX|) - T): four instructions per pair and one more where it is applied
+    (p = exp2(min(s, bound))), where a select on a boolean mask cost more in the SASS."""
+    t = tl.maximum(tl.abs(ay[:, None] - by[None, :]), tl.abs(ax[:, None] - bx[None, :]))
+    half = ((2 * RY + 1) * (2 * RX + 1)).to(tl.float32) * 512.0
+    return t * 1024.0 - half
+
+
+@triton.jit
+def _mlka_dq_step(q, do, k, v, lse, delta, dq, qk_scale, bound, MASKED: tl.constexpr, DOT: tl.constexpr):
     """One key block of dQ: P recomputed from the log-sum-exp (base 2), dS = P * (dO V^T - delta),
-    dQ += dS K (unscaled). The masked step zeroes P where `visible` is false."""
+    dQ += dS K (unscaled). The masked step bounds the exponent by `bound` (`_outside_bias`): P is
+    0 inside the windows."""
     qk = _mm(q, tl.trans(k), DOT)
-    p = tl.math.exp2(qk * qk_scale - lse[:, None])
     if MASKED:
-        p = tl.where(visible, p, 0.0)
+        p = tl.math.exp2(tl.minimum(qk * qk_scale - lse[:, None], bound))
+    else:
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
     dp = _mm(do, tl.trans(v), DOT)
     ds = p * (dp - delta[:, None])
     return dq + _mm(ds, k, DOT)
@@ -545,27 +573,38 @@ def _mlka_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
         k = tl.load(k_base + (start + offs_n)[:, None] * stride_kl + offs_d[None, :])
         v = tl.load(v_base + (start + offs_n)[:, None] * stride_vl + offs_d[None, :])
         dq = _mlka_dq_step(q, do, k, v, lse, delta, dq, qk_scale, None, False, DOT)
-    qy, qx = q_idx // GRID_W, q_idx % GRID_W
-    n_band = (band_hi - band_lo) // BLOCK_N
-    for j in range(0, n_band + tl.cdiv(length - full, BLOCK_N)):
-        k_idx = tl.where(j < n_band, band_lo + j * BLOCK_N, full) + offs_n
+    # the band's whole blocks: the window mask only (queries off the grid need none, their rows
+    # are never stored)
+    inv_w = 1.0 / GRID_W.to(tl.float32)
+    qy, qx = _window_coords(q_idx, inv_w, GRID_W, RY, RX)
+    for start in range(band_lo, band_hi, BLOCK_N):
+        k = tl.load(k_base + (start + offs_n)[:, None] * stride_kl + offs_d[None, :])
+        v = tl.load(v_base + (start + offs_n)[:, None] * stride_vl + offs_d[None, :])
+        ky, kx = _window_coords(start + offs_n, inv_w, GRID_W, RY, RX)
+        bound = _outside_bias(qy, qx, ky, kx, RY, RX)
+        dq = _mlka_dq_step(q, do, k, v, lse, delta, dq, qk_scale, bound, True, DOT)
+    if full < length:  # the partial last block: keys off the grid are zeros, P must be 0 there too
+        k_idx = full + offs_n
         k_ok = k_idx < length
         k = _load_rows(k_base, k_idx, k_ok, stride_kl, offs_d)
         v = _load_rows(v_base, k_idx, k_ok, stride_vl, offs_d)
-        visible = _visible(qy, qx, q_ok, k_idx // GRID_W, k_idx % GRID_W, k_ok, RY, RX, True)
-        dq = _mlka_dq_step(q, do, k, v, lse, delta, dq, qk_scale, visible, True, DOT)
+        ky, kx = _window_coords(k_idx, inv_w, GRID_W, RY, RX)
+        bound = tl.where(k_ok[None, :], _outside_bias(qy, qx, ky, kx, RY, RX), float("-inf"))
+        dq = _mlka_dq_step(q, do, k, v, lse, delta, dq, qk_scale, bound, True, DOT)
     tl.store(_head(DQ, b, h, stride_dqb, stride_dqh) + q_idx[:, None] * stride_dql + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
 
 
 @triton.jit
-def _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, visible, MASKED: tl.constexpr, DOT: tl.constexpr):
+def _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, bound, MASKED: tl.constexpr, DOT: tl.constexpr):
     """One query block of dK/dV, transposed (rows are the program's keys): P^T recomputed from
-    the log-sum-exp, dV += P^T dO, dS^T = P^T * (V dO^T - delta), dK += dS^T Q (unscaled)."""
+    the log-sum-exp, dV += P^T dO, dS^T = P^T * (V dO^T - delta), dK += dS^T Q (unscaled). The
+    masked step bounds the exponent by `bound` (`_outside_bias`)."""
     qk_t = _mm(k, tl.trans(q), DOT)  # (keys, queries)
-    p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
     if MASKED:
-        p_t = tl.where(visible, p_t, 0.0)
+        p_t = tl.math.exp2(tl.minimum(qk_t * qk_scale - lse[None, :], bound))
+    else:
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
     dv = dv + _mm(p_t, do, DOT)
     dp_t = _mm(v, tl.trans(do), DOT)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -617,14 +656,13 @@ def _mlka_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     length = GRID_H * GRID_W
     k_idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     k_ok = k_idx < length
-    ky, kx = k_idx // GRID_W, k_idx % GRID_W
+    inv_w = 1.0 / GRID_W.to(tl.float32)
+    ky, kx = _window_coords(k_idx, inv_w, GRID_W, RY, RX)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     full, band_lo, band_hi = _mlka_band(tile, GRID_H, GRID_W, RY, BLOCK_M, BLOCK_N)
     n_before = band_lo // BLOCK_N
     n_fast = n_before + (full - band_hi) // BLOCK_N
-    n_band = (band_hi - band_lo) // BLOCK_N
-    n_masked = n_band + tl.cdiv(length - full, BLOCK_N)
     # a shared k or v keeps summing over the batch run, a batched one restarts per element
     dk = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -645,15 +683,26 @@ def _mlka_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
             lse = tl.load(LSE + row + start + offs_n)
             delta = tl.load(DELTA + row + start + offs_n)
             dk, dv = _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, None, False, DOT)
-        for j in range(0, n_masked):
-            q_idx = tl.where(j < n_band, band_lo + j * BLOCK_N, full) + offs_n
+        # the band's whole blocks: the window mask only (keys off the grid need none, their rows
+        # are never stored)
+        for start in range(band_lo, band_hi, BLOCK_N):
+            q = tl.load(q_base + (start + offs_n)[:, None] * stride_ql + offs_d[None, :])
+            do = tl.load(do_base + (start + offs_n)[:, None] * stride_ol + offs_d[None, :])
+            lse = tl.load(LSE + row + start + offs_n)
+            delta = tl.load(DELTA + row + start + offs_n)
+            qy, qx = _window_coords(start + offs_n, inv_w, GRID_W, RY, RX)
+            bound = _outside_bias(ky, kx, qy, qx, RY, RX)
+            dk, dv = _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, bound, True, DOT)
+        if full < length:  # the partial last block: queries off the grid (q, dO zeros) get a
+            q_idx = full + offs_n  # log-sum-exp of +inf, so P = 0 there with no extra mask
             q_ok = q_idx < length
             q = _load_rows(q_base, q_idx, q_ok, stride_ql, offs_d)
             do = _load_rows(do_base, q_idx, q_ok, stride_ol, offs_d)
-            lse = tl.load(LSE + row + q_idx, mask=q_ok, other=0.0)
+            lse = tl.load(LSE + row + q_idx, mask=q_ok, other=float("inf"))
             delta = tl.load(DELTA + row + q_idx, mask=q_ok, other=0.0)
-            visible = _visible(ky, kx, k_ok, q_idx // GRID_W, q_idx % GRID_W, q_ok, RY, RX, True)
-            dk, dv = _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, visible, True, DOT)
+            qy, qx = _window_coords(q_idx, inv_w, GRID_W, RY, RX)
+            bound = _outside_bias(ky, kx, qy, qx, RY, RX)
+            dk, dv = _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, bound, True, DOT)
         if not K_SHARED:
             tl.store(_head(DK, b, h, stride_dkb, stride_dkh) + k_idx[:, None] * stride_dkl + offs_d[None, :],
                      (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
