@@ -515,14 +515,13 @@ def _mlka_dq_step(q, do, k, v, lse, delta, dq, qk_scale, bound, MASKED: tl.const
     return dq + _mm(ds, k, DOT)
 
 
-# MLKA dQ (_mlka_dq_kernel): runs of BLOCK_M queries x BLOCK_N keys; the defaults (16-bit first),
-# then the alternatives.
+# MLKA dQ (_mlka_dq_kernel, 16-bit only): runs of BLOCK_M queries x BLOCK_N keys; the defaults,
+# then alternatives. 64-row runs: one wgmma warpgroup per 4 warps on sm_90.
 MLKA_DQ_CONFIGS = [
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),  # 16-bit, head dim <= 64
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=2),  # 16-bit, head dim 128
-    triton.Config(dict(BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=2),  # fp32
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=128), num_warps=4, num_stages=3),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=2),  # 16-bit, head dim <= 32
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=2),  # 16-bit, head dim 64, 128
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=32), num_warps=8, num_stages=2),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=3),
 ]
 
 
@@ -611,14 +610,14 @@ def _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, bound, MASKED: tl
     return dk + _mm(ds_t, q, DOT), dv
 
 
-# MLKA dK/dV (_mlka_dkdv_kernel): runs of BLOCK_M keys x BLOCK_N queries; the defaults (16-bit
-# first), then the alternatives.
+# MLKA dK/dV (_mlka_dkdv_kernel, 16-bit only): runs of BLOCK_M keys x BLOCK_N queries; the
+# defaults, then alternatives. 64 x 32 keeps dK, dV and the scores of a warpgroup in 128
+# registers at head dim <= 32 (16 warps per H100 SM); 64 x 64 spilled at that budget.
 MLKA_DKDV_CONFIGS = [
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=2),  # 16-bit, head dim <= 64
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=2),  # 16-bit, head dim 128
-    triton.Config(dict(BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=2),  # fp32
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=2),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=32), num_warps=4, num_stages=3),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=2),  # 16-bit, head dim <= 64
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=1),  # 16-bit, head dim 128
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=32), num_warps=8, num_stages=2),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=16), num_warps=4, num_stages=3),
 ]
 
 
@@ -633,7 +632,7 @@ def _mlka_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                       stride_dkb, stride_dkh, stride_dkl,
                       stride_dvb, stride_dvh, stride_dvl,
                       B, H, GRID_H, GRID_W, RY, RX, qk_scale, sm_scale, SPLITS,
-                      K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, BLOCK_M: tl.constexpr,
+                      K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, RUN: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT: tl.constexpr):
     """MLKA dK = scale * dS^T Q and dV = P^T dO for a run of BLOCK_M consecutive keys and one head,
     sweeping the queries in runs of BLOCK_N with the forward's band split (the queries whose
@@ -641,15 +640,16 @@ def _mlka_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     partial last one, are masked; the others run an unmasked, pipelined loop). dK and dV
     accumulate in fp32 registers and are stored once (per batch element, or per run of the batch).
 
-    A shared k or v is reduced over a run of the batch inside the program; with SPLITS runs, each
-    program writes its run's fp32 partial sum to split `split` of DK/DV (a (SPLITS, H, L, D)
-    buffer) and the launcher adds the splits in a fixed order: deterministic, no atomics. DELTA
-    (rowsum(dO * O)) is read, written by the dQ launch before this one."""
+    A shared k or v is reduced over a run of RUN batch elements inside the program (SPLITS runs,
+    RUN * SPLITS >= B, the loop over the run unrolled); with SPLITS > 1, each program writes its
+    run's fp32 partial sum to split `split` of DK/DV (a (SPLITS, H, L, D) buffer) and the
+    launcher adds the splits in a fixed order: deterministic, no atomics. Batched: RUN = 1.
+    DELTA (rowsum(dO * O)) is read, written by the dQ launch before this one."""
     pid, h = tl.program_id(0), tl.program_id(1)
-    if K_SHARED or V_SHARED:  # split `split` of SPLITS runs of the batch
+    if K_SHARED or V_SHARED:  # split `split` of SPLITS runs of RUN batch elements
         split, tile = pid % SPLITS, pid // SPLITS
-        b_lo = split * tl.cdiv(B, SPLITS)
-        b_hi = tl.minimum(b_lo + tl.cdiv(B, SPLITS), B)
+        b_lo = split * RUN
+        b_hi = tl.minimum(b_lo + RUN, B)
     else:
         b_lo, tile = pid % B, pid // B
         b_hi = b_lo + 1
@@ -666,49 +666,51 @@ def _mlka_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     # a shared k or v keeps summing over the batch run, a batched one restarts per element
     dk = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for b in range(b_lo, b_hi):
-        k = _load_rows(_head(K, b, h, stride_kb, stride_kh), k_idx, k_ok, stride_kl, offs_d)
-        v = _load_rows(_head(V, b, h, stride_vb, stride_vh), k_idx, k_ok, stride_vl, offs_d)
-        if not K_SHARED:
-            dk = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        if not V_SHARED:
-            dv = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        q_base = _head(Q, b, h, stride_qb, stride_qh)
-        do_base = _head(DO, b, h, stride_ob, stride_oh)
-        row = _lse_row(b, h, H, GRID_H, GRID_W)
-        for j in range(0, n_fast):
-            start = j * BLOCK_N + tl.where(j >= n_before, band_hi - band_lo, 0)
-            q = tl.load(q_base + (start + offs_n)[:, None] * stride_ql + offs_d[None, :])
-            do = tl.load(do_base + (start + offs_n)[:, None] * stride_ol + offs_d[None, :])
-            lse = tl.load(LSE + row + start + offs_n)
-            delta = tl.load(DELTA + row + start + offs_n)
-            dk, dv = _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, None, False, DOT)
-        # the band's whole blocks: the window mask only (keys off the grid need none, their rows
-        # are never stored)
-        for start in range(band_lo, band_hi, BLOCK_N):
-            q = tl.load(q_base + (start + offs_n)[:, None] * stride_ql + offs_d[None, :])
-            do = tl.load(do_base + (start + offs_n)[:, None] * stride_ol + offs_d[None, :])
-            lse = tl.load(LSE + row + start + offs_n)
-            delta = tl.load(DELTA + row + start + offs_n)
-            qy, qx = _window_coords(start + offs_n, inv_w, GRID_W, RY, RX)
-            bound = _outside_bias(ky, kx, qy, qx, RY, RX)
-            dk, dv = _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, bound, True, DOT)
-        if full < length:  # the partial last block: queries off the grid (q, dO zeros) get a
-            q_idx = full + offs_n  # log-sum-exp of +inf, so P = 0 there with no extra mask
-            q_ok = q_idx < length
-            q = _load_rows(q_base, q_idx, q_ok, stride_ql, offs_d)
-            do = _load_rows(do_base, q_idx, q_ok, stride_ol, offs_d)
-            lse = tl.load(LSE + row + q_idx, mask=q_ok, other=float("inf"))
-            delta = tl.load(DELTA + row + q_idx, mask=q_ok, other=0.0)
-            qy, qx = _window_coords(q_idx, inv_w, GRID_W, RY, RX)
-            bound = _outside_bias(ky, kx, qy, qx, RY, RX)
-            dk, dv = _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, bound, True, DOT)
-        if not K_SHARED:
-            tl.store(_head(DK, b, h, stride_dkb, stride_dkh) + k_idx[:, None] * stride_dkl + offs_d[None, :],
-                     (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
-        if not V_SHARED:
-            tl.store(_head(DV, b, h, stride_dvb, stride_dvh) + k_idx[:, None] * stride_dvl + offs_d[None, :],
-                     dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+    for r in tl.static_range(RUN):  # unrolled: a loop over the run cost ~100 registers (sm_90)
+        b = b_lo + r
+        if b < b_hi:
+            k = _load_rows(_head(K, b, h, stride_kb, stride_kh), k_idx, k_ok, stride_kl, offs_d)
+            v = _load_rows(_head(V, b, h, stride_vb, stride_vh), k_idx, k_ok, stride_vl, offs_d)
+            if not K_SHARED:
+                dk = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+            if not V_SHARED:
+                dv = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+            q_base = _head(Q, b, h, stride_qb, stride_qh)
+            do_base = _head(DO, b, h, stride_ob, stride_oh)
+            row = _lse_row(b, h, H, GRID_H, GRID_W)
+            for j in range(0, n_fast):
+                start = j * BLOCK_N + tl.where(j >= n_before, band_hi - band_lo, 0)
+                q = tl.load(q_base + (start + offs_n)[:, None] * stride_ql + offs_d[None, :])
+                do = tl.load(do_base + (start + offs_n)[:, None] * stride_ol + offs_d[None, :])
+                lse = tl.load(LSE + row + start + offs_n)
+                delta = tl.load(DELTA + row + start + offs_n)
+                dk, dv = _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, None, False, DOT)
+            # the band's whole blocks: the window mask only (keys off the grid need none, their rows
+            # are never stored)
+            for start in range(band_lo, band_hi, BLOCK_N):
+                q = tl.load(q_base + (start + offs_n)[:, None] * stride_ql + offs_d[None, :])
+                do = tl.load(do_base + (start + offs_n)[:, None] * stride_ol + offs_d[None, :])
+                lse = tl.load(LSE + row + start + offs_n)
+                delta = tl.load(DELTA + row + start + offs_n)
+                qy, qx = _window_coords(start + offs_n, inv_w, GRID_W, RY, RX)
+                bound = _outside_bias(ky, kx, qy, qx, RY, RX)
+                dk, dv = _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, bound, True, DOT)
+            if full < length:  # the partial last block: queries off the grid (q, dO zeros) get a
+                q_idx = full + offs_n  # log-sum-exp of +inf, so P = 0 there with no extra mask
+                q_ok = q_idx < length
+                q = _load_rows(q_base, q_idx, q_ok, stride_ql, offs_d)
+                do = _load_rows(do_base, q_idx, q_ok, stride_ol, offs_d)
+                lse = tl.load(LSE + row + q_idx, mask=q_ok, other=float("inf"))
+                delta = tl.load(DELTA + row + q_idx, mask=q_ok, other=0.0)
+                qy, qx = _window_coords(q_idx, inv_w, GRID_W, RY, RX)
+                bound = _outside_bias(ky, kx, qy, qx, RY, RX)
+                dk, dv = _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, bound, True, DOT)
+            if not K_SHARED:
+                tl.store(_head(DK, b, h, stride_dkb, stride_dkh) + k_idx[:, None] * stride_dkl + offs_d[None, :],
+                         (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+            if not V_SHARED:
+                tl.store(_head(DV, b, h, stride_dvb, stride_dvh) + k_idx[:, None] * stride_dvl + offs_d[None, :],
+                         dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
     if K_SHARED:
         tl.store(_head(DK, split, h, stride_dkb, stride_dkh) + k_idx[:, None] * stride_dkl + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
@@ -789,28 +791,26 @@ _MLKA_FWD = {
 # (queries for dQ, keys for dK/dV) x BLOCK_N swept per step, warps, stages and product precision.
 # 16-bit: 64-row runs, one wgmma warpgroup (64 rows) per 4 warps.
 _MLKA_BWD = {
-    #  kind   dtype  D      M    N   warps stages DOT
-    ("dq", "fp32", 16): (32, 32, 4, 2, "tf32x3"),
-    ("dq", "fp32", 32): (32, 32, 4, 2, "tf32x3"),
-    ("dq", "fp32", 64): (32, 32, 4, 2, "tf32x3"),
-    ("dq", "fp32", 128): (32, 32, 4, 2, "tf32x3"),
-    ("dq", "16", 16): (64, 64, 4, 3, "native"),
-    ("dq", "16", 32): (64, 64, 4, 3, "native"),
-    ("dq", "16", 64): (64, 64, 4, 3, "native"),
-    ("dq", "16", 128): (64, 32, 4, 2, "native"),
-    ("dkdv", "fp32", 16): (32, 32, 4, 2, "tf32x3"),
-    ("dkdv", "fp32", 32): (32, 32, 4, 2, "tf32x3"),
-    ("dkdv", "fp32", 64): (32, 32, 4, 2, "tf32x3"),
-    ("dkdv", "fp32", 128): (32, 32, 4, 2, "tf32x3"),
-    ("dkdv", "16", 16): (64, 64, 4, 2, "native"),
-    ("dkdv", "16", 32): (64, 64, 4, 2, "native"),
-    ("dkdv", "16", 64): (64, 64, 4, 2, "native"),
-    ("dkdv", "16", 128): (64, 32, 4, 2, "native"),
+    #  kind   dtype  D      M    N   warps stages DOT   maxnreg
+    ("dq", "16", 16): (64, 64, 4, 2, "native", 128),
+    ("dq", "16", 32): (64, 64, 4, 2, "native", 128),
+    ("dq", "16", 64): (64, 32, 4, 2, "native", None),
+    ("dq", "16", 128): (64, 32, 4, 2, "native", None),
+    ("dkdv", "16", 16): (64, 32, 4, 2, "native", 128),
+    ("dkdv", "16", 32): (64, 32, 4, 2, "native", 128),
+    ("dkdv", "16", 64): (64, 32, 4, 2, "native", None),
+    ("dkdv", "16", 128): (64, 32, 4, 1, "native", None),
 }
 
-# MLKA's backward: the FlashAttention-2 style kernels above (True, the default) or the 2D-tile
-# dQ and dK/dV kernels it shares with LCA (False; RLR_FAST_MLKA_BACKWARD=tiles at import).
+# MLKA's backward in 16 bits: the FlashAttention-2 style kernels above (True, the default) or the
+# 2D-tile dQ and dK/dV kernels it shares with LCA (False; RLR_FAST_MLKA_BACKWARD=tiles at import).
+# fp32 keeps the 2D-tile kernels: its tf32x3 products on runs of 16-32 rows spill registers.
 MLKA_FA2_BACKWARD = os.environ.get("RLR_FAST_MLKA_BACKWARD", "fa2") != "tiles"
+
+
+def mlka_fa2_backward(dtype: torch.dtype) -> bool:
+    """Whether MLKA's backward in `dtype` runs the FlashAttention-2 style kernels."""
+    return MLKA_FA2_BACKWARD and dtype != torch.float32
 
 
 def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool = False) -> dict:
@@ -825,9 +825,10 @@ def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool 
     if kind == "fwd" and complement:
         m, n, warps, stages, dot = _MLKA_FWD[key[1:]]
         return dict(BLOCK_M=m, BLOCK_N=n, DOT=dot, num_warps=warps, num_stages=stages)
-    if complement and MLKA_FA2_BACKWARD:
-        m, n, warps, stages, dot = _MLKA_BWD[key]
-        return dict(BLOCK_M=m, BLOCK_N=n, DOT=dot, num_warps=warps, num_stages=stages, split=False, maxnreg=None)
+    if complement and mlka_fa2_backward(dtype):
+        m, n, warps, stages, dot, maxnreg = _MLKA_BWD[key]
+        return dict(BLOCK_M=m, BLOCK_N=n, DOT=dot, num_warps=warps, num_stages=stages, split=False,
+                    maxnreg=maxnreg)
     tile, block, warps, dot, split = _CONFIGS[key]
     # Pipeline stages: 3 in the forward, 2 in the backward, none in a split dK/dV. ptxas, left to
     # itself, keeps the dK/dV kernels (and the fp32-FMA ones) to fewer registers than they need
@@ -1043,6 +1044,9 @@ def fold_tile(tile_h: int, tile_w: int, fold: int):
 # Programs the dK/dV launch of a shared k/v aims at: 4 per SM of an H100 (132 SMs), so that the
 # batch splits fill the GPU even where one program per key tile and head would leave it idle.
 _DKDV_PROGRAMS = 4 * 132
+# Batch elements a program of MLKA's dK/dV sums a shared k/v over, at most (its loop over them is
+# unrolled, each element a copy of the kernel's loops).
+_MLKA_RUN = 2
 
 
 def dkdv_splits(batch: int, grid, heads: int, head_dim: int, dtype: torch.dtype, complement: bool,
@@ -1054,7 +1058,10 @@ def dkdv_splits(batch: int, grid, heads: int, head_dim: int, dtype: torch.dtype,
     if not shared:
         return 1
     programs = _tiles(grid, block_config("dkdv", head_dim, dtype, complement)) * heads
-    return max(1, min(batch, triton.cdiv(_DKDV_PROGRAMS, programs)))
+    splits = max(1, min(batch, triton.cdiv(_DKDV_PROGRAMS, programs)))
+    if complement and mlka_fa2_backward(dtype):  # its runs are unrolled: at most _MLKA_RUN elements each
+        splits = max(splits, triton.cdiv(batch, _MLKA_RUN))
+    return splits
 
 
 def kv_gradient_buffers(k: torch.Tensor, v: torch.Tensor, splits: int):
@@ -1075,7 +1082,7 @@ def backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, 
     launch computes delta = rowsum(dO * O) into `delta` (a (B * H * L,) fp32 buffer) for the
     dK/dV launch, else `delta` must hold it already. The 2D-tile kernels always read `delta`."""
     b, h, _, d = q.shape
-    if complement and MLKA_FA2_BACKWARD:
+    if complement and mlka_fa2_backward(q.dtype):
         return _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, splits, o)
     cfg = block_config("dq", d, q.dtype, complement)
     common = (b, h, *grid, *radius, scale * LOG2E, scale)
@@ -1108,11 +1115,12 @@ def _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, s
         DELTA_FROM_O=from_o, HEAD_DIM=d, DOT=product_precision(cfg["DOT"], q.dtype)), cfg["maxnreg"])]
     k_shared, v_shared = k.dim() == 3, v.dim() == 3
     per_tile = splits if (k_shared or v_shared) else b
+    run = triton.cdiv(b, splits) if (k_shared or v_shared) else 1
     cfg = block_config("dkdv", d, q.dtype, True)
     launches.append(Launch("mlka_dkdv", lambda meta: (_tiles(grid, meta) * per_tile, h), _named(
         _mlka_dkdv_kernel, q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v),
         *_strides(do), *_strides(dk), *_strides(dv), *common, splits, K_SHARED=k_shared, V_SHARED=v_shared,
-        HEAD_DIM=d, DOT=product_precision(cfg["DOT"], q.dtype)), cfg["maxnreg"]))
+        RUN=run, HEAD_DIM=d, DOT=product_precision(cfg["DOT"], q.dtype)), cfg["maxnreg"]))
     return launches
 
 
@@ -1138,7 +1146,7 @@ class WindowAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         grid, radius, scale = ctx.geometry
         do = do.contiguous()
-        fused_delta = cls.COMPLEMENT and MLKA_FA2_BACKWARD  # MLKA's dQ kernel computes it
+        fused_delta = cls.COMPLEMENT and mlka_fa2_backward(q.dtype)  # MLKA's dQ kernel computes it
         if fused_delta:
             delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)
         else:

@@ -22,7 +22,16 @@ nr = importlib.import_module("rlr_fast.kernels.nearest_reference")  # the packag
 
 OPS = {"lca": local_cross_attention, "mlka": neighbor_masked_attention}
 SPACES = {"lca_fwd": wa.LCA_FWD_CONFIGS, "mlka_fwd": wa.MLKA_FWD_CONFIGS, "dq": wa.DQ_CONFIGS,
-          "dkdv": wa.DKDV_CONFIGS, "nearest": nr.NEAREST_CONFIGS}
+          "dkdv": wa.DKDV_CONFIGS, "mlka_dq": wa.MLKA_DQ_CONFIGS, "mlka_dkdv": wa.MLKA_DKDV_CONFIGS,
+          "nearest": nr.NEAREST_CONFIGS}
+
+
+def _kernels(op, dtype):
+    """The forward, dQ and dK/dV kernels (names in `SPACES`) a call of the op runs in `dtype`:
+    16-bit MLKA has its own FlashAttention-2 style backward."""
+    if op == "mlka" and wa.mlka_fa2_backward(dtype):
+        return ("mlka_fwd", "mlka_dq", "mlka_dkdv")
+    return (f"{op}_fwd", "dq", "dkdv")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs CUDA or TRITON_INTERPRET=1")
@@ -73,15 +82,17 @@ def _chosen(name):
 @pytest.mark.parametrize("index", range(6))
 def test_every_config_matches_the_reference(index, op, dtype, pin):
     """Config `index` of the op's forward and of dQ and dK/dV (the batch-split reduction of the
-    shared k) pinned: forward and gradients against the reference backend in fp64."""
+    shared k) pinned (modulo the size of a smaller space): forward and gradients against the
+    reference backend in fp64."""
     fwd = f"{op}_fwd"
-    for name in (fwd, "dq", "dkdv"):
-        pin(name, index)
+    names = _kernels(op, dtype)
+    for name in names:
+        pin(name, index % len(SPACES[name]))
     q, k, v, grad = _inputs(op, dtype)
     got = _run(op, q, k, v, grad, "triton")
     oracle = _run(op, q.double(), k.double(), v.double(), grad.double(), "reference")
-    for name in ("dq", "dkdv", fwd):
-        space, chosen = SPACES[name][index], _chosen(name)
+    for name in names:
+        space, chosen = SPACES[name][index % len(SPACES[name])], _chosen(name)
         assert (chosen.num_warps, chosen.num_stages) == (space.num_warps, space.num_stages), name
         tile = (space.kwargs.get("TILE_H"), space.kwargs.get("TILE_W"))
         if name == "lca_fwd" and dtype == torch.float16:  # k and v shared: 2 batch elements folded into the tile
@@ -125,12 +136,13 @@ def test_reruns_on_the_same_buffers_leave_the_outputs_right(op, pin):
     dq = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
     dk, dv = (t.fill_(float("nan")) for t in wa.kv_gradient_buffers(k, v, splits))
     for index in range(6):
-        for name in (f"{op}_fwd", "dq", "dkdv"):
-            pin(name, index)
+        for name in _kernels(op, dtype):
+            pin(name, index % len(SPACES[name]))
         forward()
-        delta = (o.float() * grad.float()).sum(-1).reshape(-1)
+        # 16-bit MLKA: the dQ kernel computes delta from O itself (into a NaN buffer here)
+        delta = torch.full_like(lse, float("nan")) if complement else (o.float() * grad.float()).sum(-1).reshape(-1)
         for launch in wa.backward_launches(q, k, v, grad, dq, dk, dv, lse, delta, grid, radius, scale,
-                                           complement, splits):
+                                           complement, splits, o if complement else None):
             launch()
     dk, dv = (g.sum(0).to(t.dtype) if t.dim() == 3 else g for g, t in ((dk, k), (dv, v)))
     for name, g, ref in zip(("out", "dq", "dk", "dv"), (o, dq, dk, dv), oracle):

@@ -59,17 +59,24 @@ def test_triton_head_dims(op, dim):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dim", [32, 128])
+# 16-bit MLKA runs the FlashAttention-2 style backward (runs of 64 tokens, band split): small odd
+# grids with a partial last run, square and non-square windows, every shared/batched layout
+LOW_PRECISION_CASES = [("lca", (10, 9), 3, 32, True, False), ("lca", (10, 9), 3, 128, True, False),
+                       ("mlka", (10, 9), 3, 32, True, False), ("mlka", (10, 9), 3, 128, True, False),
+                       ("mlka", (5, 7), 3, 16, True, True), ("mlka", (9, 6), 5, 32, False, False),
+                       ("mlka", (12, 12), (3, 5), 16, False, True), ("mlka", (12, 12), 5, 32, True, False),
+                       ("mlka", (9, 6), (5, 3), 16, True, False), ("mlka", (5, 7), (1, 3), 64, True, False)]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("op", ["lca", "mlka"])
-def test_triton_low_precision_error_is_bounded(op, dtype, dim):
+@pytest.mark.parametrize("op,grid,window,dim,k_shared,v_shared", LOW_PRECISION_CASES)
+def test_triton_low_precision_error_is_bounded(op, grid, window, dim, k_shared, v_shared, dtype):
     """Error against an fp64 oracle at most twice that of the reference in the same dtype (+ slack)."""
-    grid = (10, 9)
-    q, k, v, grad = _inputs(2, 2, grid, dim, True, False, torch.float64)
-    oracle = _run(op, q, k, v, grad, grid, 3, "reference")
+    q, k, v, grad = _inputs(2, 2, grid, dim, k_shared, v_shared, torch.float64)
+    oracle = _run(op, q, k, v, grad, grid, window, "reference")
     low = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    ref = _run(op, *low, grad.to(dtype), grid, 3, "reference")
-    got = _run(op, *low, grad.to(dtype), grid, 3, "triton")
+    ref = _run(op, *low, grad.to(dtype), grid, window, "reference")
+    got = _run(op, *low, grad.to(dtype), grid, window, "triton")
     for name, o, r, g in zip(("out", "dq", "dk", "dv"), oracle, ref, got):
         assert g.dtype == dtype
         ref_err, got_err = (r.double() - o).abs().max().item(), (g.double() - o).abs().max().item()
@@ -89,6 +96,16 @@ def test_triton_non_contiguous_and_deterministic():
     ref = _run("mlka", q, k, v, grad, grid, 3, "reference")
     for a, b in zip(first, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_mlka_16bit_backward_is_deterministic():
+    """The 16-bit MLKA backward (shared k summed over runs of the batch in a fixed order, no
+    atomics) gives bitwise equal gradients run after run; B=5 makes an uneven last run."""
+    q, k, v, grad = (t.detach().half() for t in _inputs(5, 1, (9, 8), 16, True, False, torch.float32))
+    runs = [_run("mlka", *(t.clone().requires_grad_() for t in (q, k, v)), grad, (9, 8), 3, "triton")
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_triton_clear_errors():
@@ -292,11 +309,12 @@ def test_triton_lca_folds_the_batch_into_the_query_tile(batch):
         torch.testing.assert_close(g.double(), o, rtol=2e-2, atol=2e-2, msg=f"B={batch} {name}")
 
 
-@pytest.mark.parametrize("grid,window", [((20, 16), 3), ((9, 40), (5, 3))])
-def test_triton_mlka_fast_loop_16bit(grid, window):
-    """16-bit MLKA forward runs 64 x 64 tiles: grids large enough for key blocks outside the
-    band (the unmasked fast loop), a band in the middle, and a partial last block."""
-    q, k, v, grad = _inputs(2, 1, grid, 32, True, False, torch.float64)
+@pytest.mark.parametrize("grid,window,k_shared,v_shared", [((20, 16), 3, True, False), ((9, 40), (5, 3), True, False),
+                                                            ((20, 16), (3, 5), False, True), ((17, 13), 3, True, True)])
+def test_triton_mlka_fast_loop_16bit(grid, window, k_shared, v_shared):
+    """16-bit MLKA forward and backward run runs of 64 tokens: grids large enough for blocks outside
+    the band (the unmasked fast loops), a band in the middle, and a partial last block."""
+    q, k, v, grad = _inputs(2, 1, grid, 32, k_shared, v_shared, torch.float64)
     oracle = _run("mlka", q, k, v, grad, grid, window, "reference")
     low = [t.detach().half().requires_grad_() for t in (q, k, v)]
     got = _run("mlka", *low, grad.half(), grid, window, "triton")
