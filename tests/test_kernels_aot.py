@@ -267,6 +267,37 @@ def test_lca_and_backward_trip_counts_counted_by_hand():
                             ((("once",), 1), (("loop", 0), 1), (("loop", 1), 4), (("mask", 1), 4)): 4})
 
 
+def test_mlka_backward_trip_counts_counted_by_hand():
+    """MLKA's FlashAttention-2 style dQ and dK/dV, 16-token runs and blocks, window 3. On an 8 x 8
+    grid the bands are those of the forward (no partial block). On a 5 x 7 grid (35 tokens) every
+    run has a partial last block at 32..34: run 0 (rows 0-2) and run 1 (rows 2-4) have band rows
+    reaching 0..32 (2 whole blocks, no fast block); run 2 (row 4) has band rows 3-4 (tokens 21..34:
+    block 1) and block 0 in its fast loop. dK/dV with a shared k, batch 3 in 2 splits of RUN 2:
+    programs of 2 and 1 batch elements, each running every loop once per element."""
+    from collections import Counter
+
+    def dq(fast, band, tail):
+        return ((("once",), 1), (("loop", 0), fast), (("loop", 1), band), (("tail",), tail))
+
+    geometry = dict(batch=2, heads=3, grid=(8, 8), window=(3, 3))
+    got = aot.trip_counts("mlka_dq", dict(BLOCK_M=16, BLOCK_N=16), geometry)
+    assert got == Counter({dq(2, 2, 0): 2 * 2 * 3, dq(1, 3, 0): 2 * 2 * 3})
+    geometry = dict(batch=3, heads=2, grid=(5, 7), window=(3, 3))
+    got = aot.trip_counts("mlka_dq", dict(BLOCK_M=16, BLOCK_N=16), geometry)
+    assert got == Counter({dq(0, 2, 1): 2 * 3 * 2, dq(1, 1, 1): 3 * 2})
+
+    def dkdv(run, fast, band, tail):
+        return ((("once",), 1), (("loop", 0), run), (("loop", 1), run * fast), (("loop", 2), run * band),
+                (("tail",), run * tail))
+
+    shared = dict(BLOCK_M=16, BLOCK_N=16, K_SHARED=True, V_SHARED=False, SPLITS=2, RUN=2)
+    got = aot.trip_counts("mlka_dkdv", shared, geometry)
+    assert got == Counter({dkdv(2, 0, 2, 1): 2 * 2, dkdv(1, 0, 2, 1): 2 * 2, dkdv(2, 1, 1, 1): 2, dkdv(1, 1, 1, 1): 2})
+    batched = dict(shared, K_SHARED=False, SPLITS=1, RUN=1)
+    got = aot.trip_counts("mlka_dkdv", batched, geometry)
+    assert got == Counter({dkdv(1, 0, 2, 1): 2 * 3 * 2, dkdv(1, 1, 1, 1): 3 * 2})
+
+
 # Two loops: 0x30-0x50 (3 instructions, one exp2; source loop 0), 0x70-0xb0 (5 instructions; source
 # loop 1, whose 0x90-0xa0 a branch at 0x80 skips and whose lines are its `if _needs_mask` block)
 WEIGHTED_SASS = """
@@ -306,6 +337,56 @@ def test_weighting_of_two_loops_with_known_trip_counts():
     # a machine loop with no line of any source loop is an error, not a guess
     with pytest.raises(ValueError, match="matches no loop"):
         aot.loop_weights(WEIGHTED_SASS, {**lines, 0x30: 5, 0x40: 5, 0x50: 5}, loops)
+
+
+# One loop 0x20-0x40; after it a branch at 0x50 skips 0x60-0x70 (the partial last block's lines 30-31),
+# and 0x80 (line 40) runs once
+TAIL_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0030*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0040*/               @P0 BRA 0x20 ;
+        /*0050*/               @P1 BRA 0x80 ;
+        /*0060*/                   MUFU.EX2 R3, R3 ;
+        /*0070*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0080*/                   STG.E desc[UR4][R2.64], R4 ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_the_partial_last_block_runs_only_where_counted():
+    """Instructions outside every loop, skipped by a branch and on the lines of an ``if full < length``
+    block are the tail's: counted as often as the trip counts say (0 where the grid fills whole
+    blocks), the rest once; an unskipped instruction on those lines stays once."""
+    loops = [{"lines": (10, 12), "masks": []}]
+    lines = {0x00: 1, 0x10: 2, 0x20: 11, 0x30: 11, 0x40: 10, 0x50: 29, 0x60: 30, 0x70: 31, 0x80: 40, 0x90: 41}
+    keys = aot.loop_weights(TAIL_SASS, lines, loops, [(29, 31)])
+    assert [k for _, _, k in keys] == [("once",)] * 2 + [("loop", 0)] * 3 + [("once",)] + [("tail",)] * 2 + \
+        [("once",)] * 2
+    assert [k for _, _, k in aot.loop_weights(TAIL_SASS, lines, loops)][6:8] == [("once",)] * 2  # no tail blocks
+    from collections import Counter
+
+    for tail in (0, 1):
+        trips = Counter({((("once",), 1), (("loop", 0), 5), (("tail",), tail)): 3})
+        figures = aot.weighted_figures(keys, trips, num_warps=1, useful_scores=100)
+        assert figures["thread_instructions"] == (5 + 5 * 3 + 2 * tail) * 3 * 32
+        assert figures["thread_exp"] == tail * 3 * 32
+
+
+def test_tail_blocks_are_the_kernels_partial_block_statements():
+    """Each MLKA backward kernel has one ``if full < length`` block, inside the kernel's lines."""
+    import inspect
+
+    from rlr_fast.kernels import window_attention as wa
+
+    for kernel in (wa._mlka_dq_kernel, wa._mlka_dkdv_kernel):
+        fn = kernel.fn.fn
+        lines, start = inspect.getsourcelines(fn)
+        tails = aot.tail_blocks(fn)
+        assert len(tails) == 1 and start < tails[0][0] < tails[0][1] < start + len(lines)
+        assert "if full < length" in lines[tails[0][0] - start]
+    assert aot.tail_blocks(wa._mlka_fwd_kernel.fn.fn) == []
 
 
 NESTED_SASS = """
@@ -457,7 +538,9 @@ def test_backward_glue_is_what_the_backward_runs_in_torch(op, dtype_name, monkey
         with Spy() as spy:
             function.backward(ctx, torch.empty_like(q))
         splits = wa.dkdv_splits(b, (gh, gw), h, d, dtype, aot.OPS[op], True)
-        assert kernels == ["dq", "dkdv"]
+        # 16-bit MLKA: its FlashAttention-2 style kernels, whose dQ computes delta (no torch glue for it)
+        fa2 = op == "mlka" and wa.mlka_fa2_backward(dtype)
+        assert kernels == (["mlka_dq", "mlka_dkdv"] if fa2 else ["dq", "dkdv"])
         assert spy.work == aot.backward_glue(op, dtype_name, d, geometry, splits, (True, not aot.OPS[op]))
         assert len(spy.work) >= 2  # delta at least (the sum over splits only where there are splits)
 
