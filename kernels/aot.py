@@ -90,6 +90,7 @@ def typical_launches(op: str, dtype, head_dim: int, kind: str, k_shared: bool, v
     tensors (no memory; their address 0 is 16-byte aligned like a CUDA allocation's)."""
     import torch
 
+    from . import tuning
     from . import window_attention as wa
 
     b, h, (gh, gw) = geometry["batch"], geometry["heads"], geometry["grid"]
@@ -104,9 +105,10 @@ def typical_launches(op: str, dtype, head_dim: int, kind: str, k_shared: bool, v
     scale = head_dim ** -0.5
     if kind == "forward":
         return [wa.forward_launch(q, k, v, torch.empty_like(q), lse, (gh, gw), radius, scale, OPS[op])]
-    splits = wa.dkdv_splits(b, (gh, gw), h, head_dim, dtype, OPS[op], k_shared or v_shared)
+    arch = tuning.target_arch()  # the report's target (None: as sm_90)
+    splits = wa.dkdv_splits(b, (gh, gw), h, head_dim, dtype, OPS[op], k_shared or v_shared, arch)
     # MLKA's FlashAttention-2 style dQ is given the forward's output and computes delta itself
-    o = torch.empty_like(q) if OPS[op] and wa.mlka_fa2_backward(dtype) else None
+    o = torch.empty_like(q) if OPS[op] and wa.mlka_fa2_backward(dtype, head_dim, arch) else None
     launches = wa.backward_launches(q, k, v, torch.empty_like(q), torch.empty_like(q),
                                     *wa.kv_gradient_buffers(k, v, splits), lse, lse, (gh, gw), radius, scale,
                                     OPS[op], splits, o)
@@ -554,7 +556,8 @@ def fa2_floor_us(geometry: dict, mode: str) -> float:
     return round(max(instr / gpu["issue_slots"], ex2 / gpu["mufu"]) / (gpu["sms"] * gpu["clock_hz"]) * 1e6, 2)
 
 
-def backward_glue(op: str, dtype_name: str, head_dim: int, geometry: dict, splits: int, shared: tuple) -> list:
+def backward_glue(op: str, dtype_name: str, head_dim: int, geometry: dict, splits: int, shared: tuple,
+                  arch: str = "sm_90") -> list:
     """The torch launches around the Triton backward kernels (WindowAttentionFunction.backward), each
     as the elements it processes: delta = (O.float() * dO.float()).sum(-1) (the casts only in 16
     bits; none where MLKA's FlashAttention-2 style dQ computes delta), and for each shared gradient
@@ -567,7 +570,7 @@ def backward_glue(op: str, dtype_name: str, head_dim: int, geometry: dict, split
     rows = geometry["batch"] * geometry["heads"] * gh * gw
     elements = rows * head_dim
     glue = ([elements, elements] if dtype_name != "fp32" else []) + [elements, elements]  # casts, mul, sum
-    if OPS[op] and wa.mlka_fa2_backward(getattr(torch, DTYPES[dtype_name])):
+    if OPS[op] and wa.mlka_fa2_backward(getattr(torch, DTYPES[dtype_name]), head_dim, int(arch.removeprefix("sm_"))):
         glue = []
     for is_shared in shared:
         if is_shared and splits > 1:
@@ -600,7 +603,7 @@ def op_summaries(records: list) -> list:
                     continue
                 glue = [] if mode == "forward" else backward_glue(
                     op, dtype_name, dim, geometry, next((f["splits"] for f in figures if "splits" in f), 1),
-                    (True, not OPS[op]))
+                    (True, not OPS[op]), arch)
                 glue_instr = GLUE_INSTRUCTIONS_PER_ELEMENT * sum(glue)
                 gpu = H100_SXM
                 glue_us = glue_instr / (gpu["issue_slots"] * gpu["sms"] * gpu["clock_hz"]) * 1e6

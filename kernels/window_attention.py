@@ -515,13 +515,15 @@ def _mlka_dq_step(q, do, k, v, lse, delta, dq, qk_scale, bound, MASKED: tl.const
     return dq + _mm(ds, k, DOT)
 
 
-# MLKA dQ (_mlka_dq_kernel, 16-bit only): runs of BLOCK_M queries x BLOCK_N keys; the defaults,
-# then alternatives. 64-row runs: one wgmma warpgroup per 4 warps on sm_90.
+# MLKA dQ (_mlka_dq_kernel, 16-bit only): runs of BLOCK_M queries x BLOCK_N keys; the defaults
+# (`_MLKA_BWD`), then alternatives. 64-row runs: one wgmma warpgroup per 4 warps on sm_90.
 MLKA_DQ_CONFIGS = [
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=2),  # 16-bit, head dim <= 32
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=2),  # 16-bit, head dim 64, 128
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=2),  # sm_90 head dim 16, sm_80 <= 32
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=1),  # sm_90 head dim 32
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=1),  # sm_90 head dim 64
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=2),  # sm_90 128, sm_80 64
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=2),
     triton.Config(dict(BLOCK_M=128, BLOCK_N=32), num_warps=8, num_stages=2),
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=3),
 ]
 
 
@@ -611,17 +613,18 @@ def _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, bound, MASKED: tl
 
 
 # MLKA dK/dV (_mlka_dkdv_kernel, 16-bit only): runs of BLOCK_M keys x BLOCK_N queries; the
-# defaults, then alternatives. 64 x 32 keeps dK, dV and the scores of a warpgroup in 128
-# registers at head dim <= 32 (16 warps per H100 SM); 64 x 64 spilled at that budget.
+# defaults (`_MLKA_BWD`), then alternatives. 64 x 32 keeps dK, dV and the scores of a warpgroup
+# in 128 registers at head dim <= 32 on sm_90 (16 warps per H100 SM); 64 x 64 spilled there.
 MLKA_DKDV_CONFIGS = [
     triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=2),  # 16-bit, head dim <= 64
-    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=1),  # 16-bit, head dim 128
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=16), num_warps=4, num_stages=1),  # sm_90 head dim 128
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=1),
     triton.Config(dict(BLOCK_M=128, BLOCK_N=32), num_warps=8, num_stages=2),
     triton.Config(dict(BLOCK_M=64, BLOCK_N=16), num_warps=4, num_stages=3),
 ]
 
 
-@tuning.autotuned("mlka_dkdv", MLKA_DKDV_CONFIGS, _KEY + ["K_SHARED", "V_SHARED"],
+@tuning.autotuned("mlka_dkdv", MLKA_DKDV_CONFIGS, _KEY + ["K_SHARED", "V_SHARED", "SPLITS", "RUN"],
                   lambda args: backward_candidates(args, "dkdv"))
 @triton.jit
 def _mlka_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
@@ -787,19 +790,31 @@ _MLKA_FWD = {
 }
 
 
-# MLKA's backward (_mlka_dq_kernel, _mlka_dkdv_kernel), defaults: runs of BLOCK_M tokens owned
-# (queries for dQ, keys for dK/dV) x BLOCK_N swept per step, warps, stages and product precision.
-# 16-bit: 64-row runs, one wgmma warpgroup (64 rows) per 4 warps.
+# MLKA's backward (_mlka_dq_kernel, _mlka_dkdv_kernel), 16-bit defaults per head dim and target
+# ("sm90": wgmma, also without a known target; "sm80": mma, sm_80 to sm_89): runs of BLOCK_M
+# tokens owned (queries for dQ, keys for dK/dV) x BLOCK_N swept per step, warps, stages, product
+# precision and register budget, each compiled for its target with no spills. 64-row runs: one
+# wgmma warpgroup per 4 warps. sm_90 keeps 128 registers (4 blocks of 4 warps per SM) where that
+# does not spill; mma on sm_80 holds more operands in registers, so no budget there (3 blocks at
+# 168). One pipeline stage where two spill at 128 registers (sm_90 dQ at head dim 32 and 64: 16
+# warps per SM hide the load latency instead). Head dim 128 on sm_80 spills in every run tried
+# (dK, dV and K, V of 64 rows live in registers): the 2D-tile kernels there (no entry).
 _MLKA_BWD = {
-    #  kind   dtype  D      M    N   warps stages DOT   maxnreg
-    ("dq", "16", 16): (64, 64, 4, 2, "native", 128),
-    ("dq", "16", 32): (64, 64, 4, 2, "native", 128),
-    ("dq", "16", 64): (64, 32, 4, 2, "native", None),
-    ("dq", "16", 128): (64, 32, 4, 2, "native", None),
-    ("dkdv", "16", 16): (64, 32, 4, 2, "native", 128),
-    ("dkdv", "16", 32): (64, 32, 4, 2, "native", 128),
-    ("dkdv", "16", 64): (64, 32, 4, 2, "native", None),
-    ("dkdv", "16", 128): (64, 32, 4, 1, "native", None),
+    #  kind   D    target   M    N  warps stages DOT   maxnreg
+    ("dq", 16, "sm90"): (64, 64, 4, 2, "native", 128),
+    ("dq", 32, "sm90"): (64, 64, 4, 1, "native", 128),
+    ("dq", 64, "sm90"): (64, 32, 4, 1, "native", 128),
+    ("dq", 128, "sm90"): (64, 32, 4, 2, "native", None),
+    ("dkdv", 16, "sm90"): (64, 32, 4, 2, "native", 128),
+    ("dkdv", 32, "sm90"): (64, 32, 4, 2, "native", 128),
+    ("dkdv", 64, "sm90"): (64, 32, 4, 2, "native", None),
+    ("dkdv", 128, "sm90"): (64, 16, 4, 1, "native", None),
+    ("dq", 16, "sm80"): (64, 64, 4, 2, "native", 128),
+    ("dq", 32, "sm80"): (64, 64, 4, 2, "native", None),
+    ("dq", 64, "sm80"): (64, 32, 4, 2, "native", None),
+    ("dkdv", 16, "sm80"): (64, 32, 4, 2, "native", 128),
+    ("dkdv", 32, "sm80"): (64, 32, 4, 2, "native", None),
+    ("dkdv", 64, "sm80"): (64, 32, 4, 2, "native", None),
 }
 
 # MLKA's backward in 16 bits: the FlashAttention-2 style kernels above (True, the default) or the
@@ -808,14 +823,23 @@ _MLKA_BWD = {
 MLKA_FA2_BACKWARD = os.environ.get("RLR_FAST_MLKA_BACKWARD", "fa2") != "tiles"
 
 
-def mlka_fa2_backward(dtype: torch.dtype) -> bool:
-    """Whether MLKA's backward in `dtype` runs the FlashAttention-2 style kernels."""
-    return MLKA_FA2_BACKWARD and dtype != torch.float32
+def _target_family(arch: Optional[int]) -> str:
+    """`_MLKA_BWD`'s target for compute capability `arch`: "sm80" below sm_90, else (or unknown) "sm90"."""
+    return "sm80" if arch is not None and arch < 90 else "sm90"
 
 
-def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool = False) -> dict:
-    """Default configuration of a kernel ("fwd", "dq" or "dkdv") for a head dim, dtype and op (MLKA if
-    `complement`): its constexprs
+def mlka_fa2_backward(dtype: torch.dtype, head_dim: int, arch: Optional[int] = None) -> bool:
+    """Whether MLKA's backward in `dtype` at `head_dim` on compute capability `arch` (None: unknown,
+    as sm_90) runs the FlashAttention-2 style kernels (`_MLKA_BWD` has defaults for it)."""
+    return (MLKA_FA2_BACKWARD and dtype != torch.float32
+            and ("dq", head_dim, _target_family(arch)) in _MLKA_BWD)
+
+
+def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool = False,
+                 arch: Optional[int] = None) -> dict:
+    """Default configuration of a kernel ("fwd", "dq" or "dkdv") for a head dim, dtype, op (MLKA if
+    `complement`) and compute capability `arch` (`tuning.target_arch`; only MLKA's 16-bit backward
+    depends on it): its constexprs
     TILE_H/TILE_W (the tile a program owns), BLOCK_H/BLOCK_W (the blocks it sweeps) and DOT, plus
     num_warps and, for dK/dV, ``split`` (one launch per gradient).
 
@@ -825,8 +849,8 @@ def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool 
     if kind == "fwd" and complement:
         m, n, warps, stages, dot = _MLKA_FWD[key[1:]]
         return dict(BLOCK_M=m, BLOCK_N=n, DOT=dot, num_warps=warps, num_stages=stages)
-    if complement and mlka_fa2_backward(dtype):
-        m, n, warps, stages, dot, maxnreg = _MLKA_BWD[key]
+    if complement and kind != "fwd" and mlka_fa2_backward(dtype, head_dim, arch):
+        m, n, warps, stages, dot, maxnreg = _MLKA_BWD[(kind, head_dim, _target_family(arch))]
         return dict(BLOCK_M=m, BLOCK_N=n, DOT=dot, num_warps=warps, num_stages=stages, split=False,
                     maxnreg=maxnreg)
     tile, block, warps, dot, split = _CONFIGS[key]
@@ -912,9 +936,11 @@ def backward_candidates(args: dict, kind: str) -> list:
     """The dQ (`kind` "dq") or dK/dV ("dkdv") kernel's config space for a call: the 2D-tile
     kernels' (which take COMPLEMENT), or MLKA's FlashAttention-2 style ones."""
     if "COMPLEMENT" not in args:
-        default = as_config(block_config(kind, args["HEAD_DIM"], args["Q"].dtype, True))
+        default = as_config(block_config(kind, args["HEAD_DIM"], args["Q"].dtype, True,
+                                         tuning.target_arch(args["Q"].device)))
         return _candidates(MLKA_DQ_CONFIGS if kind == "dq" else MLKA_DKDV_CONFIGS, default, args, True)
-    default = as_config(block_config(kind, args["HEAD_DIM"], args["Q"].dtype, args["COMPLEMENT"]))
+    default = as_config(block_config(kind, args["HEAD_DIM"], args["Q"].dtype, args["COMPLEMENT"],
+                                     tuning.target_arch(args["Q"].device)))
     return _candidates(DQ_CONFIGS if kind == "dq" else DKDV_CONFIGS, default, args, args["COMPLEMENT"])
 
 
@@ -1050,16 +1076,16 @@ _MLKA_RUN = 2
 
 
 def dkdv_splits(batch: int, grid, heads: int, head_dim: int, dtype: torch.dtype, complement: bool,
-                shared: bool) -> int:
+                shared: bool, arch: Optional[int] = None) -> int:
     """Runs of the batch the dK/dV launch splits a shared k/v's reduction into (1 if neither
     is shared: then every batch element has its own programs), from the default config's tiles
     whatever config the autotuner picks. Depends on shapes only, so the sum is the same from
     run to run."""
     if not shared:
         return 1
-    programs = _tiles(grid, block_config("dkdv", head_dim, dtype, complement)) * heads
+    programs = _tiles(grid, block_config("dkdv", head_dim, dtype, complement, arch)) * heads
     splits = max(1, min(batch, triton.cdiv(_DKDV_PROGRAMS, programs)))
-    if complement and mlka_fa2_backward(dtype):  # its runs are unrolled: at most _MLKA_RUN elements each
+    if complement and mlka_fa2_backward(dtype, head_dim, arch):  # its runs are unrolled: at most _MLKA_RUN elements each
         splits = max(splits, triton.cdiv(batch, _MLKA_RUN))
     return splits
 
@@ -1082,9 +1108,10 @@ def backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, 
     launch computes delta = rowsum(dO * O) into `delta` (a (B * H * L,) fp32 buffer) for the
     dK/dV launch, else `delta` must hold it already. The 2D-tile kernels always read `delta`."""
     b, h, _, d = q.shape
-    if complement and mlka_fa2_backward(q.dtype):
-        return _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, splits, o)
-    cfg = block_config("dq", d, q.dtype, complement)
+    arch = tuning.target_arch(q.device)
+    if complement and mlka_fa2_backward(q.dtype, d, arch):
+        return _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, splits, o, arch)
+    cfg = block_config("dq", d, q.dtype, complement, arch)
     common = (b, h, *grid, *radius, scale * LOG2E, scale)
     launches = [Launch("dq", lambda meta: (_tiles(grid, meta) * b, h), _named(
         _bwd_dq_kernel, q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
@@ -1092,7 +1119,7 @@ def backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, 
         cfg["maxnreg"])]
     k_shared, v_shared = k.dim() == 3, v.dim() == 3
     per_tile = splits if (k_shared or v_shared) else b  # a shared k/v: a program sums a run of the batch
-    cfg = block_config("dkdv", d, q.dtype, complement)
+    cfg = block_config("dkdv", d, q.dtype, complement, arch)
     for with_dk, with_dv in ((True, False), (False, True)) if cfg["split"] else ((True, True),):
         launches.append(Launch("dkdv", lambda meta: (_tiles(grid, meta) * per_tile, h), _named(
             _bwd_dkdv_kernel, q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v),
@@ -1102,12 +1129,12 @@ def backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, 
     return launches
 
 
-def _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, splits, o) -> list:
+def _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, splits, o, arch) -> list:
     """MLKA's FlashAttention-2 style backward: the dQ launch (which writes delta when given `o`),
     then the dK/dV launch, each over runs of BLOCK_M tokens."""
     b, h, _, d = q.shape
     common = (b, h, *grid, *radius, scale * LOG2E, scale)
-    cfg = block_config("dq", d, q.dtype, True)
+    cfg = block_config("dq", d, q.dtype, True, arch)
     from_o = o is not None
     launches = [Launch("mlka_dq", lambda meta: (_tiles(grid, meta) * b, h), _named(
         _mlka_dq_kernel, q, k, v, o if from_o else do, do, dq, lse, delta, *_strides(q), *_strides(k),
@@ -1116,7 +1143,7 @@ def _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, s
     k_shared, v_shared = k.dim() == 3, v.dim() == 3
     per_tile = splits if (k_shared or v_shared) else b
     run = triton.cdiv(b, splits) if (k_shared or v_shared) else 1
-    cfg = block_config("dkdv", d, q.dtype, True)
+    cfg = block_config("dkdv", d, q.dtype, True, arch)
     launches.append(Launch("mlka_dkdv", lambda meta: (_tiles(grid, meta) * per_tile, h), _named(
         _mlka_dkdv_kernel, q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v),
         *_strides(do), *_strides(dk), *_strides(dv), *common, splits, K_SHARED=k_shared, V_SHARED=v_shared,
@@ -1146,14 +1173,15 @@ class WindowAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         grid, radius, scale = ctx.geometry
         do = do.contiguous()
-        fused_delta = cls.COMPLEMENT and mlka_fa2_backward(q.dtype)  # MLKA's dQ kernel computes it
+        arch = tuning.target_arch(q.device)
+        fused_delta = cls.COMPLEMENT and mlka_fa2_backward(q.dtype, q.shape[-1], arch)  # MLKA's dQ computes it
         if fused_delta:
             delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)
         else:
             delta = (o.float() * do.float()).sum(-1).reshape(-1)  # rowsum(O * dO), (B * H * L,)
         dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # dense, its own strides
         b, h, _, d = q.shape
-        splits = dkdv_splits(b, grid, h, d, q.dtype, cls.COMPLEMENT, k.dim() == 3 or v.dim() == 3)
+        splits = dkdv_splits(b, grid, h, d, q.dtype, cls.COMPLEMENT, k.dim() == 3 or v.dim() == 3, arch)
         dk, dv = kv_gradient_buffers(k, v, splits)
         with _on_device(q):
             for launch in backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale,

@@ -27,9 +27,9 @@ SPACES = {"lca_fwd": wa.LCA_FWD_CONFIGS, "mlka_fwd": wa.MLKA_FWD_CONFIGS, "dq": 
 
 
 def _kernels(op, dtype):
-    """The forward, dQ and dK/dV kernels (names in `SPACES`) a call of the op runs in `dtype`:
-    16-bit MLKA has its own FlashAttention-2 style backward."""
-    if op == "mlka" and wa.mlka_fa2_backward(dtype):
+    """The forward, dQ and dK/dV kernels (names in `SPACES`) a call of the op runs in `dtype` at
+    head dim 16 (`_inputs`): 16-bit MLKA has its own FlashAttention-2 style backward."""
+    if op == "mlka" and wa.mlka_fa2_backward(dtype, 16, tuning.target_arch(torch.device(DEVICE))):
         return ("mlka_fwd", "mlka_dq", "mlka_dkdv")
     return (f"{op}_fwd", "dq", "dkdv")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -217,10 +217,12 @@ def test_deterministic_mode_runs_the_default_alone(monkeypatch):
 def test_autotune_keys_hold_what_changes_the_best_config():
     """The batch and heads (with the grid: the programs launched), LCA's batch fold and dK/dV's batch
     splits are in the autotuning keys, beside the grid, window and head dim."""
-    for name in ("lca_fwd", "mlka_fwd", "dq", "dkdv"):
+    for name in ("lca_fwd", "mlka_fwd", "dq", "dkdv", "mlka_dq", "mlka_dkdv"):
         keys = set(tuning.KERNELS[name].kernel.keys)
         assert {"GRID_H", "GRID_W", "RY", "RX", "HEAD_DIM", "B", "H"} <= keys, name
     assert "FOLD" in tuning.KERNELS["lca_fwd"].kernel.keys and "SPLITS" in tuning.KERNELS["dkdv"].kernel.keys
+    # MLKA's 16-bit dK/dV: its batch splits and the run of batch elements a program sums over
+    assert {"SPLITS", "RUN"} <= set(tuning.KERNELS["mlka_dkdv"].kernel.keys)
 
 
 def _dq(radius, complement):
