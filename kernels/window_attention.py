@@ -796,8 +796,10 @@ _MLKA_FWD = {
 # precision and register budget, each compiled for its target with no spills. 64-row runs: one
 # wgmma warpgroup per 4 warps. sm_90 keeps 128 registers (4 blocks of 4 warps per SM) where that
 # does not spill; mma on sm_80 holds more operands in registers, so no budget there (3 blocks at
-# 168). One pipeline stage where two spill at 128 registers (sm_90 dQ at head dim 32 and 64: 16
-# warps per SM hide the load latency instead). Head dim 128 on sm_80 spills in every run tried
+# 168). One pipeline stage where two spill at 128 registers (sm_90 dQ at head dim 32 and 64, dK/dV
+# at 64: 16 warps per SM hide the load latency instead). sm_90 dK/dV at head dim 64 sweeps 16
+# queries per step: 64 x 32 costs ~10% fewer instructions per score but needs 163-241 registers
+# (8-12 warps per SM). Head dim 128 on sm_80 spills in every run tried
 # (dK, dV and K, V of 64 rows live in registers): the 2D-tile kernels there (no entry).
 _MLKA_BWD = {
     #  kind   D    target   M    N  warps stages DOT   maxnreg
@@ -807,7 +809,7 @@ _MLKA_BWD = {
     ("dq", 128, "sm90"): (64, 32, 4, 2, "native", None),
     ("dkdv", 16, "sm90"): (64, 32, 4, 2, "native", 128),
     ("dkdv", 32, "sm90"): (64, 32, 4, 2, "native", 128),
-    ("dkdv", 64, "sm90"): (64, 32, 4, 2, "native", None),
+    ("dkdv", 64, "sm90"): (64, 16, 4, 1, "native", 128),
     ("dkdv", 128, "sm90"): (64, 16, 4, 1, "native", None),
     ("dq", 16, "sm80"): (64, 64, 4, 2, "native", 128),
     ("dq", 32, "sm80"): (64, 64, 4, 2, "native", None),
