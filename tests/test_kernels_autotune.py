@@ -313,3 +313,64 @@ def test_pin_through_the_environment_variable():
     result = subprocess.run([sys.executable, "-c", _PINNED_RUN], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "5"
+
+
+def _mlka_backward_names(dtype, dim):
+    """The kernel names of MLKA's backward launches for a call on meta tensors (B=2, 1 head, 8 x 8)."""
+    q = torch.empty(2, 1, 64, dim, device="meta", dtype=dtype)
+    lse = torch.empty(q.numel() // dim, device="meta")
+    return [launch.name for launch in wa.backward_launches(q, q[0], q, q, q, q[0], q, lse, lse, (8, 8), (1, 1), 1.0,
+                                                           True, 1, q)]
+
+
+def test_mlka_backward_kernels_and_defaults_per_target():
+    """16-bit MLKA runs its FlashAttention-2 style backward, fp32 the 2D-tile kernels; the defaults
+    depend on the target: sm_90 keeps 128 registers where that compiles without spills, sm_80 takes
+    none and keeps the 2D-tile kernels at head dim 128 (the report's target sets the arch)."""
+    assert _mlka_backward_names(torch.float16, 32) == ["mlka_dq", "mlka_dkdv"]
+    assert _mlka_backward_names(torch.float32, 32) == ["dq", "dkdv"]
+    assert wa.mlka_fa2_backward(torch.bfloat16, 128, 90) and not wa.mlka_fa2_backward(torch.bfloat16, 128, 80)
+    assert wa.mlka_fa2_backward(torch.float16, 64, 86) and not wa.mlka_fa2_backward(torch.float32, 64, 90)
+    assert wa.block_config("dq", 32, torch.float16, True, 90)["maxnreg"] == 128
+    assert wa.block_config("dq", 32, torch.float16, True, 80)["maxnreg"] is None
+    assert wa.block_config("dq", 32, torch.float16, True) == wa.block_config("dq", 32, torch.float16, True, 90)
+    assert "TILE_H" in wa.block_config("dkdv", 128, torch.float16, True, 80)  # the 2D-tile kernel's config
+    try:
+        tuning.target_shared_memory(80)
+        assert tuning.target_arch() == 80 and tuning.target_arch(torch.device("cpu")) == 80
+        assert _mlka_backward_names(torch.float16, 128) == ["dq", "dkdv", "dkdv"]  # split dK, dV launches
+        assert _mlka_backward_names(torch.float16, 64) == ["mlka_dq", "mlka_dkdv"]
+    finally:
+        tuning.target_shared_memory(None)
+    assert tuning.target_arch(torch.device("cpu")) is None and tuning.target_arch() is None
+
+
+_TILES_BACKWARD = """
+import torch
+from rlr_fast import neighbor_masked_attention
+from rlr_fast.kernels import window_attention as wa
+q = torch.empty(2, 1, 64, 16, device="meta", dtype=torch.float16)
+lse = torch.empty(128, device="meta")
+print(",".join(l.name for l in wa.backward_launches(q, q[0], q, q, q, q[0], q, lse, lse, (8, 8), (1, 1), 1.0, True)))
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(2, 1, 72, 16, generator=g) for _ in range(3))
+grads = []
+for backend in ("triton", "reference"):
+    t = [x.to(torch.float16 if backend == "triton" else torch.float64).requires_grad_() for x in (q, k[0], v)]
+    out = neighbor_masked_attention(*t, (9, 8), 3, backend=backend)
+    grads.append(torch.autograd.grad(out, t, torch.ones_like(out)))
+for a, b in zip(*grads):
+    torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2)
+print("ok")
+"""
+
+
+def test_mlka_tiles_backward_through_the_environment_variable():
+    """RLR_FAST_MLKA_BACKWARD=tiles (set before import) runs MLKA's 16-bit backward on the 2D-tile
+    kernels it shares with LCA, with gradients still matching the fp64 reference."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "RLR_FAST_MLKA_BACKWARD": "tiles"}
+    result = subprocess.run([sys.executable, "-c", _TILES_BACKWARD], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names, ok = result.stdout.split()[-2:]
+    assert names == "dq,dkdv" and ok == "ok"
