@@ -825,6 +825,11 @@ _MLKA_BWD = {
 MLKA_FA2_BACKWARD = os.environ.get("RLR_FAST_MLKA_BACKWARD", "fa2") != "tiles"
 
 
+# MLKA's FlashAttention-2 style backward finds grid coordinates in fp32 (`_window_coords`): exact
+# for fewer tokens than this; the forward refuses longer grids where that backward would run.
+MLKA_FA2_MAX_TOKENS = 2 ** 21
+
+
 def _target_family(arch: Optional[int]) -> str:
     """`_MLKA_BWD`'s target for compute capability `arch`: "sm80" below sm_90, else (or unknown) "sm90"."""
     return "sm80" if arch is not None and arch < 90 else "sm90"
@@ -1161,6 +1166,11 @@ class WindowAttentionFunction(torch.autograd.Function):
         _check(q, k, v)
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         b, h, length, d = q.shape
+        if (cls.COMPLEMENT and length >= MLKA_FA2_MAX_TOKENS
+                and mlka_fa2_backward(q.dtype, d, tuning.target_arch(q.device))):
+            raise ValueError(f"the triton backend's 16-bit MLKA backward supports grids of fewer than 2**21 "
+                             f"tokens (its window coordinates are exact in fp32 below that), got {length}; "
+                             f"use float32 or backend='torch'")
         radius = (window[0] // 2, window[1] // 2)
         o = torch.empty(b, h, length, d, device=q.device, dtype=q.dtype)
         lse = torch.empty(b * h * length, device=q.device, dtype=torch.float32)

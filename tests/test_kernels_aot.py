@@ -196,6 +196,43 @@ def test_sm90_targets_of_the_redesign():
         assert r["weighted"]["32x32"]["weighted_instructions_per_score"] >= r["instructions_per_score"] * factor
 
 
+_MLKA_BACKWARD_TARGETS = """
+import json
+from rlr_fast.kernels import aot
+rows = []
+for dim in (32, 64):
+    rows += aot._compile_one(("sm_90", "mlka", "fp16", dim, "dq", None, True))
+    rows += aot._compile_one(("sm_90", "mlka", "fp16", dim, "dkdv", (True, False), True))
+rows += aot._compile_one(("sm_90", "mlka", "fp16", 32, "forward", None, True))
+print(json.dumps({"rows": rows, "ops": aot.op_summaries(rows)}))
+"""
+
+
+def test_sm90_targets_of_the_mlka_backward():
+    """Issue 18 part 3 on sm_90, 16-bit, head dims 32 and 64, RLR's layout (k shared, v batched):
+    MLKA's dQ <= 12 and dK/dV <= 20 weighted instructions per useful score at both launches, on
+    wgmma, >= 16 warps resident per H100 SM, no spills; at head dim 32 the forward + backward
+    <= 40 per useful score (the forward, dQ, dK/dV and the splits' sum)."""
+    result = subprocess.run([sys.executable, "-c", _MLKA_BACKWARD_TARGETS], capture_output=True, text=True,
+                            env=_no_interpreter_env(), timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = [r for r in out["rows"] if r["kernel"] != "forward"]
+    assert sorted((r["kernel"], r["head_dim"]) for r in rows) == [("dkdv", 32), ("dkdv", 64), ("dq", 32), ("dq", 64)]
+    for r in rows:
+        assert r["ok"] and r["spill_bytes"] == 0 and r["tensor_core"] == "wgmma", r
+        assert r["blocks_per_sm"] * r["num_warps"] >= 16, r
+        for launch in ("32x32", "64x64"):
+            w = r["weighted"][launch]
+            assert "error" not in w, w
+            assert w["weighted_instructions_per_score"] <= (12 if r["kernel"] == "dq" else 20), (r["kernel"], launch, w)
+            assert w["exp_per_score"] >= 1.0  # at least one exp2 per useful score: P recomputed
+    both = [o for o in out["ops"] if o["head_dim"] == 32 and o["mode"] == "forward+backward"]
+    assert len(both) == 2 and all(o["weighted_instructions_per_useful_score"] <= 40 for o in both), both
+    # no torch glue for delta (the dQ kernel computes it): the three kernels and the splits' sum and cast
+    assert all(o["launches"] == 5 for o in both), both
+
+
 def test_every_config_compiles_for_sm90_without_spills_or_is_pruned_with_a_reason(tmp_path):
     """Every config of every kernel's autotuning space, at fp16 and head dim 32 (nearest_reference
     at each of its channel counts), compiles for sm_90 with no spills, or is reported as pruned

@@ -117,6 +117,25 @@ def test_triton_clear_errors():
         local_cross_attention(q, q[0], q[0], (4, 4), 3, backend="triton")
 
 
+def test_triton_mlka_16bit_refuses_grids_its_backward_cannot_index(monkeypatch):
+    """16-bit MLKA's backward finds grid coordinates in fp32, exact below 2**21 tokens: a longer grid
+    is refused up front with the way out; one grid row fewer, or fp32 (other kernels), is not (meta
+    tensors, the forward launch stubbed: nothing is allocated or run)."""
+    from rlr_fast.kernels import window_attention as wa
+    from rlr_fast.kernels.neighbor_masked_attention import NeighborMaskedAttentionFunction
+
+    monkeypatch.setattr(wa, "forward_launch", lambda *args: (lambda: None))
+
+    gh, gw = 2 ** 11, 2 ** 10  # 2**21 tokens
+    q = torch.empty(1, 1, gh * gw, 16, device="meta", dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*21 tokens.*got 2097152.*use float32 or backend='torch'"):
+        NeighborMaskedAttentionFunction.apply(q, q[0], q, (gh, gw), (3, 3), 0.25)
+    q32 = torch.empty(1, 1, gh * gw, 16, device="meta")
+    assert NeighborMaskedAttentionFunction.apply(q32, q32[0], q32, (gh, gw), (3, 3), 0.25).shape == q32.shape
+    q = torch.empty(1, 1, gh * gw - gw, 16, device="meta", dtype=torch.float16)  # one grid row fewer
+    assert NeighborMaskedAttentionFunction.apply(q, q[0], q, (gh - 1, gw), (3, 3), 0.25).shape == q.shape
+
+
 def test_triton_lca_reads_only_the_key_patch_of_its_tile():
     """2D tiles: a program of LCA reads only the key blocks that cover its tile's windows. A NaN
     value in the same grid row as a query, but far from it, must not reach it (a block of
