@@ -3,12 +3,15 @@
     python benchmarks/weighted_compare.py BEFORE.json BEFORE-OPS.json AFTER.json AFTER-OPS.json \
         [--ops mlka] [--archs sm_90,sm_80] [--kernels dq,dkdv]
 
+(each argument may list several files, comma-separated, e.g. one run per dtype).
+
 Prints, for the default config of every kernel launch present in both runs (matched by arch, op,
 dtype, head dim, kernel, k/v layout and, for split dK/dV launches, the gradient), the registers,
 spills, warps resident per H100 SM, tensor-core instruction and the weighted figures at both
 launches (32x32 window 7, 64x64 window 11), before and after, with issue 18's targets (sm_90, 16-bit,
-head dims 32 and 64); then the per-op sums (forward, forward + backward) before and after. Nothing
-is compiled or timed here: it reads the two reports.
+head dims 32 and 64); then the per-op sums (forward, forward + backward) before and after; then, where
+the after report compiled whole config spaces, every config that spills registers. Nothing is
+compiled or timed here: it reads the two reports.
 """
 import argparse
 import json
@@ -33,10 +36,14 @@ def _short_layout(layout: str) -> str:
     return f"k{k.split()[1][0].upper()} v{v.split()[1][0].upper()}"
 
 
-def _defaults(path: Path, ops, archs, kernels) -> dict:
+def _load(paths: str) -> list:
+    return [r for path in paths.split(",") for r in json.loads(Path(path).read_text())]
+
+
+def _defaults(records: list, ops, archs, kernels) -> dict:
     """{key: [default records of its launches]} of one report."""
     out = {}
-    for r in json.loads(path.read_text()):
+    for r in records:
         if not (r.get("default") and r.get("ok") and not r.get("pruned")):
             continue
         if r["op"] not in ops or r["arch"] not in archs or r["kernel"] not in kernels:
@@ -114,22 +121,39 @@ def op_table(before: list, after: list, ops, archs) -> str:
     return "\n".join(lines)
 
 
+def spill_table(records: list, ops, archs) -> str:
+    """Every compiled config that spills, default or not (the defaults must not)."""
+    rows = [r for r in records if r["op"] in ops and r["arch"] in archs and r.get("ok") and not r.get("pruned")
+            and r["spill_bytes"] > 0]
+    compiled = sum(1 for r in records if r["op"] in ops and r["arch"] in archs and r.get("ok") and not r.get("pruned"))
+    lines = [f"{len(rows)} of {compiled} compiled configs spill ({sum(r['default'] for r in rows)} of them defaults)"]
+    for r in sorted(rows, key=lambda r: (r["arch"], r["dtype"], r["head_dim"], r["kernel"], r.get("layout", ""))):
+        config = ", ".join(f"{k}={v}" for k, v in r["config"].items())
+        lines.append(f"  {r['arch']} {r['op']} {r['kernel']:<7} {_short_layout(r.get('layout', '')):<6}{r['dtype']} "
+                     f"D={r['head_dim']:<4} cfg {r['config_index']}{'*' if r['default'] else ' '} ({config}): "
+                     f"{r['registers']} registers, {r['spill_bytes']} bytes spilled")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("before", type=Path)
-    p.add_argument("before_ops", type=Path)
-    p.add_argument("after", type=Path)
-    p.add_argument("after_ops", type=Path)
+    p.add_argument("before")
+    p.add_argument("before_ops")
+    p.add_argument("after")
+    p.add_argument("after_ops")
     p.add_argument("--ops", default="mlka")
     p.add_argument("--archs", default="sm_90,sm_80")
     p.add_argument("--kernels", default="forward,dq,dkdv")
     args = p.parse_args(argv)
     ops, archs, kernels = (set(x.split(",")) for x in (args.ops, args.archs, args.kernels))
-    before, after = (_defaults(path, ops, archs, kernels) for path in (args.before, args.after))
+    after_records = _load(args.after)
+    before, after = _defaults(_load(args.before), ops, archs, kernels), _defaults(after_records, ops, archs, kernels)
     print("== Per kernel (default configs) ==")
     print(kernel_table(before, after))
     print("\n== Per op: forward, forward + backward (RLR's layout, kernels and torch glue) ==")
-    print(op_table(json.loads(args.before_ops.read_text()), json.loads(args.after_ops.read_text()), ops, archs))
+    print(op_table(_load(args.before_ops), _load(args.after_ops), ops, archs))
+    print("\n== Spills in the after report (every config it compiled) ==")
+    print(spill_table(after_records, ops, archs))
     return 0
 
 
