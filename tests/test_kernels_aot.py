@@ -614,3 +614,47 @@ def test_op_summaries_add_every_launch_of_rlrs_layout():
     assert both["ratio_to_fa2"] == pytest.approx(both["issue_floor_us"] / aot.fa2_floor_us(geometry, "forward+backward"),
                                                  abs=0.01)
     assert rows[("64x64", "forward")]["issue_floor_us"] == 2.0  # the second launch's own figures
+
+
+def test_weighted_compare_matches_launches_and_checks_the_targets(tmp_path, capsys):
+    """benchmarks/weighted_compare.py on two synthetic reports: defaults matched by launch (split dK/dV
+    launches summed), the sm_90 16-bit targets judged from the after figures, warps and spills
+    included, per-op rows side by side, and every spilling config listed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "weighted_compare.py"
+    spec = importlib.util.spec_from_file_location("weighted_compare", path)
+    wc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wc)
+
+    def rec(kernel, w32, w64, regs=128, blocks=4, spill=0, default=True, grads="", tc="wgmma", index=0):
+        weighted = {name: {"weighted_instructions_per_score": w, "exp_per_score": 1.0, "issue_floor_us": w}
+                    for name, w in (("32x32", w32), ("64x64", w64))}
+        return {"arch": "sm_90", "op": "mlka", "dtype": "fp16", "head_dim": 32, "kernel": kernel,
+                "layout": "k shared, v batched" if kernel == "dkdv" else "", "grads": grads, "default": default,
+                "ok": True, "pruned": None, "tensor_core": tc, "tile": "64", "block": "32", "registers": regs,
+                "spill_bytes": spill, "blocks_per_sm": blocks, "num_warps": 4, "config_index": index,
+                "config": {"BLOCK_M": 64}, "weighted": weighted}
+
+    before = [rec("dq", 16.0, 14.0, tc="wgmma"), rec("dkdv", 30.0, 28.0, tc="mma", grads="dK"),
+              rec("dkdv", 20.0, 19.0, tc="mma", grads="dV")]
+    after = [rec("dq", 10.0, 8.0), rec("dkdv", 14.0, 21.0),  # dK/dV over its target at 64x64
+             rec("dq", 9.0, 7.0, regs=255, spill=64, default=False, index=3)]
+    ops = lambda w: [{"arch": "sm_90", "op": "mlka", "dtype": "fp16", "head_dim": 32, "launch": "32x32",  # noqa: E731
+                      "mode": "forward+backward", "launches": 5, "weighted_instructions_per_useful_score": w,
+                      "issue_floor_us": w, "fa2_dense_floor_us": 1.0, "ratio_to_fa2": w}]
+    files = {}
+    for name, data in (("b", before), ("bo", ops(80.0)), ("a", after), ("ao", ops(39.5))):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(data))
+    assert wc.main([str(files[n]) for n in ("b", "bo", "a", "ao")]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    dq = [line for line in lines if " dq " in line]
+    assert "10.0" in dq[1] and "<=12,>=16w,wgmma: met" in dq[1] and "NOT" not in dq[1]
+    dkdv = [line for line in lines if " dkdv " in line]
+    assert "50.0" in dkdv[0] and "128+128" in dkdv[0]  # the two split launches summed
+    assert "<=20,>=16w,wgmma: NOT met" in dkdv[1]
+    assert any("80.0" in line and "39.5" in line and "<=40: met" in line for line in lines)
+    assert "1 of 3 compiled configs spill (0 of them defaults)" in out and "64 bytes spilled" in out
