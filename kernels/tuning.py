@@ -155,7 +155,10 @@ def target_arch(device=None) -> Optional[int]:
         return None
     import torch
 
-    major, minor = torch.cuda.get_device_capability(device)
+    try:
+        major, minor = torch.cuda.get_device_capability(device)
+    except (AssertionError, RuntimeError):  # no CUDA here (fake CUDA tensors of a traced graph)
+        return None
     return 10 * major + minor
 
 

@@ -345,6 +345,18 @@ def test_mlka_backward_kernels_and_defaults_per_target():
     assert tuning.target_arch(torch.device("cpu")) is None and tuning.target_arch() is None
 
 
+def test_target_arch_of_a_cuda_device(monkeypatch):
+    """A CUDA device's compute capability; None where there is no CUDA (a traced graph's fake CUDA
+    tensors on a machine without a GPU) instead of an error."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    got = tuning.target_arch(torch.device("cuda", 0))
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        assert got == 10 * major + minor
+    else:
+        assert got is None
+
+
 _TILES_BACKWARD = """
 import torch
 from rlr_fast import neighbor_masked_attention
