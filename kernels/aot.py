@@ -21,7 +21,8 @@ report would describe another kernel. From the cubin:
   64 x 64 window 11): every machine loop of the SASS matched to its source loop by the line info
   (``nvdisasm --print-line-info-inline``) and weighted by its trip count for the launch, summed
   over the programs (`trip_counts`: the kernel's own index arithmetic in Python), the prologue and
-  epilogue once per program, in thread instructions per *useful* score; exp2 per useful score;
+  epilogue once per program (MLKA's partial last block, an ``if full < length`` block, only where
+  the grid has one: `tail_blocks`), in thread instructions per *useful* score; exp2 per useful score;
   the floor time on an H100 SXM (`weighted_figures`);
 - programs: the launch size of the typical call; for LCA, keys visited per useful key.
 
@@ -478,7 +479,9 @@ def trip_counts(name: str, a: dict, geometry: dict) -> Counter:
         for tile in range(math.ceil(length / a["BLOCK_M"])):
             fast, band, tail = band_split(tile, a["BLOCK_M"], a["BLOCK_N"])
             programs[((("once",), 1), (("loop", 0), fast), (("loop", 1), band), (("tail",), tail))] += b * h
-    elif name == "mlka_dkdv":  # loops: 0 the batch run (unrolled), 1 the fast loop, 2 the band's whole blocks
+    elif name == "mlka_dkdv":  # loops: 0 the batch run, 1 the fast loop, 2 the band's whole blocks
+        # (the run is a static_range: each element a copy of loops 1 and 2, which `_unrolled` charges
+        # as copies of one loop, at the costliest copy's body per iteration, run x the iterations)
         if a["K_SHARED"] or a["V_SHARED"]:
             runs = [max(min(s * a["RUN"] + a["RUN"], b) - s * a["RUN"], 0) for s in range(a["SPLITS"])]
         else:
@@ -560,8 +563,8 @@ def backward_glue(op: str, dtype_name: str, head_dim: int, geometry: dict, split
                   arch: str = "sm_90") -> list:
     """The torch launches around the Triton backward kernels (WindowAttentionFunction.backward), each
     as the elements it processes: delta = (O.float() * dO.float()).sum(-1) (the casts only in 16
-    bits; none where MLKA's FlashAttention-2 style dQ computes delta), and for each shared gradient
-    reduced in splits > 1 its sum over the splits and its cast."""
+    bits; none where MLKA's FlashAttention-2 style dQ computes delta, which depends on the target
+    `arch`), and for each shared gradient reduced in splits > 1 its sum over the splits and its cast."""
     import torch
 
     from . import window_attention as wa
