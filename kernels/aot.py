@@ -683,8 +683,9 @@ def _compile_one(job) -> list:
 
 
 def _config_record(config) -> dict:
-    """A config as JSON: its block sizes, num_warps and num_stages."""
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    """A config as JSON: its block sizes, num_warps, num_stages and its own register budget (if any)."""
+    budget = {} if config.maxnreg is None else {"maxnreg": config.maxnreg}
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages, **budget}
 
 
 def _tile_name(args) -> str:

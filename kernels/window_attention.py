@@ -793,7 +793,8 @@ _MLKA_FWD = {
 # MLKA's backward (_mlka_dq_kernel, _mlka_dkdv_kernel), 16-bit defaults per head dim and target
 # ("sm90": wgmma, also without a known target; "sm80": mma, sm_80 to sm_89): runs of BLOCK_M
 # tokens owned (queries for dQ, keys for dK/dV) x BLOCK_N swept per step, warps, stages, product
-# precision and register budget, each compiled for its target with no spills. 64-row runs: one
+# precision and register budget (the default config's own: the alternatives of the space compile
+# without one), each compiled for its target with no spills. 64-row runs: one
 # wgmma warpgroup per 4 warps. sm_90 keeps 128 registers (4 blocks of 4 warps per SM) where that
 # does not spill; mma on sm_80 holds more operands in registers, so no budget there (3 blocks at
 # 168). One pipeline stage where two spill at 128 registers (sm_90 dQ at head dim 32 and 64, dK/dV
@@ -943,9 +944,14 @@ def backward_candidates(args: dict, kind: str) -> list:
     """The dQ (`kind` "dq") or dK/dV ("dkdv") kernel's config space for a call: the 2D-tile
     kernels' (which take COMPLEMENT), or MLKA's FlashAttention-2 style ones."""
     if "COMPLEMENT" not in args:
-        default = as_config(block_config(kind, args["HEAD_DIM"], args["Q"].dtype, True,
-                                         tuning.target_arch(args["Q"].device)))
-        return _candidates(MLKA_DQ_CONFIGS if kind == "dq" else MLKA_DKDV_CONFIGS, default, args, True)
+        # MLKA's: the register budget belongs to the default it was chosen with (no spills there);
+        # the other configs compile with none (a budget tight for one tile spills another)
+        cfg = block_config(kind, args["HEAD_DIM"], args["Q"].dtype, True, tuning.target_arch(args["Q"].device))
+        out = _candidates(MLKA_DQ_CONFIGS if kind == "dq" else MLKA_DKDV_CONFIGS, as_config(cfg), args, True)
+        return [tuning.Candidate(triton.Config(c.config.kwargs, num_warps=c.config.num_warps,
+                                               num_stages=c.config.num_stages,
+                                               maxnreg=cfg["maxnreg"] if c.default else None), c.default, c.reason)
+                for c in out]
     default = as_config(block_config(kind, args["HEAD_DIM"], args["Q"].dtype, args["COMPLEMENT"],
                                      tuning.target_arch(args["Q"].device)))
     return _candidates(DQ_CONFIGS if kind == "dq" else DKDV_CONFIGS, default, args, args["COMPLEMENT"])
@@ -1017,8 +1023,10 @@ class Launch:
         return {**self.args, **config.kwargs}
 
     def options(self, config: triton.Config) -> dict:
-        """Compiler options of the launch with `config`."""
-        extra = {} if self.maxnreg is None else dict(maxnreg=self.maxnreg)
+        """Compiler options of the launch with `config` (a register budget: the launch's, or the
+        config's own)."""
+        maxnreg = self.maxnreg if self.maxnreg is not None else config.maxnreg
+        extra = {} if maxnreg is None else dict(maxnreg=maxnreg)
         return dict(num_warps=config.num_warps, num_stages=config.num_stages, **extra)
 
     def programs_with(self, config: triton.Config) -> int:
@@ -1146,7 +1154,7 @@ def _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, s
     launches = [Launch("mlka_dq", lambda meta: (_tiles(grid, meta) * b, h), _named(
         _mlka_dq_kernel, q, k, v, o if from_o else do, do, dq, lse, delta, *_strides(q), *_strides(k),
         *_strides(v), *_strides(o if from_o else do), *_strides(do), *_strides(dq), *common,
-        DELTA_FROM_O=from_o, HEAD_DIM=d, DOT=product_precision(cfg["DOT"], q.dtype)), cfg["maxnreg"])]
+        DELTA_FROM_O=from_o, HEAD_DIM=d, DOT=product_precision(cfg["DOT"], q.dtype)))]  # budget: per config
     k_shared, v_shared = k.dim() == 3, v.dim() == 3
     per_tile = splits if (k_shared or v_shared) else b
     run = triton.cdiv(b, splits) if (k_shared or v_shared) else 1
@@ -1154,7 +1162,7 @@ def _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, s
     launches.append(Launch("mlka_dkdv", lambda meta: (_tiles(grid, meta) * per_tile, h), _named(
         _mlka_dkdv_kernel, q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v),
         *_strides(do), *_strides(dk), *_strides(dv), *common, splits, K_SHARED=k_shared, V_SHARED=v_shared,
-        RUN=run, HEAD_DIM=d, DOT=product_precision(cfg["DOT"], q.dtype)), cfg["maxnreg"]))
+        RUN=run, HEAD_DIM=d, DOT=product_precision(cfg["DOT"], q.dtype))))
     return launches
 
 

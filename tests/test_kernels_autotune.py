@@ -165,6 +165,10 @@ def test_the_default_is_in_the_space_and_is_block_configs(dtype, dim, monkeypatc
             if "FOLD" in launch.args:
                 expected.kwargs["TILE_H"], expected.kwargs["TILE_W"] = wa.fold_tile(
                     cfg["TILE_H"], cfg["TILE_W"], launch.args["FOLD"])
+            if launch.name in ("mlka_dq", "mlka_dkdv"):  # the default carries its own register budget
+                expected.maxnreg = cfg["maxnreg"]
+                assert launch.maxnreg is None
+                assert all(c.config.maxnreg is None for c in launch.candidates() if not c.default)
             assert launch.default == expected, (op, kind, layout)
             assert tuning._prune(launch.name, launch.args) == [expected]
     for channels in aot.NEAREST_CHANNELS:
