@@ -21,7 +21,8 @@ report would describe another kernel. From the cubin:
   64 x 64 window 11): every machine loop of the SASS matched to its source loop by the line info
   (``nvdisasm --print-line-info-inline``) and weighted by its trip count for the launch, summed
   over the programs (`trip_counts`: the kernel's own index arithmetic in Python), the prologue and
-  epilogue once per program, in thread instructions per *useful* score; exp2 per useful score;
+  epilogue once per program (MLKA's partial last block, an ``if full < length`` block, only where
+  the grid has one: `tail_blocks`), in thread instructions per *useful* score; exp2 per useful score;
   the floor time on an H100 SXM (`weighted_figures`);
 - programs: the launch size of the typical call; for LCA, keys visited per useful key.
 
@@ -90,6 +91,7 @@ def typical_launches(op: str, dtype, head_dim: int, kind: str, k_shared: bool, v
     tensors (no memory; their address 0 is 16-byte aligned like a CUDA allocation's)."""
     import torch
 
+    from . import tuning
     from . import window_attention as wa
 
     b, h, (gh, gw) = geometry["batch"], geometry["heads"], geometry["grid"]
@@ -104,10 +106,13 @@ def typical_launches(op: str, dtype, head_dim: int, kind: str, k_shared: bool, v
     scale = head_dim ** -0.5
     if kind == "forward":
         return [wa.forward_launch(q, k, v, torch.empty_like(q), lse, (gh, gw), radius, scale, OPS[op])]
-    splits = wa.dkdv_splits(b, (gh, gw), h, head_dim, dtype, OPS[op], k_shared or v_shared)
+    arch = tuning.target_arch()  # the report's target (None: as sm_90)
+    splits = wa.dkdv_splits(b, (gh, gw), h, head_dim, dtype, OPS[op], k_shared or v_shared, arch)
+    # MLKA's FlashAttention-2 style dQ is given the forward's output and computes delta itself
+    o = torch.empty_like(q) if OPS[op] and wa.mlka_fa2_backward(dtype, head_dim, arch) else None
     launches = wa.backward_launches(q, k, v, torch.empty_like(q), torch.empty_like(q),
                                     *wa.kv_gradient_buffers(k, v, splits), lse, lse, (gh, gw), radius, scale,
-                                    OPS[op], splits)
+                                    OPS[op], splits, o)
     return launches[:1] if kind == "dq" else launches[1:]
 
 
@@ -284,6 +289,22 @@ def source_loops(fn):
     return loops, (start, start + len(lines) - 1), Path(inspect.getsourcefile(fn)).name
 
 
+def tail_blocks(fn) -> list:
+    """The (first, last) lines in the file of the ``if full < length:`` statements of a jitted
+    kernel's source: MLKA's partial last block of a sweep, run by a program only where the grid's
+    length is not a multiple of the block (count key ("tail",) in `trip_counts`)."""
+    import ast
+    import inspect
+    import textwrap
+
+    lines, start = inspect.getsourcelines(fn)
+    off = start - 1
+    return [(node.lineno + off, node.end_lineno + off) for node in ast.walk(ast.parse(textwrap.dedent("".join(lines))))
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and len(node.test.ops) == 1
+            and isinstance(node.test.ops[0], ast.Lt) and getattr(node.test.left, "id", None) == "full"
+            and getattr(node.test.comparators[0], "id", None) == "length"]
+
+
 def kernel_lines(line_info: str, span, file_name: str) -> dict:
     """{SASS address: the kernel's own source line} from ``nvdisasm --print-line-info-inline``:
     of the locations before an instruction (a helper's line inlined at the kernel's), the one in
@@ -308,12 +329,14 @@ def _parse_sass(sass: str):
     return [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
 
 
-def loop_weights(sass: str, lines: dict, loops: list) -> list:
+def loop_weights(sass: str, lines: dict, loops: list, tails: list = ()) -> list:
     """For each SASS instruction (address, text): the key of the count it runs with, per program:
     ("once",) outside every loop (prologue, epilogue, pipelining's first loads); ("loop", i) in a
     machine loop matched to source loop i (the source loop holding most of its instructions' lines);
     ("mask", i) for the part of loop i's body that a branch skips, whose lines are in its
-    ``if _needs_mask`` block. Raises ValueError where a machine loop matches no source loop."""
+    ``if _needs_mask`` block; ("tail",) outside every loop, skipped by a branch, with its line in
+    one of the (first, last) line spans `tails` (`tail_blocks`). Raises ValueError where a machine
+    loop matches no source loop."""
     instructions = _parse_sass(sass)
     ranges = []
     branches = []
@@ -359,7 +382,10 @@ def loop_weights(sass: str, lines: dict, loops: list) -> list:
     for address, text in instructions:
         r = innermost(address)
         if r is None:
-            keys.append((address, text, ("once",)))
+            line = lines.get(address)
+            tail = (line is not None and any(lo <= line <= hi for lo, hi in tails)
+                    and any(a < address < t for a, t in branches))
+            keys.append((address, text, ("tail",) if tail else ("once",)))
             continue
         i = matched[r]
         line = lines.get(address)
@@ -434,17 +460,37 @@ def trip_counts(name: str, a: dict, geometry: dict) -> Counter:
     def tiles(th, tw):
         return [(ty * th, tx * tw) for ty, tx in itertools.product(range(math.ceil(gh / th)), range(math.ceil(gw / tw)))]
 
+    def band_split(tile, bm, bn):
+        """MLKA's band split of run `tile` (`_mlka_band`): (fast-loop blocks, whole band blocks,
+        partial last blocks: 0 or 1)."""
+        full = (length // bn) * bn
+        first_row = tile * bm // gw
+        last_row = (min(tile * bm + bm, length) - 1) // gw
+        band_lo = (max(first_row - ry, 0) * gw) // bn * bn
+        band_hi = max(min(math.ceil(min(last_row + ry + 1, gh) * gw / bn) * bn, full), band_lo)
+        return band_lo // bn + (full - band_hi) // bn, (band_hi - band_lo) // bn, math.ceil((length - full) / bn)
+
     if name == "mlka_fwd":
         bm, bn = a["BLOCK_M"], a["BLOCK_N"]
-        full = (length // bn) * bn
         for tile in range(math.ceil(length / bm)):
-            first_row = tile * bm // gw
-            last_row = (min(tile * bm + bm, length) - 1) // gw
-            band_lo = (max(first_row - ry, 0) * gw) // bn * bn
-            band_hi = max(min(math.ceil(min(last_row + ry + 1, gh) * gw / bn) * bn, full), band_lo)
-            fast = band_lo // bn + (full - band_hi) // bn
-            band = (band_hi - band_lo) // bn + math.ceil((length - full) / bn)
-            programs[((("once",), 1), (("loop", 0), fast), (("loop", 1), band))] += b * h
+            fast, band, tail = band_split(tile, bm, bn)
+            programs[((("once",), 1), (("loop", 0), fast), (("loop", 1), band + tail))] += b * h
+    elif name == "mlka_dq":  # loops: 0 the fast loop, 1 the band's whole blocks; the tail block is not a loop
+        for tile in range(math.ceil(length / a["BLOCK_M"])):
+            fast, band, tail = band_split(tile, a["BLOCK_M"], a["BLOCK_N"])
+            programs[((("once",), 1), (("loop", 0), fast), (("loop", 1), band), (("tail",), tail))] += b * h
+    elif name == "mlka_dkdv":  # loops: 0 the batch run, 1 the fast loop, 2 the band's whole blocks
+        # (the run is a static_range: each element a copy of loops 1 and 2, which `_unrolled` charges
+        # as copies of one loop, at the costliest copy's body per iteration, run x the iterations)
+        if a["K_SHARED"] or a["V_SHARED"]:
+            runs = [max(min(s * a["RUN"] + a["RUN"], b) - s * a["RUN"], 0) for s in range(a["SPLITS"])]
+        else:
+            runs = [1] * b
+        for tile in range(math.ceil(length / a["BLOCK_M"])):
+            fast, band, tail = band_split(tile, a["BLOCK_M"], a["BLOCK_N"])
+            for run in runs:
+                programs[((("once",), 1), (("loop", 0), run), (("loop", 1), run * fast), (("loop", 2), run * band),
+                          (("tail",), run * tail))] += h
     elif name == "lca_fwd":
         th, tw, fold = a["TILE_H"], a["TILE_W"], a["FOLD"]
         for y0, x0 in tiles(th, tw):
@@ -513,14 +559,22 @@ def fa2_floor_us(geometry: dict, mode: str) -> float:
     return round(max(instr / gpu["issue_slots"], ex2 / gpu["mufu"]) / (gpu["sms"] * gpu["clock_hz"]) * 1e6, 2)
 
 
-def backward_glue(op: str, dtype_name: str, head_dim: int, geometry: dict, splits: int, shared: tuple) -> list:
+def backward_glue(op: str, dtype_name: str, head_dim: int, geometry: dict, splits: int, shared: tuple,
+                  arch: str = "sm_90") -> list:
     """The torch launches around the Triton backward kernels (WindowAttentionFunction.backward), each
     as the elements it processes: delta = (O.float() * dO.float()).sum(-1) (the casts only in 16
-    bits), and for each shared gradient reduced in splits > 1 its sum over the splits and its cast."""
+    bits; none where MLKA's FlashAttention-2 style dQ computes delta, which depends on the target
+    `arch`), and for each shared gradient reduced in splits > 1 its sum over the splits and its cast."""
+    import torch
+
+    from . import window_attention as wa
+
     gh, gw = geometry["grid"]
     rows = geometry["batch"] * geometry["heads"] * gh * gw
     elements = rows * head_dim
     glue = ([elements, elements] if dtype_name != "fp32" else []) + [elements, elements]  # casts, mul, sum
+    if OPS[op] and wa.mlka_fa2_backward(getattr(torch, DTYPES[dtype_name]), head_dim, int(arch.removeprefix("sm_"))):
+        glue = []
     for is_shared in shared:
         if is_shared and splits > 1:
             glue.append(splits * geometry["heads"] * gh * gw * head_dim)  # sum over the splits
@@ -552,7 +606,7 @@ def op_summaries(records: list) -> list:
                     continue
                 glue = [] if mode == "forward" else backward_glue(
                     op, dtype_name, dim, geometry, next((f["splits"] for f in figures if "splits" in f), 1),
-                    (True, not OPS[op]))
+                    (True, not OPS[op]), arch)
                 glue_instr = GLUE_INSTRUCTIONS_PER_ELEMENT * sum(glue)
                 gpu = H100_SXM
                 glue_us = glue_instr / (gpu["issue_slots"] * gpu["sms"] * gpu["clock_hz"]) * 1e6
@@ -629,8 +683,9 @@ def _compile_one(job) -> list:
 
 
 def _config_record(config) -> dict:
-    """A config as JSON: its block sizes, num_warps and num_stages."""
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    """A config as JSON: its block sizes, num_warps, num_stages and its own register budget (if any)."""
+    budget = {} if config.maxnreg is None else {"maxnreg": config.maxnreg}
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages, **budget}
 
 
 def _tile_name(args) -> str:
@@ -694,7 +749,7 @@ def weigh_launch(launch, config, geometry: dict, sass: str, line_info: str) -> d
     a = launch.arguments(config)
     loops, span, file_name = source_loops(fn)
     try:
-        keys = loop_weights(sass, kernel_lines(line_info, span, file_name), loops)
+        keys = loop_weights(sass, kernel_lines(line_info, span, file_name), loops, tail_blocks(fn))
         trips = trip_counts(launch.name, a, geometry)
     except ValueError as e:
         return {"error": str(e)}
@@ -704,7 +759,7 @@ def weigh_launch(launch, config, geometry: dict, sass: str, line_info: str) -> d
         return {"error": f"the trip counts of {launch.name} do not cover its {len(loops)} source loops "
                          f"(counted {sorted(counted)}, machine loops of {missing} uncounted)"}
     useful = geometry["batch"] * geometry["heads"] * useful_pairs(geometry["grid"], geometry["window"],
-                                                                  bool(a.get("COMPLEMENT", launch.name == "mlka_fwd")))
+                                                                  bool(a.get("COMPLEMENT", launch.name.startswith("mlka"))))
     figures = weighted_figures(keys, trips, config.num_warps, useful)
     if "SPLITS" in a:
         figures["splits"] = a["SPLITS"]

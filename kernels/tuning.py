@@ -31,7 +31,7 @@ import triton
 
 PIN_ENV = "RLR_FAST_KERNEL_CONFIG"
 DETERMINISTIC_ENV = "RLR_FAST_DETERMINISTIC"
-NAMES = ("lca_fwd", "mlka_fwd", "dq", "dkdv", "nearest")
+NAMES = ("lca_fwd", "mlka_fwd", "dq", "dkdv", "mlka_dq", "mlka_dkdv", "nearest")
 
 
 @dataclass
@@ -133,13 +133,33 @@ SMEM_BY_ARCH = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90
 # Kept back from it for what the compiler stages besides the pipelined loads (layout conversions)
 SMEM_RESERVE = 32 * 1024
 _TARGET_SMEM = None  # set by `target_shared_memory` (the ahead-of-time report's target)
+_TARGET_ARCH = None
 
 
 def target_shared_memory(arch: Optional[int]) -> None:
-    """Prune for compute capability `arch` (e.g. 90) instead of the device's: what `rlr-fast kernels`
-    does for the target it compiles for. None: the device's again."""
-    global _TARGET_SMEM
+    """Prune for compute capability `arch` (e.g. 90) instead of the device's, and choose the
+    defaults of that target (`target_arch`): what `rlr-fast kernels` does for the target it
+    compiles for. None: the device's again."""
+    global _TARGET_SMEM, _TARGET_ARCH
     _TARGET_SMEM = None if arch is None else SMEM_BY_ARCH.get(arch, min(SMEM_BY_ARCH.values()))
+    _TARGET_ARCH = arch
+
+
+def target_arch(device=None) -> Optional[int]:
+    """The compute capability (e.g. 90) the kernels are compiled for, where a default depends on it
+    (wgmma on sm_90 keeps fewer registers live than mma on sm_80): the report's target if set;
+    else `device`'s if it is a CUDA device and the kernels are not interpreted; else None."""
+    if _TARGET_ARCH is not None:
+        return _TARGET_ARCH
+    if device is None or getattr(device, "type", None) != "cuda" or interpreting():
+        return None
+    import torch
+
+    try:
+        major, minor = torch.cuda.get_device_capability(device)
+    except (AssertionError, RuntimeError):  # no CUDA here (fake CUDA tensors of a traced graph)
+        return None
+    return 10 * major + minor
 
 
 def shared_memory_limit() -> int:

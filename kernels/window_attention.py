@@ -453,11 +453,282 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
 
 
 # ------------------------------------------------------------------------------------------------
+# MLKA's backward, FlashAttention-2 style: runs of consecutive tokens and the forward's band split
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _mlka_band(tile, GRID_H, GRID_W, RY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The band of a run of BLOCK_M tokens (tokens [tile * BLOCK_M, +BLOCK_M)): the tokens of the
+    other side in the grid rows within RY of the run's rows, the only ones a window of the run
+    reaches (and, the window being symmetric, the only ones whose windows reach the run). Returns
+    (full, band_lo, band_hi) in tokens: [0, full) the whole BLOCK_N blocks of the grid and
+    [band_lo, band_hi) the band widened to whole blocks and clipped to them. Blocks of [0, full)
+    outside the band need no mask; the band and the partial block [full, L) do."""
+    length = GRID_H * GRID_W
+    first_row = (tile * BLOCK_M) // GRID_W
+    last_row = (tl.minimum(tile * BLOCK_M + BLOCK_M, length) - 1) // GRID_W
+    full = (length // BLOCK_N) * BLOCK_N
+    band_lo = (tl.maximum(first_row - RY, 0) * GRID_W) // BLOCK_N * BLOCK_N
+    band_hi = tl.minimum(tl.cdiv(tl.minimum(last_row + RY + 1, GRID_H) * GRID_W, BLOCK_N) * BLOCK_N, full)
+    band_hi = tl.maximum(band_hi, band_lo)
+    return full, band_lo, band_hi
+
+
+@triton.jit
+def _window_coords(t, inv_w, GRID_W, RY, RX):
+    """Scaled grid coordinates (Y, X) = (y (2 RX + 1), x (2 RY + 1)) of token indices `t` (a
+    vector), in fp32, for `_outside_bias`. No integer division per token (about 20 instructions
+    each): y = floor(t / W + 0.5 / W) in fp32 (`inv_w` = 1 / W), exact while L < 2**21 (the
+    fraction is at least 0.5 / W from an integer, the fp32 result errs by under 2 H 2**-24);
+    the products are integers below 2**24, exact too."""
+    tf = t.to(tl.float32)
+    y = tl.floor(tf * inv_w + 0.5 * inv_w)
+    x = tf - y * GRID_W.to(tl.float32)
+    return y * (2 * RX + 1).to(tl.float32), x * (2 * RY + 1).to(tl.float32)
+
+
+@triton.jit
+def _outside_bias(ay, ax, by, bx, RY, RX):
+    """(len a, len b) exponent bound that keeps MLKA's mask without boolean tensors: >= 512
+    where token b lies outside token a's window (visible), <= -512 inside it. With the scaled
+    coordinates of `_window_coords`, |dy| <= RY and |dx| <= RX are both
+    max(|dY|, |dX|) < T = (2 RY + 1)(2 RX + 1) / 2 (a half-integer, never reached), so the bound
+    is 1024 (max(|dY|, |dX|) - T): four instructions per pair and one more where it is applied
+    (p = exp2(min(s, bound))), where a select on a boolean mask cost more in the SASS."""
+    t = tl.maximum(tl.abs(ay[:, None] - by[None, :]), tl.abs(ax[:, None] - bx[None, :]))
+    half = ((2 * RY + 1) * (2 * RX + 1)).to(tl.float32) * 512.0
+    return t * 1024.0 - half
+
+
+@triton.jit
+def _mlka_dq_step(q, do, k, v, lse, delta, dq, qk_scale, bound, MASKED: tl.constexpr, DOT: tl.constexpr):
+    """One key block of dQ: P recomputed from the log-sum-exp (base 2), dS = P * (dO V^T - delta),
+    dQ += dS K (unscaled). The masked step bounds the exponent by `bound` (`_outside_bias`): P is
+    0 inside the windows."""
+    qk = _mm(q, tl.trans(k), DOT)
+    if MASKED:
+        p = tl.math.exp2(tl.minimum(qk * qk_scale - lse[:, None], bound))
+    else:
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+    dp = _mm(do, tl.trans(v), DOT)
+    ds = p * (dp - delta[:, None])
+    return dq + _mm(ds, k, DOT)
+
+
+# MLKA dQ (_mlka_dq_kernel, 16-bit only): runs of BLOCK_M queries x BLOCK_N keys; the defaults
+# (`_MLKA_BWD`), then alternatives. 64-row runs: one wgmma warpgroup per 4 warps on sm_90.
+MLKA_DQ_CONFIGS = [
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=2),  # sm_90 head dim 16, sm_80 <= 32
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=1),  # sm_90 head dim 32
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=1),  # sm_90 head dim 64
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=2),  # sm_90 128, sm_80 64
+    triton.Config(dict(BLOCK_M=32, BLOCK_N=32), num_warps=4, num_stages=2),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=32), num_warps=8, num_stages=2),
+]
+
+
+@tuning.autotuned("mlka_dq", MLKA_DQ_CONFIGS, _KEY + ["DELTA_FROM_O"],
+                  lambda args: backward_candidates(args, "dq"))
+@triton.jit
+def _mlka_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
+                    stride_qb, stride_qh, stride_ql,
+                    stride_kb, stride_kh, stride_kl,
+                    stride_vb, stride_vh, stride_vl,
+                    stride_ob, stride_oh, stride_ol,
+                    stride_dob, stride_doh, stride_dol,
+                    stride_dqb, stride_dqh, stride_dql,
+                    B, H, GRID_H, GRID_W, RY, RX, qk_scale, sm_scale,
+                    DELTA_FROM_O: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, DOT: tl.constexpr):
+    """MLKA dQ = scale * dS K for a run of BLOCK_M consecutive queries and one head, sweeping the
+    keys in runs of BLOCK_N with the forward's band split: blocks outside the band run an
+    unmasked, pipelined loop; the band and a partial last block the masked one.
+
+    DELTA_FROM_O: the program also computes delta = rowsum(dO * O) (fp32) of its queries, uses it
+    and writes it to DELTA for the dK/dV launch that follows (no separate preprocess launch);
+    else it reads DELTA."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    b, tile = pid % B, pid // B
+    length = GRID_H * GRID_W
+    q_idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = q_idx < length
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), q_idx, q_ok, stride_ql, offs_d)
+    do = _load_rows(_head(DO, b, h, stride_dob, stride_doh), q_idx, q_ok, stride_dol, offs_d)
+    row = _lse_row(b, h, H, GRID_H, GRID_W)
+    lse = tl.load(LSE + row + q_idx, mask=q_ok, other=0.0)
+    if DELTA_FROM_O:
+        o = _load_rows(_head(O, b, h, stride_ob, stride_oh), q_idx, q_ok, stride_ol, offs_d)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(DELTA + row + q_idx, delta, mask=q_ok)
+    else:
+        delta = tl.load(DELTA + row + q_idx, mask=q_ok, other=0.0)
+    k_base = _head(K, b, h, stride_kb, stride_kh)
+    v_base = _head(V, b, h, stride_vb, stride_vh)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full, band_lo, band_hi = _mlka_band(tile, GRID_H, GRID_W, RY, BLOCK_M, BLOCK_N)
+    n_before = band_lo // BLOCK_N
+    for j in range(0, n_before + (full - band_hi) // BLOCK_N):
+        start = j * BLOCK_N + tl.where(j >= n_before, band_hi - band_lo, 0)
+        k = tl.load(k_base + (start + offs_n)[:, None] * stride_kl + offs_d[None, :])
+        v = tl.load(v_base + (start + offs_n)[:, None] * stride_vl + offs_d[None, :])
+        dq = _mlka_dq_step(q, do, k, v, lse, delta, dq, qk_scale, None, False, DOT)
+    # the band's whole blocks: the window mask only (queries off the grid need none, their rows
+    # are never stored)
+    inv_w = 1.0 / GRID_W.to(tl.float32)
+    qy, qx = _window_coords(q_idx, inv_w, GRID_W, RY, RX)
+    for start in range(band_lo, band_hi, BLOCK_N):
+        k = tl.load(k_base + (start + offs_n)[:, None] * stride_kl + offs_d[None, :])
+        v = tl.load(v_base + (start + offs_n)[:, None] * stride_vl + offs_d[None, :])
+        ky, kx = _window_coords(start + offs_n, inv_w, GRID_W, RY, RX)
+        bound = _outside_bias(qy, qx, ky, kx, RY, RX)
+        dq = _mlka_dq_step(q, do, k, v, lse, delta, dq, qk_scale, bound, True, DOT)
+    if full < length:  # the partial last block: keys off the grid are zeros, P must be 0 there too
+        k_idx = full + offs_n
+        k_ok = k_idx < length
+        k = _load_rows(k_base, k_idx, k_ok, stride_kl, offs_d)
+        v = _load_rows(v_base, k_idx, k_ok, stride_vl, offs_d)
+        ky, kx = _window_coords(k_idx, inv_w, GRID_W, RY, RX)
+        bound = tl.where(k_ok[None, :], _outside_bias(qy, qx, ky, kx, RY, RX), float("-inf"))
+        dq = _mlka_dq_step(q, do, k, v, lse, delta, dq, qk_scale, bound, True, DOT)
+    tl.store(_head(DQ, b, h, stride_dqb, stride_dqh) + q_idx[:, None] * stride_dql + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
+
+
+@triton.jit
+def _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, bound, MASKED: tl.constexpr, DOT: tl.constexpr):
+    """One query block of dK/dV, transposed (rows are the program's keys): P^T recomputed from
+    the log-sum-exp, dV += P^T dO, dS^T = P^T * (V dO^T - delta), dK += dS^T Q (unscaled). The
+    masked step bounds the exponent by `bound` (`_outside_bias`)."""
+    qk_t = _mm(k, tl.trans(q), DOT)  # (keys, queries)
+    if MASKED:
+        p_t = tl.math.exp2(tl.minimum(qk_t * qk_scale - lse[None, :], bound))
+    else:
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+    dv = dv + _mm(p_t, do, DOT)
+    dp_t = _mm(v, tl.trans(do), DOT)
+    ds_t = p_t * (dp_t - delta[None, :])
+    return dk + _mm(ds_t, q, DOT), dv
+
+
+# MLKA dK/dV (_mlka_dkdv_kernel, 16-bit only): runs of BLOCK_M keys x BLOCK_N queries; the
+# defaults (`_MLKA_BWD`), then alternatives. 64 x 32 keeps dK, dV and the scores of a warpgroup
+# in 128 registers at head dim <= 32 on sm_90 (16 warps per H100 SM); 64 x 64 spilled there.
+MLKA_DKDV_CONFIGS = [
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=2),  # 16-bit, head dim <= 64
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=16), num_warps=4, num_stages=1),  # sm_90 head dim 128
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=1),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=32), num_warps=8, num_stages=2),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=16), num_warps=4, num_stages=3),
+]
+
+
+@tuning.autotuned("mlka_dkdv", MLKA_DKDV_CONFIGS, _KEY + ["K_SHARED", "V_SHARED", "SPLITS", "RUN"],
+                  lambda args: backward_candidates(args, "dkdv"))
+@triton.jit
+def _mlka_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+                      stride_qb, stride_qh, stride_ql,
+                      stride_kb, stride_kh, stride_kl,
+                      stride_vb, stride_vh, stride_vl,
+                      stride_ob, stride_oh, stride_ol,
+                      stride_dkb, stride_dkh, stride_dkl,
+                      stride_dvb, stride_dvh, stride_dvl,
+                      B, H, GRID_H, GRID_W, RY, RX, qk_scale, sm_scale, SPLITS,
+                      K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, RUN: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT: tl.constexpr):
+    """MLKA dK = scale * dS^T Q and dV = P^T dO for a run of BLOCK_M consecutive keys and one head,
+    sweeping the queries in runs of BLOCK_N with the forward's band split (the queries whose
+    windows reach the key run lie in the grid rows within RY of it: only those blocks, and a
+    partial last one, are masked; the others run an unmasked, pipelined loop). dK and dV
+    accumulate in fp32 registers and are stored once (per batch element, or per run of the batch).
+
+    A shared k or v is reduced over a run of RUN batch elements inside the program (SPLITS runs,
+    RUN * SPLITS >= B, the loop over the run unrolled); with SPLITS > 1, each program writes its
+    run's fp32 partial sum to split `split` of DK/DV (a (SPLITS, H, L, D) buffer) and the
+    launcher adds the splits in a fixed order: deterministic, no atomics. Batched: RUN = 1.
+    DELTA (rowsum(dO * O)) is read, written by the dQ launch before this one."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    if K_SHARED or V_SHARED:  # split `split` of SPLITS runs of RUN batch elements
+        split, tile = pid % SPLITS, pid // SPLITS
+        b_lo = split * RUN
+        b_hi = tl.minimum(b_lo + RUN, B)
+    else:
+        b_lo, tile = pid % B, pid // B
+        b_hi = b_lo + 1
+    length = GRID_H * GRID_W
+    k_idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_ok = k_idx < length
+    inv_w = 1.0 / GRID_W.to(tl.float32)
+    ky, kx = _window_coords(k_idx, inv_w, GRID_W, RY, RX)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    full, band_lo, band_hi = _mlka_band(tile, GRID_H, GRID_W, RY, BLOCK_M, BLOCK_N)
+    n_before = band_lo // BLOCK_N
+    n_fast = n_before + (full - band_hi) // BLOCK_N
+    # a shared k or v keeps summing over the batch run, a batched one restarts per element
+    dk = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for r in tl.static_range(RUN):  # unrolled: a loop over the run cost ~100 registers (sm_90)
+        b = b_lo + r
+        if b < b_hi:
+            k = _load_rows(_head(K, b, h, stride_kb, stride_kh), k_idx, k_ok, stride_kl, offs_d)
+            v = _load_rows(_head(V, b, h, stride_vb, stride_vh), k_idx, k_ok, stride_vl, offs_d)
+            if not K_SHARED:
+                dk = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+            if not V_SHARED:
+                dv = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+            q_base = _head(Q, b, h, stride_qb, stride_qh)
+            do_base = _head(DO, b, h, stride_ob, stride_oh)
+            row = _lse_row(b, h, H, GRID_H, GRID_W)
+            for j in range(0, n_fast):
+                start = j * BLOCK_N + tl.where(j >= n_before, band_hi - band_lo, 0)
+                q = tl.load(q_base + (start + offs_n)[:, None] * stride_ql + offs_d[None, :])
+                do = tl.load(do_base + (start + offs_n)[:, None] * stride_ol + offs_d[None, :])
+                lse = tl.load(LSE + row + start + offs_n)
+                delta = tl.load(DELTA + row + start + offs_n)
+                dk, dv = _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, None, False, DOT)
+            # the band's whole blocks: the window mask only (keys off the grid need none, their rows
+            # are never stored)
+            for start in range(band_lo, band_hi, BLOCK_N):
+                q = tl.load(q_base + (start + offs_n)[:, None] * stride_ql + offs_d[None, :])
+                do = tl.load(do_base + (start + offs_n)[:, None] * stride_ol + offs_d[None, :])
+                lse = tl.load(LSE + row + start + offs_n)
+                delta = tl.load(DELTA + row + start + offs_n)
+                qy, qx = _window_coords(start + offs_n, inv_w, GRID_W, RY, RX)
+                bound = _outside_bias(ky, kx, qy, qx, RY, RX)
+                dk, dv = _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, bound, True, DOT)
+            if full < length:  # the partial last block: queries off the grid (q, dO zeros) get a
+                q_idx = full + offs_n  # log-sum-exp of +inf, so P = 0 there with no extra mask
+                q_ok = q_idx < length
+                q = _load_rows(q_base, q_idx, q_ok, stride_ql, offs_d)
+                do = _load_rows(do_base, q_idx, q_ok, stride_ol, offs_d)
+                lse = tl.load(LSE + row + q_idx, mask=q_ok, other=float("inf"))
+                delta = tl.load(DELTA + row + q_idx, mask=q_ok, other=0.0)
+                qy, qx = _window_coords(q_idx, inv_w, GRID_W, RY, RX)
+                bound = _outside_bias(ky, kx, qy, qx, RY, RX)
+                dk, dv = _mlka_dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, bound, True, DOT)
+            if not K_SHARED:
+                tl.store(_head(DK, b, h, stride_dkb, stride_dkh) + k_idx[:, None] * stride_dkl + offs_d[None, :],
+                         (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+            if not V_SHARED:
+                tl.store(_head(DV, b, h, stride_dvb, stride_dvh) + k_idx[:, None] * stride_dvl + offs_d[None, :],
+                         dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+    if K_SHARED:
+        tl.store(_head(DK, split, h, stride_dkb, stride_dkh) + k_idx[:, None] * stride_dkl + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+    if V_SHARED:
+        tl.store(_head(DV, split, h, stride_dvb, stride_dvh) + k_idx[:, None] * stride_dvl + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------------
 # Launch code and the autograd Function (each op's file binds COMPLEMENT)
 # ------------------------------------------------------------------------------------------------
 
 import contextlib  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
@@ -519,9 +790,64 @@ _MLKA_FWD = {
 }
 
 
-def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool = False) -> dict:
-    """Default configuration of a kernel ("fwd", "dq" or "dkdv") for a head dim, dtype and op (MLKA if
-    `complement`): its constexprs
+# MLKA's backward (_mlka_dq_kernel, _mlka_dkdv_kernel), 16-bit defaults per head dim and target
+# ("sm90": wgmma, also without a known target; "sm80": mma, sm_80 to sm_89): runs of BLOCK_M
+# tokens owned (queries for dQ, keys for dK/dV) x BLOCK_N swept per step, warps, stages, product
+# precision and register budget (the default config's own: the alternatives of the space compile
+# without one), each compiled for its target with no spills. 64-row runs: one
+# wgmma warpgroup per 4 warps. sm_90 keeps 128 registers (4 blocks of 4 warps per SM) where that
+# does not spill; mma on sm_80 holds more operands in registers, so no budget there (3 blocks at
+# 168). One pipeline stage where two spill at 128 registers (sm_90 dQ at head dim 32 and 64, dK/dV
+# at 64: 16 warps per SM hide the load latency instead). sm_90 dK/dV at head dim 64 sweeps 16
+# queries per step: 64 x 32 costs ~10% fewer instructions per score but needs 163-241 registers
+# (8-12 warps per SM). Head dim 128 on sm_80 spills in every run tried
+# (dK, dV and K, V of 64 rows live in registers): the 2D-tile kernels there (no entry).
+_MLKA_BWD = {
+    #  kind   D    target   M    N  warps stages DOT   maxnreg
+    ("dq", 16, "sm90"): (64, 64, 4, 2, "native", 128),
+    ("dq", 32, "sm90"): (64, 64, 4, 1, "native", 128),
+    ("dq", 64, "sm90"): (64, 32, 4, 1, "native", 128),
+    ("dq", 128, "sm90"): (64, 32, 4, 2, "native", None),
+    ("dkdv", 16, "sm90"): (64, 32, 4, 2, "native", 128),
+    ("dkdv", 32, "sm90"): (64, 32, 4, 2, "native", 128),
+    ("dkdv", 64, "sm90"): (64, 16, 4, 1, "native", 128),
+    ("dkdv", 128, "sm90"): (64, 16, 4, 1, "native", None),
+    ("dq", 16, "sm80"): (64, 64, 4, 2, "native", 128),
+    ("dq", 32, "sm80"): (64, 64, 4, 2, "native", None),
+    ("dq", 64, "sm80"): (64, 32, 4, 2, "native", None),
+    ("dkdv", 16, "sm80"): (64, 32, 4, 2, "native", 128),
+    ("dkdv", 32, "sm80"): (64, 32, 4, 2, "native", None),
+    ("dkdv", 64, "sm80"): (64, 32, 4, 2, "native", None),
+}
+
+# MLKA's backward in 16 bits: the FlashAttention-2 style kernels above (True, the default) or the
+# 2D-tile dQ and dK/dV kernels it shares with LCA (False; RLR_FAST_MLKA_BACKWARD=tiles at import).
+# fp32 keeps the 2D-tile kernels: its tf32x3 products on runs of 16-32 rows spill registers.
+MLKA_FA2_BACKWARD = os.environ.get("RLR_FAST_MLKA_BACKWARD", "fa2") != "tiles"
+
+
+# MLKA's FlashAttention-2 style backward finds grid coordinates in fp32 (`_window_coords`): exact
+# for fewer tokens than this; the forward refuses longer grids where that backward would run.
+MLKA_FA2_MAX_TOKENS = 2 ** 21
+
+
+def _target_family(arch: Optional[int]) -> str:
+    """`_MLKA_BWD`'s target for compute capability `arch`: "sm80" below sm_90, else (or unknown) "sm90"."""
+    return "sm80" if arch is not None and arch < 90 else "sm90"
+
+
+def mlka_fa2_backward(dtype: torch.dtype, head_dim: int, arch: Optional[int] = None) -> bool:
+    """Whether MLKA's backward in `dtype` at `head_dim` on compute capability `arch` (None: unknown,
+    as sm_90) runs the FlashAttention-2 style kernels (`_MLKA_BWD` has defaults for it)."""
+    return (MLKA_FA2_BACKWARD and dtype != torch.float32
+            and ("dq", head_dim, _target_family(arch)) in _MLKA_BWD)
+
+
+def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool = False,
+                 arch: Optional[int] = None) -> dict:
+    """Default configuration of a kernel ("fwd", "dq" or "dkdv") for a head dim, dtype, op (MLKA if
+    `complement`) and compute capability `arch` (`tuning.target_arch`; only MLKA's 16-bit backward
+    depends on it): its constexprs
     TILE_H/TILE_W (the tile a program owns), BLOCK_H/BLOCK_W (the blocks it sweeps) and DOT, plus
     num_warps and, for dK/dV, ``split`` (one launch per gradient).
 
@@ -531,6 +857,10 @@ def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool 
     if kind == "fwd" and complement:
         m, n, warps, stages, dot = _MLKA_FWD[key[1:]]
         return dict(BLOCK_M=m, BLOCK_N=n, DOT=dot, num_warps=warps, num_stages=stages)
+    if complement and kind != "fwd" and mlka_fa2_backward(dtype, head_dim, arch):
+        m, n, warps, stages, dot, maxnreg = _MLKA_BWD[(kind, head_dim, _target_family(arch))]
+        return dict(BLOCK_M=m, BLOCK_N=n, DOT=dot, num_warps=warps, num_stages=stages, split=False,
+                    maxnreg=maxnreg)
     tile, block, warps, dot, split = _CONFIGS[key]
     # Pipeline stages: 3 in the forward, 2 in the backward, none in a split dK/dV. ptxas, left to
     # itself, keeps the dK/dV kernels (and the fp32-FMA ones) to fewer registers than they need
@@ -611,8 +941,19 @@ def forward_candidates(args: dict, complement: bool) -> list:
 
 
 def backward_candidates(args: dict, kind: str) -> list:
-    """The dQ (`kind` "dq") or dK/dV ("dkdv") kernel's config space for a call."""
-    default = as_config(block_config(kind, args["HEAD_DIM"], args["Q"].dtype, args["COMPLEMENT"]))
+    """The dQ (`kind` "dq") or dK/dV ("dkdv") kernel's config space for a call: the 2D-tile
+    kernels' (which take COMPLEMENT), or MLKA's FlashAttention-2 style ones."""
+    if "COMPLEMENT" not in args:
+        # MLKA's: the register budget belongs to the default it was chosen with (no spills there);
+        # the other configs compile with none (a budget tight for one tile spills another)
+        cfg = block_config(kind, args["HEAD_DIM"], args["Q"].dtype, True, tuning.target_arch(args["Q"].device))
+        out = _candidates(MLKA_DQ_CONFIGS if kind == "dq" else MLKA_DKDV_CONFIGS, as_config(cfg), args, True)
+        return [tuning.Candidate(triton.Config(c.config.kwargs, num_warps=c.config.num_warps,
+                                               num_stages=c.config.num_stages,
+                                               maxnreg=cfg["maxnreg"] if c.default else None), c.default, c.reason)
+                for c in out]
+    default = as_config(block_config(kind, args["HEAD_DIM"], args["Q"].dtype, args["COMPLEMENT"],
+                                     tuning.target_arch(args["Q"].device)))
     return _candidates(DQ_CONFIGS if kind == "dq" else DKDV_CONFIGS, default, args, args["COMPLEMENT"])
 
 
@@ -682,8 +1023,10 @@ class Launch:
         return {**self.args, **config.kwargs}
 
     def options(self, config: triton.Config) -> dict:
-        """Compiler options of the launch with `config`."""
-        extra = {} if self.maxnreg is None else dict(maxnreg=self.maxnreg)
+        """Compiler options of the launch with `config` (a register budget: the launch's, or the
+        config's own)."""
+        maxnreg = self.maxnreg if self.maxnreg is not None else config.maxnreg
+        extra = {} if maxnreg is None else dict(maxnreg=maxnreg)
         return dict(num_warps=config.num_warps, num_stages=config.num_stages, **extra)
 
     def programs_with(self, config: triton.Config) -> int:
@@ -742,18 +1085,24 @@ def fold_tile(tile_h: int, tile_w: int, fold: int):
 # Programs the dK/dV launch of a shared k/v aims at: 4 per SM of an H100 (132 SMs), so that the
 # batch splits fill the GPU even where one program per key tile and head would leave it idle.
 _DKDV_PROGRAMS = 4 * 132
+# Batch elements a program of MLKA's dK/dV sums a shared k/v over, at most (its loop over them is
+# unrolled, each element a copy of the kernel's loops).
+_MLKA_RUN = 2
 
 
 def dkdv_splits(batch: int, grid, heads: int, head_dim: int, dtype: torch.dtype, complement: bool,
-                shared: bool) -> int:
+                shared: bool, arch: Optional[int] = None) -> int:
     """Runs of the batch the dK/dV launch splits a shared k/v's reduction into (1 if neither
     is shared: then every batch element has its own programs), from the default config's tiles
     whatever config the autotuner picks. Depends on shapes only, so the sum is the same from
     run to run."""
     if not shared:
         return 1
-    programs = _tiles(grid, block_config("dkdv", head_dim, dtype, complement)) * heads
-    return max(1, min(batch, triton.cdiv(_DKDV_PROGRAMS, programs)))
+    programs = _tiles(grid, block_config("dkdv", head_dim, dtype, complement, arch)) * heads
+    splits = max(1, min(batch, triton.cdiv(_DKDV_PROGRAMS, programs)))
+    if complement and mlka_fa2_backward(dtype, head_dim, arch):  # its runs are unrolled: at most _MLKA_RUN elements each
+        splits = max(splits, triton.cdiv(batch, _MLKA_RUN))
+    return splits
 
 
 def kv_gradient_buffers(k: torch.Tensor, v: torch.Tensor, splits: int):
@@ -767,11 +1116,17 @@ def kv_gradient_buffers(k: torch.Tensor, v: torch.Tensor, splits: int):
 
 
 def backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, complement: bool,
-                      splits: int = 1) -> list:
+                      splits: int = 1, o=None) -> list:
     """The backward launches: dQ, then dK/dV in one launch or, where the config splits them,
-    one launch each (`dk`, `dv` from ``kv_gradient_buffers(k, v, splits)``)."""
+    one launch each (`dk`, `dv` from ``kv_gradient_buffers(k, v, splits)``). MLKA (with
+    `MLKA_FA2_BACKWARD`): its own dQ and dK/dV kernels; given the forward's output `o`, the dQ
+    launch computes delta = rowsum(dO * O) into `delta` (a (B * H * L,) fp32 buffer) for the
+    dK/dV launch, else `delta` must hold it already. The 2D-tile kernels always read `delta`."""
     b, h, _, d = q.shape
-    cfg = block_config("dq", d, q.dtype, complement)
+    arch = tuning.target_arch(q.device)
+    if complement and mlka_fa2_backward(q.dtype, d, arch):
+        return _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, splits, o, arch)
+    cfg = block_config("dq", d, q.dtype, complement, arch)
     common = (b, h, *grid, *radius, scale * LOG2E, scale)
     launches = [Launch("dq", lambda meta: (_tiles(grid, meta) * b, h), _named(
         _bwd_dq_kernel, q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
@@ -779,13 +1134,35 @@ def backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, 
         cfg["maxnreg"])]
     k_shared, v_shared = k.dim() == 3, v.dim() == 3
     per_tile = splits if (k_shared or v_shared) else b  # a shared k/v: a program sums a run of the batch
-    cfg = block_config("dkdv", d, q.dtype, complement)
+    cfg = block_config("dkdv", d, q.dtype, complement, arch)
     for with_dk, with_dv in ((True, False), (False, True)) if cfg["split"] else ((True, True),):
         launches.append(Launch("dkdv", lambda meta: (_tiles(grid, meta) * per_tile, h), _named(
             _bwd_dkdv_kernel, q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v),
             *_strides(do), *_strides(dk), *_strides(dv), *common, splits,
             K_SHARED=k_shared, V_SHARED=v_shared, WITH_DK=with_dk, WITH_DV=with_dv,
             COMPLEMENT=complement, HEAD_DIM=d, DOT=product_precision(cfg["DOT"], q.dtype)), cfg["maxnreg"]))
+    return launches
+
+
+def _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, splits, o, arch) -> list:
+    """MLKA's FlashAttention-2 style backward: the dQ launch (which writes delta when given `o`),
+    then the dK/dV launch, each over runs of BLOCK_M tokens."""
+    b, h, _, d = q.shape
+    common = (b, h, *grid, *radius, scale * LOG2E, scale)
+    cfg = block_config("dq", d, q.dtype, True, arch)
+    from_o = o is not None
+    launches = [Launch("mlka_dq", lambda meta: (_tiles(grid, meta) * b, h), _named(
+        _mlka_dq_kernel, q, k, v, o if from_o else do, do, dq, lse, delta, *_strides(q), *_strides(k),
+        *_strides(v), *_strides(o if from_o else do), *_strides(do), *_strides(dq), *common,
+        DELTA_FROM_O=from_o, HEAD_DIM=d, DOT=product_precision(cfg["DOT"], q.dtype)))]  # budget: per config
+    k_shared, v_shared = k.dim() == 3, v.dim() == 3
+    per_tile = splits if (k_shared or v_shared) else b
+    run = triton.cdiv(b, splits) if (k_shared or v_shared) else 1
+    cfg = block_config("dkdv", d, q.dtype, True, arch)
+    launches.append(Launch("mlka_dkdv", lambda meta: (_tiles(grid, meta) * per_tile, h), _named(
+        _mlka_dkdv_kernel, q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v),
+        *_strides(do), *_strides(dk), *_strides(dv), *common, splits, K_SHARED=k_shared, V_SHARED=v_shared,
+        RUN=run, HEAD_DIM=d, DOT=product_precision(cfg["DOT"], q.dtype))))
     return launches
 
 
@@ -797,6 +1174,11 @@ class WindowAttentionFunction(torch.autograd.Function):
         _check(q, k, v)
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         b, h, length, d = q.shape
+        if (cls.COMPLEMENT and length >= MLKA_FA2_MAX_TOKENS
+                and mlka_fa2_backward(q.dtype, d, tuning.target_arch(q.device))):
+            raise ValueError(f"the triton backend's 16-bit MLKA backward supports grids of fewer than 2**21 "
+                             f"tokens (its window coordinates are exact in fp32 below that), got {length}; "
+                             f"use float32 or backend='torch'")
         radius = (window[0] // 2, window[1] // 2)
         o = torch.empty(b, h, length, d, device=q.device, dtype=q.dtype)
         lse = torch.empty(b * h * length, device=q.device, dtype=torch.float32)
@@ -811,14 +1193,19 @@ class WindowAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         grid, radius, scale = ctx.geometry
         do = do.contiguous()
-        delta = (o.float() * do.float()).sum(-1).reshape(-1)  # rowsum(O * dO), (B * H * L,)
+        arch = tuning.target_arch(q.device)
+        fused_delta = cls.COMPLEMENT and mlka_fa2_backward(q.dtype, q.shape[-1], arch)  # MLKA's dQ computes it
+        if fused_delta:
+            delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)
+        else:
+            delta = (o.float() * do.float()).sum(-1).reshape(-1)  # rowsum(O * dO), (B * H * L,)
         dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # dense, its own strides
         b, h, _, d = q.shape
-        splits = dkdv_splits(b, grid, h, d, q.dtype, cls.COMPLEMENT, k.dim() == 3 or v.dim() == 3)
+        splits = dkdv_splits(b, grid, h, d, q.dtype, cls.COMPLEMENT, k.dim() == 3 or v.dim() == 3, arch)
         dk, dv = kv_gradient_buffers(k, v, splits)
         with _on_device(q):
             for launch in backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale,
-                                            cls.COMPLEMENT, splits):
+                                            cls.COMPLEMENT, splits, o if fused_delta else None):
                 launch()
         # the splits' partial sums of a shared gradient, added in a fixed order
         dk, dv = (g.sum(0).to(t.dtype) if t.dim() == 3 and splits > 1 else g for g, t in ((dk, k), (dv, v)))

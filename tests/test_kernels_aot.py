@@ -46,7 +46,10 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
         if key[4] == "dkdv":
             grads = sorted(r["grads"] for r in rows if (r["arch"], r["op"], r["dtype"], r["head_dim"], r["kernel"],
                                                         r["layout"]) == key)
-            assert grads in (["dK+dV"], ["dK", "dV"]), (key, grads)
+            # (16-bit MLKA's FlashAttention-2 style kernel always computes both: no WITH_DK/WITH_DV;
+            # on sm_80 at head dim 128 MLKA keeps the 2D-tile kernels)
+            fa2 = key[1] == "mlka" and key[2] != "fp32" and (key[3] <= 64 or key[0] == "sm_90")
+            assert grads in ([[""]] if fa2 else (["dK+dV"], ["dK", "dV"])), (key, grads)
     assert all(FIELDS <= set(r) for r in rows)
     assert all(r["ok"] and r["spill_bytes"] == 0 and r["registers"] > 0 for r in rows)
     assert all(r["loop_instructions"] > 0 and r["blocks_per_sm"] >= 1 for r in rows)
@@ -193,6 +196,43 @@ def test_sm90_targets_of_the_redesign():
         assert r["weighted"]["32x32"]["weighted_instructions_per_score"] >= r["instructions_per_score"] * factor
 
 
+_MLKA_BACKWARD_TARGETS = """
+import json
+from rlr_fast.kernels import aot
+rows = []
+for dim in (32, 64):
+    rows += aot._compile_one(("sm_90", "mlka", "fp16", dim, "dq", None, True))
+    rows += aot._compile_one(("sm_90", "mlka", "fp16", dim, "dkdv", (True, False), True))
+rows += aot._compile_one(("sm_90", "mlka", "fp16", 32, "forward", None, True))
+print(json.dumps({"rows": rows, "ops": aot.op_summaries(rows)}))
+"""
+
+
+def test_sm90_targets_of_the_mlka_backward():
+    """Issue 18 part 3 on sm_90, 16-bit, head dims 32 and 64, RLR's layout (k shared, v batched):
+    MLKA's dQ <= 12 and dK/dV <= 20 weighted instructions per useful score at both launches, on
+    wgmma, >= 16 warps resident per H100 SM, no spills; at head dim 32 the forward + backward
+    <= 40 per useful score (the forward, dQ, dK/dV and the splits' sum)."""
+    result = subprocess.run([sys.executable, "-c", _MLKA_BACKWARD_TARGETS], capture_output=True, text=True,
+                            env=_no_interpreter_env(), timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = [r for r in out["rows"] if r["kernel"] != "forward"]
+    assert sorted((r["kernel"], r["head_dim"]) for r in rows) == [("dkdv", 32), ("dkdv", 64), ("dq", 32), ("dq", 64)]
+    for r in rows:
+        assert r["ok"] and r["spill_bytes"] == 0 and r["tensor_core"] == "wgmma", r
+        assert r["blocks_per_sm"] * r["num_warps"] >= 16, r
+        for launch in ("32x32", "64x64"):
+            w = r["weighted"][launch]
+            assert "error" not in w, w
+            assert w["weighted_instructions_per_score"] <= (12 if r["kernel"] == "dq" else 20), (r["kernel"], launch, w)
+            assert w["exp_per_score"] >= 1.0  # at least one exp2 per useful score: P recomputed
+    both = [o for o in out["ops"] if o["head_dim"] == 32 and o["mode"] == "forward+backward"]
+    assert len(both) == 2 and all(o["weighted_instructions_per_useful_score"] <= 40 for o in both), both
+    # no torch glue for delta (the dQ kernel computes it): the three kernels and the splits' sum and cast
+    assert all(o["launches"] == 5 for o in both), both
+
+
 def test_every_config_compiles_for_sm90_without_spills_or_is_pruned_with_a_reason(tmp_path):
     """Every config of every kernel's autotuning space, at fp16 and head dim 32 (nearest_reference
     at each of its channel counts), compiles for sm_90 with no spills, or is reported as pruned
@@ -203,8 +243,8 @@ def test_every_config_compiles_for_sm90_without_spills_or_is_pruned_with_a_reaso
 
     nr = importlib.import_module("rlr_fast.kernels.nearest_reference")  # the package exports the function
     sizes = {("lca", "forward"): len(wa.LCA_FWD_CONFIGS), ("mlka", "forward"): len(wa.MLKA_FWD_CONFIGS),
-             ("lca", "dq"): len(wa.DQ_CONFIGS), ("mlka", "dq"): len(wa.DQ_CONFIGS),
-             ("lca", "dkdv"): len(wa.DKDV_CONFIGS), ("mlka", "dkdv"): len(wa.DKDV_CONFIGS),
+             ("lca", "dq"): len(wa.DQ_CONFIGS), ("mlka", "dq"): len(wa.MLKA_DQ_CONFIGS),
+             ("lca", "dkdv"): len(wa.DKDV_CONFIGS), ("mlka", "dkdv"): len(wa.MLKA_DKDV_CONFIGS),
              ("nn", "nearest"): len(nr.NEAREST_CONFIGS)}
     out = tmp_path / "kernels.json"
     result = subprocess.run([sys.executable, "-m", "rlr_fast", "kernels", "--arch", "sm_90", "--dtypes", "fp16",
@@ -265,6 +305,37 @@ def test_lca_and_backward_trip_counts_counted_by_hand():
                             ((("once",), 1), (("loop", 0), 1), (("loop", 1), 4), (("mask", 1), 4)): 4})
 
 
+def test_mlka_backward_trip_counts_counted_by_hand():
+    """MLKA's FlashAttention-2 style dQ and dK/dV, 16-token runs and blocks, window 3. On an 8 x 8
+    grid the bands are those of the forward (no partial block). On a 5 x 7 grid (35 tokens) every
+    run has a partial last block at 32..34: run 0 (rows 0-2) and run 1 (rows 2-4) have band rows
+    reaching 0..32 (2 whole blocks, no fast block); run 2 (row 4) has band rows 3-4 (tokens 21..34:
+    block 1) and block 0 in its fast loop. dK/dV with a shared k, batch 3 in 2 splits of RUN 2:
+    programs of 2 and 1 batch elements, each running every loop once per element."""
+    from collections import Counter
+
+    def dq(fast, band, tail):
+        return ((("once",), 1), (("loop", 0), fast), (("loop", 1), band), (("tail",), tail))
+
+    geometry = dict(batch=2, heads=3, grid=(8, 8), window=(3, 3))
+    got = aot.trip_counts("mlka_dq", dict(BLOCK_M=16, BLOCK_N=16), geometry)
+    assert got == Counter({dq(2, 2, 0): 2 * 2 * 3, dq(1, 3, 0): 2 * 2 * 3})
+    geometry = dict(batch=3, heads=2, grid=(5, 7), window=(3, 3))
+    got = aot.trip_counts("mlka_dq", dict(BLOCK_M=16, BLOCK_N=16), geometry)
+    assert got == Counter({dq(0, 2, 1): 2 * 3 * 2, dq(1, 1, 1): 3 * 2})
+
+    def dkdv(run, fast, band, tail):
+        return ((("once",), 1), (("loop", 0), run), (("loop", 1), run * fast), (("loop", 2), run * band),
+                (("tail",), run * tail))
+
+    shared = dict(BLOCK_M=16, BLOCK_N=16, K_SHARED=True, V_SHARED=False, SPLITS=2, RUN=2)
+    got = aot.trip_counts("mlka_dkdv", shared, geometry)
+    assert got == Counter({dkdv(2, 0, 2, 1): 2 * 2, dkdv(1, 0, 2, 1): 2 * 2, dkdv(2, 1, 1, 1): 2, dkdv(1, 1, 1, 1): 2})
+    batched = dict(shared, K_SHARED=False, SPLITS=1, RUN=1)
+    got = aot.trip_counts("mlka_dkdv", batched, geometry)
+    assert got == Counter({dkdv(1, 0, 2, 1): 2 * 3 * 2, dkdv(1, 1, 1, 1): 3 * 2})
+
+
 # Two loops: 0x30-0x50 (3 instructions, one exp2; source loop 0), 0x70-0xb0 (5 instructions; source
 # loop 1, whose 0x90-0xa0 a branch at 0x80 skips and whose lines are its `if _needs_mask` block)
 WEIGHTED_SASS = """
@@ -304,6 +375,56 @@ def test_weighting_of_two_loops_with_known_trip_counts():
     # a machine loop with no line of any source loop is an error, not a guess
     with pytest.raises(ValueError, match="matches no loop"):
         aot.loop_weights(WEIGHTED_SASS, {**lines, 0x30: 5, 0x40: 5, 0x50: 5}, loops)
+
+
+# One loop 0x20-0x40; after it a branch at 0x50 skips 0x60-0x70 (the partial last block's lines 30-31),
+# and 0x80 (line 40) runs once
+TAIL_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0030*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0040*/               @P0 BRA 0x20 ;
+        /*0050*/               @P1 BRA 0x80 ;
+        /*0060*/                   MUFU.EX2 R3, R3 ;
+        /*0070*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0080*/                   STG.E desc[UR4][R2.64], R4 ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_the_partial_last_block_runs_only_where_counted():
+    """Instructions outside every loop, skipped by a branch and on the lines of an ``if full < length``
+    block are the tail's: counted as often as the trip counts say (0 where the grid fills whole
+    blocks), the rest once; an unskipped instruction on those lines stays once."""
+    loops = [{"lines": (10, 12), "masks": []}]
+    lines = {0x00: 1, 0x10: 2, 0x20: 11, 0x30: 11, 0x40: 10, 0x50: 29, 0x60: 30, 0x70: 31, 0x80: 40, 0x90: 41}
+    keys = aot.loop_weights(TAIL_SASS, lines, loops, [(29, 31)])
+    assert [k for _, _, k in keys] == [("once",)] * 2 + [("loop", 0)] * 3 + [("once",)] + [("tail",)] * 2 + \
+        [("once",)] * 2
+    assert [k for _, _, k in aot.loop_weights(TAIL_SASS, lines, loops)][6:8] == [("once",)] * 2  # no tail blocks
+    from collections import Counter
+
+    for tail in (0, 1):
+        trips = Counter({((("once",), 1), (("loop", 0), 5), (("tail",), tail)): 3})
+        figures = aot.weighted_figures(keys, trips, num_warps=1, useful_scores=100)
+        assert figures["thread_instructions"] == (5 + 5 * 3 + 2 * tail) * 3 * 32
+        assert figures["thread_exp"] == tail * 3 * 32
+
+
+def test_tail_blocks_are_the_kernels_partial_block_statements():
+    """Each MLKA backward kernel has one ``if full < length`` block, inside the kernel's lines."""
+    import inspect
+
+    from rlr_fast.kernels import window_attention as wa
+
+    for kernel in (wa._mlka_dq_kernel, wa._mlka_dkdv_kernel):
+        fn = kernel.fn.fn
+        lines, start = inspect.getsourcelines(fn)
+        tails = aot.tail_blocks(fn)
+        assert len(tails) == 1 and start < tails[0][0] < tails[0][1] < start + len(lines)
+        assert "if full < length" in lines[tails[0][0] - start]
+    assert aot.tail_blocks(wa._mlka_fwd_kernel.fn.fn) == []
 
 
 NESTED_SASS = """
@@ -455,7 +576,9 @@ def test_backward_glue_is_what_the_backward_runs_in_torch(op, dtype_name, monkey
         with Spy() as spy:
             function.backward(ctx, torch.empty_like(q))
         splits = wa.dkdv_splits(b, (gh, gw), h, d, dtype, aot.OPS[op], True)
-        assert kernels == ["dq", "dkdv"]
+        # 16-bit MLKA: its FlashAttention-2 style kernels, whose dQ computes delta (no torch glue for it)
+        fa2 = op == "mlka" and wa.mlka_fa2_backward(dtype, d)
+        assert kernels == (["mlka_dq", "mlka_dkdv"] if fa2 else ["dq", "dkdv"])
         assert spy.work == aot.backward_glue(op, dtype_name, d, geometry, splits, (True, not aot.OPS[op]))
         assert len(spy.work) >= 2  # delta at least (the sum over splits only where there are splits)
 
@@ -491,3 +614,47 @@ def test_op_summaries_add_every_launch_of_rlrs_layout():
     assert both["ratio_to_fa2"] == pytest.approx(both["issue_floor_us"] / aot.fa2_floor_us(geometry, "forward+backward"),
                                                  abs=0.01)
     assert rows[("64x64", "forward")]["issue_floor_us"] == 2.0  # the second launch's own figures
+
+
+def test_weighted_compare_matches_launches_and_checks_the_targets(tmp_path, capsys):
+    """benchmarks/weighted_compare.py on two synthetic reports: defaults matched by launch (split dK/dV
+    launches summed), the sm_90 16-bit targets judged from the after figures, warps and spills
+    included, per-op rows side by side, and every spilling config listed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "weighted_compare.py"
+    spec = importlib.util.spec_from_file_location("weighted_compare", path)
+    wc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wc)
+
+    def rec(kernel, w32, w64, regs=128, blocks=4, spill=0, default=True, grads="", tc="wgmma", index=0):
+        weighted = {name: {"weighted_instructions_per_score": w, "exp_per_score": 1.0, "issue_floor_us": w}
+                    for name, w in (("32x32", w32), ("64x64", w64))}
+        return {"arch": "sm_90", "op": "mlka", "dtype": "fp16", "head_dim": 32, "kernel": kernel,
+                "layout": "k shared, v batched" if kernel == "dkdv" else "", "grads": grads, "default": default,
+                "ok": True, "pruned": None, "tensor_core": tc, "tile": "64", "block": "32", "registers": regs,
+                "spill_bytes": spill, "blocks_per_sm": blocks, "num_warps": 4, "config_index": index,
+                "config": {"BLOCK_M": 64}, "weighted": weighted}
+
+    before = [rec("dq", 16.0, 14.0, tc="wgmma"), rec("dkdv", 30.0, 28.0, tc="mma", grads="dK"),
+              rec("dkdv", 20.0, 19.0, tc="mma", grads="dV")]
+    after = [rec("dq", 10.0, 8.0), rec("dkdv", 14.0, 21.0),  # dK/dV over its target at 64x64
+             rec("dq", 9.0, 7.0, regs=255, spill=64, default=False, index=3)]
+    ops = lambda w: [{"arch": "sm_90", "op": "mlka", "dtype": "fp16", "head_dim": 32, "launch": "32x32",  # noqa: E731
+                      "mode": "forward+backward", "launches": 5, "weighted_instructions_per_useful_score": w,
+                      "issue_floor_us": w, "fa2_dense_floor_us": 1.0, "ratio_to_fa2": w}]
+    files = {}
+    for name, data in (("b", before), ("bo", ops(80.0)), ("a", after), ("ao", ops(39.5))):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(data))
+    assert wc.main([str(files[n]) for n in ("b", "bo", "a", "ao")]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    dq = [line for line in lines if " dq " in line]
+    assert "10.0" in dq[1] and "<=12,>=16w,wgmma: met" in dq[1] and "NOT" not in dq[1]
+    dkdv = [line for line in lines if " dkdv " in line]
+    assert "50.0" in dkdv[0] and "128+128" in dkdv[0]  # the two split launches summed
+    assert "<=20,>=16w,wgmma: NOT met" in dkdv[1]
+    assert any("80.0" in line and "39.5" in line and "<=40: met" in line for line in lines)
+    assert "1 of 3 compiled configs spill (0 of them defaults)" in out and "64 bytes spilled" in out

@@ -22,7 +22,16 @@ nr = importlib.import_module("rlr_fast.kernels.nearest_reference")  # the packag
 
 OPS = {"lca": local_cross_attention, "mlka": neighbor_masked_attention}
 SPACES = {"lca_fwd": wa.LCA_FWD_CONFIGS, "mlka_fwd": wa.MLKA_FWD_CONFIGS, "dq": wa.DQ_CONFIGS,
-          "dkdv": wa.DKDV_CONFIGS, "nearest": nr.NEAREST_CONFIGS}
+          "dkdv": wa.DKDV_CONFIGS, "mlka_dq": wa.MLKA_DQ_CONFIGS, "mlka_dkdv": wa.MLKA_DKDV_CONFIGS,
+          "nearest": nr.NEAREST_CONFIGS}
+
+
+def _kernels(op, dtype):
+    """The forward, dQ and dK/dV kernels (names in `SPACES`) a call of the op runs in `dtype` at
+    head dim 16 (`_inputs`): 16-bit MLKA has its own FlashAttention-2 style backward."""
+    if op == "mlka" and wa.mlka_fa2_backward(dtype, 16, tuning.target_arch(torch.device(DEVICE))):
+        return ("mlka_fwd", "mlka_dq", "mlka_dkdv")
+    return (f"{op}_fwd", "dq", "dkdv")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs CUDA or TRITON_INTERPRET=1")
@@ -73,15 +82,17 @@ def _chosen(name):
 @pytest.mark.parametrize("index", range(6))
 def test_every_config_matches_the_reference(index, op, dtype, pin):
     """Config `index` of the op's forward and of dQ and dK/dV (the batch-split reduction of the
-    shared k) pinned: forward and gradients against the reference backend in fp64."""
+    shared k) pinned (modulo the size of a smaller space): forward and gradients against the
+    reference backend in fp64."""
     fwd = f"{op}_fwd"
-    for name in (fwd, "dq", "dkdv"):
-        pin(name, index)
+    names = _kernels(op, dtype)
+    for name in names:
+        pin(name, index % len(SPACES[name]))
     q, k, v, grad = _inputs(op, dtype)
     got = _run(op, q, k, v, grad, "triton")
     oracle = _run(op, q.double(), k.double(), v.double(), grad.double(), "reference")
-    for name in ("dq", "dkdv", fwd):
-        space, chosen = SPACES[name][index], _chosen(name)
+    for name in names:
+        space, chosen = SPACES[name][index % len(SPACES[name])], _chosen(name)
         assert (chosen.num_warps, chosen.num_stages) == (space.num_warps, space.num_stages), name
         tile = (space.kwargs.get("TILE_H"), space.kwargs.get("TILE_W"))
         if name == "lca_fwd" and dtype == torch.float16:  # k and v shared: 2 batch elements folded into the tile
@@ -125,12 +136,13 @@ def test_reruns_on_the_same_buffers_leave_the_outputs_right(op, pin):
     dq = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
     dk, dv = (t.fill_(float("nan")) for t in wa.kv_gradient_buffers(k, v, splits))
     for index in range(6):
-        for name in (f"{op}_fwd", "dq", "dkdv"):
-            pin(name, index)
+        for name in _kernels(op, dtype):
+            pin(name, index % len(SPACES[name]))
         forward()
-        delta = (o.float() * grad.float()).sum(-1).reshape(-1)
+        # 16-bit MLKA: the dQ kernel computes delta from O itself (into a NaN buffer here)
+        delta = torch.full_like(lse, float("nan")) if complement else (o.float() * grad.float()).sum(-1).reshape(-1)
         for launch in wa.backward_launches(q, k, v, grad, dq, dk, dv, lse, delta, grid, radius, scale,
-                                           complement, splits):
+                                           complement, splits, o if complement else None):
             launch()
     dk, dv = (g.sum(0).to(t.dtype) if t.dim() == 3 else g for g, t in ((dk, k), (dv, v)))
     for name, g, ref in zip(("out", "dq", "dk", "dv"), (o, dq, dk, dv), oracle):
@@ -153,6 +165,10 @@ def test_the_default_is_in_the_space_and_is_block_configs(dtype, dim, monkeypatc
             if "FOLD" in launch.args:
                 expected.kwargs["TILE_H"], expected.kwargs["TILE_W"] = wa.fold_tile(
                     cfg["TILE_H"], cfg["TILE_W"], launch.args["FOLD"])
+            if launch.name in ("mlka_dq", "mlka_dkdv"):  # the default carries its own register budget
+                expected.maxnreg = cfg["maxnreg"]
+                assert launch.maxnreg is None
+                assert all(c.config.maxnreg is None for c in launch.candidates() if not c.default)
             assert launch.default == expected, (op, kind, layout)
             assert tuning._prune(launch.name, launch.args) == [expected]
     for channels in aot.NEAREST_CHANNELS:
@@ -205,10 +221,12 @@ def test_deterministic_mode_runs_the_default_alone(monkeypatch):
 def test_autotune_keys_hold_what_changes_the_best_config():
     """The batch and heads (with the grid: the programs launched), LCA's batch fold and dK/dV's batch
     splits are in the autotuning keys, beside the grid, window and head dim."""
-    for name in ("lca_fwd", "mlka_fwd", "dq", "dkdv"):
+    for name in ("lca_fwd", "mlka_fwd", "dq", "dkdv", "mlka_dq", "mlka_dkdv"):
         keys = set(tuning.KERNELS[name].kernel.keys)
         assert {"GRID_H", "GRID_W", "RY", "RX", "HEAD_DIM", "B", "H"} <= keys, name
     assert "FOLD" in tuning.KERNELS["lca_fwd"].kernel.keys and "SPLITS" in tuning.KERNELS["dkdv"].kernel.keys
+    # MLKA's 16-bit dK/dV: its batch splits and the run of batch elements a program sums over
+    assert {"SPLITS", "RUN"} <= set(tuning.KERNELS["mlka_dkdv"].kernel.keys)
 
 
 def _dq(radius, complement):
@@ -299,3 +317,76 @@ def test_pin_through_the_environment_variable():
     result = subprocess.run([sys.executable, "-c", _PINNED_RUN], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "5"
+
+
+def _mlka_backward_names(dtype, dim):
+    """The kernel names of MLKA's backward launches for a call on meta tensors (B=2, 1 head, 8 x 8)."""
+    q = torch.empty(2, 1, 64, dim, device="meta", dtype=dtype)
+    lse = torch.empty(q.numel() // dim, device="meta")
+    return [launch.name for launch in wa.backward_launches(q, q[0], q, q, q, q[0], q, lse, lse, (8, 8), (1, 1), 1.0,
+                                                           True, 1, q)]
+
+
+def test_mlka_backward_kernels_and_defaults_per_target():
+    """16-bit MLKA runs its FlashAttention-2 style backward, fp32 the 2D-tile kernels; the defaults
+    depend on the target: sm_90 keeps 128 registers where that compiles without spills, sm_80 takes
+    none and keeps the 2D-tile kernels at head dim 128 (the report's target sets the arch)."""
+    assert _mlka_backward_names(torch.float16, 32) == ["mlka_dq", "mlka_dkdv"]
+    assert _mlka_backward_names(torch.float32, 32) == ["dq", "dkdv"]
+    assert wa.mlka_fa2_backward(torch.bfloat16, 128, 90) and not wa.mlka_fa2_backward(torch.bfloat16, 128, 80)
+    assert wa.mlka_fa2_backward(torch.float16, 64, 86) and not wa.mlka_fa2_backward(torch.float32, 64, 90)
+    assert wa.block_config("dq", 32, torch.float16, True, 90)["maxnreg"] == 128
+    assert wa.block_config("dq", 32, torch.float16, True, 80)["maxnreg"] is None
+    assert wa.block_config("dq", 32, torch.float16, True) == wa.block_config("dq", 32, torch.float16, True, 90)
+    assert "TILE_H" in wa.block_config("dkdv", 128, torch.float16, True, 80)  # the 2D-tile kernel's config
+    try:
+        tuning.target_shared_memory(80)
+        assert tuning.target_arch() == 80 and tuning.target_arch(torch.device("cpu")) == 80
+        assert _mlka_backward_names(torch.float16, 128) == ["dq", "dkdv", "dkdv"]  # split dK, dV launches
+        assert _mlka_backward_names(torch.float16, 64) == ["mlka_dq", "mlka_dkdv"]
+    finally:
+        tuning.target_shared_memory(None)
+    assert tuning.target_arch(torch.device("cpu")) is None and tuning.target_arch() is None
+
+
+def test_target_arch_of_a_cuda_device(monkeypatch):
+    """A CUDA device's compute capability; None where there is no CUDA (a traced graph's fake CUDA
+    tensors on a machine without a GPU) instead of an error."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    got = tuning.target_arch(torch.device("cuda", 0))
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        assert got == 10 * major + minor
+    else:
+        assert got is None
+
+
+_TILES_BACKWARD = """
+import torch
+from rlr_fast import neighbor_masked_attention
+from rlr_fast.kernels import window_attention as wa
+q = torch.empty(2, 1, 64, 16, device="meta", dtype=torch.float16)
+lse = torch.empty(128, device="meta")
+print(",".join(l.name for l in wa.backward_launches(q, q[0], q, q, q, q[0], q, lse, lse, (8, 8), (1, 1), 1.0, True)))
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(2, 1, 72, 16, generator=g) for _ in range(3))
+grads = []
+for backend in ("triton", "reference"):
+    t = [x.to(torch.float16 if backend == "triton" else torch.float64).requires_grad_() for x in (q, k[0], v)]
+    out = neighbor_masked_attention(*t, (9, 8), 3, backend=backend)
+    grads.append(torch.autograd.grad(out, t, torch.ones_like(out)))
+for a, b in zip(*grads):
+    torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2)
+print("ok")
+"""
+
+
+def test_mlka_tiles_backward_through_the_environment_variable():
+    """RLR_FAST_MLKA_BACKWARD=tiles (set before import) runs MLKA's 16-bit backward on the 2D-tile
+    kernels it shares with LCA, with gradients still matching the fp64 reference."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "RLR_FAST_MLKA_BACKWARD": "tiles"}
+    result = subprocess.run([sys.executable, "-c", _TILES_BACKWARD], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names, ok = result.stdout.split()[-2:]
+    assert names == "dq,dkdv" and ok == "ok"

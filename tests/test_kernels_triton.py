@@ -59,17 +59,24 @@ def test_triton_head_dims(op, dim):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dim", [32, 128])
+# 16-bit MLKA runs the FlashAttention-2 style backward (runs of 64 tokens, band split): small odd
+# grids with a partial last run, square and non-square windows, every shared/batched layout
+LOW_PRECISION_CASES = [("lca", (10, 9), 3, 32, True, False), ("lca", (10, 9), 3, 128, True, False),
+                       ("mlka", (10, 9), 3, 32, True, False), ("mlka", (10, 9), 3, 128, True, False),
+                       ("mlka", (5, 7), 3, 16, True, True), ("mlka", (9, 6), 5, 32, False, False),
+                       ("mlka", (12, 12), (3, 5), 16, False, True), ("mlka", (12, 12), 5, 32, True, False),
+                       ("mlka", (9, 6), (5, 3), 16, True, False), ("mlka", (5, 7), (1, 3), 64, True, False)]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("op", ["lca", "mlka"])
-def test_triton_low_precision_error_is_bounded(op, dtype, dim):
+@pytest.mark.parametrize("op,grid,window,dim,k_shared,v_shared", LOW_PRECISION_CASES)
+def test_triton_low_precision_error_is_bounded(op, grid, window, dim, k_shared, v_shared, dtype):
     """Error against an fp64 oracle at most twice that of the reference in the same dtype (+ slack)."""
-    grid = (10, 9)
-    q, k, v, grad = _inputs(2, 2, grid, dim, True, False, torch.float64)
-    oracle = _run(op, q, k, v, grad, grid, 3, "reference")
+    q, k, v, grad = _inputs(2, 2, grid, dim, k_shared, v_shared, torch.float64)
+    oracle = _run(op, q, k, v, grad, grid, window, "reference")
     low = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    ref = _run(op, *low, grad.to(dtype), grid, 3, "reference")
-    got = _run(op, *low, grad.to(dtype), grid, 3, "triton")
+    ref = _run(op, *low, grad.to(dtype), grid, window, "reference")
+    got = _run(op, *low, grad.to(dtype), grid, window, "triton")
     for name, o, r, g in zip(("out", "dq", "dk", "dv"), oracle, ref, got):
         assert g.dtype == dtype
         ref_err, got_err = (r.double() - o).abs().max().item(), (g.double() - o).abs().max().item()
@@ -91,6 +98,16 @@ def test_triton_non_contiguous_and_deterministic():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_triton_mlka_16bit_backward_is_deterministic():
+    """The 16-bit MLKA backward (shared k summed over runs of the batch in a fixed order, no
+    atomics) gives bitwise equal gradients run after run; B=5 makes an uneven last run."""
+    q, k, v, grad = (t.detach().half() for t in _inputs(5, 1, (9, 8), 16, True, False, torch.float32))
+    runs = [_run("mlka", *(t.clone().requires_grad_() for t in (q, k, v)), grad, (9, 8), 3, "triton")
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_triton_clear_errors():
     q = torch.randn(1, 1, 16, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="float32, float16 and bfloat16.*use backend='torch'"):
@@ -98,6 +115,25 @@ def test_triton_clear_errors():
     q = torch.randn(1, 1, 16, 24, device=DEVICE)
     with pytest.raises(ValueError, match=r"head dims \(16, 32, 64, 128\), got D=24"):
         local_cross_attention(q, q[0], q[0], (4, 4), 3, backend="triton")
+
+
+def test_triton_mlka_16bit_refuses_grids_its_backward_cannot_index(monkeypatch):
+    """16-bit MLKA's backward finds grid coordinates in fp32, exact below 2**21 tokens: a longer grid
+    is refused up front with the way out; one grid row fewer, or fp32 (other kernels), is not (meta
+    tensors, the forward launch stubbed: nothing is allocated or run)."""
+    from rlr_fast.kernels import window_attention as wa
+    from rlr_fast.kernels.neighbor_masked_attention import NeighborMaskedAttentionFunction
+
+    monkeypatch.setattr(wa, "forward_launch", lambda *args: (lambda: None))
+
+    gh, gw = 2 ** 11, 2 ** 10  # 2**21 tokens
+    q = torch.empty(1, 1, gh * gw, 16, device="meta", dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*21 tokens.*got 2097152.*use float32 or backend='torch'"):
+        NeighborMaskedAttentionFunction.apply(q, q[0], q, (gh, gw), (3, 3), 0.25)
+    q32 = torch.empty(1, 1, gh * gw, 16, device="meta")
+    assert NeighborMaskedAttentionFunction.apply(q32, q32[0], q32, (gh, gw), (3, 3), 0.25).shape == q32.shape
+    q = torch.empty(1, 1, gh * gw - gw, 16, device="meta", dtype=torch.float16)  # one grid row fewer
+    assert NeighborMaskedAttentionFunction.apply(q, q[0], q, (gh - 1, gw), (3, 3), 0.25).shape == q.shape
 
 
 def test_triton_lca_reads_only_the_key_patch_of_its_tile():
@@ -292,11 +328,12 @@ def test_triton_lca_folds_the_batch_into_the_query_tile(batch):
         torch.testing.assert_close(g.double(), o, rtol=2e-2, atol=2e-2, msg=f"B={batch} {name}")
 
 
-@pytest.mark.parametrize("grid,window", [((20, 16), 3), ((9, 40), (5, 3))])
-def test_triton_mlka_fast_loop_16bit(grid, window):
-    """16-bit MLKA forward runs 64 x 64 tiles: grids large enough for key blocks outside the
-    band (the unmasked fast loop), a band in the middle, and a partial last block."""
-    q, k, v, grad = _inputs(2, 1, grid, 32, True, False, torch.float64)
+@pytest.mark.parametrize("grid,window,k_shared,v_shared", [((20, 16), 3, True, False), ((9, 40), (5, 3), True, False),
+                                                            ((20, 16), (3, 5), False, True), ((17, 13), 3, True, True)])
+def test_triton_mlka_fast_loop_16bit(grid, window, k_shared, v_shared):
+    """16-bit MLKA forward and backward run runs of 64 tokens: grids large enough for blocks outside
+    the band (the unmasked fast loops), a band in the middle, and a partial last block."""
+    q, k, v, grad = _inputs(2, 1, grid, 32, k_shared, v_shared, torch.float64)
     oracle = _run("mlka", q, k, v, grad, grid, window, "reference")
     low = [t.detach().half().requires_grad_() for t in (q, k, v)]
     got = _run("mlka", *low, grad.half(), grid, window, "triton")
