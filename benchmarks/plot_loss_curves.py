@@ -21,14 +21,12 @@ def main(argv=None) -> int:
     p.add_argument("--results", type=Path, default=HERE / "results" / "rlr-loss-curves.json")
     p.add_argument("--out", type=Path, default=HERE / "results" / "rlr-loss-curves.png")
     args = p.parse_args(argv)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     runs = json.loads(args.results.read_text())["runs"]
     sizes = sorted({r["image_size"] for r in runs.values()})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4.2), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(sizes), 4.2))
+    axes = fig.subplots(1, len(sizes), squeeze=False)
     for ax, size in zip(axes[0], sizes):
         for i, (name, run) in enumerate((n, r) for n, r in runs.items() if r["image_size"] == size):
             epochs = [rec["epoch"] for rec in run["log"]]

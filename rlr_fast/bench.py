@@ -266,14 +266,13 @@ def plot_profile(benches, path: Path) -> bool:
     if not rows:
         return False
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     labels = [f"{b['extra_info']['mode']} {b['extra_info']['precision']}" for b in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.8))
+    fig = Figure(figsize=(10, 0.6 * len(rows) + 1.8))
+    ax = fig.subplots()
     left = [0.0] * len(rows)
-    colors = plt.get_cmap("tab10").colors
+    colors = matplotlib.colormaps["tab10"].colors
     for i, part in enumerate(PARTS):
         widths = [b["extra_info"]["parts"].get(part, 0) * 1e3 / b["extra_info"]["batch"] for b in rows]
         ax.barh(labels, widths, left=left, color=colors[i % len(colors)], label=part)
@@ -286,7 +285,6 @@ def plot_profile(benches, path: Path) -> bool:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
     return True
 
 
@@ -294,12 +292,10 @@ def plot(benches, path: Path) -> bool:
     rows = scaling_rows(benches)
     if not rows:
         return False
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_t, ax_m = fig.subplots(1, 2)
     for name, style in (("fast", "o-"), ("naive", "s--")):
         pts = [(g, r[name]) for g, r in rows.items() if name in r and not r[name]["extra_info"].get("out_of_budget")]
         if not pts:
@@ -322,7 +318,6 @@ def plot(benches, path: Path) -> bool:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
     return True
 
 

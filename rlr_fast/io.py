@@ -99,8 +99,13 @@ def atomic_savefig(fig, path, **kwargs) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs. On POSIX, signal 0 checks without sending anything;
+    on Windows ``os.kill(pid, 0)`` would send CTRL_C_EVENT (signal 0 there) and stop the
+    process, so the process is opened and its exit code read instead."""
     if pid == os.getpid():
         return True
+    if os.name == "nt":
+        return _pid_alive_windows(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -108,6 +113,25 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def _pid_alive_windows(pid: int, kernel32=None, last_error=None) -> bool:
+    import ctypes
+
+    query_limited_information, still_active, access_denied = 0x1000, 259, 5
+    if kernel32 is None:
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        last_error = ctypes.get_last_error
+    handle = kernel32.OpenProcess(query_limited_information, False, pid)
+    if not handle:  # no such process, or one we may not open (which exists)
+        return last_error() == access_denied
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True  # cannot tell: keep its temporary
+        return code.value == still_active
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def clean_stale_temporaries(folder) -> list[Path]:

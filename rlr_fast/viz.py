@@ -1,15 +1,16 @@
 """Pictures: anomaly-map overlays and heat maps as PNG (matplotlib, no display needed), binary
-masks as 8-bit PNG (0 normal, 255 anomalous, as MVTec's ground truth)."""
+masks as 8-bit PNG (0 normal, 255 anomalous, as MVTec's ground truth).
+
+Figures are made with matplotlib's object API (``Figure``), never pyplot: importing this module
+does not choose a backend for the user's process (no ``matplotlib.use``), and no figure is kept
+in pyplot's global registry."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
 def _image(image) -> np.ndarray:
@@ -31,16 +32,14 @@ def _save(fig, path) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_savefig(fig, path, dpi=100, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    atomic_savefig(fig, path, dpi=100, bbox_inches="tight")
 
 
 def save_overlay(path, image, gt_mask, anomaly_map, title: str = "", vmax=None) -> None:
     """Three panels: the image, its ground truth, and the anomaly map over the image."""
     img, heat = _image(image), _map(anomaly_map)
-    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.4))
+    fig = Figure(figsize=(9.6, 3.4))
+    axes = fig.subplots(1, 3)
     axes[0].imshow(img)
     axes[0].set_title("image")
     axes[1].imshow(_map(gt_mask), cmap="gray", vmin=0, vmax=1)
@@ -59,7 +58,8 @@ def save_overlay(path, image, gt_mask, anomaly_map, title: str = "", vmax=None) 
 def save_heatmap(path, image, anomaly_map, title: str = "", vmax=None) -> None:
     """The anomaly map over the image, with a colour bar."""
     img, heat = _image(image), _map(anomaly_map)
-    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    fig = Figure(figsize=(4.2, 3.6))
+    ax = fig.subplots()
     ax.imshow(img)
     shown = ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=vmax if vmax is not None else heat.max())
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)

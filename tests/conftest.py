@@ -19,3 +19,15 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warn_once_sets():
+    """The library says some things once per process (a backend fallback, bf16 without native
+    support); each test starts as a fresh process would, so a test that expects the warning
+    gets it whatever ran before."""
+    from rlr_fast import ops, precision
+
+    ops._warned.clear()
+    precision._warned.clear()
+    yield

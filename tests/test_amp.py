@@ -89,7 +89,6 @@ def test_bf16_amp_without_native_bf16_trains_fp32_and_says_so(tmp_path, monkeypa
     data = build_demo_dataset(tmp_path / "data", classes=("brick",), image_size=64, n_train=2, n_test_good=1,
                               n_test_defect=1)
     monkeypatch.setattr(prec, "bf16_supported", lambda device: False)
-    monkeypatch.setattr(prec, "_warned", set())
     states = []
     original = RLRModel.loss
 

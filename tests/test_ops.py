@@ -307,7 +307,6 @@ def test_module_rejects_bad_shapes():
     (torch.float32, 24, r"head dims \(16, 32, 64, 128\), got D=24"),
 ])
 def test_auto_falls_back_to_torch_with_one_warning(monkeypatch, dtype, head_dim, pattern):
-    monkeypatch.setattr(ops, "_warned", set())
     cuda = torch.device("cuda")
     with pytest.warns(RuntimeWarning, match="backend 'auto' uses 'torch' here: .*" + pattern):
         assert resolve_backend("auto", cuda, dtype, head_dim) == "torch"
@@ -320,7 +319,6 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch, dtype, head_dim,
 
 
 def test_auto_falls_back_to_torch_without_triton(monkeypatch):
-    monkeypatch.setattr(ops, "_warned", set())
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
     with pytest.warns(RuntimeWarning, match="needs the triton package"):

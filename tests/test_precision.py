@@ -32,7 +32,6 @@ def test_bf16_maps_follow_fp32_and_stay_float32(pair):
 def test_bf16_without_native_support_runs_fp32_and_says_so(pair, monkeypatch):
     fp32, bf16 = pair
     monkeypatch.setattr(prec, "bf16_supported", lambda device: False)
-    monkeypatch.setattr(prec, "_warned", set())
     images = torch.randn(2, 3, 64, 64)
     with pytest.warns(UserWarning, match="no native bfloat16"), torch.no_grad():
         b = bf16(images)
