@@ -32,10 +32,24 @@ def test_train_resume_test_predict(data, tmp_path, capsys):
     assert set(metrics["classes"]) == {"brick", "gravel"}
     for values in [*metrics["classes"].values(), metrics["mean"]]:
         assert set(values) == {"image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max"}
-        assert all(0.0 <= v <= 1.0 for v in values.values())
+    for key in ("image_auroc", "pixel_auroc"):
+        assert metrics["mean"][key] == pytest.approx(sum(m[key] for m in metrics["classes"].values()) / 2)
     assert len(list((run / "overlays" / "brick").glob("*.png"))) == 6
     table = capsys.readouterr().out
     assert "image AUROC" in table and "mean" in table
+    # the image AUROC that `test` reports is sklearn's on the scores `predict` gives the same images
+    from sklearn.metrics import roc_auc_score
+
+    assert main(["predict", "--run", str(run), "--data", str(data), "--out", str(tmp_path / "all"),
+                 "--no-heatmaps"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "all" / "scores.csv")))
+    assert len(rows) == 12
+    for cls in ("brick", "gravel"):
+        mine = [r for r in rows if f"/{cls}/" in r["path"].replace("\\", "/")]
+        truth = [0 if "/good/" in r["path"].replace("\\", "/") else 1 for r in mine]
+        assert sorted(truth) == [0, 0, 1, 1, 1, 1]
+        auroc = roc_auc_score(truth, [float(r["score"]) for r in mine])
+        assert metrics["classes"][cls]["image_auroc"] == pytest.approx(auroc, abs=1e-9)
 
     assert main(["predict", "--run", str(run), str(data / "brick" / "test" / "good"), "--out",
                  str(tmp_path / "pred")]) == 0
@@ -98,7 +112,7 @@ def test_resad_train_resume_test_predict(data, unseen, tmp_path, capsys):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert set(metrics["classes"]) == {"grass"}
     assert set(metrics["mean"]) == {"image_auroc", "pixel_auroc", "pixel_aupro", "image_f1max"}
-    assert all(0.0 <= v <= 1.0 for v in metrics["classes"]["grass"].values())
+    assert metrics["mean"] == pytest.approx(metrics["classes"]["grass"])  # one class: its mean is itself
 
     images = str(unseen / "grass" / "test" / "good")
     assert main(["predict", "--run", str(run), images, "--reference", str(unseen / "grass" / "train" / "good"),

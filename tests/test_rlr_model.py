@@ -50,9 +50,25 @@ def test_feature_jitter_scale():
     assert torch.equal(feature_jitter(tokens, scale=0.0), tokens)
 
 
+def _some_query_sees_the_whole_grid(grid, window):
+    """Brute force over every query: does its clipped window hold every token of the grid?"""
+    (h, w), (kh, kw) = grid, window
+    return any(y - kh // 2 <= 0 and y + kh // 2 >= h - 1 and x - kw // 2 <= 0 and x + kw // 2 >= w - 1
+               for y in range(h) for x in range(w))
+
+
 def test_default_windows_follow_the_paper():
     assert [default_window(g) for g in (16, 32, 64)] == [5, 7, 11]
-    assert default_windows((4, 4)) == (1, 1) or not any(k >= 4 for k in default_windows((4, 4)))
+    assert default_windows((16, 32)) == (5, 7)
+    # small grids: the paper's window shrinks (both axes by 2) until MLKA leaves every query a key
+    assert default_windows((8, 8)) == (3, 3) and default_windows((4, 4)) == (1, 1)
+    for grid in [(h, w) for h in range(2, 20) for w in range(2, 20)]:
+        kh, kw = default_windows(grid)
+        assert kh % 2 == 1 and kw % 2 == 1
+        assert not _some_query_sees_the_whole_grid(grid, (kh, kw)), grid
+        start = (default_window(grid[0]), default_window(grid[1]))
+        if (kh, kw) != start:  # it shrank: the next larger step would have left a query without keys
+            assert _some_query_sees_the_whole_grid(grid, (kh + 2, kw + 2)), grid
 
 
 def test_paper_network_by_name():
