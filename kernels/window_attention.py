@@ -723,6 +723,200 @@ def _mlka_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
 
 
 # ------------------------------------------------------------------------------------------------
+# LCA's backward with the batch folded: the forward's 2D tiles, FOLD batch elements per query tile
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _lca_coords(y, x, ok, far, RY, RX):
+    """Scaled fp32 grid coordinates (Y, X) = (y (2 RX + 1), x (2 RY + 1)) of tokens for
+    `_inside_bound`; a token not `ok` (off the grid, or a batch element past B) gets Y = `far`,
+    so that no window holds it (queries and keys take sentinels of opposite signs)."""
+    yy = tl.where(ok, y * (2 * RX + 1), far)
+    return yy.to(tl.float32), (x * (2 * RY + 1)).to(tl.float32)
+
+
+@triton.jit
+def _inside_bound(ay, ax, by, bx, RY, RX):
+    """(len a, len b) exponent bound that keeps LCA's window mask without boolean tensors: >= 512
+    where token b lies inside token a's window (and both are valid), <= -512 elsewhere: with the
+    scaled coordinates of `_lca_coords`, inside is max(|dY|, |dX|) < T = (2 RY + 1)(2 RX + 1) / 2
+    (a half-integer, never reached), so the bound is 1024 (T - max(|dY|, |dX|)). Applied as
+    p = exp2(min(s, bound)): p = 0 outside (the opposite sign of MLKA's `_outside_bias`)."""
+    t = tl.maximum(tl.abs(ay[:, None] - by[None, :]), tl.abs(ax[:, None] - bx[None, :]))
+    half = ((2 * RY + 1) * (2 * RX + 1)).to(tl.float32) * 512.0
+    return half - t * 1024.0
+
+
+# LCA dQ (_lca_dq_kernel): the forward's tiles (TILE_H x TILE_W, shrunk by `fold_tile` for FOLD
+# batch elements, so FOLD x TILE_H x TILE_W rows per product) x BLOCK_H x BLOCK_W key blocks; the
+# defaults (`_LCA_BWD`), then alternatives.
+LCA_DQ_CONFIGS = [
+    _tile_config((8, 8), (4, 8), 4, 2),  # 16-bit, head dim <= 64
+    _tile_config((4, 8), (4, 8), 4, 2),  # 16-bit, head dim 128
+    _tile_config((8, 8), (4, 8), 4, 1),
+    _tile_config((8, 8), (8, 8), 8, 2),
+]
+
+
+@tuning.autotuned("lca_dq", LCA_DQ_CONFIGS, _KEY + ["FOLD", "DELTA_FROM_O"],
+                  lambda args: lca_backward_candidates(args, "dq"))
+@triton.jit
+def _lca_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
+                   stride_qb, stride_qh, stride_ql,
+                   stride_kb, stride_kh, stride_kl,
+                   stride_vb, stride_vh, stride_vl,
+                   stride_ob, stride_oh, stride_ol,
+                   stride_dob, stride_doh, stride_dol,
+                   stride_dqb, stride_dqh, stride_dql,
+                   B, H, GRID_H, GRID_W, RY, RX, qk_scale, sm_scale,
+                   DELTA_FROM_O: tl.constexpr, FOLD: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr, DOT: tl.constexpr):
+    """LCA dQ = scale * dS K, dS = P * (dO V^T - delta), P recomputed from the log-sum-exp, for one
+    query tile and head and FOLD batch elements at once, as the forward folds them (FOLD > 1 only
+    with a shared k and v: the key blocks are loaded and the window bound computed once for all of
+    them), sweeping the key blocks that cover the tile's key patch.
+
+    DELTA_FROM_O: the program also computes delta = rowsum(dO * O) (fp32) of its rows, uses it and
+    writes it to DELTA for the dK/dV launch that follows (no torch glue); else it reads DELTA."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    groups = tl.cdiv(B, FOLD)
+    b0, tile = (pid % groups) * FOLD, pid // groups
+    y0, x0 = _tile_origin(tile, GRID_W, TILE_H, TILE_W)
+    r = tl.arange(0, FOLD * TILE_H * TILE_W)
+    bb = b0 + r // (TILE_H * TILE_W)  # each row's batch element
+    qy = y0 + (r % (TILE_H * TILE_W)) // TILE_W
+    qx = x0 + r % TILE_W
+    q_ok = (qy < GRID_H) & (qx < GRID_W) & (bb < B)
+    q_idx = qy * GRID_W + qx
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = _load_rows(_head(Q, bb, h, stride_qb, stride_qh)[:, None], q_idx, q_ok, stride_ql, offs_d)
+    do = _load_rows(_head(DO, bb, h, stride_dob, stride_doh)[:, None], q_idx, q_ok, stride_dol, offs_d)
+    row = _lse_row(bb, h, H, GRID_H, GRID_W) + q_idx
+    lse = tl.load(LSE + row, mask=q_ok, other=0.0)
+    if DELTA_FROM_O:
+        o = _load_rows(_head(O, bb, h, stride_ob, stride_oh)[:, None], q_idx, q_ok, stride_ol, offs_d)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(DELTA + row, delta, mask=q_ok)
+    else:
+        delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
+    k_base = _head(K, b0, h, stride_kb, stride_kh)  # FOLD > 1: k and v shared, batch stride 0
+    v_base = _head(V, b0, h, stride_vb, stride_vh)
+    ay, ax = _lca_coords(qy, qx, q_ok, -(1 << 20), RY, RX)
+    dq = tl.zeros([FOLD * TILE_H * TILE_W, HEAD_DIM], tl.float32)
+    y_lo, y_hi, x_lo, x_hi = _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H, TILE_W)
+    oy, ox, blocks_x, n_blocks = _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, False)
+    for i in range(0, n_blocks):
+        by, bx = oy + (i // blocks_x) * BLOCK_H, ox + (i % blocks_x) * BLOCK_W
+        ky, kx, k_idx, k_ok = _tokens(by, bx, GRID_H, GRID_W, BLOCK_H, BLOCK_W)
+        k = _load_rows(k_base, k_idx, k_ok, stride_kl, offs_d)
+        v = _load_rows(v_base, k_idx, k_ok, stride_vl, offs_d)
+        cy, cx = _lca_coords(ky, kx, k_ok, 1 << 20, RY, RX)
+        bound = _inside_bound(ay, ax, cy, cx, RY, RX)
+        p = tl.math.exp2(tl.minimum(_mm(q, tl.trans(k), DOT) * qk_scale - lse[:, None], bound))
+        ds = p * (_mm(do, tl.trans(v), DOT) - delta[:, None])
+        dq += _mm(ds, k, DOT)
+    tl.store(_head(DQ, bb, h, stride_dqb, stride_dqh)[:, None] + q_idx[:, None] * stride_dql + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
+
+
+# LCA dK/dV (_lca_dkdv_kernel): TILE_H x TILE_W keys owned x query blocks of FOLD batch elements x
+# BLOCK_H x BLOCK_W tokens (the block shrunk by `fold_tile`, so FOLD x BLOCK_H x BLOCK_W rows per
+# product); the defaults (`_LCA_BWD`), then alternatives.
+LCA_DKDV_CONFIGS = [
+    _tile_config((4, 4), (8, 8), 4, 2),  # 16-bit, head dim <= 64
+    _tile_config((4, 4), (8, 8), 4, 1),  # 16-bit, head dim 128
+    _tile_config((4, 8), (8, 8), 4, 2),
+    _tile_config((4, 4), (8, 8), 8, 2),
+]
+
+
+@tuning.autotuned("lca_dkdv", LCA_DKDV_CONFIGS, _KEY + ["FOLD", "K_SHARED", "V_SHARED"],
+                  lambda args: lca_backward_candidates(args, "dkdv"))
+@triton.jit
+def _lca_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+                     stride_qb, stride_qh, stride_ql,
+                     stride_kb, stride_kh, stride_kl,
+                     stride_vb, stride_vh, stride_vl,
+                     stride_ob, stride_oh, stride_ol,
+                     stride_dkb, stride_dkh, stride_dkl,
+                     stride_dvb, stride_dvh, stride_dvl,
+                     B, H, GRID_H, GRID_W, RY, RX, qk_scale, sm_scale,
+                     K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, FOLD: tl.constexpr,
+                     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, DOT: tl.constexpr):
+    """LCA dK = scale * dS^T Q and dV = P^T dO for one key tile (TILE_H x TILE_W keys) and head,
+    sweeping the query blocks that cover its patch (the queries whose windows reach it), each block
+    FOLD batch elements x BLOCK_H x BLOCK_W tokens: the queries are the rows of the products
+    (S = Q K^T, dP = dO V^T), and the sum of a shared k/v's gradient over the batch elements of a
+    block is part of the products dV += P^T dO, dK += dS^T Q. The key tile being small, its patch
+    is too, so few keys are visited per useful key; a block of FOLD x BLOCK_H x BLOCK_W rows keeps
+    the products large.
+
+    k and v both shared: a program loops over the groups of FOLD batch elements and stores the sum
+    once (deterministic, no atomics, no partial sums in memory). Otherwise FOLD = 1: both batched,
+    a program per key tile and batch element; one shared, a program per key tile loops over the
+    batch, summing the shared gradient and storing the batched one per element. DELTA is read
+    (written by the dQ launch before this one)."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    if K_SHARED or V_SHARED:
+        g_lo, g_hi, tile = 0, tl.cdiv(B, FOLD), pid
+    else:
+        g_lo, tile = pid % B, pid // B
+        g_hi = g_lo + 1
+    y0, x0 = _tile_origin(tile, GRID_W, TILE_H, TILE_W)
+    ky, kx, k_idx, k_ok = _tokens(y0, x0, GRID_H, GRID_W, TILE_H, TILE_W)
+    cy, cx = _lca_coords(ky, kx, k_ok, 1 << 20, RY, RX)
+    offs_d = tl.arange(0, HEAD_DIM)
+    y_lo, y_hi, x_lo, x_hi = _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H, TILE_W)
+    oy, ox, blocks_x, n_blocks = _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, False)
+    r = tl.arange(0, FOLD * BLOCK_H * BLOCK_W)
+    r_b = r // (BLOCK_H * BLOCK_W)  # each row's batch element within the group
+    r_y = (r % (BLOCK_H * BLOCK_W)) // BLOCK_W
+    r_x = r % BLOCK_W
+    dk = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
+    dv = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
+    for g in range(g_lo, g_hi):
+        b0 = g * FOLD
+        k = _load_rows(_head(K, b0, h, stride_kb, stride_kh), k_idx, k_ok, stride_kl, offs_d)
+        v = _load_rows(_head(V, b0, h, stride_vb, stride_vh), k_idx, k_ok, stride_vl, offs_d)
+        if not K_SHARED:
+            dk = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
+        if not V_SHARED:
+            dv = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
+        bb = b0 + r_b
+        b_ok = bb < B
+        q_rows = _head(Q, bb, h, stride_qb, stride_qh)[:, None]
+        do_rows = _head(DO, bb, h, stride_ob, stride_oh)[:, None]
+        lse_rows = _lse_row(bb, h, H, GRID_H, GRID_W)
+        for i in range(0, n_blocks):
+            qy, qx = oy + (i // blocks_x) * BLOCK_H + r_y, ox + (i % blocks_x) * BLOCK_W + r_x
+            q_ok = (qy < GRID_H) & (qx < GRID_W) & b_ok
+            q_idx = qy * GRID_W + qx
+            q = _load_rows(q_rows, q_idx, q_ok, stride_ql, offs_d)
+            do = _load_rows(do_rows, q_idx, q_ok, stride_ol, offs_d)
+            lse = tl.load(LSE + lse_rows + q_idx, mask=q_ok, other=0.0)
+            delta = tl.load(DELTA + lse_rows + q_idx, mask=q_ok, other=0.0)
+            ay, ax = _lca_coords(qy, qx, q_ok, -(1 << 20), RY, RX)
+            bound = _inside_bound(ay, ax, cy, cx, RY, RX)  # (queries, keys)
+            p = tl.math.exp2(tl.minimum(_mm(q, tl.trans(k), DOT) * qk_scale - lse[:, None], bound))
+            dv += _mm(tl.trans(p), do, DOT)
+            ds = p * (_mm(do, tl.trans(v), DOT) - delta[:, None])
+            dk += _mm(tl.trans(ds), q, DOT)
+        if not K_SHARED:
+            tl.store(_head(DK, b0, h, stride_dkb, stride_dkh) + k_idx[:, None] * stride_dkl + offs_d[None, :],
+                     (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+        if not V_SHARED:
+            tl.store(_head(DV, b0, h, stride_dvb, stride_dvh) + k_idx[:, None] * stride_dvl + offs_d[None, :],
+                     dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+    if K_SHARED:
+        tl.store(_head(DK, 0, h, stride_dkb, stride_dkh) + k_idx[:, None] * stride_dkl + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+    if V_SHARED:
+        tl.store(_head(DV, 0, h, stride_dvb, stride_dvh) + k_idx[:, None] * stride_dvl + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------------
 # Launch code and the autograd Function (each op's file binds COMPLEMENT)
 # ------------------------------------------------------------------------------------------------
 
@@ -826,6 +1020,34 @@ _MLKA_BWD = {
 MLKA_FA2_BACKWARD = os.environ.get("RLR_FAST_MLKA_BACKWARD", "fa2") != "tiles"
 
 
+# LCA's backward with the batch folded (_lca_dq_kernel, _lca_dkdv_kernel), 16-bit defaults per head
+# dim: dQ the forward's tile (shrunk for FOLD batch elements, `fold_tile`: 2 x 4 tokens x 8 at
+# FOLD 8) x BLOCK key blocks; dK/dV a TILE of keys x query blocks of FOLD batch elements (BLOCK
+# shrunk by `fold_tile`), warps, stages, register budget (None: the compiler's).
+_LCA_BWD = {
+    #  kind   D      tile    block  warps stages maxnreg
+    ("dq", 16): ((8, 8), (4, 8), 4, 2, None),
+    ("dq", 32): ((8, 8), (4, 8), 4, 2, None),
+    ("dq", 64): ((8, 8), (4, 8), 4, 2, None),
+    ("dq", 128): ((4, 8), (4, 8), 4, 2, None),
+    ("dkdv", 16): ((4, 4), (8, 8), 4, 2, None),
+    ("dkdv", 32): ((4, 4), (8, 8), 4, 2, None),
+    ("dkdv", 64): ((4, 4), (8, 8), 4, 2, None),
+    ("dkdv", 128): ((4, 4), (8, 8), 4, 1, None),
+}
+
+# LCA's backward in 16 bits: the batch-folded kernels above (True, the default; two launches, delta
+# computed by the dQ kernel, a shared k/v's batch sum inside dK/dV's products) or the 2D-tile dQ and
+# dK/dV kernels it shares with MLKA and their torch glue (False; RLR_FAST_LCA_BACKWARD=tiles at
+# import). The sums run in another order, so the gradients differ in their last bits.
+LCA_FUSED_BACKWARD = os.environ.get("RLR_FAST_LCA_BACKWARD", "fold") != "tiles"
+
+
+def lca_fused_backward(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether LCA's backward in `dtype` at `head_dim` runs the batch-folded kernels."""
+    return LCA_FUSED_BACKWARD and dtype != torch.float32 and ("dq", head_dim) in _LCA_BWD
+
+
 # MLKA's FlashAttention-2 style backward finds grid coordinates in fp32 (`_window_coords`): exact
 # for fewer tokens than this; the forward refuses longer grids where that backward would run.
 MLKA_FA2_MAX_TOKENS = 2 ** 21
@@ -861,6 +1083,10 @@ def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool 
         m, n, warps, stages, dot, maxnreg = _MLKA_BWD[(kind, head_dim, _target_family(arch))]
         return dict(BLOCK_M=m, BLOCK_N=n, DOT=dot, num_warps=warps, num_stages=stages, split=False,
                     maxnreg=maxnreg)
+    if not complement and kind != "fwd" and lca_fused_backward(dtype, head_dim):
+        tile, block, warps, stages, maxnreg = _LCA_BWD[(kind, head_dim)]
+        return dict(TILE_H=tile[0], TILE_W=tile[1], BLOCK_H=block[0], BLOCK_W=block[1], DOT="native",
+                    num_warps=warps, num_stages=stages, split=False, maxnreg=maxnreg)
     tile, block, warps, dot, split = _CONFIGS[key]
     # Pipeline stages: 3 in the forward, 2 in the backward, none in a split dK/dV. ptxas, left to
     # itself, keeps the dK/dV kernels (and the fp32-FMA ones) to fewer registers than they need
@@ -938,6 +1164,30 @@ def forward_candidates(args: dict, complement: bool) -> list:
     default = as_config(block_config("fwd", args["HEAD_DIM"], args["Q"].dtype, complement))
     space = MLKA_FWD_CONFIGS if complement else LCA_FWD_CONFIGS
     return _candidates(space, default, args, complement, 1 if complement else args["FOLD"])
+
+
+def lca_backward_candidates(args: dict, kind: str) -> list:
+    """LCA's batch-folded dQ (`kind` "dq") or dK/dV ("dkdv") config space for a call: each config with
+    its tile (dQ) or its query block (dK/dV) shrunk for FOLD batch elements (`fold_tile`), and the
+    reason it does not fit the call; the register budget belongs to the default."""
+    gh, gw, ry, rx, d, fold = (args[name] for name in ("GRID_H", "GRID_W", "RY", "RX", "HEAD_DIM", "FOLD"))
+    cfg = block_config(kind, d, args["Q"].dtype)
+    default = as_config(cfg)
+    out = []
+    for config in LCA_DQ_CONFIGS if kind == "dq" else LCA_DKDV_CONFIGS:
+        is_default = config == default
+        kw = dict(config.kwargs)
+        side = ("TILE_H", "TILE_W") if kind == "dq" else ("BLOCK_H", "BLOCK_W")
+        kw[side[0]], kw[side[1]] = fold_tile(kw[side[0]], kw[side[1]], fold)
+        config = triton.Config(kw, num_warps=config.num_warps, num_stages=config.num_stages,
+                               maxnreg=cfg["maxnreg"] if is_default else None)
+        sides = [(kw["TILE_H"], gh), (kw["TILE_W"], gw), (kw["BLOCK_H"], min(gh, kw["TILE_H"] + 2 * ry)),
+                 (kw["BLOCK_W"], min(gw, kw["TILE_W"] + 2 * rx))]
+        tile, block = kw["TILE_H"] * kw["TILE_W"], kw["BLOCK_H"] * kw["BLOCK_W"]
+        rows, cols = (fold * tile, block) if kind == "dq" else (tile, fold * block)
+        reason = None if is_default else tuning.misfit(sides, rows, cols, d, args["Q"].element_size(), config)
+        out.append(tuning.Candidate(config, is_default, reason))
+    return out
 
 
 def backward_candidates(args: dict, kind: str) -> list:
@@ -1096,7 +1346,7 @@ def dkdv_splits(batch: int, grid, heads: int, head_dim: int, dtype: torch.dtype,
     is shared: then every batch element has its own programs), from the default config's tiles
     whatever config the autotuner picks. Depends on shapes only, so the sum is the same from
     run to run."""
-    if not shared:
+    if not shared or (not complement and lca_fused_backward(dtype, head_dim)):  # LCA's sums in its kernel
         return 1
     programs = _tiles(grid, block_config("dkdv", head_dim, dtype, complement, arch)) * heads
     splits = max(1, min(batch, triton.cdiv(_DKDV_PROGRAMS, programs)))
@@ -1126,6 +1376,8 @@ def backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, 
     arch = tuning.target_arch(q.device)
     if complement and mlka_fa2_backward(q.dtype, d, arch):
         return _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, splits, o, arch)
+    if not complement and lca_fused_backward(q.dtype, d):
+        return _lca_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, o)
     cfg = block_config("dq", d, q.dtype, complement, arch)
     common = (b, h, *grid, *radius, scale * LOG2E, scale)
     launches = [Launch("dq", lambda meta: (_tiles(grid, meta) * b, h), _named(
@@ -1166,6 +1418,28 @@ def _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, s
     return launches
 
 
+def _lca_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, o) -> list:
+    """LCA's batch-folded backward: the dQ launch (FOLD batch elements per query tile, as the
+    forward; it writes delta when given `o`), then the dK/dV launch (a key tile per program, query
+    blocks of FOLD batch elements; a shared k/v's batch sum in its products: `dk`, `dv` in their own
+    shape and dtype, no splits)."""
+    b, h, _, d = q.shape
+    fold = lca_fold(b, k, v)
+    common = (b, h, *grid, *radius, scale * LOG2E, scale)
+    from_o = o is not None
+    launches = [Launch("lca_dq", lambda meta: (_tiles(grid, meta) * triton.cdiv(b, fold), h), _named(
+        _lca_dq_kernel, q, k, v, o if from_o else do, do, dq, lse, delta, *_strides(q), *_strides(k),
+        *_strides(v), *_strides(o if from_o else do), *_strides(do), *_strides(dq), *common,
+        DELTA_FROM_O=from_o, FOLD=fold, HEAD_DIM=d, DOT=product_precision("native", q.dtype)))]
+    k_shared, v_shared = k.dim() == 3, v.dim() == 3
+    per_tile = 1 if (k_shared or v_shared) else b
+    launches.append(Launch("lca_dkdv", lambda meta: (_tiles(grid, meta) * per_tile, h), _named(
+        _lca_dkdv_kernel, q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v),
+        *_strides(do), *_strides(dk), *_strides(dv), *common, K_SHARED=k_shared, V_SHARED=v_shared,
+        FOLD=fold, HEAD_DIM=d, DOT=product_precision("native", q.dtype))))
+    return launches
+
+
 class WindowAttentionFunction(torch.autograd.Function):
     COMPLEMENT = False  # set by each op
 
@@ -1194,7 +1468,8 @@ class WindowAttentionFunction(torch.autograd.Function):
         grid, radius, scale = ctx.geometry
         do = do.contiguous()
         arch = tuning.target_arch(q.device)
-        fused_delta = cls.COMPLEMENT and mlka_fa2_backward(q.dtype, q.shape[-1], arch)  # MLKA's dQ computes it
+        fused_delta = (mlka_fa2_backward(q.dtype, q.shape[-1], arch) if cls.COMPLEMENT
+                       else lca_fused_backward(q.dtype, q.shape[-1]))  # the dQ kernel computes it
         if fused_delta:
             delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)
         else:
