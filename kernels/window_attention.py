@@ -752,7 +752,7 @@ def _inside_bound(ay, ax, by, bx, RY, RX):
 # defaults (`_LCA_BWD`), then alternatives.
 LCA_DQ_CONFIGS = [
     _tile_config((8, 8), (4, 8), 4, 2),  # 16-bit, head dim <= 64
-    _tile_config((4, 8), (4, 8), 4, 2),  # 16-bit, head dim 128
+    _tile_config((4, 4), (4, 8), 4, 2),  # 16-bit, head dim 128
     _tile_config((8, 8), (4, 8), 4, 1),
     _tile_config((8, 8), (8, 8), 8, 2),
 ]
@@ -1029,7 +1029,7 @@ _LCA_BWD = {
     ("dq", 16): ((8, 8), (4, 8), 4, 2, None),
     ("dq", 32): ((8, 8), (4, 8), 4, 2, None),
     ("dq", 64): ((8, 8), (4, 8), 4, 2, None),
-    ("dq", 128): ((4, 8), (4, 8), 4, 2, None),
+    ("dq", 128): ((4, 4), (4, 8), 4, 2, None),
     ("dkdv", 16): ((4, 4), (8, 8), 4, 2, None),
     ("dkdv", 32): ((4, 4), (8, 8), 4, 2, None),
     ("dkdv", 64): ((4, 4), (8, 8), 4, 2, None),
@@ -1084,9 +1084,7 @@ def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool 
         return dict(BLOCK_M=m, BLOCK_N=n, DOT=dot, num_warps=warps, num_stages=stages, split=False,
                     maxnreg=maxnreg)
     if not complement and kind != "fwd" and lca_fused_backward(dtype, head_dim):
-        tile, block, warps, stages, maxnreg = _LCA_BWD[(kind, head_dim)]
-        return dict(TILE_H=tile[0], TILE_W=tile[1], BLOCK_H=block[0], BLOCK_W=block[1], DOT="native",
-                    num_warps=warps, num_stages=stages, split=False, maxnreg=maxnreg)
+        return lca_backward_config(kind, head_dim)
     tile, block, warps, dot, split = _CONFIGS[key]
     # Pipeline stages: 3 in the forward, 2 in the backward, none in a split dK/dV. ptxas, left to
     # itself, keeps the dK/dV kernels (and the fp32-FMA ones) to fewer registers than they need
@@ -1096,6 +1094,14 @@ def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool 
     return dict(TILE_H=tile[0], TILE_W=tile[1], BLOCK_H=block[0], BLOCK_W=block[1], DOT=dot,
                 num_warps=warps, num_stages=1 if split else (3 if kind == "fwd" else 2), split=split,
                 maxnreg=maxnreg)
+
+
+def lca_backward_config(kind: str, head_dim: int) -> dict:
+    """Default config of LCA's batch-folded dQ or dK/dV kernel (`_LCA_BWD`), unfolded (the launch
+    shrinks the dQ tile or the dK/dV query block for its FOLD)."""
+    tile, block, warps, stages, maxnreg = _LCA_BWD[(kind, head_dim)]
+    return dict(TILE_H=tile[0], TILE_W=tile[1], BLOCK_H=block[0], BLOCK_W=block[1], DOT="native",
+                num_warps=warps, num_stages=stages, split=False, maxnreg=maxnreg)
 
 
 def product_precision(dot: str, dtype: torch.dtype) -> str:
@@ -1171,7 +1177,7 @@ def lca_backward_candidates(args: dict, kind: str) -> list:
     its tile (dQ) or its query block (dK/dV) shrunk for FOLD batch elements (`fold_tile`), and the
     reason it does not fit the call; the register budget belongs to the default."""
     gh, gw, ry, rx, d, fold = (args[name] for name in ("GRID_H", "GRID_W", "RY", "RX", "HEAD_DIM", "FOLD"))
-    cfg = block_config(kind, d, args["Q"].dtype)
+    cfg = lca_backward_config(kind, d)  # (the kernels also run in fp32, where tested directly)
     default = as_config(cfg)
     out = []
     for config in LCA_DQ_CONFIGS if kind == "dq" else LCA_DKDV_CONFIGS:
