@@ -755,6 +755,7 @@ LCA_DQ_CONFIGS = [
     _tile_config((4, 4), (4, 8), 4, 2),  # 16-bit, head dim 128
     _tile_config((8, 8), (4, 8), 4, 1),
     _tile_config((8, 8), (8, 8), 8, 2),
+    _tile_config((8, 8), (8, 8), 4, 2),
 ]
 
 
@@ -792,7 +793,7 @@ def _lca_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
     q = _load_rows(_head(Q, bb, h, stride_qb, stride_qh)[:, None], q_idx, q_ok, stride_ql, offs_d)
     do = _load_rows(_head(DO, bb, h, stride_dob, stride_doh)[:, None], q_idx, q_ok, stride_dol, offs_d)
     row = _lse_row(bb, h, H, GRID_H, GRID_W) + q_idx
-    lse = tl.load(LSE + row, mask=q_ok, other=0.0)
+    lse = tl.load(LSE + row, mask=q_ok, other=float("inf"))  # rows not on the grid: P = 0
     if DELTA_FROM_O:
         o = _load_rows(_head(O, bb, h, stride_ob, stride_oh)[:, None], q_idx, q_ok, stride_ol, offs_d)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -805,8 +806,8 @@ def _lca_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
     dq = tl.zeros([FOLD * TILE_H * TILE_W, HEAD_DIM], tl.float32)
     y_lo, y_hi, x_lo, x_hi = _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H, TILE_W)
     oy, ox, blocks_x, n_blocks = _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, False)
+    by, bx, x_end = oy, ox, ox + blocks_x * BLOCK_W  # the block's corner, moved row by row
     for i in range(0, n_blocks):
-        by, bx = oy + (i // blocks_x) * BLOCK_H, ox + (i % blocks_x) * BLOCK_W
         ky, kx, k_idx, k_ok = _tokens(by, bx, GRID_H, GRID_W, BLOCK_H, BLOCK_W)
         k = _load_rows(k_base, k_idx, k_ok, stride_kl, offs_d)
         v = _load_rows(v_base, k_idx, k_ok, stride_vl, offs_d)
@@ -815,6 +816,9 @@ def _lca_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
         p = tl.math.exp2(tl.minimum(_mm(q, tl.trans(k), DOT) * qk_scale - lse[:, None], bound))
         ds = p * (_mm(do, tl.trans(v), DOT) - delta[:, None])
         dq += _mm(ds, k, DOT)
+        bx += BLOCK_W
+        by = tl.where(bx >= x_end, by + BLOCK_H, by)
+        bx = tl.where(bx >= x_end, ox, bx)
     tl.store(_head(DQ, bb, h, stride_dqb, stride_dqh)[:, None] + q_idx[:, None] * stride_dql + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
 
@@ -871,8 +875,13 @@ def _lca_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     oy, ox, blocks_x, n_blocks = _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, False)
     r = tl.arange(0, FOLD * BLOCK_H * BLOCK_W)
     r_b = r // (BLOCK_H * BLOCK_W)  # each row's batch element within the group
-    r_y = (r % (BLOCK_H * BLOCK_W)) // BLOCK_W
+    r_y = (r % (BLOCK_H * BLOCK_W)) // BLOCK_W  # and its place in the block
     r_x = r % BLOCK_W
+    rel = r_y * GRID_W + r_x
+    # scaled coordinates (`_lca_coords`) of the rows, relative to the block's corner
+    sy, sx = (2 * RX + 1).to(tl.float32), (2 * RY + 1).to(tl.float32)
+    rel_y, rel_x = r_y.to(tl.float32) * sy, r_x.to(tl.float32) * sx
+    x_end = ox + blocks_x * BLOCK_W
     dk = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
     dv = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
     for g in range(g_lo, g_hi):
@@ -888,20 +897,25 @@ def _lca_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
         q_rows = _head(Q, bb, h, stride_qb, stride_qh)[:, None]
         do_rows = _head(DO, bb, h, stride_ob, stride_oh)[:, None]
         lse_rows = _lse_row(bb, h, H, GRID_H, GRID_W)
+        by, bx = oy, ox  # the block's corner, moved row by row
         for i in range(0, n_blocks):
-            qy, qx = oy + (i // blocks_x) * BLOCK_H + r_y, ox + (i % blocks_x) * BLOCK_W + r_x
-            q_ok = (qy < GRID_H) & (qx < GRID_W) & b_ok
-            q_idx = qy * GRID_W + qx
+            q_ok = (by + r_y < GRID_H) & (bx + r_x < GRID_W) & b_ok
+            q_idx = by * GRID_W + bx + rel
             q = _load_rows(q_rows, q_idx, q_ok, stride_ql, offs_d)
             do = _load_rows(do_rows, q_idx, q_ok, stride_ol, offs_d)
-            lse = tl.load(LSE + lse_rows + q_idx, mask=q_ok, other=0.0)
+            # rows not on the grid (or past the batch) get a log-sum-exp of +inf: P = 0 there
+            lse = tl.load(LSE + lse_rows + q_idx, mask=q_ok, other=float("inf"))
             delta = tl.load(DELTA + lse_rows + q_idx, mask=q_ok, other=0.0)
-            ay, ax = _lca_coords(qy, qx, q_ok, -(1 << 20), RY, RX)
+            ay = by.to(tl.float32) * sy + rel_y
+            ax = bx.to(tl.float32) * sx + rel_x
             bound = _inside_bound(ay, ax, cy, cx, RY, RX)  # (queries, keys)
             p = tl.math.exp2(tl.minimum(_mm(q, tl.trans(k), DOT) * qk_scale - lse[:, None], bound))
             dv += _mm(tl.trans(p), do, DOT)
             ds = p * (_mm(do, tl.trans(v), DOT) - delta[:, None])
             dk += _mm(tl.trans(ds), q, DOT)
+            bx += BLOCK_W
+            by = tl.where(bx >= x_end, by + BLOCK_H, by)
+            bx = tl.where(bx >= x_end, ox, bx)
         if not K_SHARED:
             tl.store(_head(DK, b0, h, stride_dkb, stride_dkh) + k_idx[:, None] * stride_dkl + offs_d[None, :],
                      (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
