@@ -216,13 +216,16 @@ def _lca_fwd_kernel(Q, K, V, O, LSE,
     acc = tl.zeros([FOLD * TILE_H * TILE_W, HEAD_DIM], tl.float32)
     y_lo, y_hi, x_lo, x_hi = _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H, TILE_W)
     oy, ox, blocks_x, n_blocks = _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, False)
+    by, bx, x_end = oy, ox, ox + blocks_x * BLOCK_W  # the block's corner, moved row by row
     for i in range(0, n_blocks):
-        by, bx = oy + (i // blocks_x) * BLOCK_H, ox + (i % blocks_x) * BLOCK_W
         ky, kx, k_idx, k_ok = _tokens(by, bx, GRID_H, GRID_W, BLOCK_H, BLOCK_W)  # BLOCK_N = BLOCK_H * BLOCK_W
         k = _load_rows(k_base, k_idx, k_ok, stride_kl, offs_d)
         v = _load_rows(v_base, k_idx, k_ok, stride_vl, offs_d)
         visible = _visible(qy, qx, q_ok, ky, kx, k_ok, RY, RX, False)
         m_i, l_i, acc = _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, visible, True, DOT)
+        bx += BLOCK_W
+        by = tl.where(bx >= x_end, by + BLOCK_H, by)
+        bx = tl.where(bx >= x_end, ox, bx)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # tokens off the grid: never stored
     acc = acc / l_i[:, None]
     tl.store(_head(O, bb, h, stride_ob, stride_oh)[:, None] + q_idx[:, None] * stride_ol + offs_d[None, :],
@@ -774,7 +777,7 @@ def _lca_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr, DOT: tl.constexpr):
     """LCA dQ = scale * dS K, dS = P * (dO V^T - delta), P recomputed from the log-sum-exp, for one
     query tile and head and FOLD batch elements at once, as the forward folds them (FOLD > 1 only
-    with a shared k and v: the key blocks are loaded and the window bound computed once for all of
+    with a shared k and v: the key blocks are loaded and the window mask computed once for all of
     them), sweeping the key blocks that cover the tile's key patch.
 
     DELTA_FROM_O: the program also computes delta = rowsum(dO * O) (fp32) of its rows, uses it and
@@ -802,7 +805,6 @@ def _lca_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
         delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
     k_base = _head(K, b0, h, stride_kb, stride_kh)  # FOLD > 1: k and v shared, batch stride 0
     v_base = _head(V, b0, h, stride_vb, stride_vh)
-    ay, ax = _lca_coords(qy, qx, q_ok, -(1 << 20), RY, RX)
     dq = tl.zeros([FOLD * TILE_H * TILE_W, HEAD_DIM], tl.float32)
     y_lo, y_hi, x_lo, x_hi = _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H, TILE_W)
     oy, ox, blocks_x, n_blocks = _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, False)
@@ -811,9 +813,8 @@ def _lca_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
         ky, kx, k_idx, k_ok = _tokens(by, bx, GRID_H, GRID_W, BLOCK_H, BLOCK_W)
         k = _load_rows(k_base, k_idx, k_ok, stride_kl, offs_d)
         v = _load_rows(v_base, k_idx, k_ok, stride_vl, offs_d)
-        cy, cx = _lca_coords(ky, kx, k_ok, 1 << 20, RY, RX)
-        bound = _inside_bound(ay, ax, cy, cx, RY, RX)
-        p = tl.math.exp2(tl.minimum(_mm(q, tl.trans(k), DOT) * qk_scale - lse[:, None], bound))
+        p = tl.math.exp2(_mm(q, tl.trans(k), DOT) * qk_scale - lse[:, None])
+        p = tl.where(_visible(qy, qx, q_ok, ky, kx, k_ok, RY, RX, False), p, 0.0)
         ds = p * (_mm(do, tl.trans(v), DOT) - delta[:, None])
         dq += _mm(ds, k, DOT)
         bx += BLOCK_W
