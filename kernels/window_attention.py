@@ -769,9 +769,6 @@ def _lca_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
                    stride_qb, stride_qh, stride_ql,
                    stride_kb, stride_kh, stride_kl,
                    stride_vb, stride_vh, stride_vl,
-                   stride_ob, stride_oh, stride_ol,
-                   stride_dob, stride_doh, stride_dol,
-                   stride_dqb, stride_dqh, stride_dql,
                    B, H, GRID_H, GRID_W, RY, RX, qk_scale, sm_scale,
                    DELTA_FROM_O: tl.constexpr, FOLD: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr, DOT: tl.constexpr):
@@ -781,7 +778,10 @@ def _lca_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
     them), sweeping the key blocks that cover the tile's key patch.
 
     DELTA_FROM_O: the program also computes delta = rowsum(dO * O) (fp32) of its rows, uses it and
-    writes it to DELTA for the dK/dV launch that follows (no torch glue); else it reads DELTA."""
+    writes it to DELTA for the dK/dV launch that follows (no torch glue); else it reads DELTA.
+    O, DO and DQ are contiguous (B, H, L, D) (the launcher's own buffers and dO made contiguous):
+    their rows share one offset with the log-sum-exp's, row x HEAD_DIM (fewer 64-bit products
+    per row than a set of strides each)."""
     pid, h = tl.program_id(0), tl.program_id(1)
     groups = tl.cdiv(B, FOLD)
     b0, tile = (pid % groups) * FOLD, pid // groups
@@ -794,11 +794,11 @@ def _lca_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
     q_idx = qy * GRID_W + qx
     offs_d = tl.arange(0, HEAD_DIM)
     q = _load_rows(_head(Q, bb, h, stride_qb, stride_qh)[:, None], q_idx, q_ok, stride_ql, offs_d)
-    do = _load_rows(_head(DO, bb, h, stride_dob, stride_doh)[:, None], q_idx, q_ok, stride_dol, offs_d)
     row = _lse_row(bb, h, H, GRID_H, GRID_W) + q_idx
+    do = _load_rows(DO, row, q_ok, HEAD_DIM, offs_d)
     lse = tl.load(LSE + row, mask=q_ok, other=float("inf"))  # rows not on the grid: P = 0
     if DELTA_FROM_O:
-        o = _load_rows(_head(O, bb, h, stride_ob, stride_oh)[:, None], q_idx, q_ok, stride_ol, offs_d)
+        o = _load_rows(O, row, q_ok, HEAD_DIM, offs_d)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         tl.store(DELTA + row, delta, mask=q_ok)
     else:
@@ -820,8 +820,8 @@ def _lca_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
         bx += BLOCK_W
         by = tl.where(bx >= x_end, by + BLOCK_H, by)
         bx = tl.where(bx >= x_end, ox, bx)
-    tl.store(_head(DQ, bb, h, stride_dqb, stride_dqh)[:, None] + q_idx[:, None] * stride_dql + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=q_ok[:, None])
 
 
 # LCA dK/dV (_lca_dkdv_kernel): TILE_H x TILE_W keys owned x query blocks of FOLD batch elements x
@@ -1448,9 +1448,11 @@ def _lca_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, sc
     fold = lca_fold(b, k, v)
     common = (b, h, *grid, *radius, scale * LOG2E, scale)
     from_o = o is not None
+    for t in (o, do, dq):  # the dQ kernel indexes them as contiguous (B, H, L, D)
+        assert t is None or t.is_contiguous(), "LCA's dQ kernel takes a contiguous O, dO and dQ"
     launches = [Launch("lca_dq", lambda meta: (_tiles(grid, meta) * triton.cdiv(b, fold), h), _named(
         _lca_dq_kernel, q, k, v, o if from_o else do, do, dq, lse, delta, *_strides(q), *_strides(k),
-        *_strides(v), *_strides(o if from_o else do), *_strides(do), *_strides(dq), *common,
+        *_strides(v), *common,
         DELTA_FROM_O=from_o, FOLD=fold, HEAD_DIM=d, DOT=product_precision("native", q.dtype)))]
     k_shared, v_shared = k.dim() == 3, v.dim() == 3
     per_tile = 1 if (k_shared or v_shared) else b
