@@ -165,15 +165,17 @@ def _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, visible, MASKED: tl.constexp
     return m_new, l_i, acc
 
 
-# LCA forward: the defaults, then 8 x 8 blocks on 8 warps (fewer, larger steps over the patch).
+# LCA forward: the defaults, then 8 x 8 blocks on 8 warps (fewer, larger steps over the patch), and
+# the 16-bit default with 3 pipeline stages.
 # FOLD > 1 shrinks each config's tile as `fold_tile` says (the rows per product stay the same).
 LCA_FWD_CONFIGS = [
-    _tile_config((8, 8), (4, 8), 4, 3),  # 16-bit, head dim <= 64
+    _tile_config((8, 8), (4, 8), 4, 1),  # 16-bit, head dim <= 64
     _tile_config((4, 8), (4, 8), 4, 3),  # 16-bit, head dim 128
     _tile_config((4, 4), (4, 8), 4, 3),  # fp32, head dim 16
     _tile_config((4, 4), (4, 4), 4, 3),  # fp32, head dim 32
     _tile_config((4, 4), (4, 4), 8, 3),  # fp32, head dim 64 and 128
     _tile_config((8, 8), (8, 8), 8, 3),
+    _tile_config((8, 8), (4, 8), 4, 3),
 ]
 
 
@@ -754,9 +756,9 @@ def _inside_bound(ay, ax, by, bx, RY, RX):
 # batch elements, so FOLD x TILE_H x TILE_W rows per product) x BLOCK_H x BLOCK_W key blocks; the
 # defaults (`_LCA_BWD`), then alternatives.
 LCA_DQ_CONFIGS = [
-    _tile_config((8, 8), (4, 8), 4, 2),  # 16-bit, head dim <= 64
+    _tile_config((8, 8), (4, 8), 4, 1),  # 16-bit, head dim <= 64
     _tile_config((4, 4), (4, 8), 4, 2),  # 16-bit, head dim 128
-    _tile_config((8, 8), (4, 8), 4, 1),
+    _tile_config((8, 8), (4, 8), 4, 2),
     _tile_config((8, 8), (8, 8), 8, 2),
     _tile_config((8, 8), (8, 8), 4, 2),
 ]
@@ -828,8 +830,8 @@ def _lca_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
 # BLOCK_H x BLOCK_W tokens (the block shrunk by `fold_tile`, so FOLD x BLOCK_H x BLOCK_W rows per
 # product); the defaults (`_LCA_BWD`), then alternatives.
 LCA_DKDV_CONFIGS = [
-    _tile_config((4, 4), (8, 8), 4, 2),  # 16-bit, head dim <= 64
-    _tile_config((4, 4), (8, 8), 4, 1),  # 16-bit, head dim 128
+    _tile_config((4, 4), (8, 8), 4, 2),  # 16-bit, head dim 64
+    _tile_config((4, 4), (8, 8), 4, 1),  # 16-bit, head dims 16, 32 and 128
     _tile_config((4, 8), (8, 8), 4, 2),
     _tile_config((4, 4), (8, 8), 8, 2),
 ]
@@ -1038,15 +1040,18 @@ MLKA_FA2_BACKWARD = os.environ.get("RLR_FAST_MLKA_BACKWARD", "fa2") != "tiles"
 # LCA's backward with the batch folded (_lca_dq_kernel, _lca_dkdv_kernel), 16-bit defaults per head
 # dim: dQ the forward's tile (shrunk for FOLD batch elements, `fold_tile`: 2 x 4 tokens x 8 at
 # FOLD 8) x BLOCK key blocks; dK/dV a TILE of keys x query blocks of FOLD batch elements (BLOCK
-# shrunk by `fold_tile`), warps, stages, register budget (None: the compiler's).
+# shrunk by `fold_tile`), warps, stages, register budget (None: the compiler's). Chosen by the
+# weighted report (`rlr-fast kernels`, sm_90): one pipeline stage where the loops are short (a 2 x 4
+# tile's patch is 4 key blocks at 32 x 32 window 7) and two cost more in their first loads than they
+# hide; 16-key tiles for dK/dV keep its keys visited per useful key at 2.4 (32 keys: 3.0).
 _LCA_BWD = {
     #  kind   D      tile    block  warps stages maxnreg
-    ("dq", 16): ((8, 8), (4, 8), 4, 2, None),
-    ("dq", 32): ((8, 8), (4, 8), 4, 2, None),
-    ("dq", 64): ((8, 8), (4, 8), 4, 2, None),
+    ("dq", 16): ((8, 8), (4, 8), 4, 1, None),
+    ("dq", 32): ((8, 8), (4, 8), 4, 1, None),
+    ("dq", 64): ((8, 8), (4, 8), 4, 1, None),
     ("dq", 128): ((4, 4), (4, 8), 4, 2, None),
-    ("dkdv", 16): ((4, 4), (8, 8), 4, 2, None),
-    ("dkdv", 32): ((4, 4), (8, 8), 4, 2, None),
+    ("dkdv", 16): ((4, 4), (8, 8), 4, 1, None),
+    ("dkdv", 32): ((4, 4), (8, 8), 4, 1, None),
     ("dkdv", 64): ((4, 4), (8, 8), 4, 2, None),
     ("dkdv", 128): ((4, 4), (8, 8), 4, 1, None),
 }
@@ -1106,8 +1111,12 @@ def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool 
     # and spills; an explicit register budget does not (232, or 128 for those with one launch per
     # gradient and fp32 FMA, each the budget with which every layout and arch compiled clean).
     maxnreg = 128 if dot == "ieee" or split else (232 if kind == "dkdv" else None)
+    # the forward pipelines 3 stages, but LCA's 16-bit one at head dim <= 64 none: its patch is a few
+    # key blocks (4 at 32 x 32 window 7), and the pipeline's first loads cost more than they hide
+    # (66.5 weighted instructions per useful score against 76.5 with 3 stages, sm_90, head dim 32)
+    stages = 1 if (kind == "fwd" and dot == "native" and head_dim <= 64) else 3
     return dict(TILE_H=tile[0], TILE_W=tile[1], BLOCK_H=block[0], BLOCK_W=block[1], DOT=dot,
-                num_warps=warps, num_stages=1 if split else (3 if kind == "fwd" else 2), split=split,
+                num_warps=warps, num_stages=1 if split else (stages if kind == "fwd" else 2), split=split,
                 maxnreg=maxnreg)
 
 
