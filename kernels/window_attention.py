@@ -80,6 +80,16 @@ def _tile_origin(tile, GRID_W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
 
 
 @triton.jit
+def _tile_corner(tile, GRID_W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """`_tile_origin` without an integer division (some 20 instructions): the tile's row is
+    floor((tile + 0.5) / tiles_x) in fp32, exact while the grid has fewer than 2**22 tiles (the
+    quotient lies at least 0.5 / tiles_x from an integer, the fp32 one within half an ulp)."""
+    tiles_x = tl.cdiv(GRID_W, TILE_W)
+    ty = tl.floor((tile.to(tl.float32) + 0.5) / tiles_x.to(tl.float32)).to(tl.int32)
+    return ty * TILE_H, (tile - ty * tiles_x) * TILE_W
+
+
+@triton.jit
 def _head(ptr, b, h, stride_b, stride_h):
     """Pointer to the (L, D) rows of batch element b and head h. The offset is computed in 64
     bits: b * stride_b passes 2**31 elements once B * heads * L * D does."""
@@ -784,10 +794,9 @@ def _lca_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
     O, DO and DQ are contiguous (B, H, L, D) (the launcher's own buffers and dO made contiguous):
     their rows share one offset with the log-sum-exp's, row x HEAD_DIM (fewer 64-bit products
     per row than a set of strides each)."""
-    pid, h = tl.program_id(0), tl.program_id(1)
-    groups = tl.cdiv(B, FOLD)
-    b0, tile = (pid % groups) * FOLD, pid // groups
-    y0, x0 = _tile_origin(tile, GRID_W, TILE_H, TILE_W)
+    # grid (tiles, groups of FOLD batch elements, heads): no integer division for the group
+    tile, b0, h = tl.program_id(0), tl.program_id(1) * FOLD, tl.program_id(2)
+    y0, x0 = _tile_corner(tile, GRID_W, TILE_H, TILE_W)
     r = tl.arange(0, FOLD * TILE_H * TILE_W)
     bb = b0 + r // (TILE_H * TILE_W)  # each row's batch element
     qy = y0 + (r % (TILE_H * TILE_W)) // TILE_W
@@ -1459,7 +1468,7 @@ def _lca_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, sc
     from_o = o is not None
     for t in (o, do, dq):  # the dQ kernel indexes them as contiguous (B, H, L, D)
         assert t is None or t.is_contiguous(), "LCA's dQ kernel takes a contiguous O, dO and dQ"
-    launches = [Launch("lca_dq", lambda meta: (_tiles(grid, meta) * triton.cdiv(b, fold), h), _named(
+    launches = [Launch("lca_dq", lambda meta: (_tiles(grid, meta), triton.cdiv(b, fold), h), _named(
         _lca_dq_kernel, q, k, v, o if from_o else do, do, dq, lse, delta, *_strides(q), *_strides(k),
         *_strides(v), *common,
         DELTA_FROM_O=from_o, FOLD=fold, HEAD_DIM=d, DOT=product_precision("native", q.dtype)))]
