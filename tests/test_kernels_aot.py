@@ -730,3 +730,44 @@ def test_weighted_compare_matches_launches_and_checks_the_targets(tmp_path, caps
     assert "<=20,>=16w,wgmma: NOT met" in dkdv[1]
     assert any("80.0" in line and "39.5" in line and "<=40: met" in line for line in lines)
     assert "1 of 3 compiled configs spill (0 of them defaults)" in out and "64 bytes spilled" in out
+
+
+def test_weighted_compare_judges_lcas_targets(tmp_path, capsys):
+    """benchmarks/weighted_compare.py --ops lca: issue 18 part 4's targets, from the after report:
+    keys visited per useful key <= 2.6 in every kernel (dK/dV in RLR's layout), forward + backward
+    <= 120 per useful score and at most 1 + 3 launches."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "weighted_compare.py"
+    spec = importlib.util.spec_from_file_location("weighted_compare", path)
+    wc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wc)
+
+    def rec(kernel, kv, layout="", w=50.0):
+        weighted = {name: {"weighted_instructions_per_score": w, "exp_per_score": 1.0, "issue_floor_us": w}
+                    for name in ("32x32", "64x64")}
+        return {"arch": "sm_90", "op": "lca", "dtype": "fp16", "head_dim": 32, "kernel": kernel, "layout": layout,
+                "grads": "", "default": True, "ok": True, "pruned": None, "tensor_core": "wgmma", "tile": "8*2x4",
+                "block": "4x8", "registers": 80, "spill_bytes": 0, "blocks_per_sm": 6, "num_warps": 4,
+                "config_index": 0, "config": {}, "keys_visited_per_useful_key": kv, "weighted": weighted}
+
+    shared = "k shared, v shared"
+    before = [rec("dq", 5.1), rec("dkdv", 3.5, shared)]
+    after = [rec("dq", 2.55), rec("dkdv", 2.7, shared)]  # dK/dV over its target
+    ops = lambda w, n: [{"arch": "sm_90", "op": "lca", "dtype": "fp16", "head_dim": 32, "launch": launch,  # noqa: E731
+                         "mode": "forward+backward", "launches": n, "weighted_instructions_per_useful_score": w[i],
+                         "issue_floor_us": 1.0, "fa2_dense_floor_us": 1.0, "ratio_to_fa2": 1.0}
+                        for i, launch in enumerate(("32x32", "64x64"))]
+    files = {}
+    for name, data in (("b", before), ("bo", ops((400.0, 260.0), 11)), ("a", after), ("ao", ops((190.0, 119.5), 3))):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(data))
+    assert wc.main([str(files[n]) for n in ("b", "bo", "a", "ao")] + ["--ops", "lca"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    dq = [line for line in lines if " dq " in line]
+    assert "5.1" in dq[0] and "2.55" in dq[1] and "kv<=2.6,wgmma: met" in dq[1]
+    dkdv = [line for line in lines if " dkdv " in line]
+    assert "kv<=2.6,wgmma: NOT met" in dkdv[1]
+    assert any("400.0" in line and "190.0" in line and "<=120: NOT met; launches<=4: met" in line for line in lines)
+    assert any("260.0" in line and "119.5" in line and "<=120: met; launches<=4: met" in line for line in lines)
