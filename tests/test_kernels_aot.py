@@ -46,9 +46,9 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
         if key[4] == "dkdv":
             grads = sorted(r["grads"] for r in rows if (r["arch"], r["op"], r["dtype"], r["head_dim"], r["kernel"],
                                                         r["layout"]) == key)
-            # (16-bit MLKA's FlashAttention-2 style kernel always computes both: no WITH_DK/WITH_DV;
-            # on sm_80 at head dim 128 MLKA keeps the 2D-tile kernels)
-            fa2 = key[1] == "mlka" and key[2] != "fp32" and (key[3] <= 64 or key[0] == "sm_90")
+            # (16-bit MLKA's FlashAttention-2 style kernel and 16-bit LCA's batch-folded one always
+            # compute both: no WITH_DK/WITH_DV; on sm_80 at head dim 128 MLKA keeps the 2D-tile kernels)
+            fa2 = key[2] != "fp32" and (key[1] == "lca" or key[3] <= 64 or key[0] == "sm_90")
             assert grads in ([[""]] if fa2 else (["dK+dV"], ["dK", "dV"])), (key, grads)
     assert all(FIELDS <= set(r) for r in rows)
     assert all(r["ok"] and r["spill_bytes"] == 0 and r["registers"] > 0 for r in rows)
@@ -281,8 +281,8 @@ def test_every_config_compiles_for_sm90_without_spills_or_is_pruned_with_a_reaso
 
     nr = importlib.import_module("rlr_fast.kernels.nearest_reference")  # the package exports the function
     sizes = {("lca", "forward"): len(wa.LCA_FWD_CONFIGS), ("mlka", "forward"): len(wa.MLKA_FWD_CONFIGS),
-             ("lca", "dq"): len(wa.DQ_CONFIGS), ("mlka", "dq"): len(wa.MLKA_DQ_CONFIGS),
-             ("lca", "dkdv"): len(wa.DKDV_CONFIGS), ("mlka", "dkdv"): len(wa.MLKA_DKDV_CONFIGS),
+             ("lca", "dq"): len(wa.LCA_DQ_CONFIGS), ("mlka", "dq"): len(wa.MLKA_DQ_CONFIGS),
+             ("lca", "dkdv"): len(wa.LCA_DKDV_CONFIGS), ("mlka", "dkdv"): len(wa.MLKA_DKDV_CONFIGS),
              ("nn", "nearest"): len(nr.NEAREST_CONFIGS)}
     out = tmp_path / "kernels.json"
     result = subprocess.run([sys.executable, "-m", "rlr_fast", "kernels", "--arch", "sm_90", "--dtypes", "fp16",
