@@ -1225,9 +1225,11 @@ def lca_backward_candidates(args: dict, kind: str) -> list:
         tile, block = kw["TILE_H"] * kw["TILE_W"], kw["BLOCK_H"] * kw["BLOCK_W"]
         rows, cols = (fold * tile, block) if kind == "dq" else (tile, fold * block)
         reason = None if is_default else tuning.misfit(sides, rows, cols, d, args["Q"].element_size(), config)
-        if reason is None and not is_default and kind == "dkdv" and d >= 128 and config.num_stages > 1:
-            # (compiled for sm_80 and sm_90: dK, dV and the staged query blocks exceed 255 registers)
-            reason = "two pipeline stages spill registers at head dim 128"
+        if (reason is None and not is_default and kind == "dkdv" and d >= 128 and config.num_stages > 1
+                and config.num_warps == 4):
+            # (compiled for sm_80 and sm_90: dK, dV and the staged query blocks of 4 warps exceed 255
+            # registers per thread in some layout; 8 warps share them)
+            reason = "two pipeline stages on 4 warps spill registers at head dim 128"
         out.append(tuning.Candidate(config, is_default, reason))
     return out
 
