@@ -1526,7 +1526,7 @@ class WindowAttentionFunction(torch.autograd.Function):
         dk, dv = kv_gradient_buffers(k, v, splits)
         with _on_device(q):
             for launch in backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale,
-                                            cls.COMPLEMENT, splits, o if fused_delta else None):
+                                            cls.COMPLEMENT, splits, o.contiguous() if fused_delta else None):
                 launch()
         # the splits' partial sums of a shared gradient, added in a fixed order
         dk, dv = (g.sum(0).to(t.dtype) if t.dim() == 3 and splits > 1 else g for g, t in ((dk, k), (dv, v)))
