@@ -1,15 +1,16 @@
 """Before/after table of two runs of the weighted kernel report (``rlr-fast kernels --json --ops-json``).
 
     python benchmarks/weighted_compare.py BEFORE.json BEFORE-OPS.json AFTER.json AFTER-OPS.json \
-        [--ops mlka] [--archs sm_90,sm_80] [--kernels dq,dkdv]
+        [--ops mlka|lca] [--archs sm_90,sm_80] [--kernels dq,dkdv]
 
 (each argument may list several files, comma-separated, e.g. one run per dtype).
 
 Prints, for the default config of every kernel launch present in both runs (matched by arch, op,
 dtype, head dim, kernel, k/v layout and, for split dK/dV launches, the gradient), the registers,
 spills, warps resident per H100 SM, tensor-core instruction and the weighted figures at both
-launches (32x32 window 7, 64x64 window 11), before and after, with issue 18's targets (sm_90, 16-bit,
-head dims 32 and 64); then the per-op sums (forward, forward + backward) before and after; then, where
+launches (32x32 window 7, 64x64 window 11), before and after, and LCA's keys visited per useful key
+(kv/u), with issue 18's targets (sm_90, 16-bit, head dims 32 and 64; part 3's for MLKA, part 4's for
+LCA); then the per-op sums (forward, forward + backward) before and after; then, where
 the after report compiled whole config spaces, every config that spills registers. Nothing is
 compiled or timed here: it reads the two reports.
 """
@@ -17,11 +18,16 @@ import argparse
 import json
 from pathlib import Path
 
-# Issue 18 part 3's targets, sm_90 16-bit at head dims 32 and 64: weighted instructions per useful
-# score at either launch, per kernel, and per op for a forward + backward.
+# Issue 18's targets, sm_90 16-bit at head dims 32 and 64. Part 3 (MLKA): weighted instructions per
+# useful score at either launch, per kernel, and per op for a forward + backward. Part 4 (LCA): keys
+# visited per useful key in every kernel (forward, dQ, dK/dV, at B=8 32x32 window 7), forward +
+# backward per useful score at either launch, and launches per forward + backward (1 + at most 3).
 TARGETS = {"dq": 12.0, "dkdv": 20.0}
 OP_TARGET = 40.0
 MIN_WARPS = 16
+LCA_KEYS_VISITED = 2.6
+OP_TARGETS = {"mlka": OP_TARGET, "lca": 120.0}
+MAX_LAUNCHES = {"lca": 1 + 3}
 _DTYPES = ("fp16", "bf16", "fp32")
 
 
@@ -64,7 +70,8 @@ def _summary(records) -> dict:
     out = {"tc": first["tensor_core"], "tile": f"{first['tile']}/{first['block']}",
            "regs": "+".join(str(r["registers"]) for r in records),
            "spills": sum(r["spill_bytes"] for r in records),
-           "warps": min(r["blocks_per_sm"] * r["num_warps"] for r in records)}
+           "warps": min(r["blocks_per_sm"] * r["num_warps"] for r in records),
+           "kv": first.get("keys_visited_per_useful_key", "")}
     for launch in ("32x32", "64x64"):
         for field in ("weighted_instructions_per_score", "exp_per_score", "issue_floor_us"):
             values = [_figure(r, launch, field) for r in records]
@@ -72,8 +79,15 @@ def _summary(records) -> dict:
     return out
 
 
-def _meets(kernel, dtype, dim, arch, s) -> str:
-    if arch != "sm_90" or dtype == "fp32" or dim not in (32, 64) or kernel not in TARGETS:
+def _meets(kernel, dtype, dim, arch, s, op="mlka", layout="") -> str:
+    if arch != "sm_90" or dtype == "fp32" or dim not in (32, 64):
+        return ""
+    if op == "lca":  # RLR's layout (k and v shared) only
+        if kernel == "dkdv" and layout != "k shared, v shared":
+            return ""
+        ok = s["kv"] != "" and s["kv"] <= LCA_KEYS_VISITED and s["spills"] == 0 and s["tc"] == "wgmma"
+        return f"kv<={LCA_KEYS_VISITED:g},wgmma: {'met' if ok else 'NOT met'}"
+    if kernel not in TARGETS:
         return ""
     w = [s[(launch, "weighted_instructions_per_score")] for launch in ("32x32", "64x64")]
     ok = all(x != "err" and x <= TARGETS[kernel] for x in w) and s["warps"] >= MIN_WARPS and s["spills"] == 0 \
@@ -83,16 +97,16 @@ def _meets(kernel, dtype, dim, arch, s) -> str:
 
 def kernel_table(before: dict, after: dict) -> str:
     head = (f"{'arch':<6}{'op':<5}{'kernel':<8}{'k/v':<6}{'dtype':<6}{'D':>4} | {'run':<7}{'tc':<6}{'tile/block':<12}"
-            f"{'regs':>8}{'spill':>6}{'warps':>6} | {'w32':>7}{'ex32':>7}{'us32':>8} | {'w64':>7}{'ex64':>7}"
+            f"{'regs':>8}{'spill':>6}{'warps':>6}{'kv/u':>6} | {'w32':>7}{'ex32':>7}{'us32':>8} | {'w64':>7}{'ex64':>7}"
             f"{'us64':>9} | target")
     lines = [head, "-" * len(head)]
     for key in sorted(set(before) & set(after), key=lambda k: (k[0], k[1], _DTYPES.index(k[2]), k[3], ("forward", "dq", "dkdv").index(k[4]), k[5])):
         arch, op, dtype, dim, kernel, layout = key
         for name, records in (("before", before[key]), ("after", after[key])):
             s = _summary(records)
-            target = _meets(kernel, dtype, dim, arch, s) if name == "after" else ""
+            target = _meets(kernel, dtype, dim, arch, s, op, layout) if name == "after" else ""
             lines.append(f"{arch:<6}{op:<5}{kernel:<8}{_short_layout(layout):<6}{dtype:<6}{dim:>4} | {name:<7}{s['tc']:<6}"
-                         f"{s['tile']:<12}{s['regs']:>8}{s['spills']:>6}{s['warps']:>6} | "
+                         f"{s['tile']:<12}{s['regs']:>8}{s['spills']:>6}{s['warps']:>6}{s['kv']:>6} | "
                          f"{s[('32x32', 'weighted_instructions_per_score')]:>7}{s[('32x32', 'exp_per_score')]:>7}"
                          f"{s[('32x32', 'issue_floor_us')]:>8} | {s[('64x64', 'weighted_instructions_per_score')]:>7}"
                          f"{s[('64x64', 'exp_per_score')]:>7}{s[('64x64', 'issue_floor_us')]:>9} | {target}")
@@ -112,8 +126,12 @@ def op_table(before: list, after: list, ops, archs) -> str:
         x, y = b[key], a[key]
         target = ""
         if key[0] == "sm_90" and key[2] != "fp32" and key[3] in (32, 64) and key[5] == "forward+backward":
-            met = y["weighted_instructions_per_useful_score"] <= OP_TARGET
-            target = f"<={OP_TARGET:g}: {'met' if met else 'NOT met'}"
+            limit = OP_TARGETS[key[1]]
+            met = y["weighted_instructions_per_useful_score"] <= limit
+            target = f"<={limit:g}: {'met' if met else 'NOT met'}"
+            if key[1] in MAX_LAUNCHES:
+                fits = y["launches"] <= MAX_LAUNCHES[key[1]]
+                target += f"; launches<={MAX_LAUNCHES[key[1]]}: {'met' if fits else 'NOT met'}"
         lines.append(f"{key[0]:<6}{key[1]:<5}{key[2]:<6}{key[3]:>4} {key[4]:<7}{key[5]:<17}| {x['launches']:>9}"
                      f"{x['weighted_instructions_per_useful_score']:>9}{x['issue_floor_us']:>10} | {y['launches']:>9}"
                      f"{y['weighted_instructions_per_useful_score']:>9}{y['issue_floor_us']:>10}"

@@ -108,8 +108,10 @@ def typical_launches(op: str, dtype, head_dim: int, kind: str, k_shared: bool, v
         return [wa.forward_launch(q, k, v, torch.empty_like(q), lse, (gh, gw), radius, scale, OPS[op])]
     arch = tuning.target_arch()  # the report's target (None: as sm_90)
     splits = wa.dkdv_splits(b, (gh, gw), h, head_dim, dtype, OPS[op], k_shared or v_shared, arch)
-    # MLKA's FlashAttention-2 style dQ is given the forward's output and computes delta itself
-    o = torch.empty_like(q) if OPS[op] and wa.mlka_fa2_backward(dtype, head_dim, arch) else None
+    # MLKA's FlashAttention-2 style dQ and LCA's batch-folded dQ are given the forward's output and
+    # compute delta themselves
+    fused = wa.mlka_fa2_backward(dtype, head_dim, arch) if OPS[op] else wa.lca_fused_backward(dtype, head_dim)
+    o = torch.empty_like(q) if fused else None
     launches = wa.backward_launches(q, k, v, torch.empty_like(q), torch.empty_like(q),
                                     *wa.kv_gradient_buffers(k, v, splits), lse, lse, (gh, gw), radius, scale,
                                     OPS[op], splits, o)
@@ -496,6 +498,20 @@ def trip_counts(name: str, a: dict, geometry: dict) -> Counter:
         for y0, x0 in tiles(th, tw):
             n = len(sweep(patch(y0, x0, th, tw), a["BLOCK_H"], a["BLOCK_W"], False))
             programs[((("once",), 1), (("loop", 0), n))] += math.ceil(b / fold) * h
+    elif name == "lca_dq":  # the forward's folded tiles and sweep
+        th, tw, fold = a["TILE_H"], a["TILE_W"], a["FOLD"]
+        for y0, x0 in tiles(th, tw):
+            n = len(sweep(patch(y0, x0, th, tw), a["BLOCK_H"], a["BLOCK_W"], False))
+            programs[((("once",), 1), (("loop", 0), n))] += math.ceil(b / fold) * h
+    elif name == "lca_dkdv":  # loops: 0 the groups of FOLD batch elements, 1 the query blocks
+        th, tw, fold = a["TILE_H"], a["TILE_W"], a["FOLD"]
+        if a["K_SHARED"] or a["V_SHARED"]:
+            groups, per_tile = math.ceil(b / fold), 1
+        else:
+            groups, per_tile = 1, b
+        for y0, x0 in tiles(th, tw):
+            n = len(sweep(patch(y0, x0, th, tw), a["BLOCK_H"], a["BLOCK_W"], False))
+            programs[((("once",), 1), (("loop", 0), groups), (("loop", 1), groups * n))] += per_tile * h
     elif name in ("dq", "dkdv"):
         th, tw, complement = a["TILE_H"], a["TILE_W"], a["COMPLEMENT"]
         for y0, x0 in tiles(th, tw):
@@ -573,7 +589,10 @@ def backward_glue(op: str, dtype_name: str, head_dim: int, geometry: dict, split
     rows = geometry["batch"] * geometry["heads"] * gh * gw
     elements = rows * head_dim
     glue = ([elements, elements] if dtype_name != "fp32" else []) + [elements, elements]  # casts, mul, sum
-    if OPS[op] and wa.mlka_fa2_backward(getattr(torch, DTYPES[dtype_name]), head_dim, int(arch.removeprefix("sm_"))):
+    dtype = getattr(torch, DTYPES[dtype_name])
+    if not OPS[op] and wa.lca_fused_backward(dtype, head_dim):
+        return []  # LCA's batch-folded backward: delta in its dQ kernel, the batch sums in dK/dV's
+    if OPS[op] and wa.mlka_fa2_backward(dtype, head_dim, int(arch.removeprefix("sm_"))):
         glue = []
     for is_shared in shared:
         if is_shared and splits > 1:
@@ -691,12 +710,15 @@ def _config_record(config) -> dict:
 def _tile_name(args) -> str:
     if "BLOCK_M" in args:
         return str(args["BLOCK_M"])
-    fold = f"{args['FOLD']}*" if args.get("FOLD", 1) > 1 else ""
+    fold = f"{args['FOLD']}*" if args.get("FOLD", 1) > 1 and "K_SHARED" not in args else ""
     return f"{fold}{args['TILE_H']}x{args['TILE_W']}"
 
 
 def _block_name(args) -> str:
-    return str(args["BLOCK_N"]) if "BLOCK_N" in args else f"{args['BLOCK_H']}x{args['BLOCK_W']}"
+    if "BLOCK_N" in args:
+        return str(args["BLOCK_N"])
+    fold = f"{args['FOLD']}*" if args.get("FOLD", 1) > 1 and "K_SHARED" in args else ""  # LCA dK/dV: folded queries
+    return f"{fold}{args['BLOCK_H']}x{args['BLOCK_W']}"
 
 
 def _layout_name(layout) -> str:

@@ -31,7 +31,7 @@ import triton
 
 PIN_ENV = "RLR_FAST_KERNEL_CONFIG"
 DETERMINISTIC_ENV = "RLR_FAST_DETERMINISTIC"
-NAMES = ("lca_fwd", "mlka_fwd", "dq", "dkdv", "mlka_dq", "mlka_dkdv", "nearest")
+NAMES = ("lca_fwd", "mlka_fwd", "dq", "dkdv", "mlka_dq", "mlka_dkdv", "lca_dq", "lca_dkdv", "nearest")
 
 
 @dataclass

@@ -80,6 +80,16 @@ def _tile_origin(tile, GRID_W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
 
 
 @triton.jit
+def _tile_corner(tile, GRID_W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """`_tile_origin` without an integer division (some 20 instructions): the tile's row is
+    floor((tile + 0.5) / tiles_x) in fp32, exact while the grid has fewer than 2**22 tiles (the
+    quotient lies at least 0.5 / tiles_x from an integer, the fp32 one within half an ulp)."""
+    tiles_x = tl.cdiv(GRID_W, TILE_W)
+    ty = tl.floor((tile.to(tl.float32) + 0.5) / tiles_x.to(tl.float32)).to(tl.int32)
+    return ty * TILE_H, (tile - ty * tiles_x) * TILE_W
+
+
+@triton.jit
 def _head(ptr, b, h, stride_b, stride_h):
     """Pointer to the (L, D) rows of batch element b and head h. The offset is computed in 64
     bits: b * stride_b passes 2**31 elements once B * heads * L * D does."""
@@ -165,15 +175,17 @@ def _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, visible, MASKED: tl.constexp
     return m_new, l_i, acc
 
 
-# LCA forward: the defaults, then 8 x 8 blocks on 8 warps (fewer, larger steps over the patch).
+# LCA forward: the defaults, then 8 x 8 blocks on 8 warps (fewer, larger steps over the patch), and
+# the 16-bit default with 3 pipeline stages.
 # FOLD > 1 shrinks each config's tile as `fold_tile` says (the rows per product stay the same).
 LCA_FWD_CONFIGS = [
-    _tile_config((8, 8), (4, 8), 4, 3),  # 16-bit, head dim <= 64
+    _tile_config((8, 8), (4, 8), 4, 1),  # 16-bit, head dim <= 64
     _tile_config((4, 8), (4, 8), 4, 3),  # 16-bit, head dim 128
     _tile_config((4, 4), (4, 8), 4, 3),  # fp32, head dim 16
     _tile_config((4, 4), (4, 4), 4, 3),  # fp32, head dim 32
     _tile_config((4, 4), (4, 4), 8, 3),  # fp32, head dim 64 and 128
     _tile_config((8, 8), (8, 8), 8, 3),
+    _tile_config((8, 8), (4, 8), 4, 3),
 ]
 
 
@@ -216,13 +228,16 @@ def _lca_fwd_kernel(Q, K, V, O, LSE,
     acc = tl.zeros([FOLD * TILE_H * TILE_W, HEAD_DIM], tl.float32)
     y_lo, y_hi, x_lo, x_hi = _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H, TILE_W)
     oy, ox, blocks_x, n_blocks = _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, False)
+    by, bx, x_end = oy, ox, ox + blocks_x * BLOCK_W  # the block's corner, moved row by row
     for i in range(0, n_blocks):
-        by, bx = oy + (i // blocks_x) * BLOCK_H, ox + (i % blocks_x) * BLOCK_W
         ky, kx, k_idx, k_ok = _tokens(by, bx, GRID_H, GRID_W, BLOCK_H, BLOCK_W)  # BLOCK_N = BLOCK_H * BLOCK_W
         k = _load_rows(k_base, k_idx, k_ok, stride_kl, offs_d)
         v = _load_rows(v_base, k_idx, k_ok, stride_vl, offs_d)
         visible = _visible(qy, qx, q_ok, ky, kx, k_ok, RY, RX, False)
         m_i, l_i, acc = _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, visible, True, DOT)
+        bx += BLOCK_W
+        by = tl.where(bx >= x_end, by + BLOCK_H, by)
+        bx = tl.where(bx >= x_end, ox, bx)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # tokens off the grid: never stored
     acc = acc / l_i[:, None]
     tl.store(_head(O, bb, h, stride_ob, stride_oh)[:, None] + q_idx[:, None] * stride_ol + offs_d[None, :],
@@ -723,6 +738,211 @@ def _mlka_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
 
 
 # ------------------------------------------------------------------------------------------------
+# LCA's backward with the batch folded: the forward's 2D tiles, FOLD batch elements per query tile
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _lca_coords(y, x, ok, far, RY, RX):
+    """Scaled fp32 grid coordinates (Y, X) = (y (2 RX + 1), x (2 RY + 1)) of tokens for
+    `_inside_bound`; a token not `ok` (off the grid, or a batch element past B) gets Y = `far`,
+    so that no window holds it (queries and keys take sentinels of opposite signs)."""
+    yy = tl.where(ok, y * (2 * RX + 1), far)
+    return yy.to(tl.float32), (x * (2 * RY + 1)).to(tl.float32)
+
+
+@triton.jit
+def _inside_bound(ay, ax, by, bx, RY, RX):
+    """(len a, len b) exponent bound that keeps LCA's window mask without boolean tensors: >= 512
+    where token b lies inside token a's window (and both are valid), <= -512 elsewhere: with the
+    scaled coordinates of `_lca_coords`, inside is max(|dY|, |dX|) < T = (2 RY + 1)(2 RX + 1) / 2
+    (a half-integer, never reached), so the bound is 1024 (T - max(|dY|, |dX|)). Applied as
+    p = exp2(min(s, bound)): p = 0 outside (the opposite sign of MLKA's `_outside_bias`)."""
+    t = tl.maximum(tl.abs(ay[:, None] - by[None, :]), tl.abs(ax[:, None] - bx[None, :]))
+    half = ((2 * RY + 1) * (2 * RX + 1)).to(tl.float32) * 512.0
+    return half - t * 1024.0
+
+
+# LCA dQ (_lca_dq_kernel): the forward's tiles (TILE_H x TILE_W, shrunk by `fold_tile` for FOLD
+# batch elements, so FOLD x TILE_H x TILE_W rows per product) x BLOCK_H x BLOCK_W key blocks; the
+# defaults (`_LCA_BWD`), then alternatives.
+LCA_DQ_CONFIGS = [
+    _tile_config((8, 8), (4, 8), 4, 1),  # 16-bit, head dim <= 64
+    _tile_config((4, 4), (4, 8), 4, 2),  # 16-bit, head dim 128
+    _tile_config((8, 8), (4, 8), 4, 2),
+    _tile_config((8, 8), (8, 8), 8, 2),
+    _tile_config((8, 8), (8, 8), 4, 2),
+]
+
+
+@tuning.autotuned("lca_dq", LCA_DQ_CONFIGS, _KEY + ["FOLD", "DELTA_FROM_O"],
+                  lambda args: lca_backward_candidates(args, "dq"))
+@triton.jit
+def _lca_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
+                   stride_qb, stride_qh, stride_ql,
+                   stride_kb, stride_kh, stride_kl,
+                   stride_vb, stride_vh, stride_vl,
+                   B, H, GRID_H, GRID_W, RY, RX, qk_scale, sm_scale,
+                   DELTA_FROM_O: tl.constexpr, FOLD: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr, DOT: tl.constexpr):
+    """LCA dQ = scale * dS K, dS = P * (dO V^T - delta), P recomputed from the log-sum-exp, for one
+    query tile and head and FOLD batch elements at once, as the forward folds them (FOLD > 1 only
+    with a shared k and v: the key blocks are loaded and the window mask computed once for all of
+    them), sweeping the key blocks that cover the tile's key patch.
+
+    DELTA_FROM_O: the program also computes delta = rowsum(dO * O) (fp32) of its rows, uses it and
+    writes it to DELTA for the dK/dV launch that follows (no torch glue); else it reads DELTA.
+    O, DO and DQ are contiguous (B, H, L, D) (the launcher's own buffers and dO made contiguous):
+    their rows share one offset with the log-sum-exp's, row x HEAD_DIM (fewer 64-bit products
+    per row than a set of strides each)."""
+    # grid (tiles, groups of FOLD batch elements, heads): no integer division for the group
+    tile, b0, h = tl.program_id(0), tl.program_id(1) * FOLD, tl.program_id(2)
+    y0, x0 = _tile_corner(tile, GRID_W, TILE_H, TILE_W)
+    r = tl.arange(0, FOLD * TILE_H * TILE_W)
+    bb = b0 + r // (TILE_H * TILE_W)  # each row's batch element
+    qy = y0 + (r % (TILE_H * TILE_W)) // TILE_W
+    qx = x0 + r % TILE_W
+    q_ok = (qy < GRID_H) & (qx < GRID_W) & (bb < B)
+    q_idx = qy * GRID_W + qx
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = _load_rows(_head(Q, bb, h, stride_qb, stride_qh)[:, None], q_idx, q_ok, stride_ql, offs_d)
+    row = _lse_row(bb, h, H, GRID_H, GRID_W) + q_idx
+    do = _load_rows(DO, row, q_ok, HEAD_DIM, offs_d)
+    lse = tl.load(LSE + row, mask=q_ok, other=float("inf"))  # rows not on the grid: P = 0
+    if DELTA_FROM_O:
+        o = _load_rows(O, row, q_ok, HEAD_DIM, offs_d)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(DELTA + row, delta, mask=q_ok)
+    else:
+        delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
+    k_base = _head(K, b0, h, stride_kb, stride_kh)  # FOLD > 1: k and v shared, batch stride 0
+    v_base = _head(V, b0, h, stride_vb, stride_vh)
+    dq = tl.zeros([FOLD * TILE_H * TILE_W, HEAD_DIM], tl.float32)
+    y_lo, y_hi, x_lo, x_hi = _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H, TILE_W)
+    oy, ox, blocks_x, n_blocks = _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, False)
+    by, bx, x_end = oy, ox, ox + blocks_x * BLOCK_W  # the block's corner, moved row by row
+    for i in range(0, n_blocks):
+        ky, kx, k_idx, k_ok = _tokens(by, bx, GRID_H, GRID_W, BLOCK_H, BLOCK_W)
+        k = _load_rows(k_base, k_idx, k_ok, stride_kl, offs_d)
+        v = _load_rows(v_base, k_idx, k_ok, stride_vl, offs_d)
+        p = tl.math.exp2(_mm(q, tl.trans(k), DOT) * qk_scale - lse[:, None])
+        p = tl.where(_visible(qy, qx, q_ok, ky, kx, k_ok, RY, RX, False), p, 0.0)
+        ds = p * (_mm(do, tl.trans(v), DOT) - delta[:, None])
+        dq += _mm(ds, k, DOT)
+        bx += BLOCK_W
+        by = tl.where(bx >= x_end, by + BLOCK_H, by)
+        bx = tl.where(bx >= x_end, ox, bx)
+    tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=q_ok[:, None])
+
+
+# LCA dK/dV (_lca_dkdv_kernel): TILE_H x TILE_W keys owned x query blocks of FOLD batch elements x
+# BLOCK_H x BLOCK_W tokens (the block shrunk by `fold_tile`, so FOLD x BLOCK_H x BLOCK_W rows per
+# product); the defaults (`_LCA_BWD`), then alternatives.
+LCA_DKDV_CONFIGS = [
+    _tile_config((4, 4), (8, 8), 4, 2),  # 16-bit, head dim 64
+    _tile_config((4, 4), (8, 8), 4, 1),  # 16-bit, head dims 16, 32 and 128
+    _tile_config((4, 8), (8, 8), 4, 2),
+    _tile_config((4, 4), (8, 8), 8, 2),
+]
+
+
+@tuning.autotuned("lca_dkdv", LCA_DKDV_CONFIGS, _KEY + ["FOLD", "K_SHARED", "V_SHARED"],
+                  lambda args: lca_backward_candidates(args, "dkdv"))
+@triton.jit
+def _lca_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+                     stride_qb, stride_qh, stride_ql,
+                     stride_kb, stride_kh, stride_kl,
+                     stride_vb, stride_vh, stride_vl,
+                     stride_ob, stride_oh, stride_ol,
+                     stride_dkb, stride_dkh, stride_dkl,
+                     stride_dvb, stride_dvh, stride_dvl,
+                     B, H, GRID_H, GRID_W, RY, RX, qk_scale, sm_scale,
+                     K_SHARED: tl.constexpr, V_SHARED: tl.constexpr, FOLD: tl.constexpr,
+                     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, DOT: tl.constexpr):
+    """LCA dK = scale * dS^T Q and dV = P^T dO for one key tile (TILE_H x TILE_W keys) and head,
+    sweeping the query blocks that cover its patch (the queries whose windows reach it), each block
+    FOLD batch elements x BLOCK_H x BLOCK_W tokens: the queries are the rows of the products
+    (S = Q K^T, dP = dO V^T), and the sum of a shared k/v's gradient over the batch elements of a
+    block is part of the products dV += P^T dO, dK += dS^T Q. The key tile being small, its patch
+    is too, so few keys are visited per useful key; a block of FOLD x BLOCK_H x BLOCK_W rows keeps
+    the products large.
+
+    k and v both shared: a program loops over the groups of FOLD batch elements and stores the sum
+    once (deterministic, no atomics, no partial sums in memory). Otherwise FOLD = 1: both batched,
+    a program per key tile and batch element; one shared, a program per key tile loops over the
+    batch, summing the shared gradient and storing the batched one per element. DELTA is read
+    (written by the dQ launch before this one)."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    if K_SHARED or V_SHARED:
+        g_lo, g_hi, tile = 0, tl.cdiv(B, FOLD), pid
+    else:
+        g_lo, tile = pid % B, pid // B
+        g_hi = g_lo + 1
+    y0, x0 = _tile_origin(tile, GRID_W, TILE_H, TILE_W)
+    ky, kx, k_idx, k_ok = _tokens(y0, x0, GRID_H, GRID_W, TILE_H, TILE_W)
+    cy, cx = _lca_coords(ky, kx, k_ok, 1 << 20, RY, RX)
+    offs_d = tl.arange(0, HEAD_DIM)
+    y_lo, y_hi, x_lo, x_hi = _patch(y0, x0, GRID_H, GRID_W, RY, RX, TILE_H, TILE_W)
+    oy, ox, blocks_x, n_blocks = _sweep(y_lo, y_hi, x_lo, x_hi, GRID_H, GRID_W, BLOCK_H, BLOCK_W, False)
+    r = tl.arange(0, FOLD * BLOCK_H * BLOCK_W)
+    r_b = r // (BLOCK_H * BLOCK_W)  # each row's batch element within the group
+    r_y = (r % (BLOCK_H * BLOCK_W)) // BLOCK_W  # and its place in the block
+    r_x = r % BLOCK_W
+    rel = r_y * GRID_W + r_x
+    # scaled coordinates (`_lca_coords`) of the rows, relative to the block's corner
+    sy, sx = (2 * RX + 1).to(tl.float32), (2 * RY + 1).to(tl.float32)
+    rel_y, rel_x = r_y.to(tl.float32) * sy, r_x.to(tl.float32) * sx
+    x_end = ox + blocks_x * BLOCK_W
+    dk = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
+    dv = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
+    for g in range(g_lo, g_hi):
+        b0 = g * FOLD
+        k = _load_rows(_head(K, b0, h, stride_kb, stride_kh), k_idx, k_ok, stride_kl, offs_d)
+        v = _load_rows(_head(V, b0, h, stride_vb, stride_vh), k_idx, k_ok, stride_vl, offs_d)
+        if not K_SHARED:
+            dk = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
+        if not V_SHARED:
+            dv = tl.zeros([TILE_H * TILE_W, HEAD_DIM], tl.float32)
+        bb = b0 + r_b
+        b_ok = bb < B
+        q_rows = _head(Q, bb, h, stride_qb, stride_qh)[:, None]
+        do_rows = _head(DO, bb, h, stride_ob, stride_oh)[:, None]
+        lse_rows = _lse_row(bb, h, H, GRID_H, GRID_W)
+        by, bx = oy, ox  # the block's corner, moved row by row
+        for i in range(0, n_blocks):
+            q_ok = (by + r_y < GRID_H) & (bx + r_x < GRID_W) & b_ok
+            q_idx = by * GRID_W + bx + rel
+            q = _load_rows(q_rows, q_idx, q_ok, stride_ql, offs_d)
+            do = _load_rows(do_rows, q_idx, q_ok, stride_ol, offs_d)
+            # rows not on the grid (or past the batch) get a log-sum-exp of +inf: P = 0 there
+            lse = tl.load(LSE + lse_rows + q_idx, mask=q_ok, other=float("inf"))
+            delta = tl.load(DELTA + lse_rows + q_idx, mask=q_ok, other=0.0)
+            ay = by.to(tl.float32) * sy + rel_y
+            ax = bx.to(tl.float32) * sx + rel_x
+            bound = _inside_bound(ay, ax, cy, cx, RY, RX)  # (queries, keys)
+            p = tl.math.exp2(tl.minimum(_mm(q, tl.trans(k), DOT) * qk_scale - lse[:, None], bound))
+            dv += _mm(tl.trans(p), do, DOT)
+            ds = p * (_mm(do, tl.trans(v), DOT) - delta[:, None])
+            dk += _mm(tl.trans(ds), q, DOT)
+            bx += BLOCK_W
+            by = tl.where(bx >= x_end, by + BLOCK_H, by)
+            bx = tl.where(bx >= x_end, ox, bx)
+        if not K_SHARED:
+            tl.store(_head(DK, b0, h, stride_dkb, stride_dkh) + k_idx[:, None] * stride_dkl + offs_d[None, :],
+                     (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+        if not V_SHARED:
+            tl.store(_head(DV, b0, h, stride_dvb, stride_dvh) + k_idx[:, None] * stride_dvl + offs_d[None, :],
+                     dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+    if K_SHARED:
+        tl.store(_head(DK, 0, h, stride_dkb, stride_dkh) + k_idx[:, None] * stride_dkl + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+    if V_SHARED:
+        tl.store(_head(DV, 0, h, stride_dvb, stride_dvh) + k_idx[:, None] * stride_dvl + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------------
 # Launch code and the autograd Function (each op's file binds COMPLEMENT)
 # ------------------------------------------------------------------------------------------------
 
@@ -826,6 +1046,37 @@ _MLKA_BWD = {
 MLKA_FA2_BACKWARD = os.environ.get("RLR_FAST_MLKA_BACKWARD", "fa2") != "tiles"
 
 
+# LCA's backward with the batch folded (_lca_dq_kernel, _lca_dkdv_kernel), 16-bit defaults per head
+# dim: dQ the forward's tile (shrunk for FOLD batch elements, `fold_tile`: 2 x 4 tokens x 8 at
+# FOLD 8) x BLOCK key blocks; dK/dV a TILE of keys x query blocks of FOLD batch elements (BLOCK
+# shrunk by `fold_tile`), warps, stages, register budget (None: the compiler's). Chosen by the
+# weighted report (`rlr-fast kernels`, sm_90): one pipeline stage where the loops are short (a 2 x 4
+# tile's patch is 4 key blocks at 32 x 32 window 7) and two cost more in their first loads than they
+# hide; 16-key tiles for dK/dV keep its keys visited per useful key at 2.4 (32 keys: 3.0).
+_LCA_BWD = {
+    #  kind   D      tile    block  warps stages maxnreg
+    ("dq", 16): ((8, 8), (4, 8), 4, 1, None),
+    ("dq", 32): ((8, 8), (4, 8), 4, 1, None),
+    ("dq", 64): ((8, 8), (4, 8), 4, 1, None),
+    ("dq", 128): ((4, 4), (4, 8), 4, 2, None),
+    ("dkdv", 16): ((4, 4), (8, 8), 4, 1, None),
+    ("dkdv", 32): ((4, 4), (8, 8), 4, 1, None),
+    ("dkdv", 64): ((4, 4), (8, 8), 4, 2, None),
+    ("dkdv", 128): ((4, 4), (8, 8), 4, 1, None),
+}
+
+# LCA's backward in 16 bits: the batch-folded kernels above (True, the default; two launches, delta
+# computed by the dQ kernel, a shared k/v's batch sum inside dK/dV's products) or the 2D-tile dQ and
+# dK/dV kernels it shares with MLKA and their torch glue (False; RLR_FAST_LCA_BACKWARD=tiles at
+# import). The sums run in another order, so the gradients differ in their last bits.
+LCA_FUSED_BACKWARD = os.environ.get("RLR_FAST_LCA_BACKWARD", "fold") != "tiles"
+
+
+def lca_fused_backward(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether LCA's backward in `dtype` at `head_dim` runs the batch-folded kernels."""
+    return LCA_FUSED_BACKWARD and dtype != torch.float32 and ("dq", head_dim) in _LCA_BWD
+
+
 # MLKA's FlashAttention-2 style backward finds grid coordinates in fp32 (`_window_coords`): exact
 # for fewer tokens than this; the forward refuses longer grids where that backward would run.
 MLKA_FA2_MAX_TOKENS = 2 ** 21
@@ -861,15 +1112,29 @@ def block_config(kind: str, head_dim: int, dtype: torch.dtype, complement: bool 
         m, n, warps, stages, dot, maxnreg = _MLKA_BWD[(kind, head_dim, _target_family(arch))]
         return dict(BLOCK_M=m, BLOCK_N=n, DOT=dot, num_warps=warps, num_stages=stages, split=False,
                     maxnreg=maxnreg)
+    if not complement and kind != "fwd" and lca_fused_backward(dtype, head_dim):
+        return lca_backward_config(kind, head_dim)
     tile, block, warps, dot, split = _CONFIGS[key]
     # Pipeline stages: 3 in the forward, 2 in the backward, none in a split dK/dV. ptxas, left to
     # itself, keeps the dK/dV kernels (and the fp32-FMA ones) to fewer registers than they need
     # and spills; an explicit register budget does not (232, or 128 for those with one launch per
     # gradient and fp32 FMA, each the budget with which every layout and arch compiled clean).
     maxnreg = 128 if dot == "ieee" or split else (232 if kind == "dkdv" else None)
+    # the forward pipelines 3 stages, but LCA's 16-bit one at head dim <= 64 none: its patch is a few
+    # key blocks (4 at 32 x 32 window 7), and the pipeline's first loads cost more than they hide
+    # (66.5 weighted instructions per useful score against 76.5 with 3 stages, sm_90, head dim 32)
+    stages = 1 if (kind == "fwd" and dot == "native" and head_dim <= 64) else 3
     return dict(TILE_H=tile[0], TILE_W=tile[1], BLOCK_H=block[0], BLOCK_W=block[1], DOT=dot,
-                num_warps=warps, num_stages=1 if split else (3 if kind == "fwd" else 2), split=split,
+                num_warps=warps, num_stages=1 if split else (stages if kind == "fwd" else 2), split=split,
                 maxnreg=maxnreg)
+
+
+def lca_backward_config(kind: str, head_dim: int) -> dict:
+    """Default config of LCA's batch-folded dQ or dK/dV kernel (`_LCA_BWD`), unfolded (the launch
+    shrinks the dQ tile or the dK/dV query block for its FOLD)."""
+    tile, block, warps, stages, maxnreg = _LCA_BWD[(kind, head_dim)]
+    return dict(TILE_H=tile[0], TILE_W=tile[1], BLOCK_H=block[0], BLOCK_W=block[1], DOT="native",
+                num_warps=warps, num_stages=stages, split=False, maxnreg=maxnreg)
 
 
 def product_precision(dot: str, dtype: torch.dtype) -> str:
@@ -938,6 +1203,35 @@ def forward_candidates(args: dict, complement: bool) -> list:
     default = as_config(block_config("fwd", args["HEAD_DIM"], args["Q"].dtype, complement))
     space = MLKA_FWD_CONFIGS if complement else LCA_FWD_CONFIGS
     return _candidates(space, default, args, complement, 1 if complement else args["FOLD"])
+
+
+def lca_backward_candidates(args: dict, kind: str) -> list:
+    """LCA's batch-folded dQ (`kind` "dq") or dK/dV ("dkdv") config space for a call: each config with
+    its tile (dQ) or its query block (dK/dV) shrunk for FOLD batch elements (`fold_tile`), and the
+    reason it does not fit the call; the register budget belongs to the default."""
+    gh, gw, ry, rx, d, fold = (args[name] for name in ("GRID_H", "GRID_W", "RY", "RX", "HEAD_DIM", "FOLD"))
+    cfg = lca_backward_config(kind, d)  # (the kernels also run in fp32, where tested directly)
+    default = as_config(cfg)
+    out = []
+    for config in LCA_DQ_CONFIGS if kind == "dq" else LCA_DKDV_CONFIGS:
+        is_default = config == default
+        kw = dict(config.kwargs)
+        side = ("TILE_H", "TILE_W") if kind == "dq" else ("BLOCK_H", "BLOCK_W")
+        kw[side[0]], kw[side[1]] = fold_tile(kw[side[0]], kw[side[1]], fold)
+        config = triton.Config(kw, num_warps=config.num_warps, num_stages=config.num_stages,
+                               maxnreg=cfg["maxnreg"] if is_default else None)
+        sides = [(kw["TILE_H"], gh), (kw["TILE_W"], gw), (kw["BLOCK_H"], min(gh, kw["TILE_H"] + 2 * ry)),
+                 (kw["BLOCK_W"], min(gw, kw["TILE_W"] + 2 * rx))]
+        tile, block = kw["TILE_H"] * kw["TILE_W"], kw["BLOCK_H"] * kw["BLOCK_W"]
+        rows, cols = (fold * tile, block) if kind == "dq" else (tile, fold * block)
+        reason = None if is_default else tuning.misfit(sides, rows, cols, d, args["Q"].element_size(), config)
+        if (reason is None and not is_default and kind == "dkdv" and d >= 128 and config.num_stages > 1
+                and config.num_warps == 4):
+            # (compiled for sm_80 and sm_90: dK, dV and the staged query blocks of 4 warps exceed 255
+            # registers per thread in some layout; 8 warps share them)
+            reason = "two pipeline stages on 4 warps spill registers at head dim 128"
+        out.append(tuning.Candidate(config, is_default, reason))
+    return out
 
 
 def backward_candidates(args: dict, kind: str) -> list:
@@ -1096,7 +1390,7 @@ def dkdv_splits(batch: int, grid, heads: int, head_dim: int, dtype: torch.dtype,
     is shared: then every batch element has its own programs), from the default config's tiles
     whatever config the autotuner picks. Depends on shapes only, so the sum is the same from
     run to run."""
-    if not shared:
+    if not shared or (not complement and lca_fused_backward(dtype, head_dim)):  # LCA's sums in its kernel
         return 1
     programs = _tiles(grid, block_config("dkdv", head_dim, dtype, complement, arch)) * heads
     splits = max(1, min(batch, triton.cdiv(_DKDV_PROGRAMS, programs)))
@@ -1126,6 +1420,8 @@ def backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, 
     arch = tuning.target_arch(q.device)
     if complement and mlka_fa2_backward(q.dtype, d, arch):
         return _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, splits, o, arch)
+    if not complement and lca_fused_backward(q.dtype, d):
+        return _lca_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, o)
     cfg = block_config("dq", d, q.dtype, complement, arch)
     common = (b, h, *grid, *radius, scale * LOG2E, scale)
     launches = [Launch("dq", lambda meta: (_tiles(grid, meta) * b, h), _named(
@@ -1166,6 +1462,30 @@ def _mlka_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, s
     return launches
 
 
+def _lca_backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale, o) -> list:
+    """LCA's batch-folded backward: the dQ launch (FOLD batch elements per query tile, as the
+    forward; it writes delta when given `o`), then the dK/dV launch (a key tile per program, query
+    blocks of FOLD batch elements; a shared k/v's batch sum in its products: `dk`, `dv` in their own
+    shape and dtype, no splits)."""
+    b, h, _, d = q.shape
+    fold = lca_fold(b, k, v)
+    common = (b, h, *grid, *radius, scale * LOG2E, scale)
+    from_o = o is not None
+    for t in (o, do, dq):  # the dQ kernel indexes them as contiguous (B, H, L, D)
+        assert t is None or t.is_contiguous(), "LCA's dQ kernel takes a contiguous O, dO and dQ"
+    launches = [Launch("lca_dq", lambda meta: (_tiles(grid, meta), triton.cdiv(b, fold), h), _named(
+        _lca_dq_kernel, q, k, v, o if from_o else do, do, dq, lse, delta, *_strides(q), *_strides(k),
+        *_strides(v), *common,
+        DELTA_FROM_O=from_o, FOLD=fold, HEAD_DIM=d, DOT=product_precision("native", q.dtype)))]
+    k_shared, v_shared = k.dim() == 3, v.dim() == 3
+    per_tile = 1 if (k_shared or v_shared) else b
+    launches.append(Launch("lca_dkdv", lambda meta: (_tiles(grid, meta) * per_tile, h), _named(
+        _lca_dkdv_kernel, q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v),
+        *_strides(do), *_strides(dk), *_strides(dv), *common, K_SHARED=k_shared, V_SHARED=v_shared,
+        FOLD=fold, HEAD_DIM=d, DOT=product_precision("native", q.dtype))))
+    return launches
+
+
 class WindowAttentionFunction(torch.autograd.Function):
     COMPLEMENT = False  # set by each op
 
@@ -1194,7 +1514,8 @@ class WindowAttentionFunction(torch.autograd.Function):
         grid, radius, scale = ctx.geometry
         do = do.contiguous()
         arch = tuning.target_arch(q.device)
-        fused_delta = cls.COMPLEMENT and mlka_fa2_backward(q.dtype, q.shape[-1], arch)  # MLKA's dQ computes it
+        fused_delta = (mlka_fa2_backward(q.dtype, q.shape[-1], arch) if cls.COMPLEMENT
+                       else lca_fused_backward(q.dtype, q.shape[-1]))  # the dQ kernel computes it
         if fused_delta:
             delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)
         else:
@@ -1205,7 +1526,7 @@ class WindowAttentionFunction(torch.autograd.Function):
         dk, dv = kv_gradient_buffers(k, v, splits)
         with _on_device(q):
             for launch in backward_launches(q, k, v, do, dq, dk, dv, lse, delta, grid, radius, scale,
-                                            cls.COMPLEMENT, splits, o if fused_delta else None):
+                                            cls.COMPLEMENT, splits, o.contiguous() if fused_delta else None):
                 launch()
         # the splits' partial sums of a shared gradient, added in a fixed order
         dk, dv = (g.sum(0).to(t.dtype) if t.dim() == 3 and splits > 1 else g for g, t in ((dk, k), (dv, v)))

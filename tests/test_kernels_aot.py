@@ -46,9 +46,9 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
         if key[4] == "dkdv":
             grads = sorted(r["grads"] for r in rows if (r["arch"], r["op"], r["dtype"], r["head_dim"], r["kernel"],
                                                         r["layout"]) == key)
-            # (16-bit MLKA's FlashAttention-2 style kernel always computes both: no WITH_DK/WITH_DV;
-            # on sm_80 at head dim 128 MLKA keeps the 2D-tile kernels)
-            fa2 = key[1] == "mlka" and key[2] != "fp32" and (key[3] <= 64 or key[0] == "sm_90")
+            # (16-bit MLKA's FlashAttention-2 style kernel and 16-bit LCA's batch-folded one always
+            # compute both: no WITH_DK/WITH_DV; on sm_80 at head dim 128 MLKA keeps the 2D-tile kernels)
+            fa2 = key[2] != "fp32" and (key[1] == "lca" or key[3] <= 64 or key[0] == "sm_90")
             assert grads in ([[""]] if fa2 else (["dK+dV"], ["dK", "dV"])), (key, grads)
     assert all(FIELDS <= set(r) for r in rows)
     assert all(r["ok"] and r["spill_bytes"] == 0 and r["registers"] > 0 for r in rows)
@@ -164,6 +164,12 @@ def test_shared_kv_backward_fills_an_h100():
     for dtype, dim, op, layout in itertools.product((torch.float32, torch.float16), (16, 32, 64, 128), aot.OPS,
                                                     ((True, True), (True, False), (False, True))):
         for launch in aot.typical_launches(op, dtype, dim, "dkdv", *layout):
+            if launch.name == "lca_dkdv":
+                # 16-bit LCA's batch-folded dK/dV: a program per 16-key tile and head, the batch in
+                # its products (not walked): 64 x 8 = 512 programs, 3.9 per SM (4 resident per SM at
+                # head dim 32, 3 at 64), with no partial sums
+                assert launch.programs == 64 * 8, (dtype, dim, layout, launch.programs)
+                continue
             assert launch.programs >= 4 * 132, (op, dtype, dim, layout, launch.programs)
 
 
@@ -208,6 +214,38 @@ print(json.dumps({"rows": rows, "ops": aot.op_summaries(rows)}))
 """
 
 
+_LCA_BACKWARD_TARGETS = """
+import json
+from rlr_fast.kernels import aot
+rows = []
+for dim in (32, 64):
+    for kind, layout in (("forward", None), ("dq", None), ("dkdv", (True, True))):
+        rows += aot._compile_one(("sm_90", "lca", "fp16", dim, kind, layout, True))
+print(json.dumps({"rows": rows, "ops": aot.op_summaries(rows)}))
+"""
+
+
+def test_sm90_targets_of_the_lca_backward():
+    """Issue 18 part 4 on sm_90, 16-bit, head dims 32 and 64, RLR's layout (k and v shared, B=8):
+    every LCA kernel (forward, dQ, dK/dV) visits <= 2.6 keys per useful key, on wgmma with no spills;
+    the backward is two launches (no torch glue): forward + backward 3. (The weighted target of
+    forward + backward <= 120 per useful score is checked where it is met: see the report.)"""
+    result = subprocess.run([sys.executable, "-c", _LCA_BACKWARD_TARGETS], capture_output=True, text=True,
+                            env=_no_interpreter_env(), timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted((r["kernel"], r["head_dim"]) for r in out["rows"]) == sorted(
+        (kind, dim) for kind in ("forward", "dq", "dkdv") for dim in (32, 64))
+    for r in out["rows"]:
+        assert r["ok"] and r["spill_bytes"] == 0 and r["tensor_core"] == "wgmma", r
+        assert r["keys_visited_per_useful_key"] <= 2.6, r
+        for launch in ("32x32", "64x64"):
+            w = r["weighted"][launch]
+            assert "error" not in w and w["exp_per_score"] >= 1.0, w
+    both = [o for o in out["ops"] if o["mode"] == "forward+backward"]
+    assert len(both) == 4 and all(o["launches"] == 3 for o in both), both
+
+
 def test_sm90_targets_of_the_mlka_backward():
     """Issue 18 part 3 on sm_90, 16-bit, head dims 32 and 64, RLR's layout (k shared, v batched):
     MLKA's dQ <= 12 and dK/dV <= 20 weighted instructions per useful score at both launches, on
@@ -243,8 +281,8 @@ def test_every_config_compiles_for_sm90_without_spills_or_is_pruned_with_a_reaso
 
     nr = importlib.import_module("rlr_fast.kernels.nearest_reference")  # the package exports the function
     sizes = {("lca", "forward"): len(wa.LCA_FWD_CONFIGS), ("mlka", "forward"): len(wa.MLKA_FWD_CONFIGS),
-             ("lca", "dq"): len(wa.DQ_CONFIGS), ("mlka", "dq"): len(wa.MLKA_DQ_CONFIGS),
-             ("lca", "dkdv"): len(wa.DKDV_CONFIGS), ("mlka", "dkdv"): len(wa.MLKA_DKDV_CONFIGS),
+             ("lca", "dq"): len(wa.LCA_DQ_CONFIGS), ("mlka", "dq"): len(wa.MLKA_DQ_CONFIGS),
+             ("lca", "dkdv"): len(wa.LCA_DKDV_CONFIGS), ("mlka", "dkdv"): len(wa.MLKA_DKDV_CONFIGS),
              ("nn", "nearest"): len(nr.NEAREST_CONFIGS)}
     out = tmp_path / "kernels.json"
     result = subprocess.run([sys.executable, "-m", "rlr_fast", "kernels", "--arch", "sm_90", "--dtypes", "fp16",
@@ -303,6 +341,27 @@ def test_lca_and_backward_trip_counts_counted_by_hand():
     dkdv = aot.trip_counts("dkdv", dict(tile, COMPLEMENT=False, K_SHARED=True, V_SHARED=False, SPLITS=2), geometry)
     assert dkdv == Counter({((("once",), 1), (("loop", 0), 2), (("loop", 1), 8), (("mask", 1), 8)): 4,
                             ((("once",), 1), (("loop", 0), 1), (("loop", 1), 4), (("mask", 1), 4)): 4})
+
+
+def test_lca_folded_backward_trip_counts_counted_by_hand():
+    """LCA's batch-folded dQ: the forward's sweep (4 x 4 grid, window 3, 2 x 2 tiles and blocks: every
+    patch 2 x 2 blocks), one program per tile and group of FOLD batch elements. dK/dV: a program per
+    key tile (and batch element where k and v are batched), looping over the groups (shared) and over
+    the query blocks of each."""
+    from collections import Counter
+
+    geometry = dict(batch=3, heads=2, grid=(4, 4), window=(3, 3))
+    tile = dict(TILE_H=2, TILE_W=2, BLOCK_H=2, BLOCK_W=2)
+    assert aot.trip_counts("lca_dq", dict(tile, FOLD=2), geometry) == Counter(
+        {((("once",), 1), (("loop", 0), 4)): 4 * 2 * 2})
+    shared = aot.trip_counts("lca_dkdv", dict(tile, FOLD=2, K_SHARED=True, V_SHARED=True), geometry)
+    assert shared == Counter({((("once",), 1), (("loop", 0), 2), (("loop", 1), 8)): 4 * 2})
+    batched = aot.trip_counts("lca_dkdv", dict(tile, FOLD=1, K_SHARED=False, V_SHARED=False), geometry)
+    assert batched == Counter({((("once",), 1), (("loop", 0), 1), (("loop", 1), 4)): 4 * 3 * 2})
+    # a 6 x 6 grid, window 1, 2 x 2 tiles, 1 x 2 blocks: each patch is its tile, 2 blocks
+    mixed = aot.trip_counts("lca_dkdv", dict(TILE_H=2, TILE_W=2, BLOCK_H=1, BLOCK_W=2, FOLD=1, K_SHARED=True,
+                                             V_SHARED=False), dict(batch=3, heads=1, grid=(6, 6), window=(1, 1)))
+    assert mixed == Counter({((("once",), 1), (("loop", 0), 3), (("loop", 1), 6)): 9})
 
 
 def test_mlka_backward_trip_counts_counted_by_hand():
@@ -576,16 +635,25 @@ def test_backward_glue_is_what_the_backward_runs_in_torch(op, dtype_name, monkey
         with Spy() as spy:
             function.backward(ctx, torch.empty_like(q))
         splits = wa.dkdv_splits(b, (gh, gw), h, d, dtype, aot.OPS[op], True)
-        # 16-bit MLKA: its FlashAttention-2 style kernels, whose dQ computes delta (no torch glue for it)
+        # 16-bit MLKA: its FlashAttention-2 style kernels, whose dQ computes delta (no torch glue for it);
+        # 16-bit LCA: its batch-folded kernels (delta in dQ, the batch sum in dK/dV: no glue at all)
         fa2 = op == "mlka" and wa.mlka_fa2_backward(dtype, d)
-        assert kernels == (["mlka_dq", "mlka_dkdv"] if fa2 else ["dq", "dkdv"])
+        folded = op == "lca" and wa.lca_fused_backward(dtype, d)
+        assert kernels == (["mlka_dq", "mlka_dkdv"] if fa2 else ["lca_dq", "lca_dkdv"] if folded else ["dq", "dkdv"])
         assert spy.work == aot.backward_glue(op, dtype_name, d, geometry, splits, (True, not aot.OPS[op]))
-        assert len(spy.work) >= 2  # delta at least (the sum over splits only where there are splits)
+        if folded:
+            assert spy.work == [] and splits == 1
+        else:
+            assert len(spy.work) >= 2  # delta at least (the sum over splits only where there are splits)
 
 
-def test_op_summaries_add_every_launch_of_rlrs_layout():
+def test_op_summaries_add_every_launch_of_rlrs_layout(monkeypatch):
     """Per op, mode and launch: the default records of RLR's layout only (LCA: k, v shared), the
-    forward alone, or forward + dQ + dK/dV plus the backward's torch glue (3 instructions per element)."""
+    forward alone, or forward + dQ + dK/dV plus the backward's torch glue (3 instructions per element):
+    that of the 2D-tile kernels (RLR_FAST_LCA_BACKWARD=tiles); the batch-folded ones have none."""
+    from rlr_fast.kernels import window_attention as wa
+
+    monkeypatch.setattr(wa, "LCA_FUSED_BACKWARD", False)
     def record(kind, layout="", default=True, instructions=0, floor=0.0, splits=None):
         weighted = {name: {"thread_instructions": instructions * (1 + i), "issue_floor_us": floor * (1 + i),
                            **({"splits": splits} if splits else {})} for i, name in enumerate(aot.GEOMETRIES)}
@@ -614,6 +682,10 @@ def test_op_summaries_add_every_launch_of_rlrs_layout():
     assert both["ratio_to_fa2"] == pytest.approx(both["issue_floor_us"] / aot.fa2_floor_us(geometry, "forward+backward"),
                                                  abs=0.01)
     assert rows[("64x64", "forward")]["issue_floor_us"] == 2.0  # the second launch's own figures
+    monkeypatch.setattr(wa, "LCA_FUSED_BACKWARD", True)
+    both = {(r["launch"], r["mode"]): r for r in aot.op_summaries(records)}[("32x32", "forward+backward")]
+    assert both["launches"] == 3 and both["issue_floor_us"] == pytest.approx(7.0, abs=0.01)
+    assert both["weighted_instructions_per_useful_score"] == pytest.approx(7000 / useful, abs=0.01)
 
 
 def test_weighted_compare_matches_launches_and_checks_the_targets(tmp_path, capsys):
@@ -658,3 +730,44 @@ def test_weighted_compare_matches_launches_and_checks_the_targets(tmp_path, caps
     assert "<=20,>=16w,wgmma: NOT met" in dkdv[1]
     assert any("80.0" in line and "39.5" in line and "<=40: met" in line for line in lines)
     assert "1 of 3 compiled configs spill (0 of them defaults)" in out and "64 bytes spilled" in out
+
+
+def test_weighted_compare_judges_lcas_targets(tmp_path, capsys):
+    """benchmarks/weighted_compare.py --ops lca: issue 18 part 4's targets, from the after report:
+    keys visited per useful key <= 2.6 in every kernel (dK/dV in RLR's layout), forward + backward
+    <= 120 per useful score and at most 1 + 3 launches."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "weighted_compare.py"
+    spec = importlib.util.spec_from_file_location("weighted_compare", path)
+    wc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wc)
+
+    def rec(kernel, kv, layout="", w=50.0):
+        weighted = {name: {"weighted_instructions_per_score": w, "exp_per_score": 1.0, "issue_floor_us": w}
+                    for name in ("32x32", "64x64")}
+        return {"arch": "sm_90", "op": "lca", "dtype": "fp16", "head_dim": 32, "kernel": kernel, "layout": layout,
+                "grads": "", "default": True, "ok": True, "pruned": None, "tensor_core": "wgmma", "tile": "8*2x4",
+                "block": "4x8", "registers": 80, "spill_bytes": 0, "blocks_per_sm": 6, "num_warps": 4,
+                "config_index": 0, "config": {}, "keys_visited_per_useful_key": kv, "weighted": weighted}
+
+    shared = "k shared, v shared"
+    before = [rec("dq", 5.1), rec("dkdv", 3.5, shared)]
+    after = [rec("dq", 2.55), rec("dkdv", 2.7, shared)]  # dK/dV over its target
+    ops = lambda w, n: [{"arch": "sm_90", "op": "lca", "dtype": "fp16", "head_dim": 32, "launch": launch,  # noqa: E731
+                         "mode": "forward+backward", "launches": n, "weighted_instructions_per_useful_score": w[i],
+                         "issue_floor_us": 1.0, "fa2_dense_floor_us": 1.0, "ratio_to_fa2": 1.0}
+                        for i, launch in enumerate(("32x32", "64x64"))]
+    files = {}
+    for name, data in (("b", before), ("bo", ops((400.0, 260.0), 11)), ("a", after), ("ao", ops((190.0, 119.5), 3))):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(data))
+    assert wc.main([str(files[n]) for n in ("b", "bo", "a", "ao")] + ["--ops", "lca"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    dq = [line for line in lines if " dq " in line]
+    assert "5.1" in dq[0] and "2.55" in dq[1] and "kv<=2.6,wgmma: met" in dq[1]
+    dkdv = [line for line in lines if " dkdv " in line]
+    assert "kv<=2.6,wgmma: NOT met" in dkdv[1]
+    assert any("400.0" in line and "190.0" in line and "<=120: NOT met; launches<=4: met" in line for line in lines)
+    assert any("260.0" in line and "119.5" in line and "<=120: met; launches<=4: met" in line for line in lines)

@@ -23,14 +23,17 @@ nr = importlib.import_module("rlr_fast.kernels.nearest_reference")  # the packag
 OPS = {"lca": local_cross_attention, "mlka": neighbor_masked_attention}
 SPACES = {"lca_fwd": wa.LCA_FWD_CONFIGS, "mlka_fwd": wa.MLKA_FWD_CONFIGS, "dq": wa.DQ_CONFIGS,
           "dkdv": wa.DKDV_CONFIGS, "mlka_dq": wa.MLKA_DQ_CONFIGS, "mlka_dkdv": wa.MLKA_DKDV_CONFIGS,
-          "nearest": nr.NEAREST_CONFIGS}
+          "lca_dq": wa.LCA_DQ_CONFIGS, "lca_dkdv": wa.LCA_DKDV_CONFIGS, "nearest": nr.NEAREST_CONFIGS}
 
 
 def _kernels(op, dtype):
     """The forward, dQ and dK/dV kernels (names in `SPACES`) a call of the op runs in `dtype` at
-    head dim 16 (`_inputs`): 16-bit MLKA has its own FlashAttention-2 style backward."""
+    head dim 16 (`_inputs`): 16-bit MLKA has its own FlashAttention-2 style backward, 16-bit LCA its
+    batch-folded one."""
     if op == "mlka" and wa.mlka_fa2_backward(dtype, 16, tuning.target_arch(torch.device(DEVICE))):
         return ("mlka_fwd", "mlka_dq", "mlka_dkdv")
+    if op == "lca" and wa.lca_fused_backward(dtype, 16):
+        return ("lca_fwd", "lca_dq", "lca_dkdv")
     return (f"{op}_fwd", "dq", "dkdv")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
@@ -95,10 +98,13 @@ def test_every_config_matches_the_reference(index, op, dtype, pin):
         space, chosen = SPACES[name][index % len(SPACES[name])], _chosen(name)
         assert (chosen.num_warps, chosen.num_stages) == (space.num_warps, space.num_stages), name
         tile = (space.kwargs.get("TILE_H"), space.kwargs.get("TILE_W"))
-        if name == "lca_fwd" and dtype == torch.float16:  # k and v shared: 2 batch elements folded into the tile
+        block = (space.kwargs.get("BLOCK_H"), space.kwargs.get("BLOCK_W"))
+        if name in ("lca_fwd", "lca_dq") and dtype == torch.float16:  # k and v shared: 2 batch elements folded
             tile = wa.fold_tile(*tile, 2)
-        assert {**space.kwargs, "TILE_H": tile[0], "TILE_W": tile[1]} == {"TILE_H": None, "TILE_W": None,
-                                                                          **chosen.kwargs}, name
+        if name == "lca_dkdv":  # into the query tile; dK/dV's query blocks
+            block = wa.fold_tile(*block, 2)
+        assert {**space.kwargs, "TILE_H": tile[0], "TILE_W": tile[1], "BLOCK_H": block[0], "BLOCK_W": block[1]} == {
+            "TILE_H": None, "TILE_W": None, "BLOCK_H": None, "BLOCK_W": None, **chosen.kwargs}, name
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for name, g, o in zip(("out", "dq", "dk", "dv"), got, oracle):
         assert g.dtype == dtype
@@ -132,19 +138,21 @@ def test_reruns_on_the_same_buffers_leave_the_outputs_right(op, pin):
     lse = torch.full((q.numel() // 16,), float("nan"), device=DEVICE)
     forward = wa.forward_launch(q, k, v, o, lse, grid, radius, scale, complement)
     splits = wa.dkdv_splits(3, grid, 1, 16, dtype, complement, True)
-    assert splits > 1  # the batch-split partial sums of the shared k (and v) are among the outputs
+    # MLKA: the batch-split partial sums of the shared k are among the outputs; LCA sums its shared k
+    # and v over the batch inside its dK/dV kernel (no splits)
+    assert splits > 1 if complement else splits == 1
     dq = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
     dk, dv = (t.fill_(float("nan")) for t in wa.kv_gradient_buffers(k, v, splits))
     for index in range(6):
         for name in _kernels(op, dtype):
             pin(name, index % len(SPACES[name]))
         forward()
-        # 16-bit MLKA: the dQ kernel computes delta from O itself (into a NaN buffer here)
-        delta = torch.full_like(lse, float("nan")) if complement else (o.float() * grad.float()).sum(-1).reshape(-1)
+        # 16-bit: the dQ kernel computes delta from O itself (into a NaN buffer here)
+        delta = torch.full_like(lse, float("nan"))
         for launch in wa.backward_launches(q, k, v, grad, dq, dk, dv, lse, delta, grid, radius, scale,
-                                           complement, splits, o if complement else None):
+                                           complement, splits, o):
             launch()
-    dk, dv = (g.sum(0).to(t.dtype) if t.dim() == 3 else g for g, t in ((dk, k), (dv, v)))
+    dk, dv = (g.sum(0).to(t.dtype) if t.dim() == 3 and splits > 1 else g for g, t in ((dk, k), (dv, v)))
     for name, g, ref in zip(("out", "dq", "dk", "dv"), (o, dq, dk, dv), oracle):
         torch.testing.assert_close(g.double(), ref, rtol=2e-2, atol=2e-2, msg=f"{op} {name}")
 
@@ -162,7 +170,10 @@ def test_the_default_is_in_the_space_and_is_block_configs(dtype, dim, monkeypatc
         for launch in aot.typical_launches(op, dtype, dim, kind, *layout):
             cfg = wa.block_config("fwd" if kind == "forward" else kind, dim, dtype, aot.OPS[op])
             expected = wa.as_config(cfg)
-            if "FOLD" in launch.args:
+            if launch.name == "lca_dkdv":  # its query blocks hold FOLD batch elements
+                expected.kwargs["BLOCK_H"], expected.kwargs["BLOCK_W"] = wa.fold_tile(
+                    cfg["BLOCK_H"], cfg["BLOCK_W"], launch.args["FOLD"])
+            elif "FOLD" in launch.args:
                 expected.kwargs["TILE_H"], expected.kwargs["TILE_W"] = wa.fold_tile(
                     cfg["TILE_H"], cfg["TILE_W"], launch.args["FOLD"])
             if launch.name in ("mlka_dq", "mlka_dkdv"):  # the default carries its own register budget
@@ -221,12 +232,15 @@ def test_deterministic_mode_runs_the_default_alone(monkeypatch):
 def test_autotune_keys_hold_what_changes_the_best_config():
     """The batch and heads (with the grid: the programs launched), LCA's batch fold and dK/dV's batch
     splits are in the autotuning keys, beside the grid, window and head dim."""
-    for name in ("lca_fwd", "mlka_fwd", "dq", "dkdv", "mlka_dq", "mlka_dkdv"):
+    for name in ("lca_fwd", "mlka_fwd", "dq", "dkdv", "mlka_dq", "mlka_dkdv", "lca_dq", "lca_dkdv"):
         keys = set(tuning.KERNELS[name].kernel.keys)
         assert {"GRID_H", "GRID_W", "RY", "RX", "HEAD_DIM", "B", "H"} <= keys, name
     assert "FOLD" in tuning.KERNELS["lca_fwd"].kernel.keys and "SPLITS" in tuning.KERNELS["dkdv"].kernel.keys
     # MLKA's 16-bit dK/dV: its batch splits and the run of batch elements a program sums over
     assert {"SPLITS", "RUN"} <= set(tuning.KERNELS["mlka_dkdv"].kernel.keys)
+    # LCA's batch-folded backward: the fold, and for dK/dV the layout (which loop it runs)
+    assert "FOLD" in tuning.KERNELS["lca_dq"].kernel.keys
+    assert {"FOLD", "K_SHARED", "V_SHARED"} <= set(tuning.KERNELS["lca_dkdv"].kernel.keys)
 
 
 def _dq(radius, complement):

@@ -339,3 +339,188 @@ def test_triton_mlka_fast_loop_16bit(grid, window, k_shared, v_shared):
     got = _run("mlka", *low, grad.half(), grid, window, "triton")
     for name, g, o in zip(("out", "dq", "dk", "dv"), got, oracle):
         torch.testing.assert_close(g.double(), o, rtol=2e-2, atol=2e-2, msg=f"{grid} {name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# LCA's backward with the batch folded (issue 18 part 4): its dQ and dK/dV kernels
+# ------------------------------------------------------------------------------------------------
+
+class _LaunchSpy:
+    """Counts the launches of a backward: every Triton kernel launch (`Launch.__call__`, by name) and
+    every torch operation that computes (a dispatch spy; allocations and views launch nothing), the
+    torch work inside a Triton launch (the interpreter's copies) not counted."""
+    FREE = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "view", "_unsafe_view",
+            "reshape", "detach", "alias", "as_strided", "t", "transpose", "permute", "expand", "unsqueeze",
+            "squeeze", "select", "slice", "_reshape_alias", "lift_fresh")
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        from rlr_fast.kernels import window_attention as wa
+
+        self.kernels, self.torch_ops, inside = [], [], [False]
+        call = wa.Launch.__call__
+
+        def launch(launch_self):
+            self.kernels.append(launch_self.name)
+            inside[0] = True
+            try:
+                call(launch_self)
+            finally:
+                inside[0] = False
+
+        monkeypatch.setattr(wa.Launch, "__call__", launch)
+        spy = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+                if not inside[0] and func.overloadpacket.__name__ not in _LaunchSpy.FREE:
+                    spy.torch_ops.append(func.overloadpacket.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode
+
+    def backward(self, out, inputs, grad):
+        """The gradients of `out` with respect to `inputs`, the launches of the backward recorded."""
+        self.kernels.clear()
+        self.torch_ops.clear()
+        with self.mode():
+            return torch.autograd.grad(out, inputs, grad)
+
+    @property
+    def launches(self) -> int:
+        return len(self.kernels) + len(self.torch_ops)
+
+
+def _low(dtype, *tensors):
+    return [t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("batch", [3, 8])
+def test_triton_lca_16bit_backward_takes_at_most_three_launches(batch, monkeypatch):
+    """Issue 18 part 4: 16-bit LCA's backward in RLR's layout (k and v shared) is two Triton launches,
+    the dQ kernel computing delta = rowsum(dO * O) and the dK/dV kernel summing the shared gradients
+    over the batch inside its products: no torch glue. The 2D-tile path (RLR_FAST_LCA_BACKWARD=tiles)
+    takes more (delta's casts, product and sum, the splits' sums and casts): the spy counts them."""
+    from rlr_fast.kernels import window_attention as wa
+
+    spy = _LaunchSpy(monkeypatch)
+    grid = (9, 7)
+    q, k, v, grad = _inputs(batch, 2, grid, 16, True, True, torch.float32)
+    low = _low(torch.float16, q, k, v)
+    out = local_cross_attention(*low, grid, 5, backend="triton")
+    spy.backward(out, low, grad.half())
+    assert spy.kernels == ["lca_dq", "lca_dkdv"] and spy.torch_ops == []
+    assert spy.launches <= 3
+    monkeypatch.setattr(wa, "LCA_FUSED_BACKWARD", False)  # the 2D-tile kernels and their glue
+    out = local_cross_attention(*low, grid, 5, backend="triton")
+    spy.backward(out, low, grad.half())
+    assert spy.kernels[0] == "dq" and spy.launches > 3, (spy.kernels, spy.torch_ops)
+
+
+# (batch, grid, window, head dim, k shared, v shared): folds of 8 (B=8), 4 with a padding batch row
+# (B=3), 2 and 1 (B=1, a window larger than the grid); odd grids, square and non-square windows;
+# batched k and v (no fold: a program per key tile and batch element) and mixed layouts (a program
+# loops over the batch, summing the shared gradient)
+LCA_BACKWARD_CASES = [(8, (9, 6), (5, 3), 16, True, True), (3, (10, 9), 3, 32, True, True),
+                      (2, (5, 7), (1, 3), 64, True, True), (1, (4, 5), 9, 16, True, True),
+                      (2, (7, 5), 5, 16, False, False), (3, (6, 11), 3, 16, True, False),
+                      (2, (6, 5), (3, 5), 16, False, True), (2, (5, 6), 3, 128, True, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,grid,window,dim,k_shared,v_shared", LCA_BACKWARD_CASES)
+def test_triton_lca_folded_backward_matches_the_fp64_reference(batch, grid, window, dim, k_shared, v_shared,
+                                                               dtype, monkeypatch):
+    """16-bit LCA runs the batch-folded dQ and dK/dV kernels: each gradient's error against the fp64
+    reference at most twice that of the reference backend in the same dtype (+ slack)."""
+    spy = _LaunchSpy(monkeypatch)
+    q, k, v, grad = _inputs(batch, 2, grid, dim, k_shared, v_shared, torch.float64)
+    oracle = _run("lca", q, k, v, grad, grid, window, "reference")
+    ref = _run("lca", *_low(dtype, q, k, v), grad.to(dtype), grid, window, "reference")
+    low = _low(dtype, q, k, v)
+    out = local_cross_attention(*low, grid, window, backend="triton")
+    got = (out, *spy.backward(out, low, grad.to(dtype)))
+    assert spy.kernels == ["lca_dq", "lca_dkdv"]
+    for name, o, r, g in zip(("out", "dq", "dk", "dv"), oracle, ref, got):
+        assert g.dtype == dtype and g.shape == o.shape
+        ref_err, got_err = (r.double() - o).abs().max().item(), (g.double() - o).abs().max().item()
+        assert got_err <= 2 * ref_err + 1e-2, f"{name}: {got_err} vs {ref_err}"
+
+
+@pytest.mark.parametrize("batch,grid,window,dim,k_shared,v_shared", LCA_BACKWARD_CASES)
+def test_triton_lca_folded_backward_kernels_in_fp32(batch, grid, window, dim, k_shared, v_shared, monkeypatch):
+    """The batch-folded kernels launched directly on fp32 tensors (fp32 LCA keeps the 2D-tile kernels:
+    this checks the kernels' arithmetic without 16-bit rounding), folded as 16-bit LCA would be:
+    dQ, dK, dV against the fp64 reference (the interpreter multiplies in fp32; a GPU in TF32)."""
+    from rlr_fast.kernels import window_attention as wa
+
+    q, k, v, grad = _inputs(batch, 2, grid, dim, k_shared, v_shared, torch.float64)
+    oracle = _run("lca", q, k, v, grad, grid, window, "reference")
+    fold = wa.lca_fold
+    monkeypatch.setattr(wa, "lca_fold", lambda b, k_, v_: fold(b, k_.half(), v_.half()))
+    q32, k32, v32, g32 = (t.detach().float() for t in (q, k, v, grad))
+    b, h, length, d = q32.shape
+    radius, scale = (window // 2, window // 2) if isinstance(window, int) else (window[0] // 2, window[1] // 2), d ** -0.5
+    o = torch.empty_like(q32)
+    lse = torch.empty(b * h * length, device=q32.device)
+    wa.forward_launch(q32, k32, v32, o, lse, grid, radius, scale, False)()
+    dq, delta = torch.full_like(q32, float("nan")), torch.full_like(lse, float("nan"))
+    dk, dv = (t.fill_(float("nan")) for t in wa.kv_gradient_buffers(k32, v32, 1))
+    launches = wa._lca_backward_launches(q32, k32, v32, g32, dq, dk, dv, lse, delta, grid, radius, scale, o)
+    assert [launch.name for launch in launches] == ["lca_dq", "lca_dkdv"]
+    assert launches[0].args["FOLD"] == fold(b, k32.half(), v32.half())
+    for launch in launches:
+        launch()
+    torch.testing.assert_close(delta.double(), (oracle[0] * grad).sum(-1).reshape(-1), rtol=1e-4, atol=1e-4)
+    tol = 1e-4 if os.environ.get("TRITON_INTERPRET") == "1" else 5e-3
+    for name, g, o_ in zip(("dq", "dk", "dv"), (dq, dk, dv), oracle[1:]):
+        torch.testing.assert_close(g.double(), o_, rtol=tol, atol=tol, msg=name)
+
+
+def test_triton_lca_16bit_backward_is_deterministic():
+    """The batch-folded backward (no atomics, a shared k/v summed over the batch in a fixed order
+    inside one program) gives bitwise equal gradients run after run; B=5 pads a fold of 8."""
+    q, k, v, grad = (t.detach().half() for t in _inputs(5, 1, (9, 8), 16, True, True, torch.float32))
+    runs = [_run("lca", *(t.clone().requires_grad_() for t in (q, k, v)), grad, (9, 8), 3, "triton")
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+_LCA_TILES_BACKWARD = """
+import torch
+from rlr_fast import local_cross_attention
+from rlr_fast.kernels import window_attention as wa
+q = torch.empty(2, 1, 64, 16, device="meta", dtype=torch.float16)
+lse = torch.empty(128, device="meta")
+print(",".join(l.name for l in wa.backward_launches(q, q[0], q[0], q, q, q[0], q[0], lse, lse, (8, 8), (1, 1), 1.0,
+                                                    False)))
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(2, 1, 72, 16, generator=g) for _ in range(3))
+grads = []
+for backend in ("triton", "reference"):
+    t = [x.to(torch.float16 if backend == "triton" else torch.float64).requires_grad_() for x in (q, k[0], v[0])]
+    out = local_cross_attention(*t, (9, 8), 3, backend=backend)
+    grads.append(torch.autograd.grad(out, t, torch.ones_like(out)))
+for a, b in zip(*grads):
+    torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("mode,names", [("tiles", "dq,dkdv"), ("fold", "lca_dq,lca_dkdv")])
+def test_triton_lca_backward_switch_through_the_environment(mode, names):
+    """RLR_FAST_LCA_BACKWARD=tiles (read at import) keeps 16-bit LCA on the 2D-tile dQ and dK/dV
+    kernels (the numerics before issue 18 part 4); the default runs the batch-folded ones; both
+    match the fp64 reference."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RLR_FAST_LCA_BACKWARD": mode}
+    if DEVICE == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, "-c", _LCA_TILES_BACKWARD], capture_output=True, text=True, env=env,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [names, "ok"]
