@@ -23,6 +23,7 @@ independent); the interval with the (class, draw) pair as the unit is kept in th
     python benchmarks/resad_generalization.py --out results/resad_gen [--classes brick,grass,...]
         [--shots 4,2,1] [--draws 0,1,2] [--image-size 128] [--epochs N] [--variants]
         [--backbone-weights random]
+    python benchmarks/resad_generalization.py --out results/resad_gen --report   # tables of what is recorded
 
 Writes OUT/resad_generalization.json (rewritten atomically after every (class, K, draw): the
 settings, per fold the training record with each epoch's loss terms, per (class, K, draw) the
@@ -143,6 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbone-weights", default="default", help="'default', 'random' (a quick check) or a file")
     p.add_argument("--variants", action="store_true",
                    help="also score each trained model without test-time matching and without the reference calibration")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: rewrite the summary and the table from what OUT's JSON has recorded")
     args = p.parse_args(argv)
     args.classes, args.test_defects, args.train_defects = (_csv(args.classes), _csv(args.test_defects),
                                                            _csv(args.train_defects))
@@ -270,13 +273,18 @@ def systems_of(results: dict) -> List[str]:
 
 
 def summary(results: dict) -> dict:
-    """Per K: the classes with every recorded draw of it, each system's mean over those classes
-    (of its means over draws), and each ResAD system's paired difference to kNN (both units)."""
+    """Per K: the classes with as many draws recorded as the most of any class (a class a
+    stopped run left with fewer is listed under ``incomplete`` and left out), each system's mean
+    over those classes (of its means over draws), and each ResAD system's paired difference to
+    kNN over their (class, draw) pairs (both resample units)."""
     out = {}
     runs = list(results["runs"].values())
     for shots in sorted({r["shots"] for r in runs}, reverse=True):
         rs = [r for r in runs if r["shots"] == shots]
-        classes = [c for c in results["settings"]["data"]["classes"] if any(r["unseen"] == c for r in rs)]
+        n = {c: sum(r["unseen"] == c for r in rs) for c in results["settings"]["data"]["classes"]}
+        classes = [c for c, k in n.items() if k and k == max(n.values())]
+        incomplete = [c for c, k in n.items() if k and c not in classes]
+        rs = [r for r in rs if r["unseen"] in classes]
         by = {}
         for s in systems_of(results):
             by[s] = {m: float(np.mean([np.mean([r[s][m] for r in rs if r["unseen"] == c]) for c in classes]))
@@ -289,8 +297,8 @@ def summary(results: dict) -> dict:
         per_class = {c: {s: {m: float(np.mean([r[s][m] for r in rs if r["unseen"] == c])) for m in METRICS}
                          for s in systems_of(results)} for c in classes}
         draws = {c: sorted(r["draw"] for r in rs if r["unseen"] == c) for c in classes}
-        out[str(shots)] = {"classes": classes, "draws": draws, "mean": by, "difference_to_knn": diffs,
-                           "per_class": per_class}
+        out[str(shots)] = {"classes": classes, "draws": draws, "incomplete": incomplete, "mean": by,
+                           "difference_to_knn": diffs, "per_class": per_class}
     return out
 
 
@@ -310,7 +318,8 @@ def tables(results: dict) -> str:
         systems = list(k["mean"])
         n_draws = sorted({len(d) for d in k["draws"].values()})
         lines += [f"K = {shots}: {len(k['classes'])} unseen classes ({', '.join(k['classes'])}), "
-                  f"{'/'.join(map(str, n_draws))} reference draws each", "",
+                  f"{'/'.join(map(str, n_draws))} reference draws each"
+                  + (f"; left out, draws incomplete: {', '.join(k['incomplete'])}" if k["incomplete"] else ""), "",
                   "| system | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " | "
                   + " | ".join(f"{METRIC_NAMES[m]} - kNN [95% CI]" for m in METRICS) + " |",
                   "|---|" + "---|" * (2 * len(METRICS))]
@@ -337,6 +346,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / RESULTS
+    if args.report:
+        if not path.is_file():
+            print(f"resad generalization: error: {path} does not exist", file=sys.stderr)
+            return 2
+        return report(json.loads(path.read_text()), args.out)
     try:
         results = _load(path, settings(args))
         data = build_benchmark_dataset(args.out / "data", classes=args.classes, image_size=args.image_size,
@@ -361,10 +375,15 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"resad generalization: error: {e}", file=sys.stderr)
         return 2
+    return report(results, args.out)
+
+
+def report(results: dict, out: Path) -> int:
+    """Write the summary into OUT's JSON and the markdown table next to it; print the table."""
     results["summary"] = summary(results) if results["runs"] else {}
-    atomic_write_json(path, results)
+    atomic_write_json(out / RESULTS, results)
     text = tables(results)
-    atomic_write_text(args.out / TABLE, text + "\n")
+    atomic_write_text(out / TABLE, text + "\n")
     print(text)
     return 0
 

@@ -149,6 +149,15 @@ def test_tiny_run_records_keeps_test_kinds_out_and_resumes(bench, tmp_path, caps
     assert bench.main(["--out", str(out), *TINY]) == 2
     assert "other settings" in capsys.readouterr().err
 
+    # a stopped run's last class with fewer draws is left out of the summary and named
+    del results["runs"]["coins/K2/draw1"]
+    (out / bench.RESULTS).write_text(json.dumps(results))
+    assert bench.main(["--out", str(out), "--report"]) == 0
+    k2 = json.loads((out / bench.RESULTS).read_text())["summary"]["2"]
+    assert k2["classes"] == ["brick"] and k2["incomplete"] == ["coins"]
+    assert k2["difference_to_knn"]["resad"]["image_auroc"]["class"]["pairs"] == 2
+    assert "left out, draws incomplete: coins" in (out / bench.TABLE).read_text()
+
 
 def test_bad_arguments(bench, tmp_path):
     with pytest.raises(SystemExit):
