@@ -15,8 +15,8 @@ tested at every K. ``--variants`` also scores each model without test-time match
 (``match_alpha`` 0) and without the reference calibration (``calibrate`` False).
 
 Per (class, K, draw): image AUROC, pixel AUROC, pixel AUPRO of each system. Per K and system:
-the mean over classes, and the paired difference system minus kNN over the (class, draw) pairs
-with a percentile bootstrap 95% interval whose resample unit is the class (a class's draws are
+the mean over classes, and the paired difference system minus kNN over the (class, draw) pairs (and, with ``--variants``,
+ResAD minus each variant) with a percentile bootstrap 95% interval whose resample unit is the class (a class's draws are
 resampled together: they share the class's test images and the trained model, so they are not
 independent); the interval with the (class, draw) pair as the unit is kept in the JSON too.
 
@@ -294,11 +294,15 @@ def summary(results: dict) -> dict:
             diffs[s] = {m: {unit: paired_difference([r[s][m] for r in rs], [r["knn"][m] for r in rs],
                                                     [r["unseen"] for r in rs], unit=unit)
                             for unit in ("class", "pair")} for m in METRICS}
+        # the default ResAD minus each variant: what test-time matching and the calibration add
+        variants = {s: {m: {unit: paired_difference([r["resad"][m] for r in rs], [r[s][m] for r in rs],
+                                                    [r["unseen"] for r in rs], unit=unit)
+                            for unit in ("class", "pair")} for m in METRICS} for s in systems_of(results)[2:]}
         per_class = {c: {s: {m: float(np.mean([r[s][m] for r in rs if r["unseen"] == c])) for m in METRICS}
                          for s in systems_of(results)} for c in classes}
         draws = {c: sorted(r["draw"] for r in rs if r["unseen"] == c) for c in classes}
         out[str(shots)] = {"classes": classes, "draws": draws, "incomplete": incomplete, "mean": by,
-                           "difference_to_knn": diffs, "per_class": per_class}
+                           "difference_to_knn": diffs, "resad_minus_variant": variants, "per_class": per_class}
     return out
 
 
@@ -332,6 +336,10 @@ def tables(results: dict) -> str:
                     d = k["difference_to_knn"][sys_name][m]["class"]
                     cells.append(f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]")
             lines.append(f"| {sys_name} | " + " | ".join(cells) + " |")
+        for sys_name, d in k["resad_minus_variant"].items():
+            lines.append(f"| resad - {sys_name} |" + " |" * len(METRICS) + " " + " | ".join(
+                f"{d[m]['class']['mean']:+.3f} [{d[m]['class']['lo']:+.3f}, {d[m]['class']['hi']:+.3f}]"
+                for m in METRICS) + " |")
         lines += ["", f"K = {shots}, per unseen class (mean over draws): " + ", ".join(
             f"{sys_name}" for sys_name in systems) + " each image AUROC / pixel AUROC / AUPRO", "",
                   "| unseen class | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]

@@ -134,6 +134,9 @@ def test_tiny_run_records_keeps_test_kinds_out_and_resumes(bench, tmp_path, caps
     want = bench.paired_difference([r["resad"]["pixel_auroc"] for r in runs], [r["knn"]["pixel_auroc"] for r in runs],
                                    [r["unseen"] for r in runs])
     assert results["summary"]["2"]["difference_to_knn"]["resad"]["pixel_auroc"]["class"] == want
+    want = bench.paired_difference([r["resad"]["pixel_aupro"] for r in runs],
+                                   [r["resad_nomatch"]["pixel_aupro"] for r in runs], [r["unseen"] for r in runs])
+    assert results["summary"]["2"]["resad_minus_variant"]["resad_nomatch"]["pixel_aupro"]["class"] == want
     text = (out / bench.TABLE).read_text()
     assert "K = 2: 2 unseen classes" in text and "resad_nomatch" in text
     assert str(tmp_path) not in (out / bench.RESULTS).read_text()  # no machine paths in the record
