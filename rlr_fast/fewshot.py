@@ -63,12 +63,13 @@ _STD = np.asarray(IMAGENET_STD, dtype=np.float32)
 class SyntheticDefects(Dataset):
     """Normal images, each with one synthetic defect (``rlr_fast.demo_data.add_defect``) and its
     mask. The same (paths, seed) always give the same images. ``others``: images of other
-    classes that a 'cut' defect pastes from (the item's own image, rotated, when empty).
-    ``kinds``: the defect kinds to draw from (None: all of the generator's)."""
+    classes that 'cut', 'perlin' and 'foreign' defects paste from (the item's own image, rotated,
+    when empty). ``kinds``: the defect kinds to draw from, any of the benchmark generator's
+    (``rlr_fast.demo_data.BENCHMARK_DEFECTS``; None: the demo's four)."""
 
     def __init__(self, paths: Sequence[Path], image_size: int, others: Sequence[Path] = (), seed: int = 0,
                  kinds: Optional[Sequence[str]] = None):
-        from .demo_data import DEFECTS
+        from .demo_data import BENCHMARK_DEFECTS as DEFECTS
 
         self.paths, self.image_size, self.seed = list(paths), image_size, seed
         self.others = list(others)
@@ -167,12 +168,15 @@ class ReferencePoolCache:
 def residual_cache(model, root, classes=None, shots: Optional[int] = None, shot_seed: Optional[int] = None,
                    anomalies: bool = True, device="cpu", progress: bool = True, log=print, redraw: bool = True,
                    defect_kinds: Optional[Sequence[str]] = None, defect_copies: int = 1,
-                   layout=None) -> ReferencePoolCache:
+                   defect_share: Optional[float] = None, layout=None) -> ReferencePoolCache:
     """ResAD's training set over the seen classes of ``root`` (any layout of
     :mod:`rlr_fast.layouts`, detected when ``layout`` is None; their normal training images)
     (:class:`ReferencePoolCache`): per class, the backbone features of its normal training images
     (the pool) and, with ``anomalies``, of ``defect_copies`` copies of each with a synthetic defect
-    of ``defect_kinds`` (None: every kind of ``rlr_fast.demo_data.add_defect``), with masks.
+    of ``defect_kinds`` (any of ``rlr_fast.demo_data.BENCHMARK_DEFECTS``; None: the demo's four
+    kinds of ``rlr_fast.demo_data.add_defect``), with masks. ``defect_share`` (in (0, 1), instead
+    of ``defect_copies``): that share of each class's training items is defective, the copies
+    made of its normal images in order, cycling (0.25: a defective copy of every third image).
 
     ``redraw`` (default): K references are drawn anew for every batch from the class's pool,
     other than the batch's own images. ``redraw=False``: K fixed references per class (the first K
@@ -186,6 +190,8 @@ def residual_cache(model, root, classes=None, shots: Optional[int] = None, shot_
                         f"{root} has none")
     if defect_copies < 1:
         raise UsageError(f"defect_copies must be at least 1, got {defect_copies}")
+    if defect_share is not None and not 0 < defect_share < 1:
+        raise UsageError(f"defect_share must be in (0, 1), got {defect_share}")
     reader = resolve_layout(root, layout)
     classes = MVTecDataset(root, classes=classes, split="train", image_size=model.image_size, layout=reader).classes
     backbone, size = _Backbone(model), model.image_size
@@ -225,15 +231,20 @@ def residual_cache(model, root, classes=None, shots: Optional[int] = None, shot_
         items.append(pool_rows[at]), item_class.append(torch.full((len(at),), ci)), item_source.append(at)
         if anomalies:
             others = [sorted(reader.train(c))[0] for c in classes if c != cls]
-            defective = SyntheticDefects([pool_paths[i] for i in train_at] * defect_copies, size, others, seed=ci,
+            if defect_share is None:
+                sources = at.repeat(defect_copies)
+            else:  # n_defective / (n_normal + n_defective) = share
+                n_defective = max(1, round(len(at) * defect_share / (1 - defect_share)))
+                sources = at[torch.arange(n_defective) % len(at)]
+            defective = SyntheticDefects([pool_paths[i] for i in sources.tolist()], size, others, seed=ci,
                                          kinds=defect_kinds)
             rows = add(extract_features(backbone, defective, device=device, progress=progress,
                                         desc=f"defects {cls}", with_masks=True), True)
             items.append(rows), item_class.append(torch.full((len(rows),), ci))
-            item_source.append(at.repeat(defect_copies))
+            item_source.append(sources)
         log(f"{cls}: {len(pool_paths)} normal images, "
             + (f"{shots} references redrawn per batch" if redraw else f"{shots} fixed references, {len(train_at)} to train on")
-            + (f", {len(train_at) * defect_copies} with a synthetic defect" if anomalies else ""))
+            + (f", {len(rows)} with a synthetic defect" if anomalies else ""))
     levels = [torch.cat([f[i] for f in feats]) for i in range(len(feats[0]))]
     return ReferencePoolCache(model, levels, torch.cat(masks), torch.cat(items), torch.cat(item_class),
                               torch.cat(item_source), pools, shots, fixed if not redraw else None, seconds)
