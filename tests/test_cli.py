@@ -161,3 +161,21 @@ def test_resume_of_a_finished_run_fits_its_score_when_it_stopped_before(data, tm
         torch.testing.assert_close(a.precision, b.precision)
     assert main(["train", *common, "--resume"]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_anomaly_map_option_is_kept_by_the_run_and_refused_for_other_models(data, tmp_path, capsys):
+    from rlr_fast.training import load_model
+
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--out", str(run), "--image-size", "64", "--backbone-weights", "random",
+              "--batch-size", "4", "--epochs", "1", "--no-progress"]
+    assert main(["train", *common, "--anomaly-map", "all"]) == 0
+    assert load_model(run, thresholds=False).config.anomaly_map == "all"
+    capsys.readouterr()
+    assert main(["train", *common, "--epochs", "2", "--resume", "--anomaly-map", "finest"]) == 2
+    assert "--anomaly-map finest conflicts with the run being resumed" in capsys.readouterr().err
+    assert main(["train", *common[:-3], "--force", "--model", "patchcore", "--anomaly-map", "all",
+                 "--no-progress"]) == 2
+    assert "--anomaly-map is an option of the rlr model, not of patchcore" in capsys.readouterr().err
+    assert main(["train", *common, "--force", "--recipe", "paper", "--epochs", "1"]) == 0
+    assert load_model(run, thresholds=False).config.anomaly_map == "all"  # the paper's, with its network

@@ -227,7 +227,7 @@ def test_the_whitened_score_is_the_mahalanobis_distance_of_the_residual():
         s = np.einsum("blc,cd,bld->bl", d, precision, d) / d.shape[-1]
         maps.append(torch.nn.functional.interpolate(torch.from_numpy(s).view(-1, 1, *grid), size=(64, 64),
                                                     mode="bilinear", align_corners=True))
-    torch.testing.assert_close(got.double(), sum(maps) / len(maps), rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(got.double(), maps[0], rtol=2e-3, atol=1e-4)  # the finest level's map, the default
     # on the tokens it was fitted on, the distance per channel averages about 1
     assert 0.8 < float(sum(m.mean() for m in maps) / len(maps)) < 1.1
     # before fit_score, the paper's score; score="paper" is the paper's whatever the statistics
@@ -240,3 +240,33 @@ def test_the_whitened_score_is_the_mahalanobis_distance_of_the_residual():
 def test_an_unknown_score_is_refused():
     with pytest.raises(UsageError, match="unknown score 'maxabs'"):
         RLRModel(**TINY, score="maxabs")
+
+
+@pytest.mark.parametrize("anomaly_map", ["finest", "all"])
+def test_the_pixel_map_is_the_finest_levels_or_the_mean_and_the_score_the_papers(anomaly_map):
+    torch.manual_seed(0)
+    model = RLRModel(**TINY, anomaly_map=anomaly_map).eval()
+    feats = model.features(torch.randn(3, 3, 64, 64))
+    with torch.no_grad():
+        out = model.predict_features(feats)
+        pairs = [(t.double().numpy(), r.double().numpy()) for t, r in model.reconstruct(feats)]
+    maps = []  # per level: MSE over channels + 1 - cosine, bilinear to the input (corners aligned)
+    for (target, recon), grid in zip(pairs, model.grids):
+        cos = (target * recon).sum(-1) / (np.linalg.norm(target, axis=-1) * np.linalg.norm(recon, axis=-1))
+        s = ((target - recon) ** 2).mean(-1) + 1 - cos
+        maps.append(torch.nn.functional.interpolate(torch.from_numpy(s).view(-1, 1, *grid), size=(64, 64),
+                                                    mode="bilinear", align_corners=True)[:, 0].numpy())
+    mean = sum(maps) / len(maps)
+    expected = maps[0] if anomaly_map == "finest" else mean
+    np.testing.assert_allclose(out.anomaly_map[:, 0].double().numpy(), expected, rtol=1e-4, atol=1e-5)
+    # the image score is the paper's whatever the map: the maximum of the blurred mean of the levels
+    score = [ndimage.gaussian_filter(m, 4.0).max() for m in mean]
+    np.testing.assert_allclose(out.score.double().numpy(), score, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(maps[0], mean, atol=1e-3)  # the two choices differ on these inputs
+
+
+def test_an_unknown_anomaly_map_is_refused_and_the_paper_network_averages_the_levels():
+    with pytest.raises(UsageError, match="unknown anomaly_map 'coarsest'; choose one of finest, all"):
+        RLRModel(**TINY, anomaly_map="coarsest")
+    assert RLRModel(**TINY).config.anomaly_map == "finest"
+    assert PAPER_NETWORK["anomaly_map"] == "all" and RLRModel.legacy_config["anomaly_map"] == "all"

@@ -23,6 +23,7 @@ RUN_SETTINGS = (("--model", "run", "model"), ("--image-size", "config", "image_s
                 ("--batch-size", "train", "batch_size"), ("--lr", "train", "lr"), ("--amp", "train", "amp"),
                 ("--seed", "train", "seed"), ("--val-fraction", "train", "val_fraction"),
                 ("--feature-norm", "config", "feature_norm"), ("--score", "config", "score"),
+                ("--anomaly-map", "config", "anomaly_map"),
                 ("--shots", "config", "shots"), ("--residual", "config", "residual"),
                 ("--coreset-ratio", "config", "coreset_ratio"))
 # Options of the gradient training, which a training-free model (PatchCore) does not run.
@@ -67,6 +68,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score", choices=("paper", "whitened"),
                    help="RLR: the anomaly score (default: paper, MSE + (1 - cos) of the reconstruction; whitened: "
                         "the residual's Mahalanobis distance under the training residuals, fitted after training)")
+    p.add_argument("--anomaly-map", choices=("finest", "all"),
+                   help="RLR: the pixel map (default: finest, the stride-8 level's map; all: the mean of the levels' "
+                        "maps, as the paper; with --recipe paper: all). The image score is the paper's either way")
     p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"),
                    help="mixed precision (default: the recipe's; auto: bf16 where the device computes it natively)")
     p.add_argument("--device", type=options.device, default=options.default_device())
@@ -252,6 +256,10 @@ def _settings(args, state):
         if name != "rlr":
             raise UsageError(f"--score is an option of the rlr model, not of {name}")
         model_cfg["score"] = args.score
+    if args.anomaly_map is not None:
+        if name != "rlr":
+            raise UsageError(f"--anomaly-map is an option of the rlr model, not of {name}")
+        model_cfg["anomaly_map"] = args.anomaly_map
     if name == "patchcore" and args.coreset_ratio is not None:
         model_cfg["coreset_ratio"] = args.coreset_ratio
     # the recipe a model's --recipe names: UniAD and ResAD have their own papers' schedules
