@@ -6,8 +6,9 @@ average blurred (sigma 4). This script tests one trained run once and derives se
 and image scores from the same per-level maps, so that they are compared on the same model:
 
 - pixel maps: ``all`` (the mean of the levels, the paper's) and ``finest`` (the stride-8 level's alone);
-- image scores: ``max-all`` (the paper's), ``max-finest`` (the same on the finest map) and
-  ``top-all`` / ``top-finest`` (the mean of the top 1% of the blurred map's pixels instead of its maximum).
+  and ``norm`` (the mean of the levels' maps, each divided by its mean over the run's training images);
+- image scores: ``max-MAP`` (the maximum of the blurred map; ``max-all`` is the paper's) and ``top-MAP``
+  (the mean of the top 1% of the blurred map's pixels instead of its maximum).
 
     python benchmarks/map_levels.py --run RUN --data DATA --json OUT.json
 
@@ -32,8 +33,8 @@ from rlr_fast.metrics import image_auroc, pixel_aupro, pixel_auroc
 from rlr_fast.models.layers import gaussian_blur
 from rlr_fast.training import load_model
 
-MAPS = ("all", "finest")
-SCORES = ("max-all", "max-finest", "top-all", "top-finest")
+MAPS = ("all", "finest", "norm")
+SCORES = tuple(f"{kind}-{m}" for kind in ("max", "top") for m in MAPS)
 TOP_SHARE = 0.01  # the share of a blurred map's pixels the "top" scores average
 
 
@@ -62,13 +63,20 @@ def measure(run: Path, data: Path, batch_size: int = 8) -> dict:
     model = load_model(run, thresholds=False)
     if getattr(model.config, "score", "paper") != "paper":
         raise SystemExit(f"{run}: this script derives the paper's score; the run uses score={model.config.score!r}")
+    # each level's mean error over the training images (normal only: no test image is looked at)
+    train = MVTecDataset(data, split="train", image_size=model.image_size)
+    level_mean = 0
+    for batch in torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=False):
+        level_mean = level_mean + torch.stack([m.mean(dim=(1, 2, 3)).sum() for m in level_maps(model, batch["image"])])
+    level_mean = level_mean / len(train)
     dataset = MVTecDataset(data, split="test", image_size=model.image_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     per = defaultdict(lambda: {"labels": [], "masks": {m: [] for m in MAPS}, "scores": defaultdict(list),
                                "maps": {m: [] for m in MAPS}})
     for batch in loader:
-        finest, *coarser = level_maps(model, batch["image"])
-        pixel_maps = {"all": torch.stack([finest, *coarser]).mean(0), "finest": finest}
+        levels = level_maps(model, batch["image"])
+        pixel_maps = {"all": torch.stack(levels).mean(0), "finest": levels[0],
+                      "norm": torch.stack([m / mu for m, mu in zip(levels, level_mean)]).mean(0)}
         scores = image_scores(pixel_maps, model.config.score_sigma)
         for i, cls in enumerate(batch["cls"]):
             rec = per[cls]
@@ -88,7 +96,7 @@ def measure(run: Path, data: Path, batch_size: int = 8) -> dict:
             row[f"pixel_aupro/{m}"] = pixel_aupro(masks, maps)
         classes[cls] = row
     mean = {k: float(np.mean([row[k] for row in classes.values()])) for k in next(iter(classes.values()))}
-    return {"run": run.name, "classes": classes, "mean": mean}
+    return {"run": run.name, "level_train_mean": level_mean.tolist(), "classes": classes, "mean": mean}
 
 
 def main(argv=None) -> int:

@@ -179,3 +179,22 @@ def test_anomaly_map_option_is_kept_by_the_run_and_refused_for_other_models(data
     assert "--anomaly-map is an option of the rlr model, not of patchcore" in capsys.readouterr().err
     assert main(["train", *common, "--force", "--recipe", "paper", "--epochs", "1"]) == 0
     assert load_model(run, thresholds=False).config.anomaly_map == "all"  # the paper's, with its network
+
+
+def test_resume_reads_the_runs_classes_in_their_order_and_refuses_other_classes(data, tmp_path, capsys):
+    import torch
+
+    from rlr_fast.training import CHECKPOINT
+
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--out", str(run), "--image-size", "64", "--backbone-weights", "random",
+              "--batch-size", "4", "--no-progress"]
+    # the classes in another order than the data folder's sorted listing (brick, gravel)
+    assert main(["train", *common, "--classes", "gravel,brick", "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", *common, "--epochs", "2", "--resume"]) == 0  # no --classes: the run's own
+    assert torch.load(run / CHECKPOINT, weights_only=True)["epoch"] == 2
+    capsys.readouterr()
+    assert main(["train", *common, "--epochs", "3", "--resume", "--classes", "brick"]) == 2
+    assert ("the run being resumed in" in (err := capsys.readouterr().err) and "trains on gravel,brick, but "
+            "--data/--classes now give brick" in err)

@@ -270,3 +270,48 @@ def test_an_unknown_anomaly_map_is_refused_and_the_paper_network_averages_the_le
         RLRModel(**TINY, anomaly_map="coarsest")
     assert RLRModel(**TINY).config.anomaly_map == "finest"
     assert PAPER_NETWORK["anomaly_map"] == "all" and RLRModel.legacy_config["anomaly_map"] == "all"
+
+
+def test_the_balanced_score_divides_each_level_by_its_mean_training_error():
+    from rlr_fast.features import FeatureCache
+
+    torch.manual_seed(0)
+    model = RLRModel(**TINY, score="balanced").eval()
+    train = model.features(torch.randn(20, 3, 64, 64))
+    test = model.features(torch.randn(3, 3, 64, 64))
+    with torch.no_grad():
+        unfitted = model.predict_features(test)
+    assert not model.balanced() and not model.score_fitted()
+    model.fit_score(FeatureCache(train))
+    assert model.balanced() and model.score_fitted()
+
+    def level_scores(feats):  # per level, the paper's token score in float64 numpy, (B, L)
+        with torch.no_grad():
+            pairs = [(t.double().numpy(), r.double().numpy()) for t, r in model.reconstruct(feats)]
+        out = []
+        for target, recon in pairs:
+            cos = (target * recon).sum(-1) / (np.linalg.norm(target, axis=-1) * np.linalg.norm(recon, axis=-1))
+            out.append(((target - recon) ** 2).mean(-1) + 1 - cos)
+        return out
+
+    means = [s.mean() for s in level_scores(train)]  # over every token of every training image
+    np.testing.assert_allclose(model.balance.mean_error.numpy(), means, rtol=1e-4)
+    maps = [torch.nn.functional.interpolate(torch.from_numpy(s / m).view(-1, 1, *grid), size=(64, 64),
+                                            mode="bilinear", align_corners=True)[:, 0].numpy()
+            for s, m, grid in zip(level_scores(test), means, model.grids)]
+    with torch.no_grad():
+        out = model.predict_features(test)
+    np.testing.assert_allclose(out.anomaly_map[:, 0].double().numpy(), maps[0], rtol=1e-4, atol=1e-5)
+    score = [ndimage.gaussian_filter(m, 4.0).max() for m in sum(maps) / len(maps)]
+    np.testing.assert_allclose(out.score.double().numpy(), score, rtol=1e-4, atol=1e-5)
+    # before fit_score, the paper's score; the fitted divisors survive a state_dict round trip
+    torch.manual_seed(0)
+    paper = RLRModel(**TINY, score="paper").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(paper.predict_features(test).score, unfitted.score)
+    torch.manual_seed(1)
+    again = RLRModel(**TINY, score="balanced").eval()
+    again.load_state_dict(model.state_dict())
+    assert again.balanced()
+    with pytest.raises(ValueError, match="must be finite and positive"):
+        again.balance.set_mean_error(torch.tensor([1.0, float("nan")]))

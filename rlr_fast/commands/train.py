@@ -65,9 +65,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-norm", choices=("channel", "none"),
                    help="RLR: standardise each level's features per channel for the network (default: channel; "
                         "with --recipe paper: none, as the paper's code)")
-    p.add_argument("--score", choices=("paper", "whitened"),
-                   help="RLR: the anomaly score (default: paper, MSE + (1 - cos) of the reconstruction; whitened: "
-                        "the residual's Mahalanobis distance under the training residuals, fitted after training)")
+    p.add_argument("--score", choices=("paper", "balanced", "whitened"),
+                   help="RLR: the anomaly score (default: paper, MSE + (1 - cos) of the reconstruction; balanced: "
+                        "the same divided per level by its mean on the training images; whitened: the residual's "
+                        "Mahalanobis distance under the training residuals; both fitted after training)")
     p.add_argument("--anomaly-map", choices=("finest", "all"),
                    help="RLR: the pixel map (default: finest, the stride-8 level's map; all: the mean of the levels' "
                         "maps, as the paper; with --recipe paper: all). The image score is the paper's either way")
@@ -284,7 +285,13 @@ def run(args) -> int:
         _check_resume(args, state)
     name, model_cfg, cfg, recipe_name = _settings(args, state)
     options.check_backend(model_cfg.get("backend", "auto"), args.device)
-    dataset = training_set(args.data, args.classes, model_cfg.get("image_size") or default_image_size(name),
+    requested = args.classes
+    trained = ((state or {}).get("extra") or {}).get("classes")
+    if requested is None and trained is not None:
+        # a resumed run reads its own classes in its own order (the order the batches were drawn from),
+        # so the data folder's sorted listing of the same classes does not count as a change
+        requested = ",".join(trained)
+    dataset = training_set(args.data, requested, model_cfg.get("image_size") or default_image_size(name),
                            args.layout)
     classes = getattr(dataset, "classes", None)
     if state is not None:

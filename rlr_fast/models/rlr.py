@@ -78,11 +78,13 @@ class RLRConfig:
     # features' mean and std, and its reconstruction is mapped back (see ReconstructionNetwork);
     # "none": raw tokens, as the paper's code. Loss and score are the paper's either way.
     feature_norm: str = "channel"
-    # "paper": MSE + (1 - cos) per level, as the paper; "whitened": per level, the squared
+    # "paper": MSE + (1 - cos) per level, as the paper; "balanced": the same divided, per level,
+    # by its mean over the training tokens (fitted after training by fit_score; see LevelBalance),
+    # so that each level weighs alike in the image score; "whitened": per level, the squared
     # Mahalanobis distance of the residual F - F^ under the mean and covariance of the residuals
-    # of the training tokens (fitted after training by fit_score; see WhitenedResidual), divided
-    # by the channels. Both average the levels' maps. Before fit_score, "whitened" scores as
-    # "paper".
+    # of the training tokens (fitted likewise; see WhitenedResidual), divided by the channels.
+    # All average the levels' maps for the image score. Before fit_score, "balanced" and
+    # "whitened" score as "paper".
     score: str = "paper"
     # The pixel map: "finest", the finest level's map alone (stride 8 with the default backbone);
     # "all", the mean of the levels' maps, as the paper. The image score is the paper's either way,
@@ -94,7 +96,7 @@ class RLRConfig:
 
 # The network of the paper and its code, where the defaults above differ from it.
 PAPER_NETWORK = {"num_layers": 4, "dim_base": 128, "feature_norm": "none", "anomaly_map": "all"}
-SCORES = ("whitened", "paper")
+SCORES = ("balanced", "whitened", "paper")
 ANOMALY_MAPS = ("finest", "all")
 
 
@@ -131,6 +133,39 @@ class WhitenedResidual(nn.Module):
     def forward(self, residual: torch.Tensor) -> torch.Tensor:  # (B, L, C) -> (B, L)
         d = residual - self.mean
         return (d @ self.precision * d).sum(-1) / d.shape[-1]
+
+
+def _paper_score(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """The paper's per-token score, MSE + (1 - cos) over channels: (B, L, C) pairs -> (B, L)."""
+    return (target - recon).pow(2).mean(-1) + 1 - F.cosine_similarity(target, recon, dim=-1)
+
+
+class LevelBalance(nn.Module):
+    """The per-level divisors of score "balanced": each level's mean paper score (MSE + 1 - cos)
+    over the tokens of normal training images, so that a level's map reads in multiples of its
+    typical error on normal images.
+
+    The levels' reconstruction errors differ in scale (about 1.2 at stride 8 against 0.66 at
+    stride 16 with the default network on the accuracy benchmark), so the paper's mean of the
+    maps lets the finer level decide the image score, while the coarser level's map separates
+    normal from anomalous images at least as well on the least regular textures."""
+
+    def __init__(self, levels: int):
+        super().__init__()
+        self.register_buffer("mean_error", torch.ones(levels))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        # The flag as a Python bool too, so tracing and compiling see a constant, not a tensor.
+        self.is_fitted = False
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "is_fitted", bool(module.fitted)))
+
+    @torch.no_grad()
+    def set_mean_error(self, mean: torch.Tensor) -> None:
+        """From each level's mean score over the training tokens, (levels,)."""
+        if not bool(torch.isfinite(mean).all() and (mean > 0).all()):
+            raise ValueError(f"a level's mean training error must be finite and positive, got {mean.tolist()}")
+        self.mean_error.copy_(mean)
+        self.fitted.fill_(True)
+        self.is_fitted = True
 
 
 def _init_embedding(linear: nn.Linear) -> nn.Linear:
@@ -307,6 +342,8 @@ class RLRModel(AnomalyModel):
             raise UsageError(f"unknown score {cfg.score!r}; choose one of {', '.join(SCORES)}")
         if cfg.score == "whitened":
             self.scores = nn.ModuleList(WhitenedResidual(c) for c in self.backbone.channels)
+        if cfg.score == "balanced":
+            self.balance = LevelBalance(len(self.levels))
         if cfg.anomaly_map not in ANOMALY_MAPS:
             raise UsageError(f"unknown anomaly_map {cfg.anomaly_map!r}; choose one of {', '.join(ANOMALY_MAPS)}")
 
@@ -350,7 +387,10 @@ class RLRModel(AnomalyModel):
         """For score "whitened": per level, the mean and covariance of the residuals F - F^ of
         every token of the cache (no jitter, eval mode), summed in float64 in batches and, under
         torchrun, over every rank's share. The training loop calls it on the served (best
-        epoch's) weights once training ends; call it again after changing the weights."""
+        epoch's) weights once training ends; call it again after changing the weights.
+        For score "balanced": per level, the mean paper score of those tokens, likewise."""
+        if self.config.score == "balanced":
+            return self._fit_balance(cache)
         if self.config.score != "whitened":
             return
         was_training = self.training
@@ -378,11 +418,34 @@ class RLRModel(AnomalyModel):
             score.set_statistics(mean, cov)
         self.train(was_training)
 
+    @torch.no_grad()
+    def _fit_balance(self, cache) -> None:
+        was_training = self.training
+        self.eval()
+        device = self.balance.mean_error.device
+        sums = torch.zeros(len(self.levels), dtype=torch.float64, device=device)
+        count = torch.zeros(1, dtype=torch.float64, device=device)
+        for start in range(0, len(cache), 16):
+            pairs = self.reconstruct(cache.batch(range(start, min(len(cache), start + 16)), device))
+            with full_precision(device):
+                for level, (target, recon) in enumerate(pairs):
+                    sums[level] += _paper_score(target.float(), recon.float()).double().mean(-1).sum()
+            count += min(len(cache), start + 16) - start
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(count)
+        self.balance.set_mean_error((sums / count).float())
+        self.train(was_training)
+
     def score_is_fitted_after_training(self) -> bool:
-        return self.config.score == "whitened"
+        return self.config.score in ("whitened", "balanced")
 
     def score_fitted(self) -> bool:
-        return self.config.score != "whitened" or self.whitened()
+        return self.config.score == "paper" or self.whitened() or self.balanced()
+
+    def balanced(self) -> bool:
+        """Whether each level's map is divided by its mean training error (score "balanced", fitted)."""
+        return self.config.score == "balanced" and self.balance.is_fitted
 
     def whitened(self) -> bool:
         """Whether the map is the whitened residual's (score "whitened", fitted)."""
@@ -411,14 +474,16 @@ class RLRModel(AnomalyModel):
     def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
         maps = []
         pairs = self.reconstruct(feats)
-        whitened = self.whitened()
+        whitened, balanced = self.whitened(), self.balanced()
         with full_precision(feats[0].device):  # the score map in float32, whatever the forward's precision
             for level, ((target, recon), grid) in enumerate(zip(pairs, self.grids)):
                 target, recon = target.float(), recon.float()
                 if whitened:
                     s = self.scores[level](target - recon)  # (B, L)
                 else:
-                    s = (target - recon).pow(2).mean(-1) + 1 - F.cosine_similarity(target, recon, dim=-1)  # (B, L)
+                    s = _paper_score(target, recon)  # (B, L)
+                if balanced:
+                    s = s / self.balance.mean_error[level]
                 s = s.view(-1, 1, *grid)
                 maps.append(F.interpolate(s, size=self.input_size, mode="bilinear", align_corners=True))
             mean_map = torch.stack(maps).mean(0)  # (B, 1, H, W)
