@@ -113,10 +113,29 @@ def test_resume_refuses_another_model(tmp_path):
 def test_the_paper_score_needs_no_fit_and_training_leaves_it_alone(tmp_path):
     cache = extract_features(_model(), _Images(8), progress=False)
     lines = []
-    train(_model(), cache, tmp_path, TrainConfig(epochs=1, batch_size=4), progress=False, log=lines.append)
+    paper = RLRModel(**{**TINY, "score": "paper"})
+    train(paper, cache, tmp_path, TrainConfig(epochs=1, batch_size=4), progress=False, log=lines.append)
     served = load_model(tmp_path, thresholds=False)
     assert served.config.score == "paper" and served.score_fitted() and not served.whitened()
-    assert not hasattr(served, "scores") and not any("fitted the score" in line for line in lines)
+    assert not served.balanced() and not hasattr(served, "scores") and not hasattr(served, "balance")
+    assert not any("fitted the score" in line for line in lines)
+
+
+def test_the_default_balanced_score_is_fitted_on_the_served_weights_after_training(tmp_path):
+    cache = extract_features(_model(), _Images(8), progress=False)
+    lines = []
+    train(_model(), cache, tmp_path, TrainConfig(epochs=2, batch_size=4), progress=False, log=lines.append)
+    assert any(line.startswith("fitted the score's statistics on 8 training images") for line in lines)
+    served = load_model(tmp_path, thresholds=False)
+    assert served.config.score == "balanced" and served.balanced() and served.score_fitted()
+    # the divisors are the served model's mean level scores over the training features
+    means = []
+    with torch.no_grad():
+        for target, recon in served.reconstruct(cache.batch(range(len(cache)), torch.device("cpu"))):
+            t, r = target.double(), recon.double()
+            cos = (t * r).sum(-1) / (t.norm(dim=-1) * r.norm(dim=-1))
+            means.append(float(((t - r).pow(2).mean(-1) + 1 - cos).mean()))
+    torch.testing.assert_close(served.balance.mean_error, torch.tensor(means), rtol=1e-4, atol=0)
 
 
 def test_a_checkpoint_from_before_the_new_defaults_loads_as_it_was_trained(tmp_path):

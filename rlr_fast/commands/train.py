@@ -66,9 +66,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="RLR: standardise each level's features per channel for the network (default: channel; "
                         "with --recipe paper: none, as the paper's code)")
     p.add_argument("--score", choices=("paper", "balanced", "whitened"),
-                   help="RLR: the anomaly score (default: paper, MSE + (1 - cos) of the reconstruction; balanced: "
-                        "the same divided per level by its mean on the training images; whitened: the residual's "
-                        "Mahalanobis distance under the training residuals; both fitted after training)")
+                   help="RLR: the anomaly score (paper: MSE + (1 - cos) of the reconstruction, the levels averaged; "
+                        "balanced, the default: the same with each level divided by its mean on the training images; "
+                        "whitened: the residual's Mahalanobis distance under the training residuals; balanced and "
+                        "whitened are fitted after training; with --recipe paper: paper)")
     p.add_argument("--anomaly-map", choices=("finest", "all"),
                    help="RLR: the pixel map (default: finest, the stride-8 level's map; all: the mean of the levels' "
                         "maps, as the paper; with --recipe paper: all). The image score is the paper's either way")
