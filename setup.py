@@ -55,6 +55,8 @@ setup(
     extras_require={
         # rlr-fast export / predict --engine: ONNX (torch.onnx needs onnx and onnxscript), onnxruntime, OpenVINO
         "deploy": DEPLOY,
+        # rlr-fast export --format openvino --int8: NNCF's post-training quantisation (rlr_fast/quantize.py)
+        "int8": [*DEPLOY, "nncf"],
         "trackers": TRACKERS,
         # the deployment and tracker tests run in `make test`, so the test extra installs those packages too
         # (the trackers' add about 160 MB); playwright drives the report page (RUN/report.html) in
