@@ -60,7 +60,7 @@ def check_precision(engine: str, precision: str) -> str:
     if precision not in PRECISIONS[engine]:
         others = [e for e, p in PRECISIONS.items() if precision in p]
         raise UsageError(f"the {engine} engine does not run precision {precision} (it runs "
-                         f"{', '.join(PRECISIONS[engine])}); {precision} is for --engine {' or '.join(others)}")
+                         f"{', '.join(PRECISIONS[engine])}); {precision} is for {' or '.join('--engine ' + e for e in others)}")
     return precision
 
 

@@ -70,15 +70,17 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def make_exports(run, model, data, classes, layout, say=print) -> dict:
-    """Write the exports the engines run where missing; (engine, precision) -> why it cannot be
-    made, for those that could not."""
+def make_exports(run, model, data, classes, layout, candidates=CANDIDATES, say=print) -> dict:
+    """Write the exports the ``candidates`` run where missing; (engine, precision) -> why it
+    cannot be made, for those that could not."""
     from .export import export, export_openvino_int8
     from .runs import Run
 
     run, failed = Run(run), {}
     for fmt, engines in (("onnx", [("onnxruntime", "fp32")]), ("openvino", [("openvino", "fp32"), ("openvino", "bf16")])):
         path = run.export_file(fmt)
+        if not any(key in candidates for key in engines):
+            continue
         if not path.is_file():
             try:
                 say(f"exporting {fmt}: {path}")
@@ -86,7 +88,9 @@ def make_exports(run, model, data, classes, layout, say=print) -> dict:
             except ImportError as e:
                 failed.update({key: str(e) for key in engines})
     path = run.export_file("openvino", int8=True)
-    if model.name != "rlr":
+    if ("openvino", "int8") not in candidates:
+        pass
+    elif model.name != "rlr":
         failed[("openvino", "int8")] = f"only RLR runs are quantised to INT8 so far, not {model.name}"
     elif not path.is_file():
         try:
@@ -158,7 +162,7 @@ def measure(run, data, classes=None, layout=None, batch_size: int = 16, rounds: 
         raise ValueError(f"measure reads square test images; this model takes {model.image_size}")
     dataset = MVTecDataset(data, classes=classes, split="test", image_size=model.image_size,
                            layout=None if layout in (None, "auto") else layout)
-    failed = make_exports(run, model, data, dataset.classes, layout, say=say)
+    failed = make_exports(run, model, data, dataset.classes, layout, candidates, say=say)
     fingerprint = model.fingerprint
     del model
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
