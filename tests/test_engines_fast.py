@@ -18,6 +18,9 @@ from rlr_fast.demo_data import build_demo_dataset
 from rlr_fast.engines import DEFAULT_TOLERANCE, load_engine, openvino_bf16_supported, rank_engines
 from rlr_fast.runs import Run
 
+# Run by `make test` in a pytest process of their own (-m engines): see the Makefile.
+pytestmark = pytest.mark.engines
+
 BF16_RTOL = 0.05  # bf16 maps against fp32: largest difference / largest fp32 value (as tests/test_precision.py)
 # INT8 against fp32: the Pearson correlation of the anomaly maps over all test pixels. Measured on this
 # tiny run: 0.997 (0.988 for the worst single image); with the backbone's convolutions quantised too it
