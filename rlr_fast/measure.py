@@ -156,6 +156,9 @@ def measure(run, data, classes=None, layout=None, batch_size: int = 16, rounds: 
     from .training import load_model, read_checkpoint
 
     model = load_model(run, "cpu", thresholds=False)
+    if model.name == "resad":
+        raise ValueError("a ResAD run predicts with the torch engine only (its references change per class): "
+                         "there are no engines to compare")
     if classes is None:
         classes = (read_checkpoint(Run(run).model_file()).get("extra") or {}).get("classes")
     if not isinstance(model.image_size, int):
