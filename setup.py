@@ -55,11 +55,13 @@ setup(
     extras_require={
         # rlr-fast export / predict --engine: ONNX (torch.onnx needs onnx and onnxscript), onnxruntime, OpenVINO
         "deploy": DEPLOY,
+        # rlr-fast export --format openvino --int8: NNCF's post-training quantisation (rlr_fast/quantize.py)
+        "int8": [*DEPLOY, "nncf"],
         "trackers": TRACKERS,
         # the deployment and tracker tests run in `make test`, so the test extra installs those packages too
         # (the trackers' add about 160 MB); playwright drives the report page (RUN/report.html) in
         # Chromium in tests/test_report.py
-        "test": ["pytest", "pytest-benchmark", "playwright", *DEPLOY, *TRACKERS],
+        "test": ["pytest", "pytest-benchmark", "playwright", *DEPLOY, "nncf", *TRACKERS],
     },
     entry_points={"console_scripts": ["rlr-fast=rlr_fast.cli:main"]},
 )

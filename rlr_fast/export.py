@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import json
+import subprocess
+import sys
 import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -39,12 +43,30 @@ class MissingPackage(ImportError, UsageError):
     ValueError too, so the command line reports it in one line)."""
 
 
+EXTRAS = {"nncf": "int8"}  # package -> the extra that installs it (default: deploy)
+
+
+def _missing(package: str, what: str) -> MissingPackage:
+    return MissingPackage(f"{what} needs the {package} package: pip install 'rlr-fast[{EXTRAS.get(package, 'deploy')}]'")
+
+
 def require(package: str, what: str):
     """Import ``package`` for ``what``, or raise MissingPackage saying how to install it."""
     try:
         return importlib.import_module(package)
     except ImportError:
-        raise MissingPackage(f"{what} needs the {package} package: pip install 'rlr-fast[deploy]'") from None
+        raise _missing(package, what) from None
+
+
+def require_installed(package: str, what: str) -> None:
+    """Like :func:`require`, without importing ``package`` into this process (NNCF runs in a
+    child process: :mod:`rlr_fast.quantize`)."""
+    try:
+        found = importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise _missing(package, what)
 
 
 class Deployable(nn.Module):
@@ -110,6 +132,34 @@ def export_openvino(model, path) -> Path:
         # Weights first: the .xml appears only once the .bin it refers to is complete.
         atomic_write_bytes(path.with_suffix(".bin"), (Path(tmp) / "model.bin").read_bytes())
         atomic_write_bytes(path, (Path(tmp) / "model.xml").read_bytes())  # reads <stem>.bin beside it
+    return path
+
+
+def export_openvino_int8(model, path, data, classes=None, layout=None, subset: Optional[int] = None) -> Path:
+    """``path`` (.xml, .bin beside it): the OpenVINO model quantised to INT8 by NNCF
+    (:mod:`rlr_fast.quantize`, run in a child process), calibrated on the training images of
+    ``classes`` in the data folder ``data``."""
+    require_installed("openvino", "--format openvino")
+    require_installed("nncf", "--int8")
+    path = Path(path)
+    if path.suffix != ".xml":
+        raise UsageError(f"an OpenVINO model is an .xml file (weights in a .bin beside it), got {path}")
+    if not isinstance(model.image_size, int):
+        raise UsageError(f"--int8 calibrates on square images; this model takes {model.image_size}")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = export_openvino(model, Path(tmp) / "model.xml")
+        command = [sys.executable, "-m", "rlr_fast.quantize", "--model", str(source), "--out", str(path),
+                   "--data", str(data), "--image-size", str(model.image_size)]
+        if classes:
+            command += ["--classes", ",".join(classes) if not isinstance(classes, str) else classes]
+        if layout not in (None, "auto"):
+            command += ["--layout", str(layout)]
+        if subset:
+            command += ["--subset", str(subset)]
+        done = subprocess.run(command)
+    if done.returncode != 0:
+        raise RuntimeError(f"INT8 quantisation failed (exit code {done.returncode}) in `{' '.join(command[1:])}`; "
+                           f"its output is above")
     return path
 
 

@@ -70,6 +70,8 @@ class Run:
     THRESHOLDS = "thresholds.json"
     REPORT = "report.html"  # the test report page (rlr_fast.report); records its fingerprint in a meta tag
     EXPORTS = {"onnx": "model.onnx", "openvino": "model.xml", "weights": "weights.pt"}
+    INT8 = "model-int8.xml"  # `rlr-fast export --format openvino --int8` (weights in model-int8.bin)
+    ENGINES = "engines.json"  # `python -m rlr_fast.measure`: speed and accuracy of each engine and precision
     FEATURES = "features"
     OVERLAYS = "overlays"
     PREDICTIONS = "predictions"
@@ -81,7 +83,8 @@ class Run:
     TRACKERS = "trackers.json"
 
     TRAINING_FILES = (CHECKPOINT, BEST, CONFIG, LOG, TRACKERS)
-    DERIVED_FILES = (METRICS, THRESHOLDS, REPORT, "model.onnx", "model.xml", "model.bin", "weights.pt")
+    DERIVED_FILES = (METRICS, THRESHOLDS, REPORT, "model.onnx", "model.xml", "model.bin", "weights.pt",
+                     INT8, "model-int8.bin", ENGINES)
     FOLDERS = (FEATURES, OVERLAYS, PREDICTIONS, TENSORBOARD, MLRUNS)
 
     def __init__(self, path):
@@ -141,9 +144,15 @@ class Run:
     def tensorboard(self) -> Path:
         return self.dir / self.TENSORBOARD
 
-    def export_file(self, fmt: str) -> Path:
-        """Where ``rlr-fast export --format fmt`` writes by default (onnx, openvino, weights)."""
-        return self.dir / self.EXPORTS[fmt]
+    def export_file(self, fmt: str, int8: bool = False) -> Path:
+        """Where ``rlr-fast export --format fmt`` writes by default (onnx, openvino, weights);
+        ``int8``: the INT8 OpenVINO model (``--format openvino --int8``)."""
+        return self.dir / (self.INT8 if int8 else self.EXPORTS[fmt])
+
+    @property
+    def engines_record(self) -> Path:
+        """The speed and accuracy of each engine and precision (``python -m rlr_fast.measure``)."""
+        return self.dir / self.ENGINES
 
     def model_file(self) -> Path:
         """The file that holds the model this run serves: the given file, else ``best.pt`` (its
@@ -188,6 +197,11 @@ class Run:
     def remake_command(self, derived: Path) -> str:
         """The command that makes a derived file again."""
         name = derived.name
+        if name == self.INT8 or name.endswith("-int8.xml"):
+            out = "" if derived == self.dir / self.INT8 else f" --out {derived}"
+            return f"`rlr-fast export --run {self.dir} --format openvino --int8 --data DATA{out}`"
+        if name == self.ENGINES:
+            return f"`python -m rlr_fast.measure --run {self.dir} --data DATA`"
         for fmt, default in self.EXPORTS.items():
             if name == default or (fmt == "openvino" and derived.suffix == ".xml"):
                 out = "" if derived == self.dir / default else f" --out {derived}"

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..engines import ENGINES
+from ..engines import ALL_PRECISIONS, DEFAULT_TOLERANCE, ENGINES
 from ..errors import UsageError
 from . import options
 from .train import add_layout_option, add_shot_options
@@ -47,13 +47,21 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="map value at or above which a pixel is anomalous, for the masks (default: the run's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: autocast to bfloat16 where the device has it (fp32 otherwise, with a warning)")
+    p.add_argument("--precision", choices=ALL_PRECISIONS,
+                   help="fp32 (default); bf16: torch autocasts to bfloat16 where the device has it (fp32 "
+                        "otherwise, with a warning), openvino runs with its bf16 precision hint (CPUs with native "
+                        "bf16 only); int8: openvino runs the INT8 export (rlr-fast export --format openvino --int8)")
     p.add_argument("--no-heatmaps", action="store_true", help="no heat map or mask pictures: scores only")
     p.add_argument("--overwrite", action="store_true", help="replace a previous prediction in the output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--engine", choices=ENGINES, default="torch",
-                   help="torch: the trained model; onnxruntime/openvino: the run's export (rlr-fast export)")
+    p.add_argument("--engine", choices=(*ENGINES, "auto"), default="torch",
+                   help="torch: the trained model; onnxruntime/openvino: the run's export (rlr-fast export); "
+                        "auto: the fastest engine and precision whose image and pixel AUROC, as measured in "
+                        "RUN/engines.json (python -m rlr_fast.measure), are within --tolerance of torch fp32's "
+                        "(torch fp32 without a record)")
+    p.add_argument("--tolerance", type=float,
+                   help=f"with --engine auto: the largest drop of image or pixel AUROC from torch fp32 accepted "
+                        f"(default {DEFAULT_TOLERANCE})")
     p.add_argument("--reference", type=Path,
                    help="ResAD: folder of normal images of the class being inspected (K of them are used)")
     add_shot_options(p, "ResAD: how many images of --reference (or of each class of --data) to use (default: "
@@ -120,6 +128,22 @@ def _set_references(args, model, cls) -> None:
     model.set_reference(load_references(refs, model.image_size).to(args.device))
 
 
+def _engine(args):
+    """The engine of --engine (and --precision); with auto, the one the run's record picks,
+    saying what it picked and why."""
+    from ..engines import auto_engine, load_engine
+
+    if args.engine != "auto":
+        if args.tolerance is not None:
+            raise UsageError("--tolerance is for --engine auto")
+        return load_engine(args.engine, args.run, args.device, precision=args.precision or "fp32")
+    if args.precision is not None:
+        raise UsageError("--engine auto chooses the precision too; give --engine with --precision, or no --precision")
+    engine = auto_engine(args.run, args.device, DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
+    print(engine.choice)
+    return engine
+
+
 @torch.no_grad()
 def run(args) -> int:
     from ..data import FolderDataset
@@ -129,7 +153,7 @@ def run(args) -> int:
     from ..viz import save_heatmap, save_mask
     from .train import ignored_shot_options
 
-    model = load_engine(args.engine, args.run, args.device, precision=args.precision)  # the engine
+    model = _engine(args)  # the engine
     torch_model = getattr(model, "model", None)  # the PyTorch model, with --engine torch
     if torch_model is None and args.reference is not None:
         raise UsageError(f"--reference is for ResAD runs, which predict with --engine torch, not {args.engine}")
@@ -169,7 +193,8 @@ def run(args) -> int:
                 rows.append((path, _cell(pred.scores, i, "{:.9g}"), _cell(pred.normalized_scores, i, "{:.4f}"),
                              label, heatmap, mask))
     if model.fingerprint is not None:  # the model these predictions were made with (rlr_fast.runs)
-        Run.write_source(out, model.fingerprint, f"rlr-fast predict --engine {args.engine}")
+        Run.write_source(out, model.fingerprint, f"rlr-fast predict --engine {args.engine}"
+                         + (f" ({model.kind} {model.precision})" if args.engine == "auto" else ""))
     with atomic_open(out / SCORES_FILE, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(COLUMNS)
