@@ -100,31 +100,22 @@ def recipe(name: str, **overrides) -> TrainConfig:
 # ------------------------------------------------------------------------------------------------
 
 def model_class(name: str):
-    if name == "rlr":
-        from .models.rlr import RLRModel
-        return RLRModel
-    if name == "uniad":
-        from .models.uniad import UniADModel
-        return UniADModel
-    if name == "resad":
-        from .models.resad import ResADModel
-        return ResADModel
-    if name == "patchcore":
-        from .models.patchcore import PatchCoreModel
-        return PatchCoreModel
-    raise UsageError(f"unknown model {name!r}; choose 'rlr', 'uniad', 'resad' or 'patchcore'")
+    """The model class of a model's name (rlr_fast.models.registry: a short name or a variant)."""
+    from .models.registry import model_class as lookup
+
+    return lookup(name)
 
 
 def build_model(name: str, config: dict):
-    return model_class(name)(**config)
+    """The model `name` built with `config` over its variant's defaults (rlr_fast.models.create_model)."""
+    from .models.registry import create_model
+
+    return create_model(name, **config)
 
 
 def default_image_size(name: str) -> int:
     """The input side a model is built with when no image size is given."""
-    from .models import PatchCoreConfig, ResADConfig, RLRConfig, UniADConfig
-
-    configs = {"rlr": RLRConfig, "uniad": UniADConfig, "resad": ResADConfig, "patchcore": PatchCoreConfig}
-    return configs[model_class(name).name]().image_size
+    return model_class(name).default_image_size()
 
 
 def run_entries(out_dir) -> list:
@@ -435,7 +426,7 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
 
     A training-free model (``model.training_free``, PatchCore) is fitted instead, in one pass
     over the cached features: see :func:`fit`."""
-    if getattr(model, "training_free", False):
+    if model.training_free:
         return fit(model, cache, out_dir, cfg, device=device, progress=progress, log=log, extra=extra,
                    tracker=tracker)
     out_dir = Path(out_dir)
@@ -481,8 +472,7 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     for epoch in range(start_epoch, cfg.epochs):
-        if hasattr(model, "begin_epoch"):  # a model whose loss changes over training (ResAD's stages)
-            model.begin_epoch(epoch, cfg.epochs)
+        model.begin_epoch(epoch, cfg.epochs)  # a model whose loss changes over training (ResAD's stages)
         # The order of an epoch depends only on (seed, epoch): a resumed run sees the same batches.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
         t0, total, seen, term_sums = clock(device), 0.0, 0, {}

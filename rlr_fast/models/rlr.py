@@ -277,6 +277,22 @@ class RLRModel(AnomalyModel):
     the loss. All of RLRConfig's fields are keyword arguments."""
 
     name = "rlr"
+    label = "RLR"
+    config_class = RLRConfig
+    recipes = {"fast": "rlr-fast", "paper": "paper"}
+    cli_options = (
+        ("--feature-norm", dict(choices=("channel", "none"),
+                                help="RLR: standardise each level's features per channel for the network (default: "
+                                     "channel; with --recipe paper: none, as the paper's code)")),
+        ("--score", dict(choices=("paper", "whitened"),
+                         help="RLR: the anomaly score (default: paper, MSE + (1 - cos) of the reconstruction; "
+                              "whitened: the residual's Mahalanobis distance under the training residuals, fitted "
+                              "after training)")),
+        ("--anomaly-map", dict(choices=("finest", "all"),
+                               help="RLR: the pixel map (default: finest, the stride-8 level's map; all: the mean of "
+                                    "the levels' maps, as the paper; with --recipe paper: all). The image score is "
+                                    "the paper's either way")),
+    )
 
     def __init__(self, **kwargs):
         super().__init__()
