@@ -62,7 +62,7 @@ class _Exported:
 
 class TorchEngine:
     def __init__(self, run, device="cpu", precision="fp32"):
-        from .training import load_model
+        from .checkpoints import load_model
 
         self.model = load_model(run, device)
         self.model.precision = precision
