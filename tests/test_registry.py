@@ -111,3 +111,19 @@ def test_the_models_declare_what_the_commands_need():
     assert {cls.name: (cls.recipes["fast"], cls.recipes["paper"]) for cls in TINY} == {
         "rlr": ("rlr-fast", "paper"), "uniad": ("fast", "uniad"), "resad": ("resad-fast", "resad"),
         "patchcore": ("fast", "paper")}
+
+
+def test_export_says_why_a_model_is_refused_as_declared_by_its_class(tmp_path, capsys):
+    from rlr_fast.cli import main
+    from rlr_fast.training import save_checkpoint
+
+    resad = create_model("resad", backbone_weights="random", **TINY[ResADModel])
+    save_checkpoint(tmp_path / "resad" / "checkpoint.pt", resad)
+    assert main(["export", "--run", str(tmp_path / "resad"), "--format", "onnx"]) == 2
+    assert ("--format onnx: ResAD runs cannot be exported as a graph yet (its reference images change per class); "
+            "use --format weights") in capsys.readouterr().err
+    patchcore = create_model("patchcore", backbone_weights="random", **TINY[PatchCoreModel])
+    save_checkpoint(tmp_path / "patchcore" / "checkpoint.pt", patchcore)
+    assert main(["export", "--run", str(tmp_path / "patchcore"), "--format", "weights", "--image-size", "96"]) == 2
+    assert ("this run was trained at 64 px and its model only takes that size (its memory bank holds the features "
+            "of images of that size)") in capsys.readouterr().err
