@@ -32,10 +32,14 @@ __all__ = [
     "PatchCoreModel",
     "AnomalyOutput",
     "Prediction",
+    "create_model",
+    "list_models",
+    "register_model",
     "__version__",
 ]
 
-_MODELS = ("RLRModel", "UniADModel", "ResADModel", "PatchCoreModel", "AnomalyOutput", "Prediction")
+_MODELS = ("RLRModel", "UniADModel", "ResADModel", "PatchCoreModel", "AnomalyOutput", "Prediction", "create_model",
+           "list_models", "register_model")
 
 
 def __getattr__(name):

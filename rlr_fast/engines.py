@@ -99,7 +99,7 @@ class TorchEngine:
     kind = "torch"
 
     def __init__(self, run, device="cpu", precision="fp32"):
-        from .training import load_model
+        from .checkpoints import load_model
 
         self.model = load_model(run, device)
         self.model.precision = precision

@@ -30,7 +30,7 @@ from .errors import UsageError
 from .io import atomic_torch_save, atomic_write_bytes
 from .backbone import input_norm_of
 from .runs import model_fingerprint
-from .training import FORMAT
+from .checkpoints import FORMAT
 
 FORMATS = ("onnx", "openvino", "weights")
 SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "weights": ".pt"}

@@ -189,7 +189,7 @@ class Run:
         stat = path.stat()
         key = (str(path), stat.st_mtime_ns, stat.st_size)
         if key not in self._fingerprints:
-            from .training import read_checkpoint
+            from .checkpoints import read_checkpoint
 
             self._fingerprints[key] = fingerprint(read_checkpoint(path)["state_dict"])
         return self._fingerprints[key]

@@ -8,6 +8,10 @@ state restored, so a killed run ends with the same weights as an uninterrupted o
 Under torchrun each rank trains on its own shard of the data (``features.shard``) and its own
 feature cache; DistributedDataParallel keeps the weights identical, rank 0 writes the run, and an
 epoch's loss and throughput are those of all ranks together.
+
+This module is the training loop; the recipes (rlr_fast.recipes), checkpoints and trained models
+(rlr_fast.checkpoints) and the DistributedDataParallel helpers (rlr_fast.distributed) have their
+own modules, and their names are importable from here as before.
 """
 from __future__ import annotations
 
@@ -15,9 +19,8 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -26,211 +29,32 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .backbone import input_norm_of, set_input_norm
-from .decisions import Thresholds
-from .errors import CheckpointError, TrainingDiverged, UsageError
+from .backbone import input_norm_of
+from .checkpoints import (BEST, CHECKPOINT, FORMAT, RUN_FILES, RUN_FOLDERS, _cuda_rng_state, _restore_cuda_rng,
+                          build_model, checkpoint_input_norm, clear_run, default_image_size, load_model, model_class,
+                          model_file, model_from_checkpoint, read_checkpoint, run_entries, save_best, save_checkpoint)
+from .distributed import any_rank, distributed_context, epoch_totals, rank_device
+from .errors import TrainingDiverged, UsageError
 from .features import FeatureCache
-from .io import atomic_torch_save, atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text
 from .precision import bf16_supported, effective_precision
 from .progress import progress as progress_bar
-from .runs import Run, fingerprint
+from .recipes import RECIPES, RLR_FAST_BATCH, RLR_FAST_EPOCHS, TrainConfig, recipe
+from .runs import Run
 from .timing import clock
 from .trackers import NullTracker
 
-CHECKPOINT = Run.CHECKPOINT  # the latest state: model, optimizer, schedule, RNG (what --resume reads)
-BEST = Run.BEST  # the model of the best epoch by a criterion on training data (what load_model reads)
-FORMAT = "rlr-fast/1"
-# What the commands write into a run folder (rlr_fast.runs.Run names them all): `--force` removes
-# these, and only these.
-RUN_FILES = Run.TRAINING_FILES + Run.DERIVED_FILES
+# The names this module held before its split, importable from here as before.
+__all__ = ["BEST", "CHECKPOINT", "FORMAT", "RECIPES", "RISE_FACTOR", "RLR_FAST_BATCH", "RLR_FAST_EPOCHS",
+           "RUN_FILES", "RUN_FOLDERS", "TrainConfig", "build_model", "checkpoint_input_norm", "clear_run",
+           "default_image_size", "distributed_context", "fit", "load_model", "model_class", "model_file",
+           "model_from_checkpoint", "rank_device", "read_checkpoint", "recipe", "resolve_amp", "run_entries",
+           "run_params", "save_best", "save_checkpoint", "selection_loss", "train", "validation_loss"]
+_epoch_totals = epoch_totals
+
 # An epoch loss above this multiple of the best epoch's (after warm-up) is reported as a rise.
 RISE_FACTOR = 1.25
-RUN_FOLDERS = Run.FOLDERS
 
-
-@dataclass
-class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_epochs: int = 2
-    schedule: str = "cosine"  # "cosine" (after warm-up) or "constant"
-    grad_clip: float = 0.0  # 0: none
-    optimizer: str = "adam"  # "adam" or "adamw"
-    amp: str = "auto"  # "auto" (bf16 where the device has it natively, else none), "none", "bf16", "fp16"
-    seed: int = 0
-    # the share of each class's training images held out for the validation loss that picks the
-    # best epoch (RLR and UniAD; 0: none, the training loss picks it)
-    val_fraction: float = 0.1
-
-
-# "fast" is for minutes on a CPU with a few dozen images per class (README: "A training that says
-# when it does not learn" and the accuracy benchmark). "paper" is the recipe of the RLR paper: Adam,
-# lr 1e-4, batch 4, 200 epochs, fp32; "uniad" UniAD's: AdamW 1e-4, weight decay 1e-4, gradient
-# clipping 0.1.
-# RLR's network (2 layers, d 128/256 at 256 px) costs a quarter of the paper's per epoch; it gets
-# twice the epochs, which measured better than the paper's network with 20 (README, accuracy), and
-# batches of 4: twice the optimizer steps for the same images, since the network underfits (its
-# held-out error equals its training error); measured better on the accuracy benchmark.
-RLR_FAST_EPOCHS = 40
-RLR_FAST_BATCH = 4
-RECIPES = {
-    "fast": TrainConfig(),
-    "rlr-fast": TrainConfig(epochs=RLR_FAST_EPOCHS, batch_size=RLR_FAST_BATCH),
-    "paper": TrainConfig(epochs=200, batch_size=4, lr=1e-4, warmup_epochs=0, schedule="constant", amp="none"),
-    "uniad": TrainConfig(epochs=1000, batch_size=8, lr=1e-4, weight_decay=1e-4, warmup_epochs=0,
-                         schedule="constant", grad_clip=0.1, optimizer="adamw", amp="none"),
-    # ResAD's official code: Adam, lr 1e-5, weight decay 5e-4, batch 32, 100 epochs (its step decay
-    # at epochs 70 and 90 is left out); "resad-fast" is for minutes on a CPU (see the README).
-    "resad": TrainConfig(epochs=100, batch_size=32, lr=1e-5, weight_decay=5e-4, warmup_epochs=0,
-                         schedule="constant", amp="none"),
-    "resad-fast": TrainConfig(epochs=8, batch_size=8, lr=1e-3, weight_decay=5e-4, warmup_epochs=1, amp="none"),
-}
-
-
-def recipe(name: str, **overrides) -> TrainConfig:
-    if name not in RECIPES:
-        raise UsageError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
-    return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
-
-
-# ------------------------------------------------------------------------------------------------
-# Models and checkpoints
-# ------------------------------------------------------------------------------------------------
-
-def model_class(name: str):
-    if name == "rlr":
-        from .models.rlr import RLRModel
-        return RLRModel
-    if name == "uniad":
-        from .models.uniad import UniADModel
-        return UniADModel
-    if name == "resad":
-        from .models.resad import ResADModel
-        return ResADModel
-    if name == "patchcore":
-        from .models.patchcore import PatchCoreModel
-        return PatchCoreModel
-    raise UsageError(f"unknown model {name!r}; choose 'rlr', 'uniad', 'resad' or 'patchcore'")
-
-
-def build_model(name: str, config: dict):
-    return model_class(name)(**config)
-
-
-def default_image_size(name: str) -> int:
-    """The input side a model is built with when no image size is given."""
-    from .models import PatchCoreConfig, ResADConfig, RLRConfig, UniADConfig
-
-    configs = {"rlr": RLRConfig, "uniad": UniADConfig, "resad": ResADConfig, "patchcore": PatchCoreConfig}
-    return configs[model_class(name).name]().image_size
-
-
-def run_entries(out_dir) -> list:
-    """The names of what a run left in `out_dir` (checkpoint, config, log, metrics, exports...)."""
-    return Run(out_dir).entries()
-
-
-def clear_run(out_dir) -> list:
-    """Remove what a run wrote in `out_dir` (and nothing else); returns the names removed."""
-    return Run(out_dir).clear()
-
-
-def save_checkpoint(path, model, optimizer=None, scheduler=None, epoch: int = 0, train_config=None,
-                    history=None, extra=None) -> None:
-    """Write model (config and weights), optimizer, schedule, epoch and RNG state, atomically."""
-    state = {
-        "format": FORMAT,
-        "model": model.name,
-        "config": asdict(model.config),
-        "state_dict": model.state_dict(),
-        "epoch": epoch,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "train_config": asdict(train_config) if train_config is not None else None,
-        "history": history or [],
-        "rng": torch.get_rng_state(),
-        "cuda_rng": _cuda_rng_state(),
-        "extra": extra or {},
-        "input_norm": input_norm_of(model),
-    }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(state, path)
-
-
-def read_checkpoint(path) -> dict:
-    """A checkpoint file, or a run folder's latest checkpoint (``checkpoint.pt``)."""
-    path = Path(path)
-    if path.is_dir():
-        path = Run(path).checkpoint
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (train a model with `rlr-fast train` first)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # truncated, empty, random bytes, or a pickle that would run code: never run it
-        raise CheckpointError(f"{path} is not a readable rlr-fast checkpoint (truncated, empty, "
-                              f"or not written by rlr-fast)") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an rlr-fast checkpoint (no {FORMAT!r} format tag)")
-    missing = [key for key in ("model", "config", "state_dict") if key not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a readable rlr-fast checkpoint (it lacks {', '.join(missing)})")
-    try:
-        model_class(state["model"])
-    except UsageError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    return state
-
-
-def model_from_checkpoint(state: dict, device="cpu", source="the checkpoint"):
-    """The trained model of a checkpoint read by :func:`read_checkpoint`, in eval mode on `device`;
-    `source` names the checkpoint in errors."""
-    config = {**model_class(state["model"]).legacy_config, **state["config"]}
-    if config.get("backbone_weights") not in ("random",):
-        # The checkpoint holds the backbone's weights: build it without loading them again.
-        config["backbone_weights"] = "random"
-    model = build_model(state["model"], config)
-    try:
-        model.load_state_dict(state["state_dict"])
-    except RuntimeError as e:  # missing, unexpected or misshapen tensors
-        first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"{source}: its weights do not fit the {state['model']} model it "
-                              f"describes ({first})") from None
-    model.config.backbone_weights = state["config"].get("backbone_weights", "default")
-    set_input_norm(model, checkpoint_input_norm(state))
-    model.fingerprint = fingerprint(state["state_dict"])  # what files derived from this model record
-    return model.to(device).eval()
-
-
-def checkpoint_input_norm(state: dict) -> str:
-    """What the checkpoint's backbone was fed: checkpoints written before backbones got their own
-    normalisation lack the key and were fed the ImageNet normalisation (see rlr_fast.backbone)."""
-    return state.get("input_norm", "imagenet")
-
-
-def model_file(run_or_checkpoint) -> Path:
-    """The file that holds a run's model: ``best.pt`` (its best epoch) when the run has one, else
-    its latest ``checkpoint.pt``; a file is itself."""
-    return Run(run_or_checkpoint).model_file()
-
-
-def load_model(run_or_checkpoint, device="cpu", thresholds: bool = True):
-    """The trained model of a run folder (its best epoch's, ``best.pt``, when the run has one) or
-    of a checkpoint file, in eval mode on `device`, with the run's decision thresholds
-    (``model.thresholds``; None before `rlr-fast test` has run, or with ``thresholds=False``).
-    Thresholds fitted for another model (the run was trained again since `rlr-fast test`) are
-    refused with :class:`~rlr_fast.errors.StaleRunError`, which names the command that remakes them."""
-    run = Run(run_or_checkpoint)
-    path = run.model_file()
-    model = model_from_checkpoint(read_checkpoint(path), device, source=path)
-    model.thresholds = run.thresholds(expected=model.fingerprint) if thresholds else None
-    return model
-
-
-# ------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------
 
 class _LossOf(nn.Module):
     """DDP synchronises gradients through forward(): route the loss through it."""
@@ -257,52 +81,6 @@ def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
 
     return factor
 
-
-def distributed_context(device=None):
-    """(rank, world size) when launched by torchrun, else (0, 1). The process group uses nccl
-    for a CUDA ``device`` (None: CUDA when available) and gloo otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if not dist.is_initialized():
-            cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-            dist.init_process_group("nccl" if cuda else "gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def rank_device(device, world: int) -> torch.device:
-    """This process's device: under torchrun on GPU, ``cuda:LOCAL_RANK`` (a plain "cuda" would put
-    every rank on the first GPU); otherwise ``device`` as given."""
-    device = torch.device(device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return device
-
-
-def _cuda_rng_state():
-    """Every GPU's generator state (None without CUDA), for the checkpoint."""
-    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-
-def _restore_cuda_rng(states) -> None:
-    """The CUDA generators' states of a checkpoint, on as many GPUs as both have."""
-    if states is not None and torch.cuda.is_available():
-        for index, state in enumerate(states[:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, index)
-
-
-def _epoch_totals(loss_sum: float, seen: int, seconds: float, world: int, device, terms=None):
-    """(loss sum, images, seconds, term sums) of the epoch over every rank: images and sums
-    summed, the time of the slowest rank, so images / seconds is the throughput of the whole job.
-    ``terms``: the model's named loss terms, each summed over the epoch's images (or None)."""
-    terms = dict(terms or {})
-    if world == 1:
-        return loss_sum, seen, seconds, terms
-    sums = torch.tensor([loss_sum, seen, *terms.values()], dtype=torch.float64, device=device)
-    slowest = torch.tensor([seconds], dtype=torch.float64, device=device)
-    dist.all_reduce(sums)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return float(sums[0]), int(sums[1]), float(slowest), dict(zip(terms, sums[2:].tolist()))
 
 
 def _add_terms(sums: dict, model, images: int) -> None:
@@ -354,23 +132,12 @@ def selection_loss(record: dict) -> float:
     return record.get("val_loss", record["loss"])
 
 
-def save_best(path, model, record: dict, extra=None) -> None:
-    """The model of the best epoch so far (no optimizer: ``load_model`` reads it)."""
-    atomic_torch_save({"format": FORMAT, "model": model.name, "config": asdict(model.config),
-                       "state_dict": model.state_dict(), "epoch": record["epoch"], "record": record,
-                       "extra": extra or {}, "input_norm": input_norm_of(model)}, path)
-
 
 def _check_finite(value: float, epoch: int, step: int, world: int, device, out_dir: Path, lr: float,
                   what: str = "loss") -> None:
     """Stop the run on a non-finite loss or gradient norm (on every rank when any rank has one),
     before the optimizer step, so the last checkpoint keeps finite weights."""
-    bad = not math.isfinite(value)
-    if world > 1:
-        flag = torch.tensor([float(bad)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        bad = bool(flag.item())
-    if bad:
+    if any_rank(not math.isfinite(value), world, device):
         kept = (f"the last checkpoint, {out_dir / CHECKPOINT}, holds epoch {epoch - 1}" if epoch > 1
                 else "no checkpoint was written")
         raise TrainingDiverged(f"training diverged: the {what} became {value} at epoch {epoch}, step {step + 1}; "
@@ -409,6 +176,119 @@ def _epoch_scalars(record: dict) -> dict:
     return values
 
 
+class _Loop:
+    """What every step of a run uses: the model, its data, optimizer, schedule, precision and the
+    ranks (built by :func:`train`)."""
+
+    def __init__(self, model, cache: FeatureCache, out_dir: Path, cfg: TrainConfig, device, rank: int, world: int,
+                 progress: bool, val_cache: Optional[FeatureCache], tracker):
+        self.model, self.cache, self.out_dir, self.cfg, self.device = model, cache, out_dir, cfg, device
+        self.rank, self.world, self.progress, self.val_cache, self.tracker = rank, world, progress, val_cache, tracker
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = max(1, len(cache) // cfg.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, self.steps_per_epoch))
+
+    def start(self) -> None:
+        """The loss's runner (under DDP: wrapped once the weights are loaded), precision and scaler."""
+        device = self.device
+        self.runner = _LossOf(self.model)
+        if self.world > 1:
+            self.runner = nn.parallel.DistributedDataParallel(
+                self.runner, device_ids=[device.index] if device.type == "cuda" else None)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_amp(self.cfg.amp, device))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.cfg.amp == "fp16")
+
+
+def _resume(loop: _Loop, ckpt_path: Path, extra: Optional[dict]):
+    """Load a run's checkpoint into the loop's model, optimizer, schedule and random generators,
+    after checking it holds this model; returns (epochs done, history, extra)."""
+    model = loop.model
+    state = read_checkpoint(ckpt_path)
+    if state["model"] != model.name or {**model.legacy_config, **state["config"]} != asdict(model.config):
+        raise UsageError(f"cannot resume {ckpt_path}: it holds a different model or configuration")
+    if checkpoint_input_norm(state) != input_norm_of(model):
+        raise UsageError(f"cannot resume {ckpt_path}: it was trained on features of a backbone fed the "
+                         f"{checkpoint_input_norm(state)!r} normalisation, this model's is fed "
+                         f"{input_norm_of(model)!r}; start a new run with --force")
+    model.load_state_dict(state["state_dict"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    _restore_cuda_rng(state.get("cuda_rng"))
+    return state["epoch"], list(state["history"]), {**state.get("extra", {}), **(extra or {})}
+
+
+def _run_epoch(loop: _Loop, epoch: int, history: list) -> dict:
+    """One epoch's steps; returns its record (over every rank) and appends it to `history`."""
+    model, cache, cfg, device, world, optimizer = loop.model, loop.cache, loop.cfg, loop.device, loop.world, loop.optimizer
+    model.begin_epoch(epoch, cfg.epochs)  # a model whose loss changes over training (ResAD's stages)
+    # The order of an epoch depends only on (seed, epoch): a resumed run sees the same batches.
+    order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+    t0, total, seen, term_sums = clock(device), 0.0, 0, {}
+    bar = progress_bar(range(loop.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                       enabled=loop.progress and loop.rank == 0, leave=False)
+    grad_norms = []
+    for step in bar:
+        idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        feats = cache.batch(idx.numpy(), device)
+        lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler steps after it)
+        with torch.autocast(device.type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
+            loss = loop.runner(feats)
+        value = loss.item()
+        _check_finite(value, epoch + 1, step, world, device, loop.out_dir, cfg.lr)
+        optimizer.zero_grad(set_to_none=True)
+        loop.scaler.scale(loss).backward()
+        loop.scaler.unscale_(optimizer)  # the gradient norm is logged in the loss's own scale
+        grad_norms.append(float(nn.utils.clip_grad_norm_(loop.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)))
+        if not loop.scaler.is_enabled():  # (fp16's scaler skips the steps whose gradients overflow)
+            _check_finite(grad_norms[-1], epoch + 1, step, world, device, loop.out_dir, cfg.lr, what="gradient norm")
+        loop.scaler.step(optimizer)
+        loop.scaler.update()
+        loop.scheduler.step()
+        loop.tracker.log_scalars(epoch * loop.steps_per_epoch + step, {"train/loss": value, "train/lr": lr})
+        total += value * len(idx)
+        _add_terms(term_sums, model, len(idx))
+        seen += len(idx)
+        bar.set_postfix(loss=f"{total / seen:.4f}", img_per_s=f"{seen * world / (time.perf_counter() - t0):.1f}")
+    total, seen, seconds, term_sums = epoch_totals(total, seen, clock(device) - t0, world, device, term_sums)
+    finite_norms = [g for g in grad_norms if math.isfinite(g)]  # fp16 scaler steps it skipped are inf
+    record = {"epoch": epoch + 1, "loss": total / max(1, seen), "lr": optimizer.param_groups[0]["lr"],
+              "grad_norm": round(sum(finite_norms) / max(1, len(finite_norms)), 4),
+              "images": seen, "seconds": round(seconds, 3), "images_per_s": round(seen / seconds, 2)}
+    if term_sums:
+        record["terms"] = {k: v / max(1, seen) for k, v in term_sums.items()}
+    if loop.val_cache is not None:
+        record["val_loss"] = validation_loss(model, loop.val_cache, device, loop.amp_dtype)
+    warning = _rise_warning(history, record, cfg)
+    if warning:
+        record["warning"] = warning
+    history.append(record)
+    return record
+
+
+def _end_epoch(loop: _Loop, record: dict, history: list, extra: Optional[dict], log) -> None:
+    """Rank 0 after an epoch: the checkpoint, best.pt when the epoch is the best so far, the log,
+    the epoch's line and the tracker's epoch numbers."""
+    model, cfg, out_dir, epoch = loop.model, loop.cfg, loop.out_dir, record["epoch"]
+    earlier = history[:-1]
+    best = min(earlier, key=selection_loss) if earlier else None
+    save_checkpoint(out_dir / CHECKPOINT, model, loop.optimizer, loop.scheduler, epoch, cfg, history, extra)
+    if model.select_best_epoch and (best is None or selection_loss(record) <= selection_loss(best)
+                                    or not (out_dir / BEST).is_file()):
+        save_best(out_dir / BEST, model, record, extra)
+    _write_log(out_dir, history)
+    terms = "".join(f"  {k} {v:.4g}" for k, v in record.get("terms", {}).items())
+    val = f"  held-out {record['val_loss']:.4f}" if "val_loss" in record else ""
+    warning = record.get("warning")
+    log(f"epoch {epoch}/{cfg.epochs}  loss {record['loss']:.4f}{terms}{val}  "
+        f"{record['images_per_s']:.1f} img/s" + (f"  warning: {warning}" if warning else ""))
+    # after the checkpoint: what the tracker holds is what a resume continues from
+    loop.tracker.log_scalars(epoch * loop.steps_per_epoch - 1, _epoch_scalars(record))
+    loop.tracker.flush()
+
+
 def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool = False, device="cpu",
           progress: bool = True, log=print, on_epoch_end=None, extra: Optional[dict] = None,
           val_cache: Optional[FeatureCache] = None, tracker=None) -> list:
@@ -435,112 +315,37 @@ def train(model, cache: FeatureCache, out_dir, cfg: TrainConfig, *, resume: bool
 
     A training-free model (``model.training_free``, PatchCore) is fitted instead, in one pass
     over the cached features: see :func:`fit`."""
-    if getattr(model, "training_free", False):
+    if model.training_free:
         return fit(model, cache, out_dir, cfg, device=device, progress=progress, log=log, extra=extra,
                    tracker=tracker)
     out_dir = Path(out_dir)
     rank, world = distributed_context(device)
-    tracker = tracker if tracker is not None and rank == 0 else NullTracker()
     device = torch.device(device)
     model.to(device).train()
     ckpt_path = out_dir / CHECKPOINT
-    if not (resume and ckpt_path.is_file()):  # a resumed run has what prepare() fits in its checkpoint
+    resuming = resume and ckpt_path.is_file()
+    if not resuming:  # a resumed run has what prepare() fits in its checkpoint
         model.prepare(cache)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = len(cache)
-    steps_per_epoch = max(1, n // cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
+    loop = _Loop(model, cache, out_dir, cfg, device, rank, world, progress, val_cache,
+                 tracker if tracker is not None and rank == 0 else NullTracker())
     history, start_epoch = [], 0
-    if resume and ckpt_path.is_file():
-        state = read_checkpoint(ckpt_path)
-        if state["model"] != model.name or {**model.legacy_config, **state["config"]} != asdict(model.config):
-            raise UsageError(f"cannot resume {ckpt_path}: it holds a different model or configuration")
-        if checkpoint_input_norm(state) != input_norm_of(model):
-            raise UsageError(f"cannot resume {ckpt_path}: it was trained on features of a backbone fed the "
-                             f"{checkpoint_input_norm(state)!r} normalisation, this model's is fed "
-                             f"{input_norm_of(model)!r}; start a new run with --force")
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], list(state["history"])
-        torch.set_rng_state(state["rng"])
-        _restore_cuda_rng(state.get("cuda_rng"))
-        extra = {**state.get("extra", {}), **(extra or {})}
+    if resuming:
+        start_epoch, history, extra = _resume(loop, ckpt_path, extra)
         if rank == 0:  # the checkpoint's history is the record: rewrite the log from it
             _write_log(out_dir, history)
         log(f"resuming {ckpt_path} at epoch {start_epoch}/{cfg.epochs}")
     elif rank == 0:
         _start_run(out_dir, model, cfg, extra)
-    tracker.log_params(run_params(model, cfg, extra))
-    runner = _LossOf(model)
-    if world > 1:
-        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
-    amp = resolve_amp(cfg.amp, device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    loop.tracker.log_params(run_params(model, cfg, extra))
+    loop.start()
     for epoch in range(start_epoch, cfg.epochs):
-        if hasattr(model, "begin_epoch"):  # a model whose loss changes over training (ResAD's stages)
-            model.begin_epoch(epoch, cfg.epochs)
-        # The order of an epoch depends only on (seed, epoch): a resumed run sees the same batches.
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        t0, total, seen, term_sums = clock(device), 0.0, 0, {}
-        bar = progress_bar(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                           enabled=progress and rank == 0, leave=False)
-        grad_norms = []
-        for step in bar:
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            feats = cache.batch(idx.numpy(), device)
-            lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler steps after it)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = runner(feats)
-            value = loss.item()
-            _check_finite(value, epoch + 1, step, world, device, out_dir, cfg.lr)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # the gradient norm is logged in the loss's own scale
-            grad_norms.append(float(nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)))
-            if not scaler.is_enabled():  # (fp16's scaler skips the steps whose gradients overflow)
-                _check_finite(grad_norms[-1], epoch + 1, step, world, device, out_dir, cfg.lr, what="gradient norm")
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            tracker.log_scalars(epoch * steps_per_epoch + step, {"train/loss": value, "train/lr": lr})
-            total += value * len(idx)
-            _add_terms(term_sums, model, len(idx))
-            seen += len(idx)
-            bar.set_postfix(loss=f"{total / seen:.4f}", img_per_s=f"{seen * world / (time.perf_counter() - t0):.1f}")
-        total, seen, seconds, term_sums = _epoch_totals(total, seen, clock(device) - t0, world, device, term_sums)
-        finite_norms = [g for g in grad_norms if math.isfinite(g)]  # fp16 scaler steps it skipped are inf
-        record = {"epoch": epoch + 1, "loss": total / max(1, seen), "lr": optimizer.param_groups[0]["lr"],
-                  "grad_norm": round(sum(finite_norms) / max(1, len(finite_norms)), 4),
-                  "images": seen, "seconds": round(seconds, 3), "images_per_s": round(seen / seconds, 2)}
-        if term_sums:
-            record["terms"] = {k: v / max(1, seen) for k, v in term_sums.items()}
-        if val_cache is not None:
-            record["val_loss"] = validation_loss(model, val_cache, device, amp_dtype)
-        warning = _rise_warning(history, record, cfg)
-        if warning:
-            record["warning"] = warning
-        best = min(history, key=selection_loss) if history else None
-        history.append(record)
+        record = _run_epoch(loop, epoch, history)
         if rank == 0:
-            save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch + 1, cfg, history, extra)
-            if model.select_best_epoch and (best is None or selection_loss(record) <= selection_loss(best)
-                                            or not (out_dir / BEST).is_file()):
-                save_best(out_dir / BEST, model, record, extra)
-            _write_log(out_dir, history)
-            terms = "".join(f"  {k} {v:.4g}" for k, v in record.get("terms", {}).items())
-            val = f"  held-out {record['val_loss']:.4f}" if "val_loss" in record else ""
-            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}{terms}{val}  "
-                f"{record['images_per_s']:.1f} img/s" + (f"  warning: {warning}" if warning else ""))
-            # after the checkpoint: what the tracker holds is what a resume continues from
-            tracker.log_scalars((epoch + 1) * steps_per_epoch - 1, _epoch_scalars(record))
-            tracker.flush()
+            _end_epoch(loop, record, history, extra, log)
         if on_epoch_end is not None:
             on_epoch_end(model, record)
             model.train()
+    optimizer, scheduler = loop.optimizer, loop.scheduler
     model.eval()
     if model.score_is_fitted_after_training():
         _fit_score(model, cache, out_dir, rank, world, log,

@@ -177,11 +177,13 @@ def test_recipes():
 
 def test_resume_restores_the_cuda_rng_state(tmp_path, monkeypatch):
     # No GPU here: a stand-in for the GPUs' generator states, and a record of what resume restores.
+    import rlr_fast.checkpoints as checkpoints
     import rlr_fast.training as training
 
     states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5, 6], dtype=torch.uint8)]
     restored = []
-    monkeypatch.setattr(training, "_cuda_rng_state", lambda: [s.clone() for s in states])
+    # save_checkpoint (rlr_fast.checkpoints) records the state; the training loop restores it
+    monkeypatch.setattr(checkpoints, "_cuda_rng_state", lambda: [s.clone() for s in states])
     monkeypatch.setattr(training, "_restore_cuda_rng", lambda got: restored.append([s.tolist() for s in got]))
     cache = extract_features(_model(), _Images(4), progress=False)
     train(_model(), cache, tmp_path, TrainConfig(epochs=1, batch_size=4), progress=False)

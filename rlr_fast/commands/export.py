@@ -65,20 +65,15 @@ def run(args) -> int:
 
     _check_int8(args)
     model = load_model(args.run, "cpu", thresholds=False)  # an export does not decide: no thresholds needed
-    if model.name == "resad" and args.format != "weights":
-        # Not exported: its graph would hold the reference features of one class (or take them as
-        # inputs) and FrEIA's flows and the nearest-reference search, none of them traced yet.
-        raise UsageError(f"--format {args.format}: ResAD runs cannot be exported as a graph yet (its reference "
-                         f"images change per class); use --format weights, or predict with `rlr-fast predict "
-                         f"--reference`")
+    if model.graph_export_refused and args.format != "weights":  # (ResAD's)
+        raise UsageError(f"--format {args.format}: {model.graph_export_refused}")
     if args.int8 and model.name != "rlr":
         raise UsageError(f"--int8: only RLR runs are quantised so far (which ops of {model.name} must stay in float32 "
                          f"has not been measured); export --format openvino without --int8")
     if args.image_size is not None and (args.image_size, args.image_size) != tuple(model.input_size):
-        why = ("its memory bank holds the features of images of that size" if model.name == "patchcore" else
-               "its learnable reference has one token per position of the trained feature grid")
         raise UsageError(f"--image-size {args.image_size}: this run was trained at {model.image_size} px and its "
-                         f"model only takes that size ({why}); resize images instead, as `rlr-fast predict` does")
+                         f"model only takes that size ({model.fixed_size_reason}); resize images instead, as "
+                         f"`rlr-fast predict` does")
     out = args.out or Run(args.run).export_file(args.format, int8=args.int8)
     if out.is_dir():
         name = Run.INT8 if args.int8 else DEFAULT_NAMES[args.format]

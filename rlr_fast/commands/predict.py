@@ -159,11 +159,11 @@ def run(args) -> int:
         raise UsageError(f"--reference is for ResAD runs, which predict with --engine torch, not {args.engine}")
     if torch_model is not None:
         ignored_shot_options(args, torch_model.name)
-    resad = torch_model is not None and torch_model.name == "resad"
+    references = torch_model is not None and torch_model.takes_references
     groups = _groups(args, model.image_size)
-    if resad and args.reference is None and any(cls is None for cls, _ in groups):
+    if references and args.reference is None and any(cls is None for cls, _ in groups):
         raise UsageError("a ResAD run needs --reference DIR: normal images of the class being inspected")
-    if resad and args.reference is not None and not args.reference.is_dir():
+    if references and args.reference is not None and not args.reference.is_dir():
         raise FileNotFoundError(f"--reference folder not found: {args.reference}")
     out = args.out or Run(args.run).predictions
     _check_output_folder(out, args.overwrite)
@@ -172,7 +172,7 @@ def run(args) -> int:
     stems = dict(zip(map(str, every), output_stems(every)))
     rows, decided = [], None
     for cls, paths in groups:
-        if resad:
+        if references:
             _set_references(args, torch_model, cls)
         dataset = FolderDataset(paths, image_size=model.image_size)
         loader = DataLoader(dataset, batch_size=args.batch_size)

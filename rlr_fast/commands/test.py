@@ -86,7 +86,7 @@ def run(args) -> int:
     from ..metrics import format_table
     from ..runs import Run
     from ..trackers import check_loggers
-    from ..training import model_from_checkpoint, read_checkpoint
+    from ..training import model_class, model_from_checkpoint, read_checkpoint
     from .train import ignored_shot_options
 
     check_loggers(args.logger, args.mlflow_uri)  # before any work
@@ -95,7 +95,7 @@ def run(args) -> int:
     state = read_checkpoint(source)
     dataset = MVTecDataset(args.data, classes=args.classes, split="test", image_size=state["config"]["image_size"],
                            layout=args.layout)
-    if state["model"] != "resad":  # ResAD is for classes it was not trained on
+    if not model_class(state["model"]).takes_references:  # ResAD is for classes it was not trained on
         warn_untrained_classes(state, dataset.classes)
     model = model_from_checkpoint(state, args.device, source=source)
     model.precision = args.precision
@@ -107,7 +107,7 @@ def run(args) -> int:
     common = dict(batch_size=args.batch_size, device=args.device, overlays_dir=overlays, progress=not args.no_progress,
                   report=shown,
                   exact=True if args.exact_metrics else None)  # None: exact up to evaluation.EXACT_MAX_PIXELS
-    if model.name == "resad":
+    if model.takes_references:  # (ResAD) each class against K of its normal training images
         from ..fewshot import evaluate_fewshot
 
         summary = evaluate_fewshot(model, args.data, args.shots or model.config.shots, args.shot_seed,

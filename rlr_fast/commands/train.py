@@ -16,18 +16,33 @@ import torch
 from ..errors import UsageError
 from . import options
 
-# Options a resumed run takes from its checkpoint: (option, where the run keeps it, its key).
+# Options a resumed run takes from its checkpoint: (option, where the run keeps it, its key); the
+# models' own options (run_settings() adds them) are kept in their config.
 RUN_SETTINGS = (("--model", "run", "model"), ("--image-size", "config", "image_size"),
                 ("--backbone", "config", "backbone"), ("--backbone-weights", "config", "backbone_weights"),
                 ("--backend", "config", "backend"), ("--recipe", "extra", "recipe"),
                 ("--batch-size", "train", "batch_size"), ("--lr", "train", "lr"), ("--amp", "train", "amp"),
-                ("--seed", "train", "seed"), ("--val-fraction", "train", "val_fraction"),
-                ("--feature-norm", "config", "feature_norm"), ("--score", "config", "score"),
-                ("--anomaly-map", "config", "anomaly_map"),
-                ("--shots", "config", "shots"), ("--residual", "config", "residual"),
-                ("--coreset-ratio", "config", "coreset_ratio"))
+                ("--seed", "train", "seed"), ("--val-fraction", "train", "val_fraction"))
 # Options of the gradient training, which a training-free model (PatchCore) does not run.
 GRADIENT_OPTIONS = ("recipe", "epochs", "batch_size", "lr", "amp", "val_fraction")
+
+
+def model_classes() -> list:
+    """The class of each model `--model` offers (rlr_fast.models.registry), in its order."""
+    from ..models.registry import model_class, model_names
+
+    return [model_class(name) for name in model_names()]
+
+
+def model_options() -> list:
+    """(config field, model class) of every model's own option of `train` (AnomalyModel.cli_options
+    and config_options), in the models' order."""
+    return [(field, cls) for cls in model_classes() for field in cls.option_fields()]
+
+
+def run_settings() -> tuple:
+    """RUN_SETTINGS and the models' own options, which a run keeps in its config."""
+    return RUN_SETTINGS + tuple((f"--{field.replace('_', '-')}", "config", field) for field, _ in model_options())
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -39,18 +54,18 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_layout_option(p)
     p.add_argument("--out", required=True, type=options.output_folder, help="run folder: checkpoint, config, log")
     p.add_argument("--classes", help="comma-separated class names (default: every class in --data)")
-    p.add_argument("--model", choices=("rlr", "uniad", "resad", "patchcore"),
+    from ..models.registry import model_names
+
+    p.add_argument("--model", choices=model_names(),
                    help="model (default: rlr); patchcore: the training-free nearest-neighbour baseline")
     p.add_argument("--recipe", choices=("fast", "paper"),
                    help="fast: converges in minutes on a CPU (default); paper: the paper's schedule and network "
                         "(RLR: 4 layers, d 256/512, raw tokens)")
     add_shot_options(p, "ResAD: K reference images per seen class, drawn anew for every batch from its train/good "
                         "(default 4); with --shot-seed, K fixed ones drawn with that seed, left out of training")
-    p.add_argument("--residual", choices=("squared", "difference"),
-                   help="ResAD's residual: (f - r)^2 as the official code (default) or f - r as the paper")
-    p.add_argument("--coreset-ratio", type=options.unit_fraction,
-                   help="PatchCore: fraction of the training tokens kept in its memory bank, in (0, 1] "
-                        "(default 0.1; 1 keeps every token)")
+    for cls in model_classes():  # each model's own options (AnomalyModel.cli_options)
+        for flag, spec in cls.cli_options:
+            p.add_argument(flag, **spec)
     p.add_argument("--epochs", type=options.positive_int,
                    help="override the recipe's epochs; with --resume, the run's new total")
     p.add_argument("--batch-size", type=options.positive_int, help="override the recipe's batch size")
@@ -62,17 +77,6 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="'default' (shipped or timm pretrained; the default), 'random', or a local state-dict file")
     p.add_argument("--backend", choices=("auto", "torch", "reference", "triton"),
                    help="attention backend (PatchCore: nearest-neighbour search backend; default: auto)")
-    p.add_argument("--feature-norm", choices=("channel", "none"),
-                   help="RLR: standardise each level's features per channel for the network (default: channel; "
-                        "with --recipe paper: none, as the paper's code)")
-    p.add_argument("--score", choices=("paper", "balanced", "whitened"),
-                   help="RLR: the anomaly score (paper: MSE + (1 - cos) of the reconstruction, the levels averaged; "
-                        "balanced, the default: the same with each level divided by its mean on the training images; "
-                        "whitened: the residual's Mahalanobis distance under the training residuals; balanced and "
-                        "whitened are fitted after training; with --recipe paper: paper)")
-    p.add_argument("--anomaly-map", choices=("finest", "all"),
-                   help="RLR: the pixel map (default: finest, the stride-8 level's map; all: the mean of the levels' "
-                        "maps, as the paper; with --recipe paper: all). The image score is the paper's either way")
     p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"),
                    help="mixed precision (default: the recipe's; auto: bf16 where the device computes it natively)")
     p.add_argument("--device", type=options.device, default=options.default_device())
@@ -139,25 +143,46 @@ def add_shot_options(p: argparse.ArgumentParser, shots_help: str) -> None:
                    help="draw the K reference images with this seed (default: the first K by sorted name)")
 
 
+# The options of the reference images (train, test and predict), which only a model that takes
+# them (AnomalyModel.takes_references: ResAD) uses.
+REFERENCE_OPTIONS = ("shots", "shot_seed", "reference", "residual")
+
+
+def _flags(fields) -> str:
+    return " and ".join(f"--{k.replace('_', '-')}" for k in fields)
+
+
 def ignored_shot_options(args, model_name: str) -> None:
-    """RLR and UniAD use no reference images: say so when ResAD's options were given."""
-    given = [f"--{k.replace('_', '-')}" for k in ("shots", "shot_seed", "reference", "residual")
-             if getattr(args, k, None) is not None]
-    if given and model_name != "resad":
-        print(f"note: {' and '.join(given)} ignored: only ResAD uses {'it' if len(given) == 1 else 'them'} "
+    """A model that takes no reference images (RLR, UniAD, PatchCore): say so when the reference
+    options were given."""
+    from ..training import model_class
+
+    given = [k for k in REFERENCE_OPTIONS if getattr(args, k, None) is not None]
+    if given and not model_class(model_name).takes_references:
+        users = " and ".join(cls.label for cls in model_classes() if cls.takes_references)
+        print(f"note: {_flags(given)} ignored: only {users} uses {'it' if len(given) == 1 else 'them'} "
               f"(reference images); this is a {model_name} model")
 
 
 def ignored_model_options(args, model_name: str) -> None:
     """Say which given options the chosen model does not use: the gradient training's with a
-    training-free model (PatchCore), --coreset-ratio with any other."""
-    if model_name == "patchcore":
-        given = [f"--{k.replace('_', '-')}" for k in GRADIENT_OPTIONS if getattr(args, k, None) is not None]
+    training-free model (PatchCore), another model's own options (those it notes rather than
+    refuses, AnomalyModel.options_elsewhere; the reference options are ignored_shot_options')
+    with any other."""
+    from ..training import model_class
+
+    cls = model_class(model_name)
+    if cls.training_free:
+        given = [k for k in GRADIENT_OPTIONS if getattr(args, k, None) is not None]
         if given:
-            print(f"note: {' and '.join(given)} ignored: patchcore is fitted in one pass (a memory bank of "
+            print(f"note: {_flags(given)} ignored: {model_name} is fitted in one pass (a memory bank of "
                   f"training tokens), with no gradient training")
-    elif getattr(args, "coreset_ratio", None) is not None:
-        print(f"note: --coreset-ratio ignored: only PatchCore uses it (its memory bank); this is a {model_name} model")
+        return
+    for field, owner in model_options():
+        if (owner is not cls and owner.options_elsewhere == "note" and field not in REFERENCE_OPTIONS
+                and field not in cls.option_fields() and getattr(args, field, None) is not None):
+            print(f"note: {_flags([field])} ignored: only {owner.label} uses it ({owner.option_use}); "
+                  f"this is a {model_name} model")
 
 
 def training_set(data: Path, classes, image_size: int, layout: str = "auto"):
@@ -210,7 +235,7 @@ def _check_resume(args, state) -> None:
     extra = state.get("extra") or {}
     kept = {"run": {"model": state["model"]}, "config": state["config"], "train": state.get("train_config") or {},
             "extra": extra}
-    for option, where, key in RUN_SETTINGS:
+    for option, where, key in run_settings():
         given = getattr(args, option.lstrip("-").replace("-", "_"))
         if given is not None and key in kept[where] and given != kept[where][key]:
             raise UsageError(f"{option} {given} conflicts with the run being resumed in {args.out}, which has "
@@ -240,34 +265,25 @@ def _settings(args, state):
         return (state["model"], config, replace(cfg, epochs=args.epochs or cfg.epochs),
                 (state.get("extra") or {}).get("recipe"))
     name = args.model or "rlr"
+    cls = model_class(name)
     model_cfg = {"backend": args.backend or "auto", "backbone_weights": args.backbone_weights or "default"}
     if args.image_size:
         model_cfg["image_size"] = args.image_size
     if args.backbone:
         model_cfg["backbone"] = args.backbone
-    if name == "resad":
-        model_cfg.update({k: v for k, v in (("shots", args.shots), ("residual", args.residual)) if v is not None})
     recipe_name = args.recipe or "fast"
     if recipe_name == "paper":  # the paper's network too, where the model's defaults differ from it
-        model_cfg.update(model_class(name).paper_config)
-    if args.feature_norm is not None:
-        if name != "rlr":
-            raise UsageError(f"--feature-norm is an option of the rlr model, not of {name}")
-        model_cfg["feature_norm"] = args.feature_norm
-    if args.score is not None:
-        if name != "rlr":
-            raise UsageError(f"--score is an option of the rlr model, not of {name}")
-        model_cfg["score"] = args.score
-    if args.anomaly_map is not None:
-        if name != "rlr":
-            raise UsageError(f"--anomaly-map is an option of the rlr model, not of {name}")
-        model_cfg["anomaly_map"] = args.anomaly_map
-    if name == "patchcore" and args.coreset_ratio is not None:
-        model_cfg["coreset_ratio"] = args.coreset_ratio
-    # the recipe a model's --recipe names: UniAD and ResAD have their own papers' schedules
-    schedule = {("uniad", "paper"): "uniad", ("resad", "paper"): "resad", ("rlr", "fast"): "rlr-fast",
-                ("resad", "fast"): "resad-fast"}.get((name, recipe_name), recipe_name)
-    cfg = recipe(schedule, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp, seed=args.seed,
+        model_cfg.update(cls.paper_config)
+    for field, owner in model_options():  # the models' own options: this one's are set, others' refused or noted
+        value = getattr(args, field, None)
+        if value is None:
+            continue
+        if field in cls.option_fields():
+            model_cfg[field] = value
+        elif owner.options_elsewhere == "refuse":
+            raise UsageError(f"--{field.replace('_', '-')} is an option of the {owner.name} model, not of {name}")
+    # the recipe a model's --recipe names (AnomalyModel.recipes): UniAD and ResAD have their own papers' schedules
+    cfg = recipe(cls.recipes.get(recipe_name, recipe_name), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp, seed=args.seed,
                  val_fraction=args.val_fraction)
     return name, model_cfg, cfg, recipe_name
 
@@ -315,12 +331,12 @@ def run(args) -> int:
             f"(the run stopped before the end): fitting it")
     torch.manual_seed(cfg.seed)
     model = build_model(name, model_cfg).to(device)
-    fitted = getattr(model, "training_free", False)
+    fitted = model.training_free
     say(f"{'fitting' if fitted else 'training'} {name} on {len(dataset)} images"
         + (f" of {len(classes)} classes ({', '.join(classes)})" if classes else "")
         + f", image size {model.image_size}, "
         + (f"coreset ratio {model.config.coreset_ratio:g}, seed {cfg.seed}" if fitted else f"{cfg}"))
-    if name == "resad":  # every rank builds the whole (small) residual cache; DDP averages the gradients
+    if model.takes_references:  # every rank builds the whole (small) residual cache; DDP averages the gradients
         from ..fewshot import residual_cache
 
         cache = residual_cache(model, args.data, args.classes, model.config.shots, args.shot_seed,

@@ -5,6 +5,8 @@ from .patchcore import PatchCoreConfig, PatchCoreModel
 from .resad import FewShotKNN, ResADConfig, ResADModel
 from .rlr import RLRConfig, RLRModel
 from .uniad import UniADConfig, UniADModel
+from .registry import create_model, list_models, register_model
 
 __all__ = ["AnomalyModel", "AnomalyOutput", "Prediction", "FewShotKNN", "PatchCoreConfig", "PatchCoreModel",
-           "ResADConfig", "ResADModel", "RLRConfig", "RLRModel", "UniADConfig", "UniADModel"]
+           "ResADConfig", "ResADModel", "RLRConfig", "RLRModel", "UniADConfig", "UniADModel",
+           "create_model", "list_models", "register_model"]

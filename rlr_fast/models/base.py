@@ -143,6 +143,47 @@ class AnomalyModel(nn.Module):
     # model whose loss changes meaning during training (ResAD's stages), whose run is its last epoch.
     select_best_epoch: bool = True
 
+    # What the commands and the training loop need to know of a model, declared here rather than
+    # tested by name (rlr_fast.models.registry looks the class up from a checkpoint's model name).
+    # How messages name the model.
+    label: str = "base"
+    # The configuration dataclass (its defaults, e.g. the image size when none is given).
+    config_class = None
+    # The training recipe (rlr_fast.training.RECIPES) that each `--recipe` choice names for this
+    # model: UniAD and ResAD have their own papers' schedules.
+    recipes: dict = {"fast": "fast", "paper": "paper"}
+    # Whether the model scores an image against reference images of its class (ResAD): set by
+    # set_reference, drawn from --data or --reference by the commands.
+    takes_references: bool = False
+    # Whether the model is fitted in one pass (``fit``, PatchCore's memory bank) instead of trained.
+    training_free: bool = False
+    # The model's own options of `rlr-fast train`: (flag, argparse keywords) pairs, each setting
+    # the config field of the flag's name (--feature-norm: feature_norm). `train` adds them to its
+    # parser, keeps them in the run and refuses them for another model (options_elsewhere "refuse")
+    # or notes that it ignores them ("note"; the note says what they are for, option_use).
+    cli_options: tuple = ()
+    config_options: tuple = ()  # more config fields `train` sets from options it adds itself (--shots)
+    options_elsewhere: str = "refuse"
+    option_use: str = ""
+    # Why `rlr-fast export` refuses a graph (ONNX, OpenVINO) of this model, or None: it exports.
+    graph_export_refused: Optional[str] = None
+    # Why the model only takes the image size it was built with (what `export --image-size` says).
+    fixed_size_reason: str = "its learnable reference has one token per position of the trained feature grid"
+
+    @classmethod
+    def default_image_size(cls):
+        """The input side the model is built with when no image size is given."""
+        return cls.config_class().image_size
+
+    @classmethod
+    def option_fields(cls) -> tuple:
+        """The config fields `rlr-fast train` sets from this model's own options."""
+        return tuple(flag.lstrip("-").replace("-", "_") for flag, _ in cls.cli_options) + tuple(cls.config_options)
+
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the training loop before each epoch (0-based) of `epochs`, for a model whose
+        loss changes over training (ResAD's stages). Default: nothing."""
+
     def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
         """Anomaly map and score from features."""
         raise NotImplementedError

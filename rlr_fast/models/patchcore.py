@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import EMBEDDED, FrozenBackbone
+from ..commands.options import unit_fraction
 from ..errors import UsageError
 from ..ops import nearest_reference
 from ..precision import full_precision
@@ -189,7 +190,15 @@ class PatchCoreModel(AnomalyModel):
     ``out.score`` (B,). All of PatchCoreConfig's fields are keyword arguments."""
 
     name = "patchcore"
+    label = "PatchCore"
+    config_class = PatchCoreConfig
     training_free = True  # rlr_fast.training.train calls fit() instead of running epochs
+    cli_options = (("--coreset-ratio", dict(type=unit_fraction,
+                                            help="PatchCore: fraction of the training tokens kept in its memory "
+                                                 "bank, in (0, 1] (default 0.1; 1 keeps every token)")),)
+    options_elsewhere = "note"
+    option_use = "its memory bank"
+    fixed_size_reason = "its memory bank holds the features of images of that size"
 
     def __init__(self, **kwargs):
         super().__init__()

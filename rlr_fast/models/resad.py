@@ -301,6 +301,20 @@ class ResADModel(_ReferenceMixin, AnomalyModel):
     select_best_epoch = False  # the loss of stage 2 is not that of stage 1: the run is its last epoch
 
     name = "resad"
+    label = "ResAD"
+    config_class = ResADConfig
+    recipes = {"fast": "resad-fast", "paper": "resad"}
+    takes_references = True
+    cli_options = (("--residual", dict(choices=("squared", "difference"),
+                                       help="ResAD's residual: (f - r)^2 as the official code (default) or f - r "
+                                            "as the paper")),)
+    config_options = ("shots",)  # --shots: `train` adds it with the other reference options
+    options_elsewhere = "note"
+    option_use = "reference images"
+    # Its graph would hold the reference features of one class (or take them as inputs) and
+    # FrEIA's flows and the nearest-reference search, none of them traced yet.
+    graph_export_refused = ("ResAD runs cannot be exported as a graph yet (its reference images change per class); "
+                            "use --format weights, or predict with `rlr-fast predict --reference`")
 
     def __init__(self, **kwargs):
         super().__init__()

@@ -315,6 +315,24 @@ class RLRModel(AnomalyModel):
     the loss. All of RLRConfig's fields are keyword arguments."""
 
     name = "rlr"
+    label = "RLR"
+    config_class = RLRConfig
+    recipes = {"fast": "rlr-fast", "paper": "paper"}
+    cli_options = (
+        ("--feature-norm", dict(choices=("channel", "none"),
+                                help="RLR: standardise each level's features per channel for the network (default: "
+                                     "channel; with --recipe paper: none, as the paper's code)")),
+        ("--score", dict(choices=SCORES,
+                         help="RLR: the anomaly score (paper: MSE + (1 - cos) of the reconstruction, the levels "
+                              "averaged; balanced, the default: the same with each level divided by its mean on the "
+                              "training images; whitened: the residual's Mahalanobis distance under the training "
+                              "residuals; balanced and whitened are fitted after training; with --recipe paper: "
+                              "paper)")),
+        ("--anomaly-map", dict(choices=ANOMALY_MAPS,
+                               help="RLR: the pixel map (default: finest, the stride-8 level's map; all: the mean of "
+                                    "the levels' maps, as the paper; with --recipe paper: all). The image score "
+                                    "reads every level either way")),
+    )
 
     def __init__(self, **kwargs):
         super().__init__()

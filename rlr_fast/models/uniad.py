@@ -97,6 +97,9 @@ class UniADModel(AnomalyModel):
     keyword arguments."""
 
     name = "uniad"
+    label = "UniAD"
+    config_class = UniADConfig
+    recipes = {"fast": "fast", "paper": "uniad"}
 
     def __init__(self, **kwargs):
         super().__init__()
