@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from rlr_fast.data import MVTecDataset
 from rlr_fast.metrics import image_auroc, pixel_aupro, pixel_auroc
 from rlr_fast.models.layers import gaussian_blur
+from rlr_fast.models.rlr import paper_score
 from rlr_fast.training import load_model
 
 MAPS = ("all", "finest", "norm")
@@ -42,8 +43,7 @@ def level_maps(model, images: torch.Tensor) -> list:
     """Per level, the paper's reconstruction error upsampled to the input: [(B, 1, H, W)]."""
     maps = []
     for (target, recon), grid in zip(model.reconstruct(model.features(images)), model.grids):
-        target, recon = target.float(), recon.float()
-        s = (target - recon).pow(2).mean(-1) + 1 - F.cosine_similarity(target, recon, dim=-1)
+        s = paper_score(target.float(), recon.float())  # (B, L)
         maps.append(F.interpolate(s.view(-1, 1, *grid), size=model.input_size, mode="bilinear", align_corners=True))
     return maps
 

@@ -103,7 +103,23 @@ SCORES = ("balanced", "whitened", "paper")
 ANOMALY_MAPS = ("finest", "all")
 
 
-class WhitenedResidual(nn.Module):
+class _FittedStatistics(nn.Module):
+    """A score's statistics fitted on normal training tokens after training: the ``fitted``
+    buffer travels with the weights, ``is_fitted`` mirrors it as a Python bool so that tracing
+    and compiling see a constant, not a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.is_fitted = False
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "is_fitted", bool(module.fitted)))
+
+    def _mark_fitted(self) -> None:
+        self.fitted.fill_(True)
+        self.is_fitted = True
+
+
+class WhitenedResidual(_FittedStatistics):
     """A level's score from its reconstruction residual r = F - F^ (B, L, C):
     (r - mu)^T P (r - mu) / C, with mu and P = (Sigma + eps * mean(diag Sigma) * I)^-1 the mean
     and shrunk inverse covariance of the residuals of normal training tokens.
@@ -118,10 +134,6 @@ class WhitenedResidual(nn.Module):
         self.eps = eps
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("precision", torch.eye(channels))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
-        # The flag as a Python bool too, so tracing and compiling see a constant, not a tensor.
-        self.is_fitted = False
-        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "is_fitted", bool(module.fitted)))
 
     @torch.no_grad()
     def set_statistics(self, mean: torch.Tensor, cov: torch.Tensor) -> None:
@@ -130,20 +142,19 @@ class WhitenedResidual(nn.Module):
                                                                                      device=cov.device)
         self.mean.copy_(mean)
         self.precision.copy_(torch.linalg.inv(shrunk))
-        self.fitted.fill_(True)
-        self.is_fitted = True
+        self._mark_fitted()
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:  # (B, L, C) -> (B, L)
         d = residual - self.mean
         return (d @ self.precision * d).sum(-1) / d.shape[-1]
 
 
-def _paper_score(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+def paper_score(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """The paper's per-token score, MSE + (1 - cos) over channels: (B, L, C) pairs -> (B, L)."""
     return (target - recon).pow(2).mean(-1) + 1 - F.cosine_similarity(target, recon, dim=-1)
 
 
-class LevelBalance(nn.Module):
+class LevelBalance(_FittedStatistics):
     """The per-level divisors of score "balanced": each level's mean paper score (MSE + 1 - cos)
     over the tokens of normal training images, so that a level's map reads in multiples of its
     typical error on normal images.
@@ -156,10 +167,6 @@ class LevelBalance(nn.Module):
     def __init__(self, levels: int):
         super().__init__()
         self.register_buffer("mean_error", torch.ones(levels))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
-        # The flag as a Python bool too, so tracing and compiling see a constant, not a tensor.
-        self.is_fitted = False
-        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "is_fitted", bool(module.fitted)))
 
     @torch.no_grad()
     def set_mean_error(self, mean: torch.Tensor) -> None:
@@ -167,8 +174,7 @@ class LevelBalance(nn.Module):
         if not bool(torch.isfinite(mean).all() and (mean > 0).all()):
             raise ValueError(f"a level's mean training error must be finite and positive, got {mean.tolist()}")
         self.mean_error.copy_(mean)
-        self.fitted.fill_(True)
-        self.is_fitted = True
+        self._mark_fitted()
 
 
 def _init_embedding(linear: nn.Linear) -> nn.Linear:
@@ -450,7 +456,7 @@ class RLRModel(AnomalyModel):
             pairs = self.reconstruct(cache.batch(range(start, min(len(cache), start + 16)), device))
             with full_precision(device):
                 for level, (target, recon) in enumerate(pairs):
-                    sums[level] += _paper_score(target.float(), recon.float()).double().mean(-1).sum()
+                    sums[level] += paper_score(target.float(), recon.float()).double().mean(-1).sum()
             count += min(len(cache), start + 16) - start
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
@@ -502,7 +508,7 @@ class RLRModel(AnomalyModel):
                 if whitened:
                     s = self.scores[level](target - recon)  # (B, L)
                 else:
-                    s = _paper_score(target, recon)  # (B, L)
+                    s = paper_score(target, recon)  # (B, L)
                 if balanced:
                     s = s / self.balance.mean_error[level]
                 s = s.view(-1, 1, *grid)
