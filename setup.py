@@ -37,7 +37,7 @@ setup(
     packages=PACKAGES,
     package_dir={"rlr_fast": "rlr_fast", "rlr_fast.kernels": "kernels"},
     install_requires=[
-        # 2.4: torch.amp.custom_fwd/custom_bwd with device_type (rlr_fast/blocked.py), and the CPU
+        # 2.4: torch.amp.custom_fwd/custom_bwd with device_type (rlr_fast/blocked/), and the CPU
         # flash-attention ops with an attention mask (2.3) that the torch backend calls.
         "torch>=2.4",
         "triton; platform_system == 'Linux'",

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import reference
+from .windows import in_window
 
 
 def tracing_for_export() -> bool:
@@ -70,7 +71,7 @@ def _outside_window(grid, window) -> np.ndarray:
     """Dense boolean (L, L) numpy mask, True where key j lies outside the window of query i."""
     (h, w), (kh, kw) = grid, window
     y, x = np.divmod(np.arange(h * w), w)
-    inside = (np.abs(y[:, None] - y[None, :]) <= kh // 2) & (np.abs(x[:, None] - x[None, :]) <= kw // 2)
+    inside = in_window(y[:, None], y[None, :], kh) & in_window(x[:, None], x[None, :], kw)
     return ~inside
 
 

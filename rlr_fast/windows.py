@@ -58,14 +58,19 @@ def complement_is_empty(grid: Grid, window: Window) -> bool:
     return kh // 2 >= (h - 1) - (h - 1) // 2 and kw // 2 >= (w - 1) - (w - 1) // 2
 
 
+def in_window(query, key, side: int):
+    """The window rule along one axis: whether coordinate ``key`` lies in the window of size
+    ``side`` centred on ``query``, ``|query - key| <= side // 2``. Elementwise and broadcasting,
+    on tensors or numpy arrays: every backend's mask is built from it."""
+    return abs(query - key) <= side // 2
+
+
 @lru_cache(maxsize=32)
 def _window_mask_cpu(grid: Grid, window: Window) -> torch.Tensor:
     (h, w), (kh, kw) = grid, window
     y = torch.arange(h).repeat_interleave(w)
     x = torch.arange(w).repeat(h)
-    near_y = (y[:, None] - y[None, :]).abs() <= kh // 2
-    near_x = (x[:, None] - x[None, :]).abs() <= kw // 2
-    return near_y & near_x
+    return in_window(y[:, None], y[None, :], kh) & in_window(x[:, None], x[None, :], kw)
 
 
 def window_mask(grid: Grid, window: Window, device=None) -> torch.Tensor:

@@ -43,20 +43,22 @@ def test_torch_backend_backward_runs_in_the_forwards_autocast_state(op, grid, wi
         torch.testing.assert_close(g.double(), r.grad, rtol=5e-2, atol=5e-2 * r.grad.abs().max().item())
 
 
-@pytest.mark.parametrize("op,inner", [(local_cross_attention, "_backward"),
-                                      (neighbor_masked_attention, "_flash_backward")])
+@pytest.mark.parametrize("op,inner", [(local_cross_attention, "chunked.chunked_backward"),
+                                      (neighbor_masked_attention, "flash.flash_backward")])
 def test_torch_backend_declares_its_autocast_state_to_the_backward(op, inner, monkeypatch):
     import rlr_fast.blocked as blocked
 
-    states, original = [], getattr(blocked, inner)
+    module, name = inner.split(".")
+    module = getattr(blocked, module)
+    states, original = [], getattr(module, name)
 
     def recording(*args, **kwargs):
         states.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(blocked, inner, recording)
+    monkeypatch.setattr(module, name, recording)
     # MLKA's flash path: the one bf16 takes on CPUs without native bf16 (test_bf16_cpu.py has the other).
-    monkeypatch.setattr(blocked, "LOW_PRECISION_DTYPES", ())
+    monkeypatch.setattr(blocked.low_precision, "LOW_PRECISION_DTYPES", ())
     inputs = (torch.randn(1, 2, 64, 8), torch.randn(2, 64, 8), torch.randn(1, 2, 64, 8))
     _grads(op, inputs, (8, 8), 3, backward_in_autocast=False)
     assert states and all(s == (True, torch.bfloat16) for s in states)  # the forward's state

@@ -34,15 +34,15 @@ def _run(inputs, grad_out, dtype, backend, autocast=False):
 @pytest.fixture
 def dense_calls(monkeypatch):
     """Counts the calls of the dense 16-bit path; bands of 2 grid rows (several per grid)."""
-    monkeypatch.setattr(blocked, "LOW_PRECISION_BAND_SCORES", 2 * GRID[1] * GRID[0] * GRID[1])
+    monkeypatch.setattr(blocked.low_precision, "LOW_PRECISION_BAND_SCORES", 2 * GRID[1] * GRID[0] * GRID[1])
     calls = []
-    original = blocked._DenseLowPrecisionAttention.forward
+    original = blocked.low_precision.DenseLowPrecisionAttention.forward
 
     def counting(ctx, *args):
         calls.append(args[0].dtype)
         return original(ctx, *args)
 
-    monkeypatch.setattr(blocked._DenseLowPrecisionAttention, "forward", staticmethod(counting))
+    monkeypatch.setattr(blocked.low_precision.DenseLowPrecisionAttention, "forward", staticmethod(counting))
     return calls
 
 
@@ -80,7 +80,7 @@ def test_without_native_bf16_or_in_float16_the_flash_path_serves(dense_calls, mo
     inputs = _inputs(1, 2, 8, True, False)
     grad_out = torch.randn(1, 2, GRID[0] * GRID[1], 8)
     _run(inputs, grad_out, torch.float16, "torch")
-    monkeypatch.setattr(blocked, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(blocked.low_precision, "bf16_supported", lambda device: False)
     _run(inputs, grad_out, torch.bfloat16, "torch")
     assert dense_calls == []
 

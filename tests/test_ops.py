@@ -101,9 +101,9 @@ MLKA_CASES = [((5, 7), 1), ((5, 7), 3), ((6, 4), (1, 3)), ((9, 9), 5), ((3, 8), 
 def chunking(request, monkeypatch):
     """Run each case as shipped and with one group / one query row per chunk."""
     if request.param == "tiny_chunks":
-        monkeypatch.setattr(blocked, "CHUNK_ELEMENTS", 1)
-        monkeypatch.setattr(blocked, "FLASH_BAND_QUERIES", 1)
-        monkeypatch.setattr(blocked, "FLASH_BAND_KEYS", 1)
+        monkeypatch.setattr(blocked.chunked, "CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(blocked.flash, "FLASH_BAND_QUERIES", 1)
+        monkeypatch.setattr(blocked.flash, "FLASH_BAND_KEYS", 1)
     return request.param
 
 
@@ -155,9 +155,9 @@ def test_torch_low_precision_error_is_bounded(op, dtype):
 @pytest.mark.parametrize("op,k_shared,v_shared", [("lca", True, True), ("lca", False, True),
                                                   ("mlka", True, False), ("mlka", False, False)])
 def test_gradcheck_float64(op, backend, k_shared, v_shared, monkeypatch):
-    monkeypatch.setattr(blocked, "CHUNK_ELEMENTS", 64)  # several chunks
-    monkeypatch.setattr(blocked, "FLASH_BAND_QUERIES", 4)  # several bands
-    monkeypatch.setattr(blocked, "FLASH_BAND_KEYS", 4)
+    monkeypatch.setattr(blocked.chunked, "CHUNK_ELEMENTS", 64)  # several chunks
+    monkeypatch.setattr(blocked.flash, "FLASH_BAND_QUERIES", 4)  # several bands
+    monkeypatch.setattr(blocked.flash, "FLASH_BAND_KEYS", 4)
     grid = (4, 5)
     q, k, v = make_inputs(2, 2, grid, 4, k_shared, v_shared)
     assert torch.autograd.gradcheck(
