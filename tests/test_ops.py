@@ -332,3 +332,18 @@ def test_auto_on_other_devices_is_torch_silently():
         warnings.simplefilter("error")
         for device in ("cpu", "meta"):
             assert resolve_backend("auto", torch.device(device), torch.float64, 24) == "torch"
+
+
+def test_the_torch_backend_chooses_one_mlka_implementation_per_input(monkeypatch):
+    from rlr_fast.blocked import chunked, flash, low_precision, mlka_implementation
+
+    q = torch.randn(1, 2, 16, 8)
+    monkeypatch.setattr(low_precision, "bf16_supported", lambda device: True)
+    assert mlka_implementation(q.bfloat16()) == (low_precision.DenseLowPrecisionAttention, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 inputs under bf16 autocast compute in bf16
+        assert mlka_implementation(q) == (low_precision.DenseLowPrecisionAttention, torch.bfloat16)
+    assert mlka_implementation(q) == (flash.FlashComplementAttention, torch.float32)
+    monkeypatch.setattr(low_precision, "bf16_supported", lambda device: False)
+    assert mlka_implementation(q.bfloat16()) == (flash.FlashComplementAttention, torch.bfloat16)
+    monkeypatch.setattr(flash, "flash_forward", None)  # a PyTorch without the CPU flash kernel
+    assert mlka_implementation(q.double()) == (chunked.BlockedAttention, torch.float64)
