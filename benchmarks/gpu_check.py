@@ -222,7 +222,7 @@ def measure_training_step(device, batch: int, image_size: int, repeats: int) -> 
     for path in ("ours eager", "ours compiled", "naive"):
         torch.manual_seed(0)
         model = RLRModel(image_size=image_size, backbone_weights="random",
-                         backend="reference" if path == "naive" else "auto").to(device).train()
+                         backend="dense" if path == "naive" else "auto").to(device).train()
         feats = model.features(torch.randn(batch, 3, image_size, image_size, device=device))
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         loss = torch.compile(model.loss) if path == "ours compiled" else model.loss

@@ -16,7 +16,7 @@ SMALL_MODEL = {"rlr": dict(num_layers=1, dims=(32, 64), num_heads=4),
 
 
 def _model(name, path, size, full):
-    kwargs = dict(image_size=size, backbone_weights="random", backend="auto" if path == "fast" else "reference")
+    kwargs = dict(image_size=size, backbone_weights="random", backend="auto" if path == "fast" else "dense")
     if name == "uniad":
         kwargs["backbone"] = "efficientnet_b4"
     if full and name == "rlr":  # the paper's network, as the recorded figures (BENCHMARKS.md)

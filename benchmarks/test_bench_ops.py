@@ -53,7 +53,9 @@ def _case(op, grid, window, batch, provider, device, dtype=torch.float32):
     expand = lambda t: t.expand(batch, *t.shape[-3:]) if t.dim() == 3 else t  # noqa: E731
     if provider in ("triton", "torch", "reference"):
         fn = local_cross_attention if op == "lca" else neighbor_masked_attention
-        call = lambda: fn(q, k, v, (grid, grid), window, backend=provider)  # noqa: E731
+        # "reference" stays the dense backend's provider label, as in the recorded results
+        backend = "dense" if provider == "reference" else provider
+        call = lambda: fn(q, k, v, (grid, grid), window, backend=backend)  # noqa: E731
     elif provider == "sdpa":
         call = lambda: F.scaled_dot_product_attention(q, expand(k), expand(v), attn_mask=allowed)  # noqa: E731
     elif provider == "sdpa_float":

@@ -73,7 +73,7 @@ def test_scaling(benchmark, measure, device, full, path, grid):
     torch.manual_seed(0)
     net = ReconstructionNetwork(cfg["channels"], cfg["dim"], (grid, grid), default_windows((grid, grid)),
                                 num_layers=cfg["layers"], num_heads=cfg["heads"],
-                                backend="auto" if path == "fast" else "reference").to(device)
+                                backend="auto" if path == "fast" else "dense").to(device)
     tokens = torch.randn(b, grid * grid, cfg["channels"], device=device)
 
     def fn():

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .ops import BACKENDS, local_cross_attention, neighbor_masked_attention
+from .ops import canonical_backend, local_cross_attention, neighbor_masked_attention
 from .windows import normalize_grid, normalize_window
 
 
@@ -25,8 +25,7 @@ class _WindowedMultiheadAttention(nn.Module):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        backend = canonical_backend(backend)
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
         self.grid, self.window = normalize_grid(grid), normalize_window(window)

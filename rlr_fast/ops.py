@@ -5,7 +5,8 @@ Layout follows ``torch.nn.functional.scaled_dot_product_attention``: ``q`` is
 every batch element and never copied B times, or *batched* (B, heads, L, D).
 
 Backends:
-    ``"reference"``  dense L x L masked attention (the oracle: slow, exact);
+    ``"dense"``      dense L x L masked attention (the oracle: slow, exact; ``"reference"``, its
+                     former name, still works and warns once);
     ``"torch"``      memory-efficient blocked attention, any device, the fast CPU path;
     ``"triton"``     fused GPU kernels (``rlr_fast.kernels``), CUDA tensors, or CPU tensors
                      under ``TRITON_INTERPRET=1``;
@@ -26,7 +27,9 @@ import torch
 from . import blocked, custom_ops, reference, traceable
 from .windows import Grid, Window, complement_is_empty, normalize_grid, normalize_window
 
-BACKENDS = ("auto", "reference", "torch", "triton")
+BACKENDS = ("auto", "dense", "torch", "triton")
+# Former names of backends: accepted, with one FutureWarning per process and name.
+BACKEND_ALIASES = {"reference": "dense"}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -109,6 +112,21 @@ def _triton_unavailable(device: torch.device, dtype: Optional[torch.dtype],
 _warned = set()  # the fallback reasons `auto` has already reported
 
 
+def canonical_backend(backend: str) -> str:
+    """The backend's current name: a name of BACKENDS as is, a former name (BACKEND_ALIASES) mapped
+    to its new one with one FutureWarning per process; anything else is refused, naming the choices."""
+    if backend in BACKEND_ALIASES:
+        new = BACKEND_ALIASES[backend]
+        if ("alias", backend) not in _warned:
+            _warned.add(("alias", backend))
+            warnings.warn(f"backend {backend!r} is now called {new!r} (the dense oracle, not RLR's learnable "
+                          f"reference); {backend!r} will be removed", FutureWarning, stacklevel=4)
+        return new
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
                     head_dim: Optional[int] = None) -> str:
     """Map ``"auto"`` to a concrete backend and check the choice fits the call.
@@ -116,8 +134,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
     ``auto`` is triton on CUDA and torch elsewhere; on CUDA it falls back to torch where the
     kernels cannot serve (no triton, float64, a head dim they do not take), with one warning per
     reason. ``triton`` raises there instead, naming the problem."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    backend = canonical_backend(backend)
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
@@ -137,7 +154,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
 
 def _run(op: str, q, k, v, grid, window, scale, backend):
     """The chosen backend's eager call on checked inputs."""
-    if backend == "reference":
+    if backend == "dense":
         fn = getattr(reference, op)
     elif backend == "torch":
         fn = getattr(blocked, op)
@@ -162,7 +179,7 @@ def _dispatch(op: str, q, k, v, grid, window, scale, backend):
     backend = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
     if traceable.tracing_for_export():  # torch.jit.trace, torch.export, the ONNX exporters
         return getattr(traceable, op)(q, k, v, p.grid, p.window, p.scale)
-    if torch.compiler.is_compiling() and backend != "reference":
+    if torch.compiler.is_compiling() and backend != "dense":
         return _CUSTOM_OPS[op](q, k, v, list(p.grid), list(p.window), p.scale, backend)[0]
     return _run(op, q, k, v, p.grid, p.window, p.scale, backend)
 
@@ -238,7 +255,7 @@ def nearest_reference(x: torch.Tensor, ref: torch.Tensor, *, metric: str = "cosi
     equals a reference row at a distance of about ``sqrt(eps_fp32) * ||x||`` rather than 0.
     The outputs carry no gradient.
 
-    Backends: ``reference`` (dense B x N x M scores, the oracle), ``torch`` (chunked, memory
+    Backends: ``dense`` (dense B x N x M scores, the oracle), ``torch`` (chunked, memory
     O(B*N + tile)), ``triton`` (one fused GPU kernel), ``auto`` (triton on CUDA, torch elsewhere).
     While a model is traced for export, the search runs as plain tensor operations over chunks of
     the reference rows (``rlr_fast.traceable``).
@@ -248,14 +265,14 @@ def nearest_reference(x: torch.Tensor, ref: torch.Tensor, *, metric: str = "cosi
     if traceable.tracing_for_export():  # torch.jit.trace, torch.export, the ONNX exporters
         with torch.no_grad():
             return traceable.nearest_reference(x, ref, NEAREST_EPS, metric)
-    if torch.compiler.is_compiling() and backend != "reference":
+    if torch.compiler.is_compiling() and backend != "dense":
         return _NEAREST_OP(x, ref, backend, metric)
     return _run_nearest(x, ref, metric, backend)
 
 
 def _run_nearest(x, ref, metric: str, backend: str):
     """The chosen backend's eager call of nearest_reference on checked inputs."""
-    if backend == "reference":
+    if backend == "dense":
         with torch.no_grad():
             return reference.nearest_reference(x, ref, NEAREST_EPS, metric)
     if backend == "torch":

@@ -36,7 +36,7 @@ def test_torch_backend_backward_runs_in_the_forwards_autocast_state(op, grid, wi
         assert torch.equal(a, b)
     # And they are those of attention, to bfloat16 accuracy.
     wide = [t.double().requires_grad_() for t in inputs]
-    ref = op(*wide, grid=grid, window=window, backend="reference")
+    ref = op(*wide, grid=grid, window=window, backend="dense")
     ref.square().sum().backward()
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
     for g, r in zip(after, wide):

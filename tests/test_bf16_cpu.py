@@ -53,8 +53,8 @@ def test_dense_bf16_error_is_within_twice_the_bf16_reference(dense_calls, k_shar
     torch.manual_seed(0)
     inputs = _inputs(3, 2, 16, k_shared, v_shared)
     grad_out = torch.randn(3, 2, GRID[0] * GRID[1], 16)
-    oracle = _run(inputs, grad_out, torch.float64, "reference")
-    low_ref = _run(inputs, grad_out, torch.bfloat16, "reference")
+    oracle = _run(inputs, grad_out, torch.float64, "dense")
+    low_ref = _run(inputs, grad_out, torch.bfloat16, "dense")
     got = _run(inputs, grad_out, torch.bfloat16, "torch")
     assert dense_calls == [torch.bfloat16]
     for name, o, r, g in zip(("out", "dq", "dk", "dv"), oracle, low_ref, got):
@@ -69,7 +69,7 @@ def test_float32_inputs_under_bf16_autocast_take_the_dense_path(dense_calls):
     grad_out = torch.randn(2, 2, GRID[0] * GRID[1], 8)
     out, *grads = _run(inputs, grad_out, torch.float32, "torch", autocast=True)
     assert dense_calls == [torch.bfloat16] and out.dtype == torch.bfloat16
-    oracle = _run(inputs, grad_out, torch.float64, "reference")
+    oracle = _run(inputs, grad_out, torch.float64, "dense")
     torch.testing.assert_close(out.double(), oracle[0], rtol=3e-2, atol=3e-2)
     for g, o in zip(grads, oracle[1:]):
         assert g.dtype == torch.float32  # the inputs' gradients in the inputs' dtype

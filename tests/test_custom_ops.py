@@ -200,7 +200,7 @@ def test_compiled_rlr_layer_on_cpu_keeps_the_chunked_backward_and_trains_like_th
 
     torch.manual_seed(0)
     layer = RLRLayer(32, 2, (4, 4), (3, 3))  # backend "auto"
-    oracle = RLRLayer(32, 2, (4, 4), (3, 3), backend="reference")
+    oracle = RLRLayer(32, 2, (4, 4), (3, 3), backend="dense")
     oracle.load_state_dict(layer.state_dict())
     y, ref = torch.randn(2, 16, 32, requires_grad=True), torch.randn(16, 32, requires_grad=True)
     grad = torch.randn(2, 16, 32)  # not ones: the sum of a LayerNorm's output has no gradient upstream

@@ -93,7 +93,7 @@ def test_every_config_matches_the_reference(index, op, dtype, pin):
         pin(name, index % len(SPACES[name]))
     q, k, v, grad = _inputs(op, dtype)
     got = _run(op, q, k, v, grad, "triton")
-    oracle = _run(op, q.double(), k.double(), v.double(), grad.double(), "reference")
+    oracle = _run(op, q.double(), k.double(), v.double(), grad.double(), "dense")
     for name in names:
         space, chosen = SPACES[name][index % len(SPACES[name])], _chosen(name)
         assert (chosen.num_warps, chosen.num_stages) == (space.num_warps, space.num_stages), name
@@ -121,7 +121,7 @@ def test_every_nearest_config_matches_the_reference(index, dtype, channels, pin)
     ref = torch.randn(150, channels, generator=g).to(dtype)
     index_, sim = (t.cpu() for t in nearest_reference(x.to(DEVICE), ref.to(DEVICE), backend="triton"))
     assert _chosen("nearest") == nr.NEAREST_CONFIGS[index]
-    oi, osim = nearest_reference(x.double(), ref.double(), backend="reference")
+    oi, osim = nearest_reference(x.double(), ref.double(), backend="dense")
     agree(x, ref, index_, sim, oi, osim, atol=1e-5)
 
 
@@ -132,7 +132,7 @@ def test_reruns_on_the_same_buffers_leave_the_outputs_right(op, pin):
     as the reference's: the kernels write every output element, none accumulates into them."""
     dtype, grid = torch.float16, (9, 10)
     q, k, v, grad = _inputs(op, dtype, batch=3, grid=grid)
-    oracle = _run(op, q.double(), k.double(), v.double(), grad.double(), "reference", grid)
+    oracle = _run(op, q.double(), k.double(), v.double(), grad.double(), "dense", grid)
     radius, scale, complement = (WINDOW // 2, WINDOW // 2), 16 ** -0.5, op == "mlka"
     o = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
     lse = torch.full((q.numel() // 16,), float("nan"), device=DEVICE)
@@ -319,7 +319,7 @@ from rlr_fast import neighbor_masked_attention
 from rlr_fast.kernels import tuning, window_attention as wa
 q = torch.randn(2, 1, 16 * 12, 16)
 out = neighbor_masked_attention(q, q[0], q, (16, 12), 3, backend="triton")
-ref = neighbor_masked_attention(q, q[0], q, (16, 12), 3, backend="reference")
+ref = neighbor_masked_attention(q, q[0], q, (16, 12), 3, backend="dense")
 torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 print(wa.MLKA_FWD_CONFIGS.index(tuning.KERNELS["mlka_fwd"].kernel.best_config))
 """
@@ -385,7 +385,7 @@ print(",".join(l.name for l in wa.backward_launches(q, q[0], q, q, q, q[0], q, l
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(2, 1, 72, 16, generator=g) for _ in range(3))
 grads = []
-for backend in ("triton", "reference"):
+for backend in ("triton", "dense"):
     t = [x.to(torch.float16 if backend == "triton" else torch.float64).requires_grad_() for x in (q, k[0], v)]
     out = neighbor_masked_attention(*t, (9, 8), 3, backend=backend)
     grads.append(torch.autograd.grad(out, t, torch.ones_like(out)))

@@ -42,7 +42,7 @@ CASES = [("lca", (5, 7), 1), ("lca", (5, 7), 3), ("lca", (6, 4), (1, 3)), ("lca"
 @pytest.mark.parametrize("op,grid,window", CASES)
 def test_triton_matches_reference_float32(op, grid, window, k_shared, v_shared):
     q, k, v, grad = _inputs(2, 2, grid, 16, k_shared, v_shared, torch.float32)
-    ref = _run(op, q, k, v, grad, grid, window, "reference")
+    ref = _run(op, q, k, v, grad, grid, window, "dense")
     got = _run(op, q, k, v, grad, grid, window, "triton")
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         assert a.shape == b.shape and a.dtype == b.dtype, name
@@ -55,7 +55,7 @@ def test_triton_head_dims(op, dim):
     """Every supported head dim; at 128 the fp32 backward multiplies in fp32 FMA and dK/dV take
     one launch each (block_config), so that path is checked too."""
     q, k, v, grad = _inputs(2, 2, (9, 10), dim, True, op == "lca", torch.float32)
-    for a, b in zip(_run(op, q, k, v, grad, (9, 10), 3, "triton"), _run(op, q, k, v, grad, (9, 10), 3, "reference")):
+    for a, b in zip(_run(op, q, k, v, grad, (9, 10), 3, "triton"), _run(op, q, k, v, grad, (9, 10), 3, "dense")):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -73,9 +73,9 @@ LOW_PRECISION_CASES = [("lca", (10, 9), 3, 32, True, False), ("lca", (10, 9), 3,
 def test_triton_low_precision_error_is_bounded(op, grid, window, dim, k_shared, v_shared, dtype):
     """Error against an fp64 oracle at most twice that of the reference in the same dtype (+ slack)."""
     q, k, v, grad = _inputs(2, 2, grid, dim, k_shared, v_shared, torch.float64)
-    oracle = _run(op, q, k, v, grad, grid, window, "reference")
+    oracle = _run(op, q, k, v, grad, grid, window, "dense")
     low = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    ref = _run(op, *low, grad.to(dtype), grid, window, "reference")
+    ref = _run(op, *low, grad.to(dtype), grid, window, "dense")
     got = _run(op, *low, grad.to(dtype), grid, window, "triton")
     for name, o, r, g in zip(("out", "dq", "dk", "dv"), oracle, ref, got):
         assert g.dtype == dtype
@@ -93,7 +93,7 @@ def test_triton_non_contiguous_and_deterministic():
     second = _run("mlka", q, k, v, grad, grid, 3, "triton")
     for a, b in zip(first, second):
         assert torch.equal(a, b)  # no atomics: bitwise repeatable
-    ref = _run("mlka", q, k, v, grad, grid, 3, "reference")
+    ref = _run("mlka", q, k, v, grad, grid, 3, "dense")
     for a, b in zip(first, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -171,7 +171,7 @@ def _random_cases(n, seed=7):
 @pytest.mark.parametrize("op,grid,window,batch,heads,k_shared,v_shared,dtype", _random_cases(16))
 def test_triton_random_shapes(op, grid, window, batch, heads, k_shared, v_shared, dtype):
     q, k, v, grad = _inputs(batch, heads, grid, 16, k_shared, v_shared, torch.float64)
-    oracle = _run(op, q, k, v, grad, grid, window, "reference")
+    oracle = _run(op, q, k, v, grad, grid, window, "dense")
     low = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     got = _run(op, *low, grad.to(dtype), grid, window, "triton")
     tol = 1e-4 if dtype == torch.float32 else 2e-2
@@ -187,7 +187,7 @@ def test_triton_random_shapes(op, grid, window, batch, heads, k_shared, v_shared
 def _grads_against_reference(op, q, leaf, k, v, grid, window):
     """Forward and the gradients of (leaf, k, v) of the triton backend against the reference."""
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    for backend in ("reference", "triton"):
+    for backend in ("dense", "triton"):
         out = OPS[op](q, k, v, grid, window, backend=backend)
         yield (out, *torch.autograd.grad(out, (leaf, k, v), grad))
 
@@ -234,7 +234,7 @@ k, v = (torch.randn(H, L, D, generator=g).half().requires_grad_() for _ in range
 grad = torch.randn(B, H, L, D, generator=g).half()
 got = {op}(q, k, v, grid, 3, backend="triton")
 got = (got, *torch.autograd.grad(got, (q, k, v), grad))
-ref = {op}(dense.double(), k.double(), v.double(), grid, 3, backend="reference")
+ref = {op}(dense.double(), k.double(), v.double(), grid, 3, backend="dense")
 ref = (ref, *torch.autograd.grad(ref, (dense, k, v), grad.double()))
 for a, b in zip(got, ref):
     torch.testing.assert_close(a.double(), b.double(), rtol=2e-2, atol=2e-2)
@@ -306,7 +306,7 @@ def test_triton_on_the_second_gpu():
     q, k, v, grad = (t.detach().to("cuda:1").requires_grad_() for t in _inputs(2, 2, grid, 16, True, False, torch.float32))
     grad = grad.detach()
     got = _run("lca", q, k, v, grad, grid, 3, "triton")
-    ref = _run("lca", q, k, v, grad, grid, 3, "reference")
+    ref = _run("lca", q, k, v, grad, grid, 3, "dense")
     for a, b in zip(got, ref):
         assert a.device == torch.device("cuda:1")
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -321,7 +321,7 @@ def test_triton_lca_folds_the_batch_into_the_query_tile(batch):
     grid = (7, 9)
     q, k, v, grad = _inputs(batch, 2, grid, 16, True, True, torch.float64)
     assert lca_fold(batch, k.half(), v.half()) == {3: 4, 8: 8}[batch]
-    oracle = _run("lca", q, k, v, grad, grid, 5, "reference")
+    oracle = _run("lca", q, k, v, grad, grid, 5, "dense")
     low = [t.detach().half().requires_grad_() for t in (q, k, v)]
     got = _run("lca", *low, grad.half(), grid, 5, "triton")
     for name, g, o in zip(("out", "dq", "dk", "dv"), got, oracle):
@@ -334,7 +334,7 @@ def test_triton_mlka_fast_loop_16bit(grid, window, k_shared, v_shared):
     """16-bit MLKA forward and backward run runs of 64 tokens: grids large enough for blocks outside
     the band (the unmasked fast loops), a band in the middle, and a partial last block."""
     q, k, v, grad = _inputs(2, 1, grid, 32, k_shared, v_shared, torch.float64)
-    oracle = _run("mlka", q, k, v, grad, grid, window, "reference")
+    oracle = _run("mlka", q, k, v, grad, grid, window, "dense")
     low = [t.detach().half().requires_grad_() for t in (q, k, v)]
     got = _run("mlka", *low, grad.half(), grid, window, "triton")
     for name, g, o in zip(("out", "dq", "dk", "dv"), got, oracle):
@@ -436,8 +436,8 @@ def test_triton_lca_folded_backward_matches_the_fp64_reference(batch, grid, wind
     reference at most twice that of the reference backend in the same dtype (+ slack)."""
     spy = _LaunchSpy(monkeypatch)
     q, k, v, grad = _inputs(batch, 2, grid, dim, k_shared, v_shared, torch.float64)
-    oracle = _run("lca", q, k, v, grad, grid, window, "reference")
-    ref = _run("lca", *_low(dtype, q, k, v), grad.to(dtype), grid, window, "reference")
+    oracle = _run("lca", q, k, v, grad, grid, window, "dense")
+    ref = _run("lca", *_low(dtype, q, k, v), grad.to(dtype), grid, window, "dense")
     low = _low(dtype, q, k, v)
     out = local_cross_attention(*low, grid, window, backend="triton")
     got = (out, *spy.backward(out, low, grad.to(dtype)))
@@ -456,7 +456,7 @@ def test_triton_lca_folded_backward_kernels_in_fp32(batch, grid, window, dim, k_
     from rlr_fast.kernels import window_attention as wa
 
     q, k, v, grad = _inputs(batch, 2, grid, dim, k_shared, v_shared, torch.float64)
-    oracle = _run("lca", q, k, v, grad, grid, window, "reference")
+    oracle = _run("lca", q, k, v, grad, grid, window, "dense")
     fold = wa.lca_fold
     monkeypatch.setattr(wa, "lca_fold", lambda b, k_, v_: fold(b, k_.half(), v_.half()))
     q32, k32, v32, g32 = (t.detach().float() for t in (q, k, v, grad))
@@ -499,7 +499,7 @@ print(",".join(l.name for l in wa.backward_launches(q, q[0], q[0], q, q, q[0], q
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(2, 1, 72, 16, generator=g) for _ in range(3))
 grads = []
-for backend in ("triton", "reference"):
+for backend in ("triton", "dense"):
     t = [x.to(torch.float16 if backend == "triton" else torch.float64).requires_grad_() for x in (q, k[0], v[0])]
     out = local_cross_attention(*t, (9, 8), 3, backend=backend)
     grads.append(torch.autograd.grad(out, t, torch.ones_like(out)))

@@ -7,7 +7,7 @@ import torch
 from rlr_fast import nearest
 from rlr_fast.ops import nearest_reference
 
-BACKENDS = ["reference", "torch"]
+BACKENDS = ["dense", "torch"]
 FAST = ["torch"]  # the backends checked against the reference (Triton: test_nearest_triton.py)
 
 
@@ -45,7 +45,7 @@ def agree(x, ref, index, sim, oracle_index, oracle_sim, atol):
 
 def test_reference_matches_brute_force():
     x, ref = torch.randn(2, 9, 5, dtype=torch.float64), torch.randn(13, 5, dtype=torch.float64)
-    index, sim = nearest_reference(x, ref, backend="reference")
+    index, sim = nearest_reference(x, ref, backend="dense")
     bi, bs = brute_force(x, ref)
     assert torch.equal(index, bi)
     torch.testing.assert_close(sim, bs, atol=1e-12, rtol=0)
@@ -58,7 +58,7 @@ def test_reference_in_16_and_32_bits_matches_brute_force(shared, dtype, atol):
     float64 loops: what the other backends are compared with must be right in every dtype."""
     x = torch.randn(2, 7, 24).to(dtype).transpose(1, 2)  # (B, N=24 tokens, C=7): strided view
     ref = (torch.randn(31, 7) if shared else torch.randn(2, 31, 7)).to(dtype)
-    index, sim = nearest_reference(x, ref, backend="reference")
+    index, sim = nearest_reference(x, ref, backend="dense")
     assert sim.dtype == torch.float32
     bi, bs = brute_force(x, ref)
     agree(x, ref, index, sim, bi, bs, atol)
@@ -73,7 +73,7 @@ def test_backends_agree_with_reference(backend, shared, dtype, atol, monkeypatch
     x = torch.randn(3, 150, 24).to(dtype)
     ref = (torch.randn(301, 24) if shared else torch.randn(3, 301, 24)).to(dtype)
     index, sim = nearest_reference(x, ref, backend=backend)
-    oi, osim = nearest_reference(x.double(), ref.double(), backend="reference")  # inputs already rounded
+    oi, osim = nearest_reference(x.double(), ref.double(), backend="dense")  # inputs already rounded
     assert sim.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     agree(x, ref, index, sim, oi, osim, atol)
 
@@ -133,7 +133,7 @@ def test_channels_first_features_are_read_in_place(backend, monkeypatch):
     x = features.transpose(1, 2)
     ref = torch.randn(90, 16)
     index, sim = nearest_reference(x, ref, backend=backend)
-    oi, osim = nearest_reference(x.contiguous().double(), ref.double(), backend="reference")
+    oi, osim = nearest_reference(x.contiguous().double(), ref.double(), backend="dense")
     agree(x, ref, index, sim, oi, osim, 1e-5)
 
 
@@ -229,7 +229,7 @@ def test_traceable_formulation_agrees(metric, shared, monkeypatch):
     ref[..., 150, :] = ref[..., 10, :]
     x[:, 3] = ref[..., 10, :] * (2.0 if metric == "cosine" else 1.0)
     index, value = traceable.nearest_reference(x, ref, 1e-12, metric)
-    oi, ov = nearest_reference(x.double(), ref.double(), metric=metric, backend="reference")
+    oi, ov = nearest_reference(x.double(), ref.double(), metric=metric, backend="dense")
     assert (index[:, 3] == 10).all()
     assert torch.equal(index, oi)
     rest = torch.arange(50) != 3  # token 3 equals row 10: fp32 cancellation leaves sqrt(ulps) in l2

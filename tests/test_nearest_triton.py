@@ -40,7 +40,7 @@ def test_triton_agrees_with_reference(dtype, channels, shared):
     ref = torch.randn(*(() if shared else (2,)), M, channels, generator=g).to(dtype)
     index, sim = _triton(x, ref)
     # the oracle sees the same rounded inputs, in float64: products and sums are fp32 in the kernel
-    oi, osim = nearest_reference(x.double(), ref.double(), backend="reference")
+    oi, osim = nearest_reference(x.double(), ref.double(), backend="dense")
     assert index.shape == sim.shape == (2, N) and sim.dtype == torch.float32
     agree(x, ref, index, sim, oi, osim, atol=1e-5)
 
@@ -100,7 +100,7 @@ def test_non_contiguous_inputs(layout, channels):
         x = torch.randn(3, 40, c)
         ref = torch.randn(90, c).expand(3, 90, c)
     index, sim = _triton(x, ref)
-    oi, osim = nearest_reference(x.double(), ref.double(), backend="reference")
+    oi, osim = nearest_reference(x.double(), ref.double(), backend="dense")
     agree(x, ref, index, sim, oi, osim, atol=1e-5)
 
 

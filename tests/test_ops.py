@@ -60,7 +60,7 @@ def forward_backward(op, q, k, v, grid, window, backend, grad_out):
 @pytest.mark.parametrize("grid,window", [((5, 7), 3), ((6, 4), (1, 3)), ((4, 9), (3, 5))])
 def test_reference_matches_definition(op, grid, window):
     q, k, v = make_inputs(2, 2, grid, 4, k_shared=True, v_shared=False, requires_grad=False)
-    out = OPS[op](q, k, v, grid, window, backend="reference")
+    out = OPS[op](q, k, v, grid, window, backend="dense")
     torch.testing.assert_close(out, loop_oracle(q, k, v, grid, window, op == "mlka"), rtol=1e-12, atol=1e-12)
 
 
@@ -113,7 +113,7 @@ def chunking(request, monkeypatch):
 def test_torch_matches_reference_float64(op, grid, window, k_shared, v_shared, chunking):
     q, k, v = make_inputs(3, 2, grid, 8, k_shared, v_shared)
     grad_out = torch.randn(q.shape, dtype=q.dtype)
-    ref = forward_backward(OPS[op], q, k, v, grid, window, "reference", grad_out)
+    ref = forward_backward(OPS[op], q, k, v, grid, window, "dense", grad_out)
     got = forward_backward(OPS[op], q, k, v, grid, window, "torch", grad_out)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         assert a.shape == b.shape, name
@@ -126,7 +126,7 @@ def test_torch_matches_reference_float32(op, dim):
     grid = (12, 10)
     q, k, v = make_inputs(2, 4, grid, dim, True, op == "lca", dtype=torch.float32)
     grad_out = torch.randn(q.shape)
-    ref = forward_backward(OPS[op], q, k, v, grid, 5, "reference", grad_out)
+    ref = forward_backward(OPS[op], q, k, v, grid, 5, "dense", grad_out)
     got = forward_backward(OPS[op], q, k, v, grid, 5, "torch", grad_out)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
@@ -140,9 +140,9 @@ def test_torch_low_precision_error_is_bounded(op, dtype):
     grid = (8, 8)
     q64, k64, v64 = make_inputs(2, 2, grid, 32, True, False)
     grad_out = torch.randn(q64.shape, dtype=torch.float64)
-    oracle = forward_backward(OPS[op], q64, k64, v64, grid, 3, "reference", grad_out)
+    oracle = forward_backward(OPS[op], q64, k64, v64, grid, 3, "dense", grad_out)
     low = [t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64)]
-    ref_low = forward_backward(OPS[op], *low, grid, 3, "reference", grad_out.to(dtype))
+    ref_low = forward_backward(OPS[op], *low, grid, 3, "dense", grad_out.to(dtype))
     got_low = forward_backward(OPS[op], *low, grid, 3, "torch", grad_out.to(dtype))
     for name, o, r, g in zip(("out", "dq", "dk", "dv"), oracle, ref_low, got_low):
         assert g.dtype == dtype, name
@@ -151,7 +151,7 @@ def test_torch_low_precision_error_is_bounded(op, dtype):
         assert got_err <= 2 * ref_err + 1e-2, f"{op} {name}: {got_err} vs reference {ref_err}"
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["dense", "torch"])
 @pytest.mark.parametrize("op,k_shared,v_shared", [("lca", True, True), ("lca", False, True),
                                                   ("mlka", True, False), ("mlka", False, False)])
 def test_gradcheck_float64(op, backend, k_shared, v_shared, monkeypatch):
@@ -172,14 +172,14 @@ def test_non_contiguous_inputs(op):
     k = torch.randn(30, 2, 4, dtype=torch.float64).transpose(0, 1)
     v = torch.randn(3, 2, 30, 8, dtype=torch.float64)[..., ::2]
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-    ref = OPS[op](q.contiguous(), k.contiguous(), v.contiguous(), grid, 3, backend="reference")
+    ref = OPS[op](q.contiguous(), k.contiguous(), v.contiguous(), grid, 3, backend="dense")
     torch.testing.assert_close(OPS[op](q, k, v, grid, 3, backend="torch"), ref, rtol=1e-10, atol=1e-10)
 
 
 def test_scale_is_applied():
     grid = (4, 4)
     q, k, v = make_inputs(1, 1, grid, 8, True, True, requires_grad=False)
-    for backend in ("reference", "torch"):
+    for backend in ("dense", "torch"):
         torch.testing.assert_close(local_cross_attention(q, k, v, grid, 3, scale=0.5, backend=backend),
                                    local_cross_attention(q * 0.5 * math.sqrt(8), k, v, grid, 3, backend=backend))
 
@@ -217,7 +217,7 @@ def _good():
 @pytest.mark.parametrize("op", ["lca", "mlka"])
 def test_bad_input_is_named(op, mutate, error, pattern):
     args = mutate(*_good())
-    for backend in ("reference", "torch"):
+    for backend in ("dense", "torch"):
         with pytest.raises(error, match=pattern):
             OPS[op](*args, backend=backend)
 
@@ -246,7 +246,7 @@ def test_mlka_window_covering_the_grid_fails_before_compute(monkeypatch):
     with pytest.raises(ValueError, match="window 7x5 covers the whole 3x4 grid"):
         neighbor_masked_attention(q, k, v, (3, 4), (7, 5), backend="torch")
     # A window that leaves at least one key for every query is accepted (3x4 grid, 3x3 window).
-    neighbor_masked_attention(q, k, v, (3, 4), (1, 3), backend="reference")
+    neighbor_masked_attention(q, k, v, (3, 4), (1, 3), backend="dense")
 
 
 def test_lca_window_larger_than_grid_is_dense_attention():
@@ -347,3 +347,21 @@ def test_the_torch_backend_chooses_one_mlka_implementation_per_input(monkeypatch
     assert mlka_implementation(q.bfloat16()) == (flash.FlashComplementAttention, torch.bfloat16)
     monkeypatch.setattr(flash, "flash_forward", None)  # a PyTorch without the CPU flash kernel
     assert mlka_implementation(q.double()) == (chunked.BlockedAttention, torch.float64)
+
+
+def test_the_dense_backends_former_name_reference_still_works_and_warns_once(monkeypatch):
+    from rlr_fast import ops
+    from rlr_fast.modules import NeighborMaskedAttention
+
+    monkeypatch.setattr(ops, "_warned", set())
+    q, k, v = (torch.randn(2, 2, 12, 8) for _ in range(3))
+    dense = neighbor_masked_attention(q, k, v, (3, 4), 3, backend="dense")
+    with pytest.warns(FutureWarning, match="backend 'reference' is now called 'dense'"):
+        old = neighbor_masked_attention(q, k, v, (3, 4), 3, backend="reference")
+    torch.testing.assert_close(old, dense, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: the second use is silent
+        neighbor_masked_attention(q, k, v, (3, 4), 3, backend="reference")
+        assert NeighborMaskedAttention(16, 2, (3, 4), 3, backend="reference").backend == "dense"
+    with pytest.raises(ValueError, match="unknown backend 'oracle'; choose one of auto, dense, torch, triton"):
+        neighbor_masked_attention(q, k, v, (3, 4), 3, backend="oracle")

@@ -102,7 +102,7 @@ def test_shapes_and_paper_defaults():
 def test_reference_and_torch_backends_give_the_same_maps():
     torch.manual_seed(0)
     fast = RLRModel(backend="torch", **TINY).eval()
-    naive = RLRModel(backend="reference", **TINY).eval()
+    naive = RLRModel(backend="dense", **TINY).eval()
     naive.load_state_dict(fast.state_dict())
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():

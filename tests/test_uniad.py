@@ -31,7 +31,7 @@ def test_shapes():
 def test_fast_and_naive_give_the_same_outputs_and_gradients():
     torch.manual_seed(0)
     fast = UniADModel(backend="torch", **TINY)
-    naive = UniADModel(backend="reference", **TINY)
+    naive = UniADModel(backend="dense", **TINY)
     naive.load_state_dict(fast.state_dict())
     images = torch.randn(3, 3, 128, 128)
     fast.eval(), naive.eval()

@@ -135,7 +135,7 @@ from rlr_fast import local_cross_attention, neighbor_masked_attention
 from rlr_fast.cli import main
 q, k, v = torch.randn(1, 2, 64, 8), torch.randn(2, 64, 8), torch.randn(1, 2, 64, 8)
 for op in (local_cross_attention, neighbor_masked_attention):
-    ref = op(q, k, v, grid=(8, 8), window=3, backend="reference")
+    ref = op(q, k, v, grid=(8, 8), window=3, backend="dense")
     assert (op(q, k, v, grid=(8, 8), window=3, backend="torch") - ref).abs().max() < 1e-5
 assert main(["kernels"]) == 2
 print("ok")

@@ -21,7 +21,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=options.positive_int, help="default: RLR's fast recipe's")
     p.add_argument("--image-size", type=options.image_size, default=DEMO_IMAGE_SIZE)
     p.add_argument("--batch-size", type=options.positive_int, default=None)
-    p.add_argument("--backend", choices=("auto", "torch", "reference", "triton"), default="auto")
+    p.add_argument("--backend", choices=("auto", "torch", "dense", "triton", "reference"), default="auto")
     p.add_argument("--device", type=options.device, default=options.default_device())
     p.add_argument("--no-progress", action="store_true")
 

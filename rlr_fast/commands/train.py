@@ -75,7 +75,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", help="timm model name (default: tf_efficientnet_lite0, weights shipped)")
     p.add_argument("--backbone-weights",
                    help="'default' (shipped or timm pretrained; the default), 'random', or a local state-dict file")
-    p.add_argument("--backend", choices=("auto", "torch", "reference", "triton"),
+    p.add_argument("--backend", choices=("auto", "torch", "dense", "triton", "reference"),
                    help="attention backend (PatchCore: nearest-neighbour search backend; default: auto)")
     p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"),
                    help="mixed precision (default: the recipe's; auto: bf16 where the device computes it natively)")

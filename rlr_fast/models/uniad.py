@@ -11,7 +11,7 @@ transformer with a neighbour mask in every attention and a layer-wise learned qu
     reconstruction = Linear(LN(out_4))
 
 NMA is ``rlr_fast.neighbor_masked_attention`` with ``backend=`` passed through, so UniAD gets
-the fast path too; ``backend="reference"`` is the naive UniAD. One deviation from the original
+the fast path too; ``backend="dense"`` is the naive UniAD. One deviation from the original
 code: dropout is applied to each attention's output, not to its attention probabilities (the
 fused ops do not materialise them).
 """
