@@ -85,3 +85,12 @@ def test_scaling(benchmark, measure, device, full, path, grid):
     peak = measure(fn, 1 if heavy else 2, warm=not heavy, **info, out_of_budget=False)
     if path == "naive" and peak:
         _NAIVE_MEASURED[grid] = peak / b
+
+
+def test_naive_peak_fit_recovers_a_quadratic_and_uses_only_smaller_grids():
+    per_image = lambda g: 3.0 * (g * g) ** 2 + 500.0 * g * g  # noqa: E731  a known a*L^2 + b*L
+    measured = {16: per_image(16), 32: per_image(32), 64: 1.0}  # 64 is not smaller than 48: ignored
+    estimate, how = naive_peak_estimate(48, 8, 8, 4, measured)
+    assert abs(estimate - 8 * per_image(48)) <= 1e-6 * estimate
+    assert how == "fitted to the measured grids 16, 32"
+    assert naive_peak_estimate(16, 8, 8, 4, measured) == (analytic_naive_peak(16, 8, 8, 4), "analytic")

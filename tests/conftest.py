@@ -31,3 +31,15 @@ def _fresh_warn_once_sets():
     ops._warned.clear()
     precision._warned.clear()
     yield
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """The tiny two-class demo data set (brick and gravel, 64 px, 4 training images, 2 good and 4
+    defective test images per class) that the CLI, report, robustness, layout, PatchCore and
+    engine tests read. Shared by the whole session, so read only: a test that changes a data set
+    copies it first."""
+    from rlr_fast.demo_data import build_demo_dataset
+
+    return build_demo_dataset(tmp_path_factory.mktemp("data"), classes=("brick", "gravel"), image_size=64,
+                              n_train=4, n_test_good=2, n_test_defect=4)

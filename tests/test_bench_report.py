@@ -67,21 +67,6 @@ def test_missing_results_file(tmp_path, capsys):
     assert "no such results file" in capsys.readouterr().err
 
 
-def test_naive_peak_fit_recovers_a_quadratic_and_uses_only_smaller_grids():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from test_bench_scaling import analytic_naive_peak, naive_peak_estimate
-
-    per_image = lambda g: 3.0 * (g * g) ** 2 + 500.0 * g * g  # noqa: E731  a known a*L^2 + b*L
-    measured = {16: per_image(16), 32: per_image(32), 64: 1.0}  # 64 is not smaller than 48: ignored
-    estimate, how = naive_peak_estimate(48, 8, 8, 4, measured)
-    assert abs(estimate - 8 * per_image(48)) <= 1e-6 * estimate
-    assert how == "fitted to the measured grids 16, 32"
-    assert naive_peak_estimate(16, 8, 8, 4, measured) == (analytic_naive_peak(16, 8, 8, 4), "analytic")
-
-
 def test_deploy_table(tmp_path):
     deploy = dict(kind="deploy", image_size=256)
     benches = [_bench(0.5, engine="eager", batch=16, **deploy), _bench(0.25, engine="onnxruntime", batch=16, **deploy),

@@ -10,12 +10,6 @@ from rlr_fast.cli import main
 from rlr_fast.demo_data import build_demo_dataset
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return build_demo_dataset(tmp_path_factory.mktemp("data"), classes=("brick", "gravel"), image_size=64,
-                              n_train=4, n_test_good=2, n_test_defect=4)
-
-
 def test_train_resume_test_predict(data, tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--data", str(data), "--out", str(run), "--image-size", "64", "--backbone-weights", "random",

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from rlr_fast.cli import main
-from rlr_fast.demo_data import build_demo_dataset
 from rlr_fast.engines import DEFAULT_TOLERANCE, load_engine, openvino_bf16_supported, rank_engines
 from rlr_fast.runs import Run
 
@@ -37,12 +36,6 @@ def _installed(package):
 needs_openvino = pytest.mark.skipif(not _installed("openvino"), reason="openvino not installed (rlr-fast[deploy])")
 needs_nncf = pytest.mark.skipif(not (_installed("nncf") and _installed("openvino")),
                                 reason="nncf not installed (pip install 'rlr-fast[int8]')")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return build_demo_dataset(tmp_path_factory.mktemp("data"), classes=("brick", "gravel"), image_size=64,
-                              n_train=4, n_test_good=2, n_test_defect=4)
 
 
 @pytest.fixture(scope="module")

@@ -212,7 +212,7 @@ def test_cli_exact_metrics_flag(data, tmp_path, capsys, monkeypatch):
 
 def test_binned_per_type_metrics_match_the_exact_ones(tmp_path):
     # MVTec LOCO AD: metrics per anomaly type, each type's images with the class's normal ones
-    from test_layouts import build_tree
+    from helpers import build_tree
 
     src = build_demo_dataset(tmp_path / "src", classes=("brick", "gravel"), image_size=64, n_train=1,
                              n_test_good=4, n_test_defect=8)

@@ -16,7 +16,7 @@ from rlr_fast import local_cross_attention, neighbor_masked_attention
 from rlr_fast.kernels import aot, tuning
 from rlr_fast.kernels import window_attention as wa
 from rlr_fast.ops import nearest_reference
-from test_nearest import agree
+from helpers import agree
 
 nr = importlib.import_module("rlr_fast.kernels.nearest_reference")  # the package exports the function
 

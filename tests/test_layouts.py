@@ -10,120 +10,25 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from rlr_fast.cli import main
 from rlr_fast.data import MVTecDataset, load_image
-from rlr_fast.demo_data import build_demo_dataset
 from rlr_fast.errors import DataError
 from rlr_fast.layouts import FolderLayout, detect
 from rlr_fast.metrics import class_metrics
 from rlr_fast.models.base import AnomalyOutput
 
-CLASSES = ("brick", "gravel")
+from helpers import CLASSES, build_tree, make_parent
+
 LAYOUTS = ("mvtec", "folder", "visa", "mvtec-ad2", "mvtec-loco")
 
 
-def _copy(src: Path, dst: Path) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-    return dst
-
-
-def _mask_array(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("L")) >= 128
-
-
-def _save_mask(array: np.ndarray, path: Path, value: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((array * value).astype(np.uint8)).save(path)
-
-
-def _tests(src: Path, cls: str):
-    """(image, defect, mask or None) of a source class's test split, sorted."""
-    out = []
-    for folder in sorted((src / cls / "test").iterdir()):
-        for image in sorted(folder.glob("*.png")):
-            mask = None if folder.name == "good" else src / cls / "ground_truth" / folder.name / f"{image.stem}_mask.png"
-            out.append((image, folder.name, mask))
-    return out
-
-
-def build_tree(src: Path, layout: str, root: Path):
-    """`src` (MVTec AD, CLASSES) rewritten in `layout` under `root`; returns (root, source of each
-    converted test image: converted path -> source path)."""
-    source = {}
-    if layout == "mvtec":
-        shutil.copytree(src, root)
-        return root, {root / p.relative_to(src): p for c in CLASSES for p, _, _ in _tests(src, c)}
-    if layout == "folder":  # one class: brick
-        cls = "brick"
-        for image in sorted((src / cls / "train" / "good").glob("*.png")):
-            _copy(image, root / "normal" / f"train_{image.name}")
-        for image, defect, mask in _tests(src, cls):
-            if defect == "good":
-                source[_copy(image, root / "normal" / f"test_{image.name}")] = image
-            else:
-                source[_copy(image, root / defect / image.name)] = image
-                _copy(mask, root / "mask" / defect / f"{image.stem}_mask.png")
-        return root, source
-    rows = []
-    for cls in CLASSES:
-        for image in sorted((src / cls / "train" / "good").glob("*.png")):
-            if layout == "visa":
-                rel = Path(cls) / "Data" / "Images" / "Normal" / f"t{image.stem}.JPG"
-                Image.open(image).convert("RGB").save(_mkparent(root / rel), "JPEG", quality=95)
-                rows.append([cls, "train", "normal", rel.as_posix(), ""])
-            else:
-                _copy(image, root / cls / "train" / "good" / image.name)
-        if layout != "visa":
-            _copy(next((src / cls / "train" / "good").glob("*.png")), root / cls / "validation" / "good" / "000.png")
-        tests = _tests(src, cls)
-        for n, (image, defect, mask) in enumerate(tests):
-            if layout == "visa":
-                kind = "Normal" if defect == "good" else "Anomaly"
-                rel = Path(cls) / "Data" / "Images" / kind / f"{image.stem}.JPG"
-                Image.open(image).convert("RGB").save(_mkparent(root / rel), "JPEG", quality=95)
-                mask_rel = ""
-                if mask is not None:
-                    mask_rel = (Path(cls) / "Data" / "Masks" / "Anomaly" / f"{image.stem}.png").as_posix()
-                    _save_mask(_mask_array(mask), root / mask_rel, 1)  # VisA's masks: any non-zero value
-                rows.append([cls, "test", "normal" if mask is None else "anomaly", rel.as_posix(), mask_rel])
-                source[root / rel] = image
-            elif layout == "mvtec-ad2":
-                where = "good" if defect == "good" else "bad"
-                source[_copy(image, root / cls / "test_public" / where / image.name)] = image
-                if mask is not None:
-                    _copy(mask, root / cls / "test_public" / "ground_truth" / "bad" / f"{image.stem}_mask.png")
-            else:  # mvtec-loco: defects alternate between the two types; each mask split in two files
-                kind = "good" if defect == "good" else ("logical_anomalies" if n % 2 else "structural_anomalies")
-                source[_copy(image, root / cls / "test" / kind / image.name)] = image
-                if mask is not None:
-                    m = _mask_array(mask)
-                    half = np.zeros_like(m)
-                    half[: m.shape[0] // 2] = True
-                    _save_mask(m & half, root / cls / "ground_truth" / kind / image.stem / "000.png", 255)
-                    _save_mask(m & ~half, root / cls / "ground_truth" / kind / image.stem / "001.png", 255)
-    if layout == "visa":
-        with open(_mkparent(root / "split_csv" / "1cls.csv"), "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["object", "split", "label", "image", "mask"])
-            writer.writerows(rows)
-    return root, source
-
-
-def _mkparent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 @pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    return build_demo_dataset(tmp_path_factory.mktemp("src"), classes=CLASSES, image_size=64, n_train=4,
-                              n_test_good=2, n_test_defect=4)
+def src(data):
+    assert tuple(sorted(p.name for p in data.iterdir() if p.is_dir())) == CLASSES
+    return data
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +78,7 @@ def test_folder_layout_splits_normals_by_ratio_and_seed(trees, tmp_path):
     assert FolderLayout(root, seed=0).train("x") != FolderLayout(root, split_ratio=0.5, seed=0).train("x")
     copy = tmp_path / "own"
     shutil.copytree(root, copy)
-    shutil.move(str(copy / "normal" / "test_000.png"), _mkparent(copy / "normal_test" / "a.png"))
+    shutil.move(str(copy / "normal" / "test_000.png"), make_parent(copy / "normal_test" / "a.png"))
     layout = FolderLayout(copy)
     assert [s.path.name for s in layout.test("own") if s.label == 0] == ["a.png"]
     assert len(layout.train("own")) == len(normals) - 1  # given test normals: no split

@@ -1,5 +1,4 @@
 """nearest_reference: every backend against the dense reference, which is checked by brute force."""
-import math
 
 import pytest
 import torch
@@ -7,40 +6,10 @@ import torch
 from rlr_fast import nearest
 from rlr_fast.ops import nearest_reference
 
+from helpers import agree, agree_l2, brute_force, cdist_oracle
+
 BACKENDS = ["dense", "torch"]
 FAST = ["torch"]  # the backends checked against the reference (Triton: test_nearest_triton.py)
-
-
-def brute_force(x, ref):
-    """Loops over tokens in float64 with Python's max: first index among equals."""
-    b, n, _ = x.shape
-    index = torch.empty(b, n, dtype=torch.int64)
-    sim = torch.empty(b, n, dtype=torch.float64)
-    for i in range(b):
-        r = ref if ref.dim() == 2 else ref[i]
-        for t in range(n):
-            best, arg = -math.inf, 0
-            for j in range(r.shape[0]):
-                u, w = x[i, t].double(), r[j].double()
-                c = float(u @ w) / (max(float(u.norm()), 1e-12) * max(float(w.norm()), 1e-12))
-                if c > best:
-                    best, arg = c, j
-            index[i, t], sim[i, t] = arg, best
-    return index, sim
-
-
-def agree(x, ref, index, sim, oracle_index, oracle_sim, atol):
-    """Indices equal, except where two reference tokens are within rounding of each other."""
-    assert index.dtype == torch.int64 and index.shape == x.shape[:2]
-    torch.testing.assert_close(sim.double(), oracle_sim.double(), atol=atol, rtol=0)
-    differ = index != oracle_index
-    if differ.any():  # a near-tie: the chosen token's true similarity must equal the best one's
-        xn = torch.nn.functional.normalize(x.double(), dim=-1)
-        rn = torch.nn.functional.normalize(ref.double(), dim=-1)
-        r = rn.expand(x.shape[0], *rn.shape[-2:])
-        chosen = torch.einsum("bnc,bnc->bn", xn, r.gather(1, index[..., None].expand(-1, -1, x.shape[-1])))
-        torch.testing.assert_close(chosen[differ], oracle_sim.double()[differ], atol=atol, rtol=0)
-        assert differ.float().mean() < 0.01
 
 
 def test_reference_matches_brute_force():
@@ -140,27 +109,6 @@ def test_channels_first_features_are_read_in_place(backend, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # metric="l2": the nearest row by Euclidean distance, and that distance
 # ------------------------------------------------------------------------------------------------
-
-def cdist_oracle(x, ref):
-    """torch.cdist in float64 with the explicit (x - r)^2 sum (no matrix-product expansion)."""
-    r = ref.double().expand(x.shape[0], *ref.shape[-2:])
-    dist = torch.cdist(x.double(), r, compute_mode="donot_use_mm_for_euclid_dist")  # (B, N, M)
-    best, index = dist.min(dim=-1)  # the first minimum
-    return index, best, dist
-
-
-def agree_l2(x, ref, index, dist, atol):
-    """Distances equal to the oracle's; indices too, except where two rows are within rounding
-    of the same distance (then the chosen row's true distance must be the smallest one)."""
-    oracle_index, oracle_dist, all_dist = cdist_oracle(x, ref)
-    assert index.dtype == torch.int64 and index.shape == x.shape[:2]
-    torch.testing.assert_close(dist.double(), oracle_dist, atol=atol, rtol=1e-5)
-    differ = index != oracle_index
-    if differ.any():
-        chosen = all_dist.gather(-1, index.unsqueeze(-1)).squeeze(-1)
-        torch.testing.assert_close(chosen[differ], oracle_dist[differ], atol=atol, rtol=1e-5)
-        assert differ.float().mean() < 0.01
-
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_l2_matches_cdist_exactly_in_float64(backend):

@@ -7,7 +7,7 @@ import torch
 
 from rlr_fast.kernels.nearest_reference import block_config
 from rlr_fast.ops import nearest_reference
-from test_nearest import agree, brute_force
+from helpers import agree, brute_force
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
@@ -116,7 +116,7 @@ def test_float64_is_a_clear_error():
 
 
 # metric="l2": the same kernel with a per-row offset, against the explicit-difference cdist oracle
-from test_nearest import agree_l2, cdist_oracle  # noqa: E402
+from helpers import agree_l2, cdist_oracle  # noqa: E402
 
 
 def _triton_l2(x, ref):

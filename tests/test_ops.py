@@ -15,6 +15,8 @@ from rlr_fast import (LocalCrossAttention, NeighborMaskedAttention, local_cross_
 from rlr_fast.ops import resolve_backend
 from rlr_fast.windows import complement_is_empty
 
+from helpers import assert_within_flash_rule
+
 OPS = {"lca": local_cross_attention, "mlka": neighbor_masked_attention}
 
 
@@ -132,6 +134,21 @@ def test_torch_matches_reference_float32(op, dim):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_low_precision_rule_rejects_a_path_ten_times_worse_than_the_reference(dtype):
+    """The rule's slack is one ulp at the output's scale, not an absolute 1e-2: a path whose error
+    is 10x the same-dtype reference's fails it, one as accurate as the reference passes."""
+    oracle = 0.25 * torch.randn(2, 4, 64, 32, dtype=torch.float64)  # an attention output's scale
+    low_ref = oracle.to(dtype)  # the error of rounding once to dtype
+    step = (low_ref.double() - oracle).abs().max()
+    worse = (oracle + 10 * step * torch.sign(torch.randn_like(oracle))).to(dtype)
+    if dtype == torch.float16:  # what the former absolute slack let through
+        assert (worse.double() - oracle).abs().max() <= 2 * step + 1e-2
+    assert_within_flash_rule("as accurate", oracle, low_ref, low_ref.clone(), dtype)
+    with pytest.raises(AssertionError, match="bound"):
+        assert_within_flash_rule("10x worse", oracle, low_ref, worse, dtype)
+
+
 @pytest.mark.parametrize("op", ["lca", "mlka"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_torch_low_precision_error_is_bounded(op, dtype):
@@ -145,10 +162,7 @@ def test_torch_low_precision_error_is_bounded(op, dtype):
     ref_low = forward_backward(OPS[op], *low, grid, 3, "dense", grad_out.to(dtype))
     got_low = forward_backward(OPS[op], *low, grid, 3, "torch", grad_out.to(dtype))
     for name, o, r, g in zip(("out", "dq", "dk", "dv"), oracle, ref_low, got_low):
-        assert g.dtype == dtype, name
-        ref_err = (r.double() - o).abs().max().item()
-        got_err = (g.double() - o).abs().max().item()
-        assert got_err <= 2 * ref_err + 1e-2, f"{op} {name}: {got_err} vs reference {ref_err}"
+        assert_within_flash_rule(f"{op} {name}", o, r, g, dtype)
 
 
 @pytest.mark.parametrize("backend", ["dense", "torch"])

@@ -9,19 +9,12 @@ import torch
 
 from rlr_fast.cli import main
 from rlr_fast.data import MVTecDataset
-from rlr_fast.demo_data import build_demo_dataset
 from rlr_fast.errors import UsageError
 from rlr_fast.models.patchcore import (PatchCoreModel, coreset_indices, johnson_lindenstrauss_dim, k_center_greedy,
                                        reweighted_score, sparse_random_projection)
 from rlr_fast.training import load_model, save_checkpoint
 
 TINY = dict(image_size=64, backbone_weights="random")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return build_demo_dataset(tmp_path_factory.mktemp("data"), classes=("brick", "gravel"), image_size=64,
-                              n_train=4, n_test_good=2, n_test_defect=4)
 
 
 def _tokens(embedding):

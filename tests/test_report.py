@@ -19,7 +19,6 @@ from rlr_fast.decisions import Thresholds, decision_counts
 from rlr_fast.metrics import METRICS, pro_curve
 from rlr_fast.report import ReportCollector, build_report, read_fingerprint
 from rlr_fast.runs import Run
-from test_cli import data  # noqa: F401  (the tiny two-class data set of the CLI tests, a module fixture)
 
 
 # ---------------------------------------------------------------------------- decision_counts

@@ -23,12 +23,6 @@ RANDOM = ["--backbone-weights", "random", "--batch-size", "4", "--image-size", "
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return build_demo_dataset(tmp_path_factory.mktemp("data"), classes=("brick", "gravel"), image_size=64,
-                              n_train=4, n_test_good=2, n_test_defect=4)
-
-
-@pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
     """A run trained one epoch on brick and gravel; tests copy it before changing it."""
     run = tmp_path_factory.mktemp("trained") / "run"
