@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import blocked, custom_ops, reference, traceable
+from . import blocked, custom_ops, dense, traceable
 from .windows import Grid, Window, complement_is_empty, normalize_grid, normalize_window
 
 BACKENDS = ("auto", "dense", "torch", "triton")
@@ -155,7 +155,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
 def _run(op: str, q, k, v, grid, window, scale, backend):
     """The chosen backend's eager call on checked inputs."""
     if backend == "dense":
-        fn = getattr(reference, op)
+        fn = getattr(dense, op)
     elif backend == "torch":
         fn = getattr(blocked, op)
     else:
@@ -274,7 +274,7 @@ def _run_nearest(x, ref, metric: str, backend: str):
     """The chosen backend's eager call of nearest_reference on checked inputs."""
     if backend == "dense":
         with torch.no_grad():
-            return reference.nearest_reference(x, ref, NEAREST_EPS, metric)
+            return dense.nearest_reference(x, ref, NEAREST_EPS, metric)
     if backend == "torch":
         from . import nearest
         return nearest.nearest_reference(x, ref, NEAREST_EPS, metric)

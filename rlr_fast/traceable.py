@@ -25,7 +25,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from . import reference
+from . import dense
 from .windows import in_window
 
 
@@ -78,7 +78,7 @@ def _outside_window(grid, window) -> np.ndarray:
 def neighbor_masked_attention(q, k, v, grid, window, scale: float) -> torch.Tensor:
     """MLKA: dense attention with the window masked out, as the reference computes it."""
     allowed = torch.as_tensor(_outside_window(tuple(grid), tuple(window)), device=q.device)
-    return reference.dense_masked_attention(q, k, v, allowed, scale)
+    return dense.dense_masked_attention(q, k, v, allowed, scale)
 
 
 # Reference rows per step of the traced nearest search: the graph holds one (B*N, chunk) score

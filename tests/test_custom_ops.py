@@ -4,7 +4,7 @@ compiled graph runs (Triton's with the triton backend, the chunked one with torc
 import pytest
 import torch
 
-from rlr_fast import blocked, ops, reference
+from rlr_fast import blocked, dense, ops
 from rlr_fast.ops import _CUSTOM_OPS
 
 OPS = ("local_cross_attention", "neighbor_masked_attention")
@@ -31,7 +31,7 @@ def test_custom_op_matches_the_reference_in_value_and_gradient(op, k_shared, v_s
     grad = torch.randn(q.shape, dtype=q.dtype)
     out, _ = _CUSTOM_OPS[op](q, k, v, list(GRID), list(WINDOW), 0.3, "torch")
     got = torch.autograd.grad(out, (q, k, v), grad)
-    expected_out = getattr(reference, op)(q, k, v, GRID, WINDOW, 0.3)
+    expected_out = getattr(dense, op)(q, k, v, GRID, WINDOW, 0.3)
     expected = torch.autograd.grad(expected_out, (q, k, v), grad)
     torch.testing.assert_close(out, expected_out)
     for a, b in zip(got, expected):
@@ -79,7 +79,7 @@ def test_nearest_reference_custom_op(shared):
     compiled = torch.compile(lambda x, r: ops.nearest_reference(x, r, backend="torch"), fullgraph=True,
                              backend="aot_eager")
     index, similarity = compiled(x, ref)
-    expected = reference.nearest_reference(x, ref, ops.NEAREST_EPS)
+    expected = dense.nearest_reference(x, ref, ops.NEAREST_EPS)
     assert torch.equal(index, expected[0])
     torch.testing.assert_close(similarity, expected[1])
 
@@ -94,10 +94,10 @@ def test_nearest_reference_l2_custom_op(shared):
     compiled = torch.compile(lambda x, r: ops.nearest_reference(x, r, metric="l2", backend="torch"), fullgraph=True,
                              backend="aot_eager")
     index, distance = compiled(x, ref)
-    expected = reference.nearest_reference(x, ref, ops.NEAREST_EPS, "l2")
+    expected = dense.nearest_reference(x, ref, ops.NEAREST_EPS, "l2")
     assert torch.equal(index, expected[0])
     torch.testing.assert_close(distance, expected[1])
-    assert not torch.equal(index, reference.nearest_reference(x, ref, ops.NEAREST_EPS)[0])  # not cosine's
+    assert not torch.equal(index, dense.nearest_reference(x, ref, ops.NEAREST_EPS)[0])  # not cosine's
 
 
 def _graph_recorder():
@@ -237,7 +237,7 @@ def test_triton_custom_op_compiled_gradients_match_eager(op):
     for a, b in zip(grads, eager_grads):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    expected = torch.autograd.grad(getattr(reference, op)(q.double(), k.double(), v.double(), GRID, WINDOW,
+    expected = torch.autograd.grad(getattr(dense, op)(q.double(), k.double(), v.double(), GRID, WINDOW,
                                                           16 ** -0.5), (q, k, v), grad.double())
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-3, atol=1e-3)

@@ -1,4 +1,5 @@
-"""Dense reference implementations of the two ops: the oracle every backend is tested against.
+"""The dense backend ("dense"): both ops and nearest_reference computed in full, the oracle every
+other backend is tested against.
 
 Plain PyTorch on an L x L mask, gradients by autograd. Slow and memory hungry
 (O(B * heads * L^2)), exact by construction. Softmax and accumulation run in float32
