@@ -20,12 +20,28 @@ def _no_interpreter_env():
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
-def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
-    out = tmp_path / "kernels.json"
+@pytest.fixture(scope="module")
+def default_report(tmp_path_factory):
+    """`rlr-fast kernels --arch sm_80,sm_90 --default-only --json`, run once for the module: the
+    rows (every kernel in its default config, with the weighted figures) and the printed table.
+    The compile is this file's costliest step, so every test of the defaults reads this one."""
+    out = tmp_path_factory.mktemp("kernels") / "kernels.json"
     result = subprocess.run([sys.executable, "-m", "rlr_fast", "kernels", "--arch", "sm_80,sm_90", "--default-only",
                              "--json", str(out)], capture_output=True, text=True, env=_no_interpreter_env(), timeout=3600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    return json.loads(out.read_text()), result.stdout
+
+
+def _rows(report, op, dtype, dims, kinds, dkdv_layout=None):
+    """The sm_90 rows of `report` for `op` in `dtype`, head dims `dims` and kernels `kinds`; dK/dV
+    in `dkdv_layout` (forward and dQ in RLR's layout, as the report compiles them)."""
+    return [r for r in report if r["arch"] == "sm_90" and r["op"] == op and r["dtype"] == dtype
+            and r["head_dim"] in dims and r["kernel"] in kinds
+            and (r["kernel"] != "dkdv" or r["layout"] == dkdv_layout)]
+
+
+def test_kernels_compile_for_sm80_and_sm90_without_spills(default_report):
+    rows, stdout = default_report
     assert all(r["default"] and r["pruned"] is None for r in rows)
     nearest = [r for r in rows if r["op"] == "nn"]
     rows = [r for r in rows if r["op"] != "nn"]
@@ -61,7 +77,7 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
     # tiles of 32 rows at head dim 128 (fewer keys visited), below wgmma's 64: mma there
     assert all(r["tensor_core"] == "wgmma" for r in rows if r["arch"] == "sm_90" and r["dtype"] != "fp32"
                and r["kernel"] == "forward" and (r["op"] == "mlka" or r["head_dim"] < 128))
-    assert "spilling registers" in result.stdout and "ins/sc" in result.stdout
+    assert "spilling registers" in stdout and "ins/sc" in stdout
 
 
 _JIT_MATCH = """
@@ -173,22 +189,11 @@ def test_shared_kv_backward_fills_an_h100():
             assert launch.programs >= 4 * 132, (op, dtype, dim, layout, launch.programs)
 
 
-_TARGETS = """
-import json
-from rlr_fast.kernels import aot
-mlka = aot._compile_one(("sm_90", "mlka", "fp16", 32, "forward", None, True))
-lca = aot._compile_one(("sm_90", "lca", "bf16", 64, "forward", None, True))
-print(json.dumps(mlka + lca))
-"""
-
-
-def test_sm90_targets_of_the_redesign():
+def test_sm90_targets_of_the_redesign(default_report):
     """On sm_90: MLKA's 16-bit forward runs its unmasked loop on wgmma at <= 12 instructions per
     score; LCA's 16-bit forward with a shared k/v visits <= 3 keys per useful key; no spills."""
-    result = subprocess.run([sys.executable, "-c", _TARGETS], capture_output=True, text=True,
-                            env=_no_interpreter_env(), timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    mlka, lca = json.loads(result.stdout.strip().splitlines()[-1])
+    (mlka,) = _rows(default_report[0], "mlka", "fp16", (32,), ("forward",))
+    (lca,) = _rows(default_report[0], "lca", "bf16", (64,), ("forward",))
     assert mlka["ok"] and mlka["spill_bytes"] == 0 and mlka["tensor_core"] == "wgmma", mlka
     assert mlka["instructions_per_score"] <= 12, mlka
     assert lca["ok"] and lca["spill_bytes"] == 0 and lca["keys_visited_per_useful_key"] <= 3, lca
@@ -202,38 +207,13 @@ def test_sm90_targets_of_the_redesign():
         assert r["weighted"]["32x32"]["weighted_instructions_per_score"] >= r["instructions_per_score"] * factor
 
 
-_MLKA_BACKWARD_TARGETS = """
-import json
-from rlr_fast.kernels import aot
-rows = []
-for dim in (32, 64):
-    rows += aot._compile_one(("sm_90", "mlka", "fp16", dim, "dq", None, True))
-    rows += aot._compile_one(("sm_90", "mlka", "fp16", dim, "dkdv", (True, False), True))
-rows += aot._compile_one(("sm_90", "mlka", "fp16", 32, "forward", None, True))
-print(json.dumps({"rows": rows, "ops": aot.op_summaries(rows)}))
-"""
-
-
-_LCA_BACKWARD_TARGETS = """
-import json
-from rlr_fast.kernels import aot
-rows = []
-for dim in (32, 64):
-    for kind, layout in (("forward", None), ("dq", None), ("dkdv", (True, True))):
-        rows += aot._compile_one(("sm_90", "lca", "fp16", dim, kind, layout, True))
-print(json.dumps({"rows": rows, "ops": aot.op_summaries(rows)}))
-"""
-
-
-def test_sm90_targets_of_the_lca_backward():
+def test_sm90_targets_of_the_lca_backward(default_report):
     """Issue 18 part 4 on sm_90, 16-bit, head dims 32 and 64, RLR's layout (k and v shared, B=8):
     every LCA kernel (forward, dQ, dK/dV) visits <= 2.6 keys per useful key, on wgmma with no spills;
     the backward is two launches (no torch glue): forward + backward 3. (The weighted target of
     forward + backward <= 120 per useful score is checked where it is met: see the report.)"""
-    result = subprocess.run([sys.executable, "-c", _LCA_BACKWARD_TARGETS], capture_output=True, text=True,
-                            env=_no_interpreter_env(), timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = _rows(default_report[0], "lca", "fp16", (32, 64), ("forward", "dq", "dkdv"), "k shared, v shared")
+    out = {"rows": rows, "ops": aot.op_summaries(rows)}
     assert sorted((r["kernel"], r["head_dim"]) for r in out["rows"]) == sorted(
         (kind, dim) for kind in ("forward", "dq", "dkdv") for dim in (32, 64))
     for r in out["rows"]:
@@ -246,15 +226,14 @@ def test_sm90_targets_of_the_lca_backward():
     assert len(both) == 4 and all(o["launches"] == 3 for o in both), both
 
 
-def test_sm90_targets_of_the_mlka_backward():
+def test_sm90_targets_of_the_mlka_backward(default_report):
     """Issue 18 part 3 on sm_90, 16-bit, head dims 32 and 64, RLR's layout (k shared, v batched):
     MLKA's dQ <= 12 and dK/dV <= 20 weighted instructions per useful score at both launches, on
     wgmma, >= 16 warps resident per H100 SM, no spills; at head dim 32 the forward + backward
     <= 40 per useful score (the forward, dQ, dK/dV and the splits' sum)."""
-    result = subprocess.run([sys.executable, "-c", _MLKA_BACKWARD_TARGETS], capture_output=True, text=True,
-                            env=_no_interpreter_env(), timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    compiled = _rows(default_report[0], "mlka", "fp16", (32, 64), ("dq", "dkdv"), "k shared, v batched")
+    compiled += _rows(default_report[0], "mlka", "fp16", (32,), ("forward",))
+    out = {"rows": compiled, "ops": aot.op_summaries(compiled)}
     rows = [r for r in out["rows"] if r["kernel"] != "forward"]
     assert sorted((r["kernel"], r["head_dim"]) for r in rows) == [("dkdv", 32), ("dkdv", 64), ("dq", 32), ("dq", 64)]
     for r in rows:

@@ -53,17 +53,29 @@ def _served(run):
     return read_checkpoint(path)["state_dict"]
 
 
-def _retrain(data, base, tmp_path, sequence):
-    """A copy of the base run (file times kept), trained again; asserts the served weights changed."""
+@pytest.fixture(scope="module")
+def retrained(data, base, tmp_path_factory):
+    """sequence ("force" or "resume") -> a copy of the base run (file times kept) trained again
+    that way, made once for the module; asserts the served weights changed."""
+    runs = {}
+    for sequence in ("force", "resume"):
+        run = tmp_path_factory.mktemp(sequence) / "run"
+        shutil.copytree(base, run)
+        before = _served(run)
+        if sequence == "force":
+            assert _train(data, run, "--epochs", "1", "--seed", "1", "--force") == 0
+        else:
+            assert _train(data, run, "--epochs", "3", "--resume") == 0
+        after = _served(run)
+        assert any(not torch.equal(before[k], after[k]) for k in before), "the retrained run serves the same weights"
+        runs[sequence] = run
+    return runs
+
+
+def _retrain(retrained, tmp_path, sequence):
+    """This test's own copy of the run retrained by `sequence` (the test may change it)."""
     run = tmp_path / "run"
-    shutil.copytree(base, run)
-    before = _served(run)
-    if sequence == "force":
-        assert _train(data, run, "--epochs", "1", "--seed", "1", "--force") == 0
-    else:
-        assert _train(data, run, "--epochs", "3", "--resume") == 0
-    after = _served(run)
-    assert any(not torch.equal(before[k], after[k]) for k in before), "the retrained run serves the same weights"
+    shutil.copytree(retrained[sequence], run)
     return run
 
 
@@ -78,8 +90,8 @@ def _rows(folder):
 
 
 @pytest.mark.parametrize("consumer", CONSUMERS)
-def test_force_removes_what_was_made_from_the_old_model(data, base, tmp_path, capsys, consumer):
-    run = _retrain(data, base, tmp_path, "force")
+def test_force_removes_what_was_made_from_the_old_model(data, retrained, tmp_path, capsys, consumer):
+    run = _retrain(retrained, tmp_path, "force")
     capsys.readouterr()
     if consumer == "load_model":
         assert load_model(run).thresholds is None  # no thresholds of the old model
@@ -95,8 +107,8 @@ def test_force_removes_what_was_made_from_the_old_model(data, base, tmp_path, ca
 
 
 @pytest.mark.parametrize("consumer", CONSUMERS)
-def test_resume_keeps_derived_files_but_they_are_refused_until_remade(data, base, tmp_path, capsys, consumer):
-    run = _retrain(data, base, tmp_path, "resume")
+def test_resume_keeps_derived_files_but_they_are_refused_until_remade(data, retrained, tmp_path, capsys, consumer):
+    run = _retrain(retrained, tmp_path, "resume")
     assert (run / "thresholds.json").is_file() and (run / "model.onnx").is_file()  # left in place
     capsys.readouterr()
     remake_thresholds = f"rlr-fast test --data DATA --run {run}"
