@@ -209,7 +209,7 @@ def test_the_whitened_score_is_the_mahalanobis_distance_of_the_residual():
     from rlr_fast.features import FeatureCache
 
     torch.manual_seed(0)
-    model = RLRModel(**TINY, score="whitened").eval()
+    model = RLRModel(**TINY, score="whitened", map_sigma=0).eval()
     feats = model.features(torch.randn(24, 3, 64, 64))
     with torch.no_grad():
         unfitted = model.predict_features(feats)
@@ -232,7 +232,7 @@ def test_the_whitened_score_is_the_mahalanobis_distance_of_the_residual():
     assert 0.8 < float(sum(m.mean() for m in maps) / len(maps)) < 1.1
     # before fit_score, the paper's score; score="paper" is the paper's whatever the statistics
     torch.manual_seed(0)
-    paper = RLRModel(**TINY, score="paper").eval()
+    paper = RLRModel(**TINY, score="paper", map_sigma=0).eval()
     with torch.no_grad():
         torch.testing.assert_close(paper.predict_features(feats).anomaly_map, unfitted.anomaly_map)
 
@@ -242,10 +242,11 @@ def test_an_unknown_score_is_refused():
         RLRModel(**TINY, score="maxabs")
 
 
+@pytest.mark.parametrize("map_sigma", [0.0, 4.0, 2.5])  # 4.0 = score_sigma: "all" reuses the score's blur
 @pytest.mark.parametrize("anomaly_map", ["finest", "all"])
-def test_the_pixel_map_is_the_finest_levels_or_the_mean_and_the_score_the_papers(anomaly_map):
+def test_the_pixel_map_is_the_finest_levels_or_the_mean_blurred_and_the_score_the_papers(anomaly_map, map_sigma):
     torch.manual_seed(0)
-    model = RLRModel(**TINY, anomaly_map=anomaly_map).eval()
+    model = RLRModel(**TINY, anomaly_map=anomaly_map, map_sigma=map_sigma).eval()
     feats = model.features(torch.randn(3, 3, 64, 64))
     with torch.no_grad():
         out = model.predict_features(feats)
@@ -258,6 +259,8 @@ def test_the_pixel_map_is_the_finest_levels_or_the_mean_and_the_score_the_papers
                                                     mode="bilinear", align_corners=True)[:, 0].numpy())
     mean = sum(maps) / len(maps)
     expected = maps[0] if anomaly_map == "finest" else mean
+    if map_sigma > 0:  # scipy's Gaussian filter (reflect border, truncate 4), image by image
+        expected = np.stack([ndimage.gaussian_filter(m, map_sigma) for m in expected])
     np.testing.assert_allclose(out.anomaly_map[:, 0].double().numpy(), expected, rtol=1e-4, atol=1e-5)
     # the image score is the paper's whatever the map: the maximum of the blurred mean of the levels
     score = [ndimage.gaussian_filter(m, 4.0).max() for m in mean]
@@ -270,6 +273,14 @@ def test_an_unknown_anomaly_map_is_refused_and_the_paper_network_averages_the_le
         RLRModel(**TINY, anomaly_map="coarsest")
     assert RLRModel(**TINY).config.anomaly_map == "finest"
     assert PAPER_NETWORK["anomaly_map"] == "all" and RLRModel.legacy_config["anomaly_map"] == "all"
+
+
+@pytest.mark.parametrize("bad", [-1.0, "4", None])
+def test_a_bad_map_sigma_is_refused_and_the_paper_and_old_runs_leave_the_map_unblurred(bad):
+    with pytest.raises(UsageError, match=f"map_sigma must be a number >= 0 .*got {bad!r}"):
+        RLRModel(**TINY, map_sigma=bad)
+    assert RLRModel(**TINY).config.map_sigma == 4.0
+    assert PAPER_NETWORK["map_sigma"] == 0.0 and RLRModel.legacy_config["map_sigma"] == 0.0
 
 
 def test_the_balanced_score_divides_each_level_by_its_mean_training_error():
@@ -301,7 +312,8 @@ def test_the_balanced_score_divides_each_level_by_its_mean_training_error():
             for s, m, grid in zip(level_scores(test), means, model.grids)]
     with torch.no_grad():
         out = model.predict_features(test)
-    np.testing.assert_allclose(out.anomaly_map[:, 0].double().numpy(), maps[0], rtol=1e-4, atol=1e-5)
+    finest = np.stack([ndimage.gaussian_filter(m, 4.0) for m in maps[0]])  # the default map: blurred, sigma 4
+    np.testing.assert_allclose(out.anomaly_map[:, 0].double().numpy(), finest, rtol=1e-4, atol=1e-5)
     score = [ndimage.gaussian_filter(m, 4.0).max() for m in sum(maps) / len(maps)]
     np.testing.assert_allclose(out.score.double().numpy(), score, rtol=1e-4, atol=1e-5)
     # before fit_score, the paper's score; the fitted divisors survive a state_dict round trip
