@@ -531,8 +531,8 @@ class RLRModel(AnomalyModel):
             anomaly_map = maps[0] if self.config.anomaly_map == "finest" else mean_map
             if self.config.anomaly_map == "all" and self.config.map_sigma == self.config.score_sigma:
                 anomaly_map = blurred_mean  # the same blur of the same map: computed once
-            elif self.config.map_sigma > 0:
-                anomaly_map = gaussian_blur(anomaly_map, self.config.map_sigma)
+            else:
+                anomaly_map = gaussian_blur(anomaly_map, self.config.map_sigma)  # sigma 0: unchanged
         return AnomalyOutput(anomaly_map, score)
 
     def extra_repr(self) -> str:
