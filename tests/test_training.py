@@ -170,7 +170,7 @@ def test_recipes():
         (1e-4, 4, 200, "constant", "adam")
     assert recipe("fast", epochs=3).epochs == 3
     assert recipe("rlr-fast").epochs == RLR_FAST_EPOCHS and recipe("fast").epochs == 20
-    assert recipe("rlr-fast").batch_size == 4 and recipe("fast").batch_size == 8
+    assert recipe("rlr-fast").batch_size == 2 and recipe("fast").batch_size == 8
     with pytest.raises(ValueError, match="unknown recipe"):
         recipe("slow")
 
