@@ -33,10 +33,10 @@ class TrainConfig:
 # clipping 0.1.
 # RLR's network (2 layers, d 128/256 at 256 px) costs a quarter of the paper's per epoch; it gets
 # twice the epochs, which measured better than the paper's network with 20 (README, accuracy), and
-# batches of 2: four times the optimizer steps of batch 8 for the same images, at about the same
-# cost per image, since the network underfits (its held-out error equals its training error); on
-# the accuracy benchmark, 3 seeds, batch 4 beat batch 8 and batch 2 beat batch 4 in mean pixel
-# AUROC and AUPRO on every seed, with the same mean image AUROC.
+# batches of 2: four times the optimizer steps of batch 8 for the same images, at about 1.2 times
+# batch 4's cost per image on a 2-core CPU, since the network underfits (its held-out error equals
+# its training error); on the accuracy benchmark, 3 seeds, batch 4 beat batch 8 and batch 2 beat
+# batch 4 in mean pixel AUROC and AUPRO on every seed, with the same mean image AUROC.
 RLR_FAST_EPOCHS = 40
 RLR_FAST_BATCH = 2
 RECIPES = {
