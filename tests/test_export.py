@@ -9,6 +9,7 @@ import torch
 
 from rlr_fast.cli import main
 from rlr_fast.data import IMAGENET_MEAN, IMAGENET_STD
+from rlr_fast.features import FeatureCache
 from rlr_fast.models.rlr import RLRModel
 from rlr_fast.runs import model_fingerprint
 from rlr_fast.training import load_model, save_checkpoint
@@ -28,6 +29,12 @@ def run(tmp_path_factory):
     optimizer = torch.optim.Adam(model.parameters())
     model(torch.randn(2, 3, 64, 64)).backward()
     optimizer.step()
+    # the statistics training fits last: the exported graph reads both fitted scores, the map's
+    # (balanced levels) and the image score's (whitened residuals)
+    model.eval()
+    model.fit_score(FeatureCache(model.features(torch.randn(6, 3, 64, 64))))
+    assert model.balanced() and model.whitened()
+    model.train()
     folder = tmp_path_factory.mktemp("run")
     save_checkpoint(folder / "checkpoint.pt", model, optimizer)
     return folder

@@ -232,7 +232,7 @@ def test_the_whitened_score_is_the_mahalanobis_distance_of_the_residual():
     assert 0.8 < float(sum(m.mean() for m in maps) / len(maps)) < 1.1
     # before fit_score, the paper's score; score="paper" is the paper's whatever the statistics
     torch.manual_seed(0)
-    paper = RLRModel(**TINY, score="paper", map_sigma=0).eval()
+    paper = RLRModel(**TINY, score="paper", image_score=None, map_sigma=0).eval()
     with torch.no_grad():
         torch.testing.assert_close(paper.predict_features(feats).anomaly_map, unfitted.anomaly_map)
 
@@ -287,7 +287,7 @@ def test_the_balanced_score_divides_each_level_by_its_mean_training_error():
     from rlr_fast.features import FeatureCache
 
     torch.manual_seed(0)
-    model = RLRModel(**TINY, score="balanced").eval()
+    model = RLRModel(**TINY, score="balanced", image_score=None).eval()
     train = model.features(torch.randn(20, 3, 64, 64))
     test = model.features(torch.randn(3, 3, 64, 64))
     with torch.no_grad():
@@ -318,12 +318,85 @@ def test_the_balanced_score_divides_each_level_by_its_mean_training_error():
     np.testing.assert_allclose(out.score.double().numpy(), score, rtol=1e-4, atol=1e-5)
     # before fit_score, the paper's score; the fitted divisors survive a state_dict round trip
     torch.manual_seed(0)
-    paper = RLRModel(**TINY, score="paper").eval()
+    paper = RLRModel(**TINY, score="paper", image_score=None).eval()
     with torch.no_grad():
         torch.testing.assert_close(paper.predict_features(test).score, unfitted.score)
     torch.manual_seed(1)
-    again = RLRModel(**TINY, score="balanced").eval()
+    again = RLRModel(**TINY, score="balanced", image_score=None).eval()
     again.load_state_dict(model.state_dict())
     assert again.balanced()
     with pytest.raises(ValueError, match="must be finite and positive"):
         again.balance.set_mean_error(torch.tensor([1.0, float("nan")]))
+
+
+def _numpy_level_scores(model, feats, precisions=None):
+    """Per level, float64 numpy (B, L) token scores of `feats`: the paper's, or with `precisions`
+    [(mean, precision)] per level the whitened residual's."""
+    with torch.no_grad():
+        pairs = [(t.double().numpy(), r.double().numpy()) for t, r in model.reconstruct(feats)]
+    out = []
+    for level, (target, recon) in enumerate(pairs):
+        if precisions is None:
+            cos = (target * recon).sum(-1) / (np.linalg.norm(target, axis=-1) * np.linalg.norm(recon, axis=-1))
+            out.append(((target - recon) ** 2).mean(-1) + 1 - cos)
+        else:
+            mean, precision = precisions[level]
+            d = (target - recon) - mean
+            out.append(np.einsum("blc,cd,bld->bl", d, precision, d) / d.shape[-1])
+    return out
+
+
+def test_the_default_image_score_reads_whitened_levels_and_the_map_balanced_ones():
+    from rlr_fast.features import FeatureCache
+
+    torch.manual_seed(0)
+    model = RLRModel(**TINY).eval()  # score "balanced", image_score "whitened"
+    assert model.score_kinds() == ("balanced", "whitened")
+    train = model.features(torch.randn(24, 3, 64, 64))
+    test = model.features(torch.randn(3, 3, 64, 64))
+    assert not model.score_fitted()
+    model.fit_score(FeatureCache(train))  # one pass fits both
+    assert model.score_fitted() and model.balanced() and model.whitened()
+    with torch.no_grad():
+        pairs = [(t.double().numpy(), r.double().numpy()) for t, r in model.reconstruct(train)]
+    precisions = []
+    for target, recon in pairs:
+        res = (target - recon).reshape(-1, target.shape[-1])
+        cov = np.cov(res, rowvar=False)
+        precisions.append((res.mean(0), np.linalg.inv(cov + 1e-3 * np.mean(np.diag(cov)) * np.eye(len(cov)))))
+    means = [s.mean() for s in _numpy_level_scores(model, train)]
+
+    def up(s, grid):
+        return torch.nn.functional.interpolate(torch.from_numpy(s).view(-1, 1, *grid), size=(64, 64),
+                                               mode="bilinear", align_corners=True)[:, 0].numpy()
+
+    balanced = [up(s / m, g) for s, m, g in zip(_numpy_level_scores(model, test), means, model.grids)]
+    whitened = [up(s, g) for s, g in zip(_numpy_level_scores(model, test, precisions), model.grids)]
+    with torch.no_grad():
+        out = model.predict_features(test)
+    finest = np.stack([ndimage.gaussian_filter(m, 4.0) for m in balanced[0]])
+    np.testing.assert_allclose(out.anomaly_map[:, 0].double().numpy(), finest, rtol=1e-4, atol=1e-5)
+    score = [ndimage.gaussian_filter(m, 4.0).max() for m in sum(whitened) / len(whitened)]
+    np.testing.assert_allclose(out.score.double().numpy(), score, rtol=2e-3, atol=1e-4)
+    # the statistics are those a model of each score alone fits, and survive a state_dict round trip
+    for kind in ("balanced", "whitened"):
+        torch.manual_seed(0)
+        alone = RLRModel(**TINY, score=kind, image_score=None).eval()
+        alone.fit_score(FeatureCache(train))
+        for name, tensor in alone.state_dict().items():
+            if name.startswith(("balance.", "scores.")):
+                torch.testing.assert_close(model.state_dict()[name], tensor)
+    torch.manual_seed(1)
+    again = RLRModel(**TINY).eval()
+    again.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again.predict_features(test).score, out.score)
+    # image_score=None: the map's score for both, as runs made before image_score existed
+    torch.manual_seed(0)
+    single = RLRModel(**TINY, image_score=None).eval()
+    assert single.score_kinds() == ("balanced",) and not hasattr(single, "scores")
+
+
+def test_an_unknown_image_score_is_refused():
+    with pytest.raises(UsageError, match="unknown image_score 'maxabs'"):
+        RLRModel(**TINY, image_score="maxabs")

@@ -113,7 +113,7 @@ def test_resume_refuses_another_model(tmp_path):
 def test_the_paper_score_needs_no_fit_and_training_leaves_it_alone(tmp_path):
     cache = extract_features(_model(), _Images(8), progress=False)
     lines = []
-    paper = RLRModel(**{**TINY, "score": "paper"})
+    paper = RLRModel(**{**TINY, "score": "paper", "image_score": None})
     train(paper, cache, tmp_path, TrainConfig(epochs=1, batch_size=4), progress=False, log=lines.append)
     served = load_model(tmp_path, thresholds=False)
     assert served.config.score == "paper" and served.score_fitted() and not served.whitened()

@@ -54,11 +54,12 @@ def default_windows(grid: Tuple[int, int]) -> Tuple[int, int]:
 
 @dataclass
 class RLRConfig:
-    """RLRModel's configuration. The defaults are the paper's except the backbone (below) and five
+    """RLRModel's configuration. The defaults are the paper's except the backbone (below) and the
     choices measured on the accuracy benchmark (README, "What changed and why"): 2 layers instead
-    of 4, widths 64 * 2 ** (index - 1) instead of 128 * 2 ** (index - 1), standardised tokens,
-    levels balanced in the image score and the finest level's pixel map. ``PAPER_NETWORK``
-    restores the paper's network, score and map (``--recipe paper`` does)."""
+    of 4, widths 64 * 2 ** (index - 1) instead of 128 * 2 ** (index - 1), standardised tokens, a
+    pixel map of balanced levels (the finest level's, blurred) and an image score of whitened
+    residuals. ``PAPER_NETWORK`` restores the paper's network, score and map (``--recipe paper``
+    does)."""
 
     image_size: Union[int, Tuple[int, int]] = 256  # an int (square) or (height, width)
     backbone: str = EMBEDDED  # the paper uses tf_efficientnet_b6; lite0's weights ship offline
@@ -85,10 +86,18 @@ class RLRConfig:
     # Mahalanobis distance of the residual F - F^ under the mean and covariance of the residuals
     # of the training tokens (fitted likewise; see WhitenedResidual), divided by the channels.
     # All average the levels' maps for the image score. Before fit_score, "balanced" and
-    # "whitened" score as "paper". "balanced" is the default: measured on the accuracy benchmark
+    # "whitened" score as "paper". ``score`` is the pixel map's (and, with image_score None, the
+    # image score's). "balanced" is the default: measured on the accuracy benchmark
     # (README, "What changed and why"), higher image AUROC on every seed, the pixel map unchanged
     # up to a constant factor.
     score: str = "balanced"
+    # The image score's own per-token score, one of the same three (None: ``score``'s). The image
+    # score is the maximum of the blurred mean of the levels' maps of this score; the pixel map
+    # stays ``score``'s. "whitened" is the default: on the accuracy benchmark it raised image
+    # AUROC on every seed and on the demo's textures, while its pixel map was better on the
+    # benchmark's colour objects but worse on its grey ones and on the demo's textures
+    # (benchmarks/results/accuracy-256/rlr-whitened-image-score.json).
+    image_score: Optional[str] = "whitened"
     # The pixel map: "finest", the finest level's map alone (stride 8 with the default backbone);
     # "all", the mean of the levels' maps, as the paper. The image score is the paper's either way,
     # the maximum of the blurred mean of the levels. The coarser level's map is blurrier and
@@ -104,8 +113,8 @@ class RLRConfig:
 
 
 # The network of the paper and its code, where the defaults above differ from it.
-PAPER_NETWORK = {"num_layers": 4, "dim_base": 128, "feature_norm": "none", "score": "paper", "anomaly_map": "all",
-                 "map_sigma": 0.0}
+PAPER_NETWORK = {"num_layers": 4, "dim_base": 128, "feature_norm": "none", "score": "paper", "image_score": None,
+                 "anomaly_map": "all", "map_sigma": 0.0}
 SCORES = ("balanced", "whitened", "paper")
 ANOMALY_MAPS = ("finest", "all")
 
@@ -133,8 +142,10 @@ class WhitenedResidual(_FittedStatistics):
 
     Residual channels are correlated and unequally predictable: an error along a direction the
     network never gets right on normal tokens says less than the same error along one it always
-    gets right. Measured on the accuracy benchmark (README, "What changed, and why"): higher
-    image and pixel AUROC, lower AUPRO; so it is an option, not the default."""
+    gets right. Measured on the accuracy benchmark (README, "What changed, and why"): a higher
+    image AUROC than the balanced levels on every seed, so the image score reads it by default
+    (``image_score``); its pixel map is better on colour objects but worse on grey ones and on the
+    demo's textures, so the map does not."""
 
     def __init__(self, channels: int, eps: float = 1e-3):
         super().__init__()
@@ -336,11 +347,16 @@ class RLRModel(AnomalyModel):
                                 help="RLR: standardise each level's features per channel for the network (default: "
                                      "channel; with --recipe paper: none, as the paper's code)")),
         ("--score", dict(choices=SCORES,
-                         help="RLR: the anomaly score (paper: MSE + (1 - cos) of the reconstruction, the levels "
+                         help="RLR: the per-token score of the pixel map, and of the image score unless "
+                              "--image-score says otherwise (paper: MSE + (1 - cos) of the reconstruction, the levels "
                               "averaged; balanced, the default: the same with each level divided by its mean on the "
                               "training images; whitened: the residual's Mahalanobis distance under the training "
                               "residuals; balanced and whitened are fitted after training; with --recipe paper: "
                               "paper)")),
+        ("--image-score", dict(choices=SCORES,
+                               help="RLR: the per-token score that the image score reads, one of --score's choices "
+                                    "(default: whitened; the pixel map stays --score's; with --recipe paper: "
+                                    "--score's)")),
         ("--anomaly-map", dict(choices=ANOMALY_MAPS,
                                help="RLR: the pixel map (default: finest, the stride-8 level's map; all: the mean of "
                                     "the levels' maps, as the paper; with --recipe paper: all). The image score "
@@ -377,9 +393,12 @@ class RLRModel(AnomalyModel):
             for c, d, g, w in zip(self.backbone.channels, cfg.dims, grids, cfg.windows))
         if cfg.score not in SCORES:
             raise UsageError(f"unknown score {cfg.score!r}; choose one of {', '.join(SCORES)}")
-        if cfg.score == "whitened":
+        if cfg.image_score is not None and cfg.image_score not in SCORES:
+            raise UsageError(f"unknown image_score {cfg.image_score!r}; choose one of {', '.join(SCORES)} (or None: "
+                             f"the score's)")
+        if "whitened" in self.score_kinds():
             self.scores = nn.ModuleList(WhitenedResidual(c) for c in self.backbone.channels)
-        if cfg.score == "balanced":
+        if "balanced" in self.score_kinds():
             self.balance = LevelBalance(len(self.levels))
         if cfg.anomaly_map not in ANOMALY_MAPS:
             raise UsageError(f"unknown anomaly_map {cfg.anomaly_map!r}; choose one of {', '.join(ANOMALY_MAPS)}")
@@ -391,8 +410,10 @@ class RLRModel(AnomalyModel):
         return self.pooled_levels(images)
 
     # Runs made before feature_norm existed used raw tokens; before dim_base, their dims (always
-    # stored) came from 128 * 2 ** (index - 1); before score, anomaly_map and map_sigma, the paper's.
-    legacy_config = {"feature_norm": "none", "dim_base": 128, "score": "paper", "anomaly_map": "all", "map_sigma": 0.0}
+    # stored) came from 128 * 2 ** (index - 1); before score, anomaly_map and map_sigma, the paper's;
+    # before image_score, the image score read the map's score.
+    legacy_config = {"feature_norm": "none", "dim_base": 128, "score": "paper", "image_score": None, "anomaly_map": "all",
+                     "map_sigma": 0.0}
     paper_config = PAPER_NETWORK
 
     @torch.no_grad()
@@ -421,74 +442,81 @@ class RLRModel(AnomalyModel):
             var = (total[1] / n - mean.pow(2)).clamp_min(0) * n / (n - 1).clamp_min(1)
             net.set_statistics(mean.float(), var.sqrt().float())
 
+    def score_kinds(self) -> Tuple[str, ...]:
+        """The per-token scores the model reads: the pixel map's (``score``), then the image
+        score's (``image_score``) when it is another."""
+        image = self.config.image_score or self.config.score
+        return (self.config.score,) if image == self.config.score else (self.config.score, image)
+
     @torch.no_grad()
     def fit_score(self, cache) -> None:
-        """For score "whitened": per level, the mean and covariance of the residuals F - F^ of
-        every token of the cache (no jitter, eval mode), summed in float64 in batches and, under
-        torchrun, over every rank's share. The training loop calls it on the served (best
-        epoch's) weights once training ends; call it again after changing the weights.
-        For score "balanced": per level, the mean paper score of those tokens, likewise."""
-        if self.config.score == "balanced":
-            return self._fit_balance(cache)
-        if self.config.score != "whitened":
+        """The statistics of the scores the model reads (``score_kinds``), from every token of the
+        cache (no jitter, eval mode) in one pass, summed in float64 in batches and, under
+        torchrun, over every rank's share. "whitened": per level, the mean and covariance of the
+        residuals F - F^; "balanced": per level, the mean paper score. The training loop calls it
+        on the served (best epoch's) weights once training ends; call it again after changing
+        the weights."""
+        kinds = self.score_kinds()
+        whiten, balance = "whitened" in kinds, "balanced" in kinds
+        if not (whiten or balance):
             return
         was_training = self.training
         self.eval()
-        device = self.scores[0].mean.device
-        sums = [(torch.zeros(s.mean.numel(), dtype=torch.float64, device=device),
-                 torch.zeros(s.mean.numel(), s.mean.numel(), dtype=torch.float64, device=device)) for s in self.scores]
-        count = torch.zeros(1, dtype=torch.float64, device=device)
+        device = self.levels[0].reference.device
+        f64 = dict(dtype=torch.float64, device=device)
+        channels = [net.reference.shape[-1] for net in self.levels]
+        firsts = [torch.zeros(c, **f64) for c in channels]
+        seconds = [torch.zeros(c, c, **f64) for c in channels]
+        level_sums = torch.zeros(len(self.levels), **f64)
+        count = torch.zeros(1, **f64)
         for start in range(0, len(cache), 16):
-            feats = cache.batch(range(start, min(len(cache), start + 16)), device)
-            for (first, second), (target, recon) in zip(sums, self.reconstruct(feats)):
-                r = (target.float() - recon.float()).reshape(-1, target.shape[-1]).double()
-                first += r.sum(0)
-                second += r.T @ r
-            count += min(len(cache), start + 16) - start
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for first, second in sums:
-                torch.distributed.all_reduce(first)
-                torch.distributed.all_reduce(second)
-            torch.distributed.all_reduce(count)
-        for score, (first, second), grid in zip(self.scores, sums, self.grids):
-            n = count * grid[0] * grid[1]  # tokens
-            mean = first / n
-            cov = (second / n - torch.outer(mean, mean)) * n / (n - 1).clamp_min(1)
-            score.set_statistics(mean, cov)
-        self.train(was_training)
-
-    @torch.no_grad()
-    def _fit_balance(self, cache) -> None:
-        was_training = self.training
-        self.eval()
-        device = self.balance.mean_error.device
-        sums = torch.zeros(len(self.levels), dtype=torch.float64, device=device)
-        count = torch.zeros(1, dtype=torch.float64, device=device)
-        for start in range(0, len(cache), 16):
-            pairs = self.reconstruct(cache.batch(range(start, min(len(cache), start + 16)), device))
+            stop = min(len(cache), start + 16)
+            pairs = self.reconstruct(cache.batch(range(start, stop), device))
             with full_precision(device):
                 for level, (target, recon) in enumerate(pairs):
-                    sums[level] += paper_score(target.float(), recon.float()).double().mean(-1).sum()
-            count += min(len(cache), start + 16) - start
+                    target, recon = target.float(), recon.float()
+                    if whiten:
+                        r = (target - recon).reshape(-1, target.shape[-1]).double()
+                        firsts[level] += r.sum(0)
+                        seconds[level] += r.T @ r
+                    if balance:
+                        level_sums[level] += paper_score(target, recon).double().mean(-1).sum()
+            count += stop - start
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
-            torch.distributed.all_reduce(count)
-        self.balance.set_mean_error((sums / count).float())
+            for total in (*firsts, *seconds, level_sums, count):
+                torch.distributed.all_reduce(total)
+        if whiten:
+            for score, first, second, grid in zip(self.scores, firsts, seconds, self.grids):
+                n = count * grid[0] * grid[1]  # tokens
+                mean = first / n
+                cov = (second / n - torch.outer(mean, mean)) * n / (n - 1).clamp_min(1)
+                score.set_statistics(mean, cov)
+        if balance:
+            self.balance.set_mean_error((level_sums / count).float())
         self.train(was_training)
 
     def score_is_fitted_after_training(self) -> bool:
-        return self.config.score in ("whitened", "balanced")
+        return any(kind in ("whitened", "balanced") for kind in self.score_kinds())
+
+    def _kind_fitted(self, kind: str) -> bool:
+        if kind == "whitened":
+            return self.scores[0].is_fitted
+        if kind == "balanced":
+            return self.balance.is_fitted
+        return True  # "paper" needs no statistics
 
     def score_fitted(self) -> bool:
-        return self.config.score == "paper" or self.whitened() or self.balanced()
+        return all(self._kind_fitted(kind) for kind in self.score_kinds())
 
     def balanced(self) -> bool:
-        """Whether each level's map is divided by its mean training error (score "balanced", fitted)."""
-        return self.config.score == "balanced" and self.balance.is_fitted
+        """Whether a map (the pixel map's or the image score's) is divided by each level's mean
+        training error (score "balanced", fitted)."""
+        return "balanced" in self.score_kinds() and self.balance.is_fitted
 
     def whitened(self) -> bool:
-        """Whether the map is the whitened residual's (score "whitened", fitted)."""
-        return self.config.score == "whitened" and self.scores[0].is_fitted
+        """Whether a map (the pixel map's or the image score's) is the whitened residual's (score
+        "whitened", fitted)."""
+        return "whitened" in self.score_kinds() and self.scores[0].is_fitted
 
     def reconstruct(self, feats: List[torch.Tensor], jitter: bool = False):
         """[(F, F^)] per level, tokens (B, L, C); jitter perturbs the input only."""
@@ -510,29 +538,42 @@ class RLRModel(AnomalyModel):
         self.last_terms = terms  # per level and term: the training log's "terms"
         return total
 
+    def _token_score(self, kind: str, level: int, target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """One level's per-token score of `kind`, (B, L) from float32 (B, L, C) pairs; an unfitted
+        "whitened" or "balanced" scores as "paper"."""
+        if kind == "whitened" and self._kind_fitted(kind):
+            return self.scores[level](target - recon)
+        s = paper_score(target, recon)
+        if kind == "balanced" and self._kind_fitted(kind):
+            s = s / self.balance.mean_error[level]
+        return s
+
     def predict_features(self, feats: List[torch.Tensor]) -> AnomalyOutput:
-        maps = []
+        cfg = self.config
+        kinds = self.score_kinds()
+        image_kind = kinds[-1]
+        # the pixel map of "finest" reads the first level only
+        pixel_levels = 1 if cfg.anomaly_map == "finest" else len(self.levels)
+        maps = {kind: [] for kind in kinds}  # per kind, per level (B, 1, H, W)
         pairs = self.reconstruct(feats)
-        whitened, balanced = self.whitened(), self.balanced()
         with full_precision(feats[0].device):  # the score map in float32, whatever the forward's precision
             for level, ((target, recon), grid) in enumerate(zip(pairs, self.grids)):
                 target, recon = target.float(), recon.float()
-                if whitened:
-                    s = self.scores[level](target - recon)  # (B, L)
-                else:
-                    s = paper_score(target, recon)  # (B, L)
-                if balanced:
-                    s = s / self.balance.mean_error[level]
-                s = s.view(-1, 1, *grid)
-                maps.append(F.interpolate(s, size=self.input_size, mode="bilinear", align_corners=True))
-            mean_map = torch.stack(maps).mean(0)  # (B, 1, H, W)
-            blurred_mean = gaussian_blur(mean_map, self.config.score_sigma)
+                for kind in kinds:
+                    if kind != image_kind and level >= pixel_levels:
+                        continue
+                    s = self._token_score(kind, level, target, recon).view(-1, 1, *grid)
+                    maps[kind].append(F.interpolate(s, size=self.input_size, mode="bilinear", align_corners=True))
+            mean_map = torch.stack(maps[image_kind]).mean(0)  # (B, 1, H, W)
+            blurred_mean = gaussian_blur(mean_map, cfg.score_sigma)
             score = blurred_mean.amax(dim=(1, 2, 3))
-            anomaly_map = maps[0] if self.config.anomaly_map == "finest" else mean_map
-            if self.config.anomaly_map == "all" and self.config.map_sigma == self.config.score_sigma:
+            pixel_maps = maps[cfg.score]
+            if cfg.anomaly_map == "finest":
+                anomaly_map = gaussian_blur(pixel_maps[0], cfg.map_sigma)  # sigma 0: unchanged
+            elif image_kind == cfg.score and cfg.map_sigma == cfg.score_sigma:
                 anomaly_map = blurred_mean  # the same blur of the same map: computed once
             else:
-                anomaly_map = gaussian_blur(anomaly_map, self.config.map_sigma)  # sigma 0: unchanged
+                anomaly_map = gaussian_blur(torch.stack(pixel_maps).mean(0), cfg.map_sigma)
         return AnomalyOutput(anomaly_map, score)
 
     def extra_repr(self) -> str:
