@@ -386,7 +386,9 @@ _SCRIPT = r"""
   function setupSlider(kind, rec, range) {
     var slider = $(kind + "-slider"), box = $(kind + "-threshold");
     var lo = Math.min(range[0], rec.threshold), hi = Math.max(range[1], rec.threshold);
-    slider.min = lo; slider.max = hi; slider.step = (hi - lo) / 1000 || 1;
+    // step "any": the stored threshold sits exactly on the slider (a step grid from lo would snap
+    // it to another value than the box shows, until the slider first moves)
+    slider.min = lo; slider.max = hi; slider.step = "any";
     var set = function (v) { state[kind === "image" ? "t" : "p"] = v; update(); };
     slider.value = rec.threshold; box.value = String(rec.threshold);
     slider.addEventListener("input", function () { box.value = slider.value; set(parseFloat(slider.value)); });
