@@ -205,6 +205,36 @@ def test_paper_backbone_requests_the_papers_pretrained_weights(tmp_path, monkeyp
     assert asked == [("tf_efficientnet_b6.ap_in1k", True)]
 
 
+def _numpy_level_scores(model, feats, precisions=None):
+    """Per level, float64 numpy (B, L) token scores of `feats`: the paper's, or with `precisions`
+    [(mean, precision)] per level the whitened residual's."""
+    with torch.no_grad():
+        pairs = [(t.double().numpy(), r.double().numpy()) for t, r in model.reconstruct(feats)]
+    out = []
+    for level, (target, recon) in enumerate(pairs):
+        if precisions is None:
+            cos = (target * recon).sum(-1) / (np.linalg.norm(target, axis=-1) * np.linalg.norm(recon, axis=-1))
+            out.append(((target - recon) ** 2).mean(-1) + 1 - cos)
+        else:
+            mean, precision = precisions[level]
+            d = (target - recon) - mean
+            out.append(np.einsum("blc,cd,bld->bl", d, precision, d) / d.shape[-1])
+    return out
+
+
+def _numpy_whitening(model, feats):
+    """Per level, the float64 numpy (mean, shrunk precision) of the residuals of every token of
+    `feats`, as WhitenedResidual fits them."""
+    with torch.no_grad():
+        pairs = [(t.double().numpy(), r.double().numpy()) for t, r in model.reconstruct(feats)]
+    out = []
+    for target, recon in pairs:
+        res = (target - recon).reshape(-1, target.shape[-1])
+        cov = np.cov(res, rowvar=False)
+        out.append((res.mean(0), np.linalg.inv(cov + 1e-3 * np.mean(np.diag(cov)) * np.eye(len(cov)))))
+    return out
+
+
 def test_the_whitened_score_is_the_mahalanobis_distance_of_the_residual():
     from rlr_fast.features import FeatureCache
 
@@ -217,16 +247,9 @@ def test_the_whitened_score_is_the_mahalanobis_distance_of_the_residual():
     assert model.whitened()
     with torch.no_grad():
         got = model.predict_features(feats).anomaly_map
-        pairs = [(t.double().numpy(), r.double().numpy()) for t, r in model.reconstruct(feats)]
-    maps = []
-    for (target, recon), grid in zip(pairs, model.grids):
-        res = (target - recon).reshape(-1, target.shape[-1])  # every token of every image
-        cov = np.cov(res, rowvar=False)
-        precision = np.linalg.inv(cov + 1e-3 * np.mean(np.diag(cov)) * np.eye(len(cov)))
-        d = (target - recon) - res.mean(0)
-        s = np.einsum("blc,cd,bld->bl", d, precision, d) / d.shape[-1]
-        maps.append(torch.nn.functional.interpolate(torch.from_numpy(s).view(-1, 1, *grid), size=(64, 64),
-                                                    mode="bilinear", align_corners=True))
+    maps = [torch.nn.functional.interpolate(torch.from_numpy(s).view(-1, 1, *grid), size=(64, 64),
+                                            mode="bilinear", align_corners=True)
+            for s, grid in zip(_numpy_level_scores(model, feats, _numpy_whitening(model, feats)), model.grids)]
     torch.testing.assert_close(got.double(), maps[0], rtol=2e-3, atol=1e-4)  # the finest level's map, the default
     # on the tokens it was fitted on, the distance per channel averages about 1
     assert 0.8 < float(sum(m.mean() for m in maps) / len(maps)) < 1.1
@@ -296,20 +319,11 @@ def test_the_balanced_score_divides_each_level_by_its_mean_training_error():
     model.fit_score(FeatureCache(train))
     assert model.balanced() and model.score_fitted()
 
-    def level_scores(feats):  # per level, the paper's token score in float64 numpy, (B, L)
-        with torch.no_grad():
-            pairs = [(t.double().numpy(), r.double().numpy()) for t, r in model.reconstruct(feats)]
-        out = []
-        for target, recon in pairs:
-            cos = (target * recon).sum(-1) / (np.linalg.norm(target, axis=-1) * np.linalg.norm(recon, axis=-1))
-            out.append(((target - recon) ** 2).mean(-1) + 1 - cos)
-        return out
-
-    means = [s.mean() for s in level_scores(train)]  # over every token of every training image
+    means = [s.mean() for s in _numpy_level_scores(model, train)]  # over every token of every training image
     np.testing.assert_allclose(model.balance.mean_error.numpy(), means, rtol=1e-4)
     maps = [torch.nn.functional.interpolate(torch.from_numpy(s / m).view(-1, 1, *grid), size=(64, 64),
                                             mode="bilinear", align_corners=True)[:, 0].numpy()
-            for s, m, grid in zip(level_scores(test), means, model.grids)]
+            for s, m, grid in zip(_numpy_level_scores(model, test), means, model.grids)]
     with torch.no_grad():
         out = model.predict_features(test)
     finest = np.stack([ndimage.gaussian_filter(m, 4.0) for m in maps[0]])  # the default map: blurred, sigma 4
@@ -329,23 +343,6 @@ def test_the_balanced_score_divides_each_level_by_its_mean_training_error():
         again.balance.set_mean_error(torch.tensor([1.0, float("nan")]))
 
 
-def _numpy_level_scores(model, feats, precisions=None):
-    """Per level, float64 numpy (B, L) token scores of `feats`: the paper's, or with `precisions`
-    [(mean, precision)] per level the whitened residual's."""
-    with torch.no_grad():
-        pairs = [(t.double().numpy(), r.double().numpy()) for t, r in model.reconstruct(feats)]
-    out = []
-    for level, (target, recon) in enumerate(pairs):
-        if precisions is None:
-            cos = (target * recon).sum(-1) / (np.linalg.norm(target, axis=-1) * np.linalg.norm(recon, axis=-1))
-            out.append(((target - recon) ** 2).mean(-1) + 1 - cos)
-        else:
-            mean, precision = precisions[level]
-            d = (target - recon) - mean
-            out.append(np.einsum("blc,cd,bld->bl", d, precision, d) / d.shape[-1])
-    return out
-
-
 def test_the_default_image_score_reads_whitened_levels_and_the_map_balanced_ones():
     from rlr_fast.features import FeatureCache
 
@@ -357,13 +354,7 @@ def test_the_default_image_score_reads_whitened_levels_and_the_map_balanced_ones
     assert not model.score_fitted()
     model.fit_score(FeatureCache(train))  # one pass fits both
     assert model.score_fitted() and model.balanced() and model.whitened()
-    with torch.no_grad():
-        pairs = [(t.double().numpy(), r.double().numpy()) for t, r in model.reconstruct(train)]
-    precisions = []
-    for target, recon in pairs:
-        res = (target - recon).reshape(-1, target.shape[-1])
-        cov = np.cov(res, rowvar=False)
-        precisions.append((res.mean(0), np.linalg.inv(cov + 1e-3 * np.mean(np.diag(cov)) * np.eye(len(cov)))))
+    precisions = _numpy_whitening(model, train)
     means = [s.mean() for s in _numpy_level_scores(model, train)]
 
     def up(s, grid):

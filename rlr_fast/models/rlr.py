@@ -511,12 +511,12 @@ class RLRModel(AnomalyModel):
     def balanced(self) -> bool:
         """Whether a map (the pixel map's or the image score's) is divided by each level's mean
         training error (score "balanced", fitted)."""
-        return "balanced" in self.score_kinds() and self.balance.is_fitted
+        return "balanced" in self.score_kinds() and self._kind_fitted("balanced")
 
     def whitened(self) -> bool:
         """Whether a map (the pixel map's or the image score's) is the whitened residual's (score
         "whitened", fitted)."""
-        return "whitened" in self.score_kinds() and self.scores[0].is_fitted
+        return "whitened" in self.score_kinds() and self._kind_fitted("whitened")
 
     def reconstruct(self, feats: List[torch.Tensor], jitter: bool = False):
         """[(F, F^)] per level, tokens (B, L, C); jitter perturbs the input only."""
