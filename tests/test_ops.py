@@ -122,6 +122,30 @@ def test_torch_matches_reference_float64(op, grid, window, k_shared, v_shared, c
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{op} {name}")
 
 
+@pytest.mark.parametrize("tile", [(1, 1), (2, 2), (2, 4), (4, 4), (3, 5)])
+@pytest.mark.parametrize("k_shared", [True, False])
+def test_torch_lca_matches_reference_with_every_query_tile(tile, k_shared, monkeypatch):
+    """The chunked LCA is exact whatever tile its rule picks (lca_tile: by batch and sharing),
+    on grids the tile does not divide, with windows smaller and larger than the tile."""
+    monkeypatch.setattr(blocked, "lca_tile", lambda grid, window, batch, shared: tile)
+    for grid, window in [((9, 9), 5), ((11, 6), (7, 3)), ((5, 7), 1)]:
+        q, k, v = make_inputs(8, 2, grid, 8, k_shared, k_shared)
+        grad_out = torch.randn(q.shape, dtype=q.dtype)
+        ref = forward_backward(local_cross_attention, q, k, v, grid, window, "dense", grad_out)
+        got = forward_backward(local_cross_attention, q, k, v, grid, window, "torch", grad_out)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"tile {tile} grid {grid} {name}")
+
+
+def test_lca_tiles_follow_the_batch_folded_into_their_rows():
+    """4 x 4 query tiles, except 2 x 4 where a shared k folds 8 or more batch elements into the
+    rows (benchmarks/results/lca-tiles.json); never larger than the grid."""
+    assert blocked.lca_tile((32, 32), (7, 7), batch=2, shared=True) == (4, 4)
+    assert blocked.lca_tile((32, 32), (7, 7), batch=8, shared=True) == (2, 4)
+    assert blocked.lca_tile((32, 32), (7, 7), batch=8, shared=False) == (4, 4)
+    assert blocked.lca_tile((3, 2), (3, 3), batch=1, shared=True) == (3, 2)
+
+
 @pytest.mark.parametrize("op", ["lca", "mlka"])
 @pytest.mark.parametrize("dim", [16, 32, 64])
 def test_torch_matches_reference_float32(op, dim):

@@ -38,9 +38,13 @@ def mlka_implementation(q):
     return chunked.BlockedAttention, q.dtype
 
 
+def _lca_tile(q, k, grid, window):
+    return lca_tile(tuple(grid), tuple(window), batch=q.shape[0], shared=k.dim() == 3)
+
+
 def local_cross_attention(q, k, v, grid, window, scale):
     """LCA on checked inputs (see ``rlr_fast.ops``)."""
-    plan = lca_plan(tuple(grid), tuple(window), q.device, compute_dtype(q.dtype))
+    plan = lca_plan(tuple(grid), tuple(window), q.device, compute_dtype(q.dtype), _lca_tile(q, k, grid, window))
     return BlockedAttention.apply(q, k, v, plan, scale)
 
 
@@ -60,7 +64,7 @@ def backward(op: str, grad_out, out, q, k, v, grid, window, scale):
     ``rlr_fast.custom_ops``). A shared k or v gets a shared gradient."""
     compute = compute_dtype(q.dtype)
     if op == "local_cross_attention":
-        plan = lca_plan(tuple(grid), tuple(window), q.device, compute)
+        plan = lca_plan(tuple(grid), tuple(window), q.device, compute, _lca_tile(q, k, grid, window))
     else:
         plan = mlka_plan(tuple(grid), tuple(window), q.device)
     return chunked.chunked_backward(plan, q, k, v, out, grad_out, scale, compute)

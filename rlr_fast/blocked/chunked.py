@@ -108,17 +108,20 @@ class _Plan:
 # LCA: 2D query tiles and the key patch that covers their windows.
 # ----------------------------------------------------------------------------------------------
 
-def lca_tile(grid: Tuple[int, int], window: Tuple[int, int]) -> Tuple[int, int]:
-    """Query tile (Ty, Tx) for a grid and window.
+def lca_tile(grid: Tuple[int, int], window: Tuple[int, int], batch: int = 1, shared: bool = True) -> Tuple[int, int]:
+    """Query tile (Ty, Tx) for a grid and window, a batch, and whether k and v are shared.
 
     Candidate keys per query are (Ty + kh - 1)(Tx + kw - 1) / (Ty Tx): small tiles waste fewer
-    scores, large tiles make fewer and larger products. With the batch folded into the rows, the
-    products stay large even for small tiles: on CPU 2 x 2 tiles measured best up to windows of 7
-    and 4 x 4 above. Tiles never exceed the grid.
+    scores, large tiles make fewer and larger products. On the CPU the products are tiny (tile
+    rows x head dim x patch) and their number, not their flops, sets the time, so tiles of 4 x 4
+    win, except that a shared k folds the batch into the rows: from 8 batch elements the products
+    are large enough for 2 x 4 tiles to waste less. Measured on 2 CPU threads, forward and backward,
+    grids 8 to 64 with windows 3 to 11, batches 1 to 8 (benchmarks/lca_tiles.py, results in
+    benchmarks/results/lca-tiles.json). Tiles never exceed the grid; the window does not enter.
     """
-    (h, w), (kh, kw) = grid, window
-    side = 2 if max(kh, kw) <= 7 else 4
-    return min(side, h), min(side, w)
+    (h, w) = grid
+    ty, tx = (2, 4) if shared and batch >= 8 else (4, 4)
+    return min(ty, h), min(tx, w)
 
 
 class LCAPlan(_Plan):
@@ -211,9 +214,9 @@ class LCAPlan(_Plan):
         scores.add_(self.bias[self._tiles(chunk)])
 
 
-@lru_cache(maxsize=16)
-def lca_plan(grid, window, device, dtype) -> LCAPlan:
-    return LCAPlan(grid, window, device, dtype)
+@lru_cache(maxsize=32)
+def lca_plan(grid, window, device, dtype, tile=None) -> LCAPlan:
+    return LCAPlan(grid, window, device, dtype, tile)
 
 
 # ----------------------------------------------------------------------------------------------
