@@ -3,6 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # PyTorch first, pinned to the release this project is tested with; override for another build.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+# Test processes for tests/ (pytest-xdist workers, each on one thread; tests/conftest.py): one per
+# core of the 2-core machines this project is tested on; `make test JOBS=0` runs them in one process.
+# Whole files go to a worker (--dist loadfile), so a module's fixtures (the AOT compile) run once.
+# benchmarks/ runs after, in one process: pytest-benchmark times nothing under xdist.
+JOBS ?= 2
 
 .PHONY: install browser demo test bench clean
 
@@ -30,7 +35,8 @@ demo: install
 # their own, after the rest: native thread pools of OpenVINO/onnxruntime left in a long-lived pytest
 # process were suspected of a crash (exit 139) while a later test compiled Triton kernels in a child.
 test: install browser
-	$(PY) -m pytest -q tests benchmarks -m "not engines"
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile tests -m "not engines"
+	$(PY) -m pytest -q benchmarks
 	$(PY) -m pytest -q tests -m engines
 
 bench: install

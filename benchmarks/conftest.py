@@ -17,12 +17,13 @@ The call is made once before measuring, so one-time costs (cached plans and mask
 from __future__ import annotations
 
 import gc
-import platform
 
 import pytest
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
+
+from rlr_fast.timing import cpu_name
 
 
 def pytest_addoption(parser):
@@ -84,7 +85,7 @@ def device():
 @pytest.fixture(autouse=True)
 def _machine(benchmark, device):
     benchmark.extra_info.update({
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "memory_method": MEMORY_METHOD.get(device.type, "?"),
     })

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 
 import rlr_fast.blocked as blocked
 from rlr_fast.blocked.chunked import BlockedAttention, LCAPlan
+from rlr_fast.timing import cpu_name
 
 # (grid side, window, head dim): RLR's levels at 128 to 512 px with 8 heads (d 128 and 256).
 SHAPES = [(8, 3, 32), (16, 5, 32), (24, 7, 16), (32, 7, 16), (48, 9, 16), (64, 11, 16)]
@@ -109,7 +109,7 @@ def main(argv=None):
     result = {
         "what": "LCA forward + backward (torch backend, float32, 8 heads, ones as the output gradient) "
                 "per query tile, and RLR's training step with the tile rule against 2x2 tiles",
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "machine": {"cpu": cpu_name(), "threads": args.threads,
                     "torch": torch.__version__},
         "shared_kv": op_sweep(batches, True, args.rounds),
         "batched_kv": op_sweep([b for b in batches if b in (1, 2, 8)], False, args.rounds),

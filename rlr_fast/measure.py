@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .timing import cpu_name
 
 FORMAT = 1
 CANDIDATES = (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"),
@@ -58,16 +59,6 @@ def _versions() -> dict:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_exports(run, model, data, classes, layout, candidates=CANDIDATES, say=print) -> dict:
@@ -211,7 +202,7 @@ def measure(run, data, classes=None, layout=None, batch_size: int = 16, rounds: 
             f"{row['pixel_auroc']:.4f}, map difference {row['max_map_difference']:.1e}")
     return {"format": FORMAT, "fingerprint": fingerprint, "device": "cpu",
             "data": str(data), "classes": list(dataset.classes), "images": n, "image_size": model_size,
-            "batch_size": batch_size, "rounds": rounds, "threads": torch.get_num_threads(), "cpu": _cpu_name(),
+            "batch_size": batch_size, "rounds": rounds, "threads": torch.get_num_threads(), "cpu": cpu_name(),
             "cpu_bf16": bf16_supported("cpu"), "versions": _versions(),
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "command": f"python -m rlr_fast.measure --run {Run(run).dir} --data {data}",

@@ -11,6 +11,17 @@ except Exception:  # pragma: no cover
 if not _cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`make test` runs one worker per core), each worker computes on one thread,
+# and so do the processes it starts (CLI runs, torchrun, the AOT compile), so that the workers
+# share the cores rather than oversubscribe them. Set before any test imports a native library.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_name] = "1"
+    try:
+        torch.set_num_threads(1)
+    except Exception:  # pragma: no cover
+        pass
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -3,12 +3,12 @@ its classes, tests it and writes the metrics, overlays, report page and a speed 
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from ..timing import cpu_name
 from . import options
 
 # Chosen by measurement on this data (see the README): 128 px input (grids 16 and 8), RLR's fast
@@ -71,7 +71,7 @@ def run(args) -> int:
                           title="rlr-fast demo report")
     atomic_write_text(out / "metrics.txt", table + "\n")
     speed = {
-        "device": str(args.device), "cpu": platform.processor() or platform.machine(),
+        "device": str(args.device), "cpu": cpu_name(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "backend": args.backend, "image_size": model.image_size,
         "train_images": len(train_set), "feature_extraction_s": round(cache.seconds, 2),
