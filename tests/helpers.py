@@ -1,7 +1,8 @@
 """Helpers shared by several test files (imported as ``from helpers import ...``; pytest puts
 tests/ on the path): the error rule for low-precision paths, the nearest_reference oracles, and
-the data-layout trees made from one MVTec AD tree."""
+the data-layout trees made from one MVTec AD tree, and the benchmark scripts as modules."""
 import csv
+import importlib.util
 import math
 import shutil
 from pathlib import Path
@@ -183,3 +184,16 @@ def build_tree(src: Path, layout: str, root: Path):
 def make_parent(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# ---------------------------------------------------------------------------- benchmark scripts
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    """benchmarks/<name>.py as a module (the scripts are not a package), e.g. load_script("accuracy")."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_script_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

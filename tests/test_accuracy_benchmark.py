@@ -1,25 +1,21 @@
 """benchmarks/accuracy.py on a tiny configuration: it trains and tests through the CLI, records
 per-class metrics, loss history and times, resumes without redoing what is recorded."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from rlr_fast.data import MVTecDataset
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+from helpers import load_script
+
 TINY = ["--classes", "brick,coins", "--image-size", "128", "--epochs", "1", "--backbone-weights", "random",
         "--n-train", "4", "--n-test-good", "2", "--n-test-defect", "4"]
 
 
 @pytest.fixture(scope="module")
 def accuracy():
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("accuracy")
 
 
 def test_tiny_benchmark_records_and_resumes(accuracy, tmp_path, capsys):

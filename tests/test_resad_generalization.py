@@ -2,11 +2,9 @@
 bootstrap distribution, and a tiny leave-one-class-out run (random backbone weights, 64 px, one
 epoch) that records every (class, K, draw), keeps the test defect kinds out of training and
 resumes without redoing anything."""
-import importlib.util
 import itertools
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +14,8 @@ import rlr_fast.demo_data as demo_data
 from rlr_fast.fewshot import residual_cache
 from rlr_fast.models.resad import ResADModel
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "resad_generalization.py"
+from helpers import load_script
+
 DATA = {"classes": ["brick", "coins"], "image_size": 64, "n_train": 6, "n_test_good": 3, "n_test_defect": 4}
 TINY = ["--classes", "brick,coins", "--image-size", "64", "--epochs", "1", "--backbone-weights", "random",
         "--n-train", "6", "--n-test-good", "3", "--n-test-defect", "4", "--shots", "2", "--draws", "0,1"]
@@ -24,10 +23,7 @@ TINY = ["--classes", "brick,coins", "--image-size", "64", "--epochs", "1", "--ba
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("resad_generalization", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("resad_generalization")
 
 
 def _exact_quantile(units):
