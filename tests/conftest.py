@@ -54,3 +54,12 @@ def data(tmp_path_factory):
 
     return build_demo_dataset(tmp_path_factory.mktemp("data"), classes=("brick", "gravel"), image_size=64,
                               n_train=4, n_test_good=2, n_test_defect=4)
+
+
+# The longest file (the AOT compile of every kernel, several minutes) first: with --dist loadfile a
+# worker takes it at once while the other works through the rest, instead of starting it late.
+LONGEST_FIRST = ("test_kernels_aot.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
