@@ -61,7 +61,7 @@ setup(
         # the deployment and tracker tests run in `make test`, so the test extra installs those packages too
         # (the trackers' add about 160 MB); playwright drives the report page (RUN/report.html) in
         # Chromium in tests/test_report.py
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "playwright", *DEPLOY, "nncf", *TRACKERS],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "pyflakes", "playwright", *DEPLOY, "nncf", *TRACKERS],
     },
     entry_points={"console_scripts": ["rlr-fast=rlr_fast.cli:main"]},
 )

@@ -16,7 +16,7 @@ key and value heads are computed once and reused), divided by the batch, split b
     other         the rest (the score statistics, LayerNorm and softmax are not counted as FLOPs)
 
 The count runs under bfloat16 autocast on a CPU with native bfloat16, where MLKA runs as plain
-products that the counter sees (their count checks the formula); in float32 it runs on PyTorch's
+products that the counter sees (tests/test_roofline.py checks that count against the formula); in float32 it runs on PyTorch's
 fused flash kernel, which the counter has no formula for, and the formula is added.
 
 Matrix-product rate: the median of ``--rounds`` timed (2048 x 2048) @ (2048 x 2048) products in

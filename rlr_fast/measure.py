@@ -31,7 +31,6 @@ The test maps of two engines are held in memory at once (8 bytes per test pixel)
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys

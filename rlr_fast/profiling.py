@@ -25,7 +25,6 @@ import time
 from collections import defaultdict
 from typing import Callable, Dict
 
-import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 PARTS = ("backbone", "LCA", "MLKA", "linear + FFN", "LayerNorm", "score map", "other")

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .backbone import input_norm_of
-from .checkpoints import (BEST, CHECKPOINT, FORMAT, RUN_FILES, RUN_FOLDERS, _cuda_rng_state, _restore_cuda_rng,
+from .checkpoints import (BEST, CHECKPOINT, FORMAT, RUN_FILES, RUN_FOLDERS, _restore_cuda_rng,
                           build_model, checkpoint_input_norm, clear_run, default_image_size, load_model, model_class,
                           model_file, model_from_checkpoint, read_checkpoint, run_entries, save_best, save_checkpoint)
 from .distributed import any_rank, distributed_context, epoch_totals, rank_device

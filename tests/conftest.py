@@ -13,7 +13,8 @@ if not _cuda:
 
 # Under pytest-xdist (`make test` runs one worker per core), each worker computes on one thread,
 # and so do the processes it starts (CLI runs, torchrun, the AOT compile), so that the workers
-# share the cores rather than oversubscribe them. Set before any test imports a native library.
+# share the cores rather than oversubscribe them. torch is imported by now, so its own thread
+# count is set by the call below; the environment reaches the processes the tests start.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[_name] = "1"

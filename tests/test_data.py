@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from rlr_fast.data import (IMAGENET_MEAN, IMAGENET_STD, DataError, FolderDataset, MVTecDataset, denormalize,
-                           discover_classes, load_image, load_mask)
+                           discover_classes, load_image)
 from rlr_fast.demo_data import DEFECTS, build_demo_dataset
 
 

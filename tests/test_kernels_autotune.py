@@ -87,7 +87,6 @@ def test_every_config_matches_the_reference(index, op, dtype, pin):
     """Config `index` of the op's forward and of dQ and dK/dV (the batch-split reduction of the
     shared k) pinned (modulo the size of a smaller space): forward and gradients against the
     reference backend in fp64."""
-    fwd = f"{op}_fwd"
     names = _kernels(op, dtype)
     for name in names:
         pin(name, index % len(SPACES[name]))

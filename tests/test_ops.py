@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 import rlr_fast.blocked as blocked
-import rlr_fast.ops as ops
 from rlr_fast import (LocalCrossAttention, NeighborMaskedAttention, local_cross_attention,
                       neighbor_masked_attention)
 from rlr_fast.ops import resolve_backend

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from rlr_fast.features import FeatureCache, extract_features
+from rlr_fast.features import extract_features
 from rlr_fast.models.rlr import RLRModel
 from rlr_fast.training import (CHECKPOINT, RLR_FAST_EPOCHS, TrainConfig, load_model, read_checkpoint, recipe,
                                save_checkpoint, train)

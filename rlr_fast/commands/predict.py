@@ -148,7 +148,6 @@ def _engine(args):
 def run(args) -> int:
     from ..data import FolderDataset
     from ..io import atomic_open
-    from ..engines import load_engine
     from ..runs import Run
     from ..viz import save_heatmap, save_mask
     from .train import ignored_shot_options

@@ -14,8 +14,8 @@ attends from Y to the reference keys outside the window, taking the values from 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from dataclasses import asdict, dataclass
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
