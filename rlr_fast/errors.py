@@ -31,3 +31,7 @@ class StaleRunError(DataError):
 class TrainingDiverged(RLRFastError):
     """The training loss became non-finite: the run stopped; the message names the epoch, the step,
     the last finite checkpoint and what to change."""
+
+
+class RunBusyError(UsageError):
+    """Another process is training in the same run folder; two would mix their checkpoints and logs."""

@@ -148,3 +148,75 @@ def clean_stale_temporaries(folder) -> list[Path]:
                 p.unlink()
                 removed.append(p)
     return removed
+
+
+def _try_lock(fh) -> bool:
+    """Take an exclusive, non-blocking OS lock on an open file; False if another process holds it.
+    The OS releases it when the holder's file is closed or the holder dies, however it dies."""
+    if os.name == "nt":
+        import msvcrt
+
+        try:
+            fh.seek(0)
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _same_file(fh, path: Path) -> bool:
+    """Whether the open file ``fh`` is still the file at ``path`` (a holder that was releasing may
+    have removed it after we opened it: then our lock guards nothing)."""
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fh.fileno())
+    return (mine.st_dev, mine.st_ino) == (here.st_dev, here.st_ino)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, holder: dict) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block, or raise
+    :class:`BlockingIOError` carrying the holder's record (``.holder``, a dict, possibly empty)
+    when another process holds it. ``holder`` (this process's pid, host, command, start time) is
+    written into the file while it is held, for that message, and the file is removed on release.
+    The lock is the OS's (``flock``, or ``msvcrt.locking`` on Windows), so a killed holder leaves
+    at most the file, never a lock: the next holder takes it over."""
+    path = Path(path)
+    while True:
+        fh = open(path, "a+")
+        if not _try_lock(fh):
+            fh.seek(0)
+            try:
+                record = json.loads(fh.read() or "{}")
+            except (OSError, ValueError):  # Windows refuses to read a locked byte; a half-written record
+                record = {}
+            fh.close()
+            error = BlockingIOError(f"{path} is locked")
+            error.holder = record if isinstance(record, dict) else {}
+            raise error
+        if os.name == "nt" or _same_file(fh, path):
+            break
+        fh.close()  # we locked a file its holder removed on release: lock the one at path now
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps(holder))
+        fh.flush()
+        yield
+    finally:
+        if os.name != "nt":
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # still holding it: whoever opens the path next gets a new file
+        fh.close()  # releases the lock
+        if os.name == "nt":
+            with contextlib.suppress(OSError):  # another process may have it open: it stays
+                path.unlink()

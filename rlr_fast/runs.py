@@ -24,15 +24,19 @@ refused as possibly stale when they are older (the model was written again after
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
-from .errors import StaleRunError
+from .errors import RunBusyError, StaleRunError
 
 __all__ = ["Run", "fingerprint", "model_fingerprint"]
 
@@ -81,6 +85,9 @@ class Run:
     TENSORBOARD = "tensorboard"
     MLRUNS = "mlruns"
     TRACKERS = "trackers.json"
+    # held by `rlr-fast train` from its start to its end (an OS lock, gone with the process): a
+    # second training of the same folder (--force, --resume, or a new run) is refused while it is
+    LOCK = ".training.lock"
 
     TRAINING_FILES = (CHECKPOINT, BEST, CONFIG, LOG, TRACKERS)
     DERIVED_FILES = (METRICS, THRESHOLDS, REPORT, "model.onnx", "model.xml", "model.bin", "weights.pt",
@@ -160,6 +167,30 @@ class Run:
         if self.file is not None:
             return self.file
         return self.best if self.best.is_file() else self.checkpoint
+
+    @contextlib.contextmanager
+    def training_lock(self, command: str = "rlr-fast train") -> Iterator[None]:
+        """Hold the run folder for one training (created if missing): raises
+        :class:`~rlr_fast.errors.RunBusyError`, naming the process that holds it, while another
+        process trains in this folder. Two trainings of one folder would mix their checkpoints,
+        logs and feature caches, or one would remove the other's files (``--force``)."""
+        from .io import exclusive_lock
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            with exclusive_lock(self.dir / self.LOCK, me):
+                yield
+        except BlockingIOError as e:
+            holder = getattr(e, "holder", None)
+            if holder is None:
+                raise
+            who = (f"process {holder['pid']} on {holder.get('host', '?')} ({holder.get('command', '?')}, "
+                   f"since {holder.get('started', '?')})" if "pid" in holder else "another process")
+            raise RunBusyError(f"{self.dir} is being trained by {who}; wait for it to end or stop it, or "
+                               f"give another --out: two trainings in one run folder would mix their "
+                               f"checkpoints and logs") from None
 
     # ------------------------------------------------------------------------ what is there
     def entries(self) -> List[str]:

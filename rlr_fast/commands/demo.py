@@ -27,6 +27,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from ..runs import Run
+
+    with Run(args.out / "run").training_lock("rlr-fast demo"):  # two demos into one --out would mix
+        return _demo(args)
+
+
+def _demo(args) -> int:
     from ..data import MVTecDataset
     from ..runs import Run
     from ..demo_data import build_demo_dataset

@@ -290,7 +290,18 @@ def _settings(args, state):
 
 def run(args) -> int:
     """Train; under torchrun (``torchrun --nproc_per_node N -m rlr_fast train ...``) every rank
-    extracts and trains on its own share of the images, with its own feature cache."""
+    extracts and trains on its own share of the images, with its own feature cache. The run
+    folder is held (rank 0 holds it for every rank) from before it is checked to the end, so that
+    a second training of the same folder is refused, not mixed in."""
+    from ..runs import Run
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train(args)
+    with Run(args.out).training_lock():
+        return _train(args)
+
+
+def _train(args) -> int:
     from ..features import extract_features, hold_out, shard
     from ..trackers import check_loggers
     from ..training import (BEST, CHECKPOINT, build_model, default_image_size, distributed_context, load_model,
