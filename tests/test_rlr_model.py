@@ -31,8 +31,13 @@ def test_positional_embedding_matches_the_formula():
         sincos_pos_embed_2d((2, 2), 6)
 
 
+@pytest.mark.parametrize("path", ["matrix", "convolution"])
 @pytest.mark.parametrize("sigma,shape", [(4.0, (40, 33)), (1.5, (9, 12)), (4.0, (7, 5))])
-def test_gaussian_blur_matches_scipy(sigma, shape):
+def test_gaussian_blur_matches_scipy(sigma, shape, path, monkeypatch):
+    from rlr_fast.models import layers
+
+    if path == "convolution":  # the path of maps wider than BLUR_MATRIX_MAX
+        monkeypatch.setattr(layers, "BLUR_MATRIX_MAX", 0)
     x = torch.rand(2, 1, *shape, dtype=torch.float64)
     got = gaussian_blur(x, sigma)
     for i in range(2):
