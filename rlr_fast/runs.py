@@ -176,6 +176,7 @@ class Run:
         logs and feature caches, or one would remove the other's files (``--force``)."""
         from .io import exclusive_lock
 
+        created = not self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -191,6 +192,10 @@ class Run:
             raise RunBusyError(f"{self.dir} is being trained by {who}; wait for it to end or stop it, or "
                                f"give another --out: two trainings in one run folder would mix their "
                                f"checkpoints and logs") from None
+        finally:
+            if created:  # a training refused before it wrote anything leaves no empty folder
+                with contextlib.suppress(OSError):
+                    self.dir.rmdir()  # only if empty
 
     # ------------------------------------------------------------------------ what is there
     def entries(self) -> List[str]:
