@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -168,7 +169,13 @@ def _try_lock(fh) -> bool:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError as e:  # a file system without locks (some network mounts): ENOLCK, EOPNOTSUPP
+        raise LockUnsupported(str(e)) from e
     return True
+
+
+class LockUnsupported(OSError):
+    """The file system of a lock file does not support OS locks."""
 
 
 def _same_file(fh, path: Path) -> bool:
@@ -193,7 +200,17 @@ def exclusive_lock(path, holder: dict) -> Iterator[None]:
     path = Path(path)
     while True:
         fh = open(path, "a+")
-        if not _try_lock(fh):
+        try:
+            locked = _try_lock(fh)
+        except LockUnsupported as e:
+            fh.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
+            warnings.warn(f"{path.parent} is on a file system without file locks ({e}): nothing stops a second "
+                          f"process from using it at the same time", RuntimeWarning, stacklevel=3)
+            yield
+            return
+        if not locked:
             fh.seek(0)
             try:
                 record = json.loads(fh.read() or "{}")

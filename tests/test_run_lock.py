@@ -132,3 +132,19 @@ def test_two_processes_never_hold_the_lock_at_once(tmp_path):
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
     assert not (tmp_path / "x.lock").exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX flock")
+def test_a_file_system_without_locks_trains_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    run = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="without file locks"):
+        with Run(run).training_lock():
+            (run / "checkpoint.pt").write_bytes(b"x")  # the training runs
+    assert (run / "checkpoint.pt").is_file() and not (run / Run.LOCK).exists()
