@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     dataset = training_set(args.data, None, size, "auto")
     train_set, held = hold_out(dataset, cfg.val_fraction, seed=cfg.seed)
     cache = extract_features(model, train_set, progress=False)
-    val = extract_features(model, held, progress=False)
+    val = extract_features(model, held, progress=False) if held is not None else None  # None: too few images
     t0 = time.perf_counter()
     history = train(model, cache, args.run, cfg, val_cache=val, progress=False, extra={"classes": dataset.classes})
     seconds = time.perf_counter() - t0
