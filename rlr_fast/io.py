@@ -178,6 +178,14 @@ class LockUnsupported(OSError):
     """The file system of a lock file does not support OS locks."""
 
 
+class LockHeld(BlockingIOError):
+    """Another process holds the lock; ``holder`` is the record it wrote (a dict, possibly empty)."""
+
+    def __init__(self, path: Path, holder: dict):
+        super().__init__(f"{path} is locked")
+        self.holder = holder
+
+
 def _same_file(fh, path: Path) -> bool:
     """Whether the open file ``fh`` is still the file at ``path`` (a holder that was releasing may
     have removed it after we opened it: then our lock guards nothing)."""
@@ -192,8 +200,7 @@ def _same_file(fh, path: Path) -> bool:
 @contextlib.contextmanager
 def exclusive_lock(path, holder: dict) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block, or raise
-    :class:`BlockingIOError` carrying the holder's record (``.holder``, a dict, possibly empty)
-    when another process holds it. ``holder`` (this process's pid, host, command, start time) is
+    :class:`LockHeld` carrying the holder's record when another process holds it. ``holder`` (this process's pid, host, command, start time) is
     written into the file while it is held, for that message, and the file is removed on release.
     The lock is the OS's (``flock``, or ``msvcrt.locking`` on Windows), so a killed holder leaves
     at most the file, never a lock: the next holder takes it over."""
@@ -217,9 +224,7 @@ def exclusive_lock(path, holder: dict) -> Iterator[None]:
             except (OSError, ValueError):  # Windows refuses to read a locked byte; a half-written record
                 record = {}
             fh.close()
-            error = BlockingIOError(f"{path} is locked")
-            error.holder = record if isinstance(record, dict) else {}
-            raise error
+            raise LockHeld(path, record if isinstance(record, dict) else {})
         if os.name == "nt" or _same_file(fh, path):
             break
         fh.close()  # we locked a file its holder removed on release: lock the one at path now

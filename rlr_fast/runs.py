@@ -174,7 +174,7 @@ class Run:
         :class:`~rlr_fast.errors.RunBusyError`, naming the process that holds it, while another
         process trains in this folder. Two trainings of one folder would mix their checkpoints,
         logs and feature caches, or one would remove the other's files (``--force``)."""
-        from .io import exclusive_lock
+        from .io import LockHeld, exclusive_lock
 
         created = not self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -183,10 +183,8 @@ class Run:
         try:
             with exclusive_lock(self.dir / self.LOCK, me):
                 yield
-        except BlockingIOError as e:
-            holder = getattr(e, "holder", None)
-            if holder is None:
-                raise
+        except LockHeld as e:
+            holder = e.holder
             who = (f"process {holder['pid']} on {holder.get('host', '?')} ({holder.get('command', '?')}, "
                    f"since {holder.get('started', '?')})" if "pid" in holder else "another process")
             raise RunBusyError(f"{self.dir} is being trained by {who}; wait for it to end or stop it, or "
